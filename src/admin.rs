@@ -1,0 +1,69 @@
+//! The operator listener (`server.metrics_listen`): `/livez`, `/readyz` and `/metrics`. It is
+//! separate from the public listener and carries no API routes.
+
+use crate::lifecycle::Lifecycle;
+use async_trait::async_trait;
+use http::{Method, Response, StatusCode};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use serde_json::json;
+use std::sync::Arc;
+
+pub struct AdminApp {
+    pub lifecycle: Arc<Lifecycle>,
+}
+
+impl AdminApp {
+    /// `(status, content type, body)` for a method and path.
+    pub fn answer(&self, method: &Method, path: &str) -> (StatusCode, &'static str, Vec<u8>) {
+        const JSON: &str = "application/json";
+        if method != Method::GET && method != Method::HEAD {
+            return (StatusCode::METHOD_NOT_ALLOWED, JSON, br#"{"error":"use GET"}"#.to_vec());
+        }
+        match path {
+            "/livez" => (StatusCode::OK, JSON, br#"{"status":"ok"}"#.to_vec()),
+            "/readyz" => {
+                let draining = self.lifecycle.is_draining();
+                let status = if draining { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+                let body = json!({
+                    "ready": !draining,
+                    "draining": draining,
+                    "in_flight": self.lifecycle.in_flight(),
+                });
+                (status, JSON, body.to_string().into_bytes())
+            }
+            _ => (StatusCode::NOT_FOUND, JSON, br#"{"error":"not found; try /livez, /readyz or /metrics"}"#.to_vec()),
+        }
+    }
+}
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let req = session.req_header();
+        let (status, content_type, body) = self.answer(&req.method, req.uri.path());
+        Response::builder()
+            .status(status)
+            .header(http::header::CONTENT_TYPE, content_type)
+            .header(http::header::CONTENT_LENGTH, body.len())
+            .header(http::header::CACHE_CONTROL, "no-store")
+            .body(body)
+            .expect("valid response")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_answer_and_everything_else_is_404() {
+        let app = AdminApp { lifecycle: Arc::new(Lifecycle::default()) };
+        assert_eq!(app.answer(&Method::GET, "/livez").0, StatusCode::OK);
+        let (status, _, body) = app.answer(&Method::GET, "/readyz");
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(serde_json::from_slice::<serde_json::Value>(&body).unwrap()["ready"], true);
+        assert_eq!(app.answer(&Method::GET, "/api/chat").0, StatusCode::NOT_FOUND);
+        assert_eq!(app.answer(&Method::POST, "/livez").0, StatusCode::METHOD_NOT_ALLOWED);
+    }
+}

@@ -1,0 +1,87 @@
+//! `corral check`: validates everything `corral serve` would load, and asks Ollama whether it
+//! answers, printing each finding with the file and key at fault.
+
+use crate::config::{Config, Source};
+use crate::upstream::Upstream;
+use crate::upstream_client::UpstreamClient;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One line of the report.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Finding {
+    Ok(String),
+    Warning(String),
+    Error(String),
+}
+
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Finding::Ok(m) => write!(f, "ok       {m}"),
+            Finding::Warning(m) => write!(f, "warning  {m}"),
+            Finding::Error(m) => write!(f, "error    {m}"),
+        }
+    }
+}
+
+/// Runs every check. `upstream`: also ask Ollama.
+pub fn run(source: &Source, upstream: bool) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let cfg = match Config::load(source) {
+        Ok(cfg) => {
+            out.push(Finding::Ok(format!("configuration {} is valid", source.describe())));
+            cfg
+        }
+        Err(e) => {
+            out.extend(e.to_string().lines().map(|l| Finding::Error(l.to_string())));
+            return out;
+        }
+    };
+    if source == &Source::BuiltIn {
+        out.push(Finding::Warning(format!(
+            "no configuration file (looked at --config, $CORRAL_CONFIG and ./{}); built-in defaults apply",
+            crate::config::DEFAULT_CONFIG_PATH
+        )));
+    }
+    match crate::server::prepare(cfg.clone()) {
+        Ok(p) => {
+            if p.certs.is_some() && cfg.server.tls_cert.as_os_str().is_empty() {
+                out.push(Finding::Warning(
+                    "server.tls_cert is empty: a throwaway self-signed certificate will be used (loopback only)".into(),
+                ));
+            } else if p.certs.is_some() {
+                out.push(Finding::Ok(format!("TLS certificate {} and key load and match", cfg.server.tls_cert.display())));
+            }
+        }
+        Err(e) => out.extend(e.0.into_iter().map(Finding::Error)),
+    }
+    if upstream {
+        out.push(check_upstream(&cfg));
+    }
+    out
+}
+
+fn check_upstream(cfg: &Config) -> Finding {
+    let Ok(up) = Upstream::new(&cfg.upstream) else {
+        return Finding::Error("upstream.url is not usable".into());
+    };
+    let client = UpstreamClient::new(Arc::new(up));
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => return Finding::Error(format!("cannot start a runtime: {e}")),
+    };
+    let url = &cfg.upstream.url;
+    let answer = runtime.block_on(client.request("GET", "/api/version", None, Duration::from_secs(10)));
+    match answer {
+        Ok(a) if a.status == 200 => {
+            let version = a.json().and_then(|v| v["version"].as_str().map(str::to_string)).unwrap_or_else(|| "?".into());
+            Finding::Ok(format!("upstream.url = \"{url}\": Ollama {version} answers"))
+        }
+        Ok(a) if a.status == 403 => Finding::Error(format!(
+            "upstream.url = \"{url}\": answered 403; Ollama refuses this Host or Origin (is this really Ollama?)"
+        )),
+        Ok(a) => Finding::Error(format!("upstream.url = \"{url}\": answered {} to GET /api/version; is this Ollama?", a.status)),
+        Err(e) => Finding::Error(format!("upstream.url = \"{url}\": {e} (is Ollama running? `--skip-upstream` skips this check)")),
+    }
+}

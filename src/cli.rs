@@ -1,0 +1,137 @@
+//! The `corral` command line.
+
+use crate::config::{Config, HumanDuration, Source};
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "corral", version = crate::VERSION, about = "A hardened gateway in front of Ollama: TLS, per-team API keys, request log, metrics, pinned models.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        /// Configuration file (else $CORRAL_CONFIG, else ./config/corral.toml, else built-in defaults).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate the configuration, certificate and keys, and ask the upstream whether it answers.
+    Check {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Do not contact the upstream (e.g. in ExecStartPre, before Ollama is up).
+        #[arg(long)]
+        skip_upstream: bool,
+    },
+    /// A working gateway on loopback in front of the built-in Ollama double, with examples.
+    Demo {
+        /// TLS listener of the demo gateway.
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: SocketAddr,
+        /// /livez, /readyz and /metrics.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        metrics_listen: SocketAddr,
+        /// Where to write the certificate, keys and configuration (default: a new temporary folder).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Delay between generated tokens.
+        #[arg(long, default_value = "50ms")]
+        token_delay: HumanDuration,
+    },
+    /// Run only the Ollama double (the fake Ollama used by tests, benchmarks and the demo).
+    #[command(hide = true)]
+    Double {
+        #[arg(long, default_value = "127.0.0.1:11434")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "20ms")]
+        token_delay: HumanDuration,
+        /// Tokens per answer when the request sets no limit.
+        #[arg(long, default_value_t = 12)]
+        tokens: usize,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => serve(config),
+        Command::Check { config, skip_upstream } => {
+            let findings = crate::check::run(&Source::locate(config.as_deref()), !skip_upstream);
+            for f in &findings {
+                println!("{f}");
+            }
+            if findings.iter().any(|f| matches!(f, crate::check::Finding::Error(_))) {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Command::Demo { listen, metrics_listen, dir, token_delay } => {
+            let opts = crate::demo::DemoOptions { listen, metrics_listen, dir, token_delay: token_delay.0 };
+            match crate::demo::run(opts) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Double { listen, token_delay, tokens } => double(listen, token_delay, tokens),
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    for line in message.lines() {
+        eprintln!("corral: {line}");
+    }
+    ExitCode::FAILURE
+}
+
+fn serve(config: Option<PathBuf>) -> ExitCode {
+    let source = Source::locate(config.as_deref());
+    let cfg = match Config::load(&source) {
+        Ok(cfg) => cfg,
+        Err(e) => return fail(&e.to_string()),
+    };
+    crate::telemetry::init_logging(&cfg.log);
+    if source == Source::BuiltIn {
+        eprintln!(
+            "corral: no configuration file (looked at --config, $CORRAL_CONFIG and ./{}); running on built-in defaults:\n\
+             corral:   TLS on {} with a throwaway self-signed certificate, upstream {}, metrics on {};\n\
+             corral:   no verification keys and no teams, so every API key is refused. See config/corral.toml.",
+            crate::config::DEFAULT_CONFIG_PATH,
+            cfg.server.listen.0.map(|a| a.to_string()).unwrap_or_default(),
+            cfg.upstream.url,
+            cfg.server.metrics_listen.0.map(|a| a.to_string()).unwrap_or_default(),
+        );
+    }
+    let prepared = match crate::server::prepare(cfg) {
+        Ok(p) => p,
+        Err(e) => return fail(&e.to_string()),
+    };
+    match crate::server::run(prepared) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
+fn double(listen: SocketAddr, token_delay: HumanDuration, tokens: usize) -> ExitCode {
+    let cfg = crate::double::DoubleConfig { token_delay: token_delay.0, response_tokens: tokens, ..Default::default() };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => return fail(&e.to_string()),
+    };
+    runtime.block_on(async {
+        let double = match crate::double::OllamaDouble::start_on(listen, cfg).await {
+            Ok(d) => d,
+            Err(e) => return fail(&format!("cannot listen on {listen}: {e}")),
+        };
+        // The first line on stdout is the address, for scripts.
+        println!("{}", double.url());
+        let _ = tokio::signal::ctrl_c().await;
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,112 @@
+//! `corral demo`: the whole product on loopback, in one command, with no Ollama needed. It starts
+//! the Ollama double, makes a development CA and certificate, writes the configuration it runs
+//! (so it can be read and reused), and prints `curl` and Python examples that work as printed.
+
+use crate::config::{Config, ListenAddr, LogFormat};
+use crate::devcert::{DevCa, LOCAL_NAMES};
+use crate::double::{DoubleConfig, OllamaDouble};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub struct DemoOptions {
+    pub listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub dir: Option<PathBuf>,
+    pub token_delay: Duration,
+}
+
+/// Files the demo writes.
+pub struct DemoFiles {
+    pub dir: PathBuf,
+    pub ca: PathBuf,
+    pub config: PathBuf,
+}
+
+fn write(path: &Path, contents: &str) -> Result<(), String> {
+    std::fs::write(path, contents).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// Writes the development CA, the server certificate and the configuration into `dir`.
+pub fn prepare(dir: &Path, listen: SocketAddr, metrics_listen: SocketAddr, upstream: &str) -> Result<(Config, DemoFiles), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let ca = DevCa::new("corral demo CA").map_err(|e| e.to_string())?;
+    let (cert, key) = ca.issue("localhost", LOCAL_NAMES).map_err(|e| e.to_string())?;
+    let files = DemoFiles { dir: dir.to_path_buf(), ca: dir.join("ca.pem"), config: dir.join("corral.toml") };
+    write(&files.ca, &ca.cert_pem())?;
+    write(&dir.join("tls.crt"), &cert)?;
+    write(&dir.join("tls.key"), &key)?;
+    restrict(&dir.join("tls.key"));
+
+    let mut cfg = Config::default();
+    cfg.server.listen = ListenAddr(Some(listen));
+    cfg.server.metrics_listen = ListenAddr(Some(metrics_listen));
+    cfg.server.tls_cert = dir.join("tls.crt");
+    cfg.server.tls_key = dir.join("tls.key");
+    cfg.server.grace_period = crate::config::HumanDuration::secs(5);
+    cfg.upstream.url = upstream.to_string();
+    cfg.log.format = LogFormat::Pretty;
+    write(&files.config, &format!("# Written by `corral demo`; run it with `corral serve --config {}`.\n\n{}", files.config.display(), cfg.to_toml()))?;
+    Ok((cfg, files))
+}
+
+fn restrict(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+}
+
+/// The examples printed for the user (also checked by the tests).
+pub fn examples(base: &str, metrics: SocketAddr, files: &DemoFiles) -> String {
+    let ca = files.ca.display();
+    format!(
+        r#"
+corral demo is running: a TLS gateway on {base} in front of a built-in Ollama double.
+Files (CA certificate, server certificate, configuration): {dir}
+
+Try it with curl:
+
+  curl --cacert {ca} {base}/api/version
+  curl --cacert {ca} {base}/api/chat -d '{{"model":"llama3.2","messages":[{{"role":"user","content":"Why is the sky blue?"}}]}}'
+  curl --cacert {ca} {base}/v1/chat/completions -H 'content-type: application/json' \
+       -d '{{"model":"llama3.2","stream":true,"messages":[{{"role":"user","content":"Hello"}}]}}'
+
+With the openai Python package (pip install openai):
+
+  import httpx, openai
+  client = openai.OpenAI(base_url="{base}/v1", api_key="demo", http_client=httpx.Client(verify="{ca}"))
+  for chunk in client.chat.completions.create(model="llama3.2", stream=True,
+                                              messages=[{{"role": "user", "content": "Why is the sky blue?"}}]):
+      print(chunk.choices[0].delta.content or "", end="", flush=True)
+
+With the ollama Python package (pip install ollama):
+
+  import ollama
+  client = ollama.Client(host="{base}", verify="{ca}")
+  for part in client.chat(model="llama3.2", stream=True, messages=[{{"role": "user", "content": "Hello"}}]):
+      print(part.message.content, end="", flush=True)
+
+Models: llama3.2, qwen2.5-coder:7b, nomic-embed-text (embeddings), llama3.1:70b (slow to load).
+Health: http://{metrics}/livez and http://{metrics}/readyz. Stop with Ctrl-C.
+Requests are logged below, one line each.
+"#,
+        dir = files.dir.display(),
+    )
+}
+
+pub fn run(opts: DemoOptions) -> Result<(), String> {
+    let dir = opts.dir.unwrap_or_else(|| std::env::temp_dir().join(format!("corral-demo-{}", std::process::id())));
+    let double = OllamaDouble::spawn(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        DoubleConfig { token_delay: opts.token_delay, ..DoubleConfig::default() },
+    )
+    .map_err(|e| format!("cannot start the Ollama double: {e}"))?;
+    let (cfg, files) = prepare(&dir, opts.listen, opts.metrics_listen, &double.url())?;
+    crate::telemetry::init_logging(&cfg.log);
+    let prepared = crate::server::prepare(cfg).map_err(|e| e.to_string())?;
+    crate::server::check_binds(&prepared.cfg).map_err(|e| format!("{e}\n(pick other ports with --listen and --metrics-listen)"))?;
+    let host = if opts.listen.ip().is_loopback() && opts.listen.is_ipv4() { "localhost".to_string() } else { opts.listen.ip().to_string() };
+    println!("{}", examples(&format!("https://{host}:{}", opts.listen.port()), opts.metrics_listen, &files));
+    crate::server::run(prepared).map_err(|e| e.to_string())?;
+    drop(double);
+    Ok(())
+}

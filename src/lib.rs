@@ -1,0 +1,40 @@
+//! corral: a hardened gateway in front of Ollama.
+//!
+//! The request path is one pingora `ProxyHttp` implementation ([`proxy::Gateway`]) whose hooks
+//! delegate to small modules, each owning one concern and testable without sockets:
+//!
+//! - [`config`]: typed, validated configuration (TOML + `CORRAL__*` environment overrides)
+//! - [`routes`]: the route table, deny by default, path tricks refused
+//! - [`body`]: JSON request bodies read the way Ollama reads them
+//! - [`error`]: the one error type, rendered in the caller's dialect
+//! - [`proxy`]: the pingora hooks
+//! - [`telemetry`]: access log and operational log
+//! - [`upstream`]: the Ollama peer and its timeouts; [`upstream_client`] for corral's own calls
+//! - [`tls`]: certificates, reloaded when their files change
+//! - [`lifecycle`]: requests in flight, readiness, graceful shutdown
+//! - [`admin`]: `/livez`, `/readyz`, `/metrics`
+//! - [`server`]: assembles the pingora server; [`cli`], [`check`], [`demo`]: the commands
+//! - [`double`]: the Ollama double used by tests, benchmarks and `corral demo`
+//! - [`ollama`]: protocol facts shared by corral and the double
+
+pub mod admin;
+pub mod body;
+pub mod check;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod devcert;
+pub mod double;
+pub mod error;
+pub mod lifecycle;
+pub mod ollama;
+pub mod proxy;
+pub mod routes;
+pub mod server;
+pub mod telemetry;
+pub mod tls;
+pub mod upstream;
+pub mod upstream_client;
+
+/// Version and commit, as `corral --version` prints them.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,197 @@
+//! Facts of Ollama's protocol that corral and the Ollama double both rely on: how model names are
+//! normalized, which names are cloud models, how `keep_alive` values are read.
+//! (Source: `reference/ollama-protocol.md`.)
+
+use std::time::Duration;
+
+const DEFAULT_HOST: &str = "registry.ollama.ai";
+const DEFAULT_NAMESPACE: &str = "library";
+const DEFAULT_TAG: &str = "latest";
+
+/// A model name normalized as Ollama displays it: `llama3.2` → `llama3.2:latest`,
+/// `library/llama3.2` → `llama3.2:latest`, `hf.co/user/model:Q4` unchanged.
+/// Ollama compares names case-insensitively; [`ModelName::key`] is the form to compare.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelName {
+    display: String,
+}
+
+impl ModelName {
+    /// Parses `[host/][namespace/]model[:tag]` (a `@digest` suffix is dropped). `None` for names
+    /// Ollama refuses as invalid.
+    pub fn parse(name: &str) -> Option<ModelName> {
+        let name = name.split_once('@').map_or(name, |(n, _)| n);
+        if name.is_empty() || name.len() > 350 {
+            return None;
+        }
+        let (path, tag) = match name.rsplit_once(':') {
+            // A ':' inside the host part (`host:port/ns/model`) is not a tag separator.
+            Some((p, t)) if !t.contains('/') => (p, t),
+            _ => (name, DEFAULT_TAG),
+        };
+        let parts: Vec<&str> = path.split('/').collect();
+        let (host, namespace, model) = match parts.as_slice() {
+            [m] => (DEFAULT_HOST, DEFAULT_NAMESPACE, *m),
+            [ns, m] => (DEFAULT_HOST, *ns, *m),
+            [h, ns, m] => (*h, *ns, *m),
+            _ => return None,
+        };
+        let part_ok = |s: &str, max: usize, extra: &[u8]| {
+            !s.is_empty()
+                && s.len() <= max
+                && s.as_bytes()[0].is_ascii_alphanumeric()
+                && s.bytes().all(|b| b.is_ascii_alphanumeric() || extra.contains(&b))
+        };
+        let tag_ok = !tag.is_empty()
+            && tag.len() <= 80
+            && (tag.as_bytes()[0].is_ascii_alphanumeric() || tag.as_bytes()[0] == b'_')
+            && tag.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        if !(part_ok(host, 350, b"_.:-") && part_ok(namespace, 80, b"_-") && part_ok(model, 80, b"_.-") && tag_ok)
+        {
+            return None;
+        }
+        let display = if host.eq_ignore_ascii_case(DEFAULT_HOST) {
+            if namespace.eq_ignore_ascii_case(DEFAULT_NAMESPACE) {
+                format!("{model}:{tag}")
+            } else {
+                format!("{namespace}/{model}:{tag}")
+            }
+        } else {
+            format!("{host}/{namespace}/{model}:{tag}")
+        };
+        Some(ModelName { display })
+    }
+
+    /// The name as Ollama shows it in `/api/tags` (`llama3.2:latest`).
+    pub fn as_str(&self) -> &str {
+        &self.display
+    }
+
+    /// The comparison key (Ollama matches names case-insensitively).
+    pub fn key(&self) -> String {
+        self.display.to_ascii_lowercase()
+    }
+
+    pub fn tag(&self) -> &str {
+        self.display.rsplit_once(':').map_or("", |(_, t)| t)
+    }
+}
+
+impl std::fmt::Display for ModelName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.display)
+    }
+}
+
+/// Whether Ollama would forward requests for this model to ollama.com (`*:cloud`, `*-cloud`;
+/// suffixes matched case-insensitively).
+pub fn is_cloud_model(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    let tag = lower.rsplit_once(':').map(|(_, t)| t);
+    tag == Some("cloud") || tag.is_some_and(|t| t.ends_with("-cloud")) || lower.ends_with("-cloud")
+}
+
+/// A `keep_alive` value as Ollama reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeepAlive {
+    /// Keep loaded forever (negative values).
+    Forever,
+    /// Keep loaded this long after the last request (0 = unload when idle).
+    For(Duration),
+}
+
+impl KeepAlive {
+    /// Reads a JSON `keep_alive`: a number of seconds (negative = forever), or a Go duration
+    /// string with a unit. `Ok(None)` when absent or `null`. The error is Ollama's message.
+    pub fn from_json(value: Option<&serde_json::Value>) -> Result<Option<KeepAlive>, String> {
+        match value {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::Number(n)) => {
+                let secs = n.as_f64().unwrap_or(0.0);
+                if secs < 0.0 {
+                    Ok(Some(KeepAlive::Forever))
+                } else {
+                    Ok(Some(KeepAlive::For(Duration::from_secs_f64(secs.min(1e12)))))
+                }
+            }
+            Some(serde_json::Value::String(s)) => {
+                let (negative, unsigned) = match s.strip_prefix('-') {
+                    Some(rest) => (true, rest),
+                    None => (false, s.as_str()),
+                };
+                if unsigned.parse::<f64>().is_ok() && unsigned != "0" {
+                    return Err(format!("time: missing unit in duration \"{s}\""));
+                }
+                let d = if unsigned == "0" {
+                    Duration::ZERO
+                } else {
+                    humantime::parse_duration(unsigned).map_err(|_| format!("time: invalid duration \"{s}\""))?
+                };
+                Ok(Some(if negative && !d.is_zero() { KeepAlive::Forever } else { KeepAlive::For(d) }))
+            }
+            Some(other) => {
+                let ty = match other {
+                    serde_json::Value::Bool(_) => "bool",
+                    serde_json::Value::Array(_) => "array",
+                    _ => "object",
+                };
+                Err(format!("Unsupported type: '{ty}'"))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn norm(s: &str) -> Option<String> {
+        ModelName::parse(s).map(|n| n.to_string())
+    }
+
+    #[test]
+    fn names_normalize_like_ollama() {
+        assert_eq!(norm("llama3.2").as_deref(), Some("llama3.2:latest"));
+        assert_eq!(norm("llama3.2:3b").as_deref(), Some("llama3.2:3b"));
+        assert_eq!(norm("library/llama3.2").as_deref(), Some("llama3.2:latest"));
+        assert_eq!(norm("registry.ollama.ai/library/llama3.2:latest").as_deref(), Some("llama3.2:latest"));
+        assert_eq!(norm("myorg/mistral").as_deref(), Some("myorg/mistral:latest"));
+        assert_eq!(norm("hf.co/bartowski/Llama-3.2-1B-GGUF:Q4_K_M").as_deref(), Some("hf.co/bartowski/Llama-3.2-1B-GGUF:Q4_K_M"));
+        assert_eq!(norm("localhost:5000/ns/m").as_deref(), Some("localhost:5000/ns/m:latest"));
+        assert_eq!(norm("nomic-embed-text@sha256:abc").as_deref(), Some("nomic-embed-text:latest"));
+        assert_eq!(ModelName::parse("Llama3.2").unwrap().key(), "llama3.2:latest");
+    }
+
+    #[test]
+    fn invalid_names_are_refused() {
+        for bad in ["", ":latest", "a/b/c/d", "../etc", "llama 3", "m:", "m:t/x", "-m", "a//b", "m:tag!"] {
+            assert_eq!(norm(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn cloud_models_are_recognised() {
+        for cloud in ["gpt-oss:120b-cloud", "deepseek-v3.1:671b-cloud", "qwen3-coder:cloud", "glm-4.6:CLOUD", "kimi-cloud"] {
+            assert!(is_cloud_model(cloud), "{cloud}");
+        }
+        for local in ["llama3.2", "llama3.2:latest", "cloudy:7b", "my-cloud-tools:latest"] {
+            assert!(!is_cloud_model(local), "{local}");
+        }
+    }
+
+    #[test]
+    fn keep_alive_reads_like_ollama() {
+        let ka = |v: serde_json::Value| KeepAlive::from_json(Some(&v));
+        assert_eq!(ka(json!(-1)).unwrap(), Some(KeepAlive::Forever));
+        assert_eq!(ka(json!(0)).unwrap(), Some(KeepAlive::For(Duration::ZERO)));
+        assert_eq!(ka(json!(0.5)).unwrap(), Some(KeepAlive::For(Duration::from_millis(500))));
+        assert_eq!(ka(json!("5m")).unwrap(), Some(KeepAlive::For(Duration::from_secs(300))));
+        assert_eq!(ka(json!("-1m")).unwrap(), Some(KeepAlive::Forever));
+        assert_eq!(ka(json!("0")).unwrap(), Some(KeepAlive::For(Duration::ZERO)));
+        assert_eq!(ka(json!("-1")).unwrap_err(), "time: missing unit in duration \"-1\"");
+        assert_eq!(ka(json!(true)).unwrap_err(), "Unsupported type: 'bool'");
+        assert_eq!(KeepAlive::from_json(None).unwrap(), None);
+        assert_eq!(ka(json!(null)).unwrap(), None);
+    }
+}

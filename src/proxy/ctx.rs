@@ -1,0 +1,85 @@
+//! Per-request state carried through pingora's hooks.
+
+use crate::lifecycle::InFlight;
+use crate::routes::{Dialect, Matched};
+use bytes::Bytes;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+/// What the response body is, from its content type.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BodyFormat {
+    #[default]
+    Other,
+    /// `application/x-ndjson`: Ollama's native streams.
+    Ndjson,
+    /// `text/event-stream`: the `/v1` streams.
+    Sse,
+}
+
+impl BodyFormat {
+    pub fn from_content_type(ct: &[u8]) -> BodyFormat {
+        let ct = ct.to_ascii_lowercase();
+        if ct.starts_with(b"application/x-ndjson") {
+            BodyFormat::Ndjson
+        } else if ct.starts_with(b"text/event-stream") {
+            BodyFormat::Sse
+        } else {
+            BodyFormat::Other
+        }
+    }
+}
+
+pub struct RequestCtx {
+    pub start: Instant,
+    pub request_id: String,
+    pub client_ip: Option<IpAddr>,
+    pub route: Option<Matched>,
+    /// How errors are written for this caller (guessed from the path until a route matches).
+    pub dialect: Dialect,
+    /// The model the request names, as sent.
+    pub model: Option<String>,
+    pub stream: Option<bool>,
+    /// The request body, read whole before forwarding; sent upstream as is.
+    pub body: Option<Bytes>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Time from the request's start to the first response body byte.
+    pub first_byte: Option<Duration>,
+    pub response_format: BodyFormat,
+    /// A short label of what went wrong, for the log.
+    pub error: Option<&'static str>,
+    _in_flight: InFlight,
+}
+
+impl RequestCtx {
+    pub fn new(in_flight: InFlight) -> RequestCtx {
+        RequestCtx {
+            start: Instant::now(),
+            request_id: String::new(),
+            client_ip: None,
+            route: None,
+            dialect: Dialect::Ollama,
+            model: None,
+            stream: None,
+            body: None,
+            bytes_in: 0,
+            bytes_out: 0,
+            first_byte: None,
+            response_format: BodyFormat::Other,
+            error: None,
+            _in_flight: in_flight,
+        }
+    }
+}
+
+/// The dialect of a path that matched no route (so even a 404 speaks the caller's language).
+pub fn dialect_of_path(path: &[u8]) -> Dialect {
+    if path.starts_with(b"/v1/messages") {
+        Dialect::Anthropic
+    } else if path.starts_with(b"/v1/") {
+        Dialect::OpenAi
+    } else {
+        Dialect::Ollama
+    }
+}

@@ -1,0 +1,109 @@
+//! Header hygiene between the client and Ollama.
+
+use pingora::http::RequestHeader;
+use std::hash::{BuildHasher, Hasher};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+/// Client headers that never reach Ollama: credentials (corral's own key among them), forwarding
+/// claims corral sets itself, `X-Forwarded-Prefix` (gin builds redirects from it), `Origin`
+/// (Ollama refuses unknown origins with a bare 403), and content negotiation corral must not
+/// leave to the client (usage is read from identity-encoded responses).
+const STRIPPED: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "cookie",
+    "x-forwarded-prefix",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+    "forwarded",
+    "origin",
+    "accept-encoding",
+    "expect",
+];
+
+/// Rewrites the upstream request headers: `Host` becomes the upstream's (a loopback-bound Ollama
+/// refuses other hosts), forwarding headers describe the real client.
+pub fn prepare_upstream(
+    req: &mut RequestHeader,
+    upstream_authority: &str,
+    client_ip: Option<IpAddr>,
+    request_id: &str,
+    client_tls: bool,
+) -> pingora::Result<()> {
+    for name in STRIPPED {
+        while req.remove_header(*name).is_some() {}
+    }
+    req.insert_header(http::header::HOST, upstream_authority)?;
+    if let Some(ip) = client_ip {
+        req.insert_header("x-forwarded-for", ip.to_string())?;
+    }
+    req.insert_header("x-forwarded-proto", if client_tls { "https" } else { "http" })?;
+    req.insert_header("x-request-id", request_id)?;
+    Ok(())
+}
+
+/// The client's `X-Request-Id` if it is well-formed (1-128 of `[A-Za-z0-9._:-]`), else a new one.
+pub fn request_id(incoming: Option<&[u8]>) -> String {
+    if let Some(id) = incoming {
+        if (1..=128).contains(&id.len()) && id.iter().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(b)) {
+            return String::from_utf8_lossy(id).into_owned();
+        }
+    }
+    new_request_id()
+}
+
+/// 32 hex digits: a random per-process prefix and a counter (unique, cheap, not secret).
+pub fn new_request_id() -> String {
+    static PREFIX: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(|| std::collections::hash_map::RandomState::new().build_hasher().finish());
+    format!("{prefix:016x}{:016x}", COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_credentials_and_rewrites_host() {
+        let mut req = RequestHeader::build("POST", b"/api/chat", None).unwrap();
+        for (k, v) in [
+            ("host", "corral.example.com"),
+            ("authorization", "Bearer secret"),
+            ("x-api-key", "secret"),
+            ("cookie", "a=b"),
+            ("x-forwarded-prefix", "/evil"),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("origin", "https://evil.example"),
+            ("content-type", "application/json"),
+        ] {
+            req.append_header(k, v).unwrap();
+        }
+        req.append_header("authorization", "Basic second").unwrap();
+        prepare_upstream(&mut req, "127.0.0.1:11434", Some("10.1.2.3".parse().unwrap()), "rid", true).unwrap();
+        let h = &req.headers;
+        assert_eq!(h.get("host").unwrap(), "127.0.0.1:11434");
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "10.1.2.3");
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
+        assert_eq!(h.get("x-request-id").unwrap(), "rid");
+        assert_eq!(h.get("content-type").unwrap(), "application/json");
+        for gone in ["authorization", "x-api-key", "cookie", "x-forwarded-prefix", "origin"] {
+            assert!(h.get(gone).is_none(), "{gone} still there");
+        }
+    }
+
+    #[test]
+    fn request_ids_are_kept_only_when_well_formed() {
+        assert_eq!(request_id(Some(b"abc-123.x:y_z")), "abc-123.x:y_z");
+        for bad in [&b""[..], b"has space", b"new\nline", &[b'a'; 129]] {
+            let id = request_id(Some(bad));
+            assert_eq!(id.len(), 32, "{id}");
+        }
+        assert_ne!(new_request_id(), new_request_id());
+    }
+}

@@ -1,0 +1,161 @@
+//! Assembles and runs the pingora server from a validated [`Config`]: the public listeners
+//! (TLS, optional cleartext), the operator listener, and the background services.
+//!
+//! Everything that can fail is checked before pingora starts (pingora would otherwise panic on a
+//! bad PEM or only log a failed bind): certificate files, the upstream URL, and every listening
+//! address. Each problem names the key at fault.
+
+use crate::admin::AdminApp;
+use crate::config::Config;
+use crate::lifecycle::{Lifecycle, Signals};
+use crate::proxy::Gateway;
+use crate::telemetry::access_log::AccessLog;
+use crate::tls::{CertStore, CertWatcher};
+use crate::upstream::{Resolver, Upstream};
+use pingora::apps::HttpServerOptions;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server};
+use pingora::services::background::background_service;
+use pingora::services::listening::Service;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Why corral could not start: one line per problem, each naming the key at fault.
+#[derive(Debug)]
+pub struct StartError(pub Vec<String>);
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join("\n"))
+    }
+}
+
+/// What start-up needs, loaded and checked.
+pub struct Prepared {
+    pub cfg: Config,
+    pub certs: Option<Arc<CertStore>>,
+    pub upstream: Arc<Upstream>,
+}
+
+/// Loads certificates and the upstream; collects every problem.
+pub fn prepare(cfg: Config) -> Result<Prepared, StartError> {
+    let mut problems = Vec::new();
+    let certs = match cfg.server.listen.0 {
+        None => None,
+        Some(_) if cfg.server.tls_cert.as_os_str().is_empty() => Some(Arc::new(CertStore::throwaway())),
+        Some(_) => match CertStore::from_files(&cfg.server.tls_cert, &cfg.server.tls_key) {
+            Ok(store) => Some(Arc::new(store)),
+            Err(e) => {
+                problems.push(e.to_string());
+                None
+            }
+        },
+    };
+    let upstream = match Upstream::new(&cfg.upstream) {
+        Ok(u) => Some(Arc::new(u)),
+        Err(e) => {
+            problems.push(format!("upstream.url: {e}"));
+            None
+        }
+    };
+    match upstream {
+        Some(upstream) if problems.is_empty() => Ok(Prepared { cfg, certs, upstream }),
+        _ => Err(StartError(problems)),
+    }
+}
+
+/// Listeners by config key, for checks and messages.
+pub fn listeners(cfg: &Config) -> Vec<(&'static str, SocketAddr)> {
+    [
+        ("server.listen", cfg.server.listen.0),
+        ("server.plain_listen", cfg.server.plain_listen.0),
+        ("server.metrics_listen", cfg.server.metrics_listen.0),
+    ]
+    .into_iter()
+    .filter_map(|(k, a)| a.map(|a| (k, a)))
+    .collect()
+}
+
+/// Tries to bind every listening address (then lets go), so a taken port is reported before
+/// pingora starts instead of being logged while it runs without that listener.
+pub fn check_binds(cfg: &Config) -> Result<(), StartError> {
+    let problems: Vec<String> = listeners(cfg)
+        .into_iter()
+        .filter_map(|(key, addr)| {
+            let err = std::net::TcpListener::bind(addr).err()?;
+            let hint = match err.kind() {
+                std::io::ErrorKind::AddrInUse => "the address is in use: another program (or corral) listens there",
+                std::io::ErrorKind::PermissionDenied => {
+                    "permission denied: ports below 1024 need CAP_NET_BIND_SERVICE (see deploy/systemd)"
+                }
+                std::io::ErrorKind::AddrNotAvailable => "no network interface has this address",
+                _ => "cannot listen there",
+            };
+            Some(format!("{key} = \"{addr}\": {hint} ({err})"))
+        })
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(StartError(problems))
+    }
+}
+
+/// Runs the gateway until it is told to stop. Returns after a fast shutdown; a graceful one
+/// exits the process once the last request is done.
+pub fn run(prepared: Prepared) -> Result<(), StartError> {
+    check_binds(&prepared.cfg)?;
+    let Prepared { cfg, certs, upstream } = prepared;
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+
+    let conf = ServerConf {
+        version: 1,
+        threads,
+        grace_period_seconds: Some(cfg.server.grace_period.0.as_secs_f64().ceil() as u64),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let lifecycle = Arc::new(Lifecycle::default());
+    let gateway = Gateway {
+        upstream: upstream.clone(),
+        max_body: cfg.server.max_body,
+        lifecycle: lifecycle.clone(),
+        access_log: Arc::new(AccessLog::stdout(cfg.log.format)),
+    };
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "corral");
+    let mut options = HttpServerOptions::default();
+    options.h2c = true;
+    if let Some(app) = proxy.app_logic_mut() {
+        app.server_options = Some(options);
+    }
+    if let (Some(addr), Some(certs)) = (cfg.server.listen.0, &certs) {
+        proxy.add_tls_with_settings(&addr.to_string(), None, certs.tls_settings());
+    }
+    if let Some(addr) = cfg.server.plain_listen.0 {
+        proxy.add_tcp(&addr.to_string());
+    }
+    server.add_service(proxy);
+
+    if let Some(addr) = cfg.server.metrics_listen.0 {
+        let mut admin = Service::new("corral admin".to_string(), AdminApp { lifecycle: lifecycle.clone() });
+        admin.add_tcp(&addr.to_string());
+        admin.threads = Some(1);
+        server.add_service(admin);
+    }
+    if let Some(certs) = certs.filter(|c| c.watches_files()) {
+        server.add_service(background_service("tls reload", CertWatcher(certs)));
+    }
+    if upstream.needs_dns() {
+        server.add_service(background_service("upstream resolver", Resolver(upstream.clone())));
+    }
+
+    for (key, addr) in listeners(&cfg) {
+        tracing::info!(%addr, listener = key, "listening");
+    }
+    tracing::info!(upstream = %cfg.upstream.url, version = env!("CARGO_PKG_VERSION"), "corral started");
+    server.run(RunArgs { shutdown_signal: Box::new(Signals(lifecycle)) });
+    Ok(())
+}

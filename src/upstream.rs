@@ -1,0 +1,220 @@
+//! The Ollama server corral forwards to: its URL, its resolved address, and the pingora peer
+//! (with corral's timeouts) for each request.
+
+use crate::config::UpstreamConfig;
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use pingora::upstreams::peer::{HttpPeer, HttpUpstreamRequestPolicy};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::RwLock;
+use std::time::Duration;
+
+/// How long a body write to Ollama may block; Ollama reads request bodies eagerly.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Pooled upstream connections are closed after this long unused.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often a DNS upstream name is resolved again (pods and containers move).
+const RESOLVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// `http(s)://host[:port]` without path, query or credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl UpstreamUrl {
+    pub fn parse(url: &str) -> Result<UpstreamUrl, String> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("http://") {
+            (false, r)
+        } else if let Some(r) = url.strip_prefix("https://") {
+            (true, r)
+        } else {
+            return Err(format!("`{url}` must start with http:// or https://, e.g. \"http://127.0.0.1:11434\""));
+        };
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.is_empty() || authority.contains(['/', '?', '#', '@']) || authority.contains(char::is_whitespace) {
+            return Err(format!("`{url}` must be just scheme, host and port, e.g. \"http://127.0.0.1:11434\""));
+        }
+        let default_port = if tls { 443 } else { 80 };
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (h, after) = v6.split_once(']').ok_or_else(|| format!("`{url}`: unclosed '['"))?;
+            let port = match after.strip_prefix(':') {
+                Some(p) => p.parse().map_err(|_| format!("`{url}`: bad port"))?,
+                None if after.is_empty() => default_port,
+                None => return Err(format!("`{url}`: bad port")),
+            };
+            h.parse::<std::net::Ipv6Addr>().map_err(|_| format!("`{url}`: bad IPv6 address"))?;
+            (h.to_string(), port)
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), p.parse().map_err(|_| format!("`{url}`: bad port `{p}`"))?),
+                None => (authority.to_string(), default_port),
+            }
+        };
+        if host.is_empty() || port == 0 {
+            return Err(format!("`{url}` needs a host and a port"));
+        }
+        Ok(UpstreamUrl { tls, host, port })
+    }
+
+    /// `host:port` as it goes into the `Host` header (IPv6 in brackets).
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    fn literal(&self) -> Option<SocketAddr> {
+        self.host.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, self.port))
+    }
+}
+
+/// The upstream Ollama, with its current address.
+pub struct Upstream {
+    pub url: UpstreamUrl,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub request_timeout: Duration,
+    addr: RwLock<Option<SocketAddr>>,
+}
+
+impl Upstream {
+    pub fn new(cfg: &UpstreamConfig) -> Result<Upstream, String> {
+        let url = UpstreamUrl::parse(&cfg.url)?;
+        let addr = RwLock::new(url.literal());
+        Ok(Upstream {
+            url,
+            connect_timeout: cfg.connect_timeout.0,
+            read_timeout: cfg.read_timeout.0,
+            request_timeout: cfg.request_timeout.0,
+            addr,
+        })
+    }
+
+    /// Whether the host is a DNS name that must be resolved (and re-resolved).
+    pub fn needs_dns(&self) -> bool {
+        self.url.literal().is_none()
+    }
+
+    pub fn addr(&self) -> Option<SocketAddr> {
+        *self.addr.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Resolves the host name now (a no-op for IP literals).
+    pub async fn resolve(&self) -> std::io::Result<SocketAddr> {
+        if let Some(a) = self.url.literal() {
+            return Ok(a);
+        }
+        let mut addrs = tokio::net::lookup_host((self.url.host.as_str(), self.url.port)).await?;
+        let addr = addrs
+            .next()
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))?;
+        *self.addr.write().unwrap_or_else(|e| e.into_inner()) = Some(addr);
+        Ok(addr)
+    }
+
+    /// The peer for one request, or `None` while the host name has not resolved yet.
+    pub fn peer(&self) -> Option<HttpPeer> {
+        let addr = self.addr()?;
+        let mut peer = HttpPeer::new(addr, self.url.tls, self.url.host.clone());
+        let o = &mut peer.options;
+        o.connection_timeout = Some(self.connect_timeout);
+        o.total_connection_timeout = Some(self.connect_timeout * 2);
+        // Each read (the response header included, i.e. a cold model load) may take up to
+        // read_timeout, but never longer than the whole request may.
+        o.read_timeout = Some(self.read_timeout.min(self.request_timeout));
+        o.write_timeout = Some(WRITE_TIMEOUT);
+        o.idle_timeout = Some(POOL_IDLE_TIMEOUT);
+        // Ollama never upgrades a connection; nobody gets a WebSocket tunnel through corral.
+        o.http_upstream_request_policy = HttpUpstreamRequestPolicy::deny_upgrades();
+        Some(peer)
+    }
+}
+
+/// Keeps a DNS upstream's address fresh.
+pub struct Resolver(pub std::sync::Arc<Upstream>);
+
+#[async_trait]
+impl BackgroundService for Resolver {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut failures = 0u32;
+        loop {
+            match self.0.resolve().await {
+                Ok(addr) => {
+                    if failures > 0 {
+                        tracing::info!(host = %self.0.url.host, %addr, "upstream name resolves again");
+                    }
+                    failures = 0;
+                }
+                Err(e) => {
+                    failures += 1;
+                    if failures == 1 || failures % 30 == 0 {
+                        tracing::warn!(host = %self.0.url.host, error = %e, "cannot resolve the upstream name; requests get 502 until it resolves");
+                    }
+                }
+            }
+            let wait = if self.0.addr().is_some() { RESOLVE_INTERVAL } else { Duration::from_secs(1) };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_urls_operators_write() {
+        let u = UpstreamUrl::parse("http://127.0.0.1:11434").unwrap();
+        assert_eq!((u.tls, u.host.as_str(), u.port), (false, "127.0.0.1", 11434));
+        assert_eq!(u.authority(), "127.0.0.1:11434");
+        let u = UpstreamUrl::parse("http://ollama:11434/").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("ollama", 11434));
+        let u = UpstreamUrl::parse("https://gpu.internal").unwrap();
+        assert_eq!((u.tls, u.port), (true, 443));
+        let u = UpstreamUrl::parse("http://[::1]:11434").unwrap();
+        assert_eq!(u.authority(), "[::1]:11434");
+    }
+
+    #[test]
+    fn refuses_urls_with_paths_credentials_or_other_schemes() {
+        for bad in [
+            "127.0.0.1:11434",
+            "ftp://x",
+            "http://",
+            "http://host:11434/api",
+            "http://user:pw@host:11434",
+            "http://host:notaport",
+            "http://host:0",
+            "http://[::1:11434",
+        ] {
+            assert!(UpstreamUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn peers_carry_the_configured_timeouts() {
+        let cfg = UpstreamConfig {
+            url: "http://127.0.0.1:11434".into(),
+            connect_timeout: crate::config::HumanDuration::secs(3),
+            read_timeout: crate::config::HumanDuration::secs(900),
+            request_timeout: crate::config::HumanDuration::secs(60),
+        };
+        let up = Upstream::new(&cfg).unwrap();
+        assert!(!up.needs_dns());
+        let peer = up.peer().unwrap();
+        assert_eq!(peer.options.connection_timeout, Some(Duration::from_secs(3)));
+        assert_eq!(peer.options.read_timeout, Some(Duration::from_secs(60)), "capped by request_timeout");
+        let named = Upstream::new(&UpstreamConfig { url: "http://ollama.invalid:11434".into(), ..cfg }).unwrap();
+        assert!(named.needs_dns());
+        assert!(named.peer().is_none(), "no peer before the name resolves");
+    }
+}
