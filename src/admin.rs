@@ -18,13 +18,21 @@ impl AdminApp {
     pub fn answer(&self, method: &Method, path: &str) -> (StatusCode, &'static str, Vec<u8>) {
         const JSON: &str = "application/json";
         if method != Method::GET && method != Method::HEAD {
-            return (StatusCode::METHOD_NOT_ALLOWED, JSON, br#"{"error":"use GET"}"#.to_vec());
+            return (
+                StatusCode::METHOD_NOT_ALLOWED,
+                JSON,
+                br#"{"error":"use GET"}"#.to_vec(),
+            );
         }
         match path {
             "/livez" => (StatusCode::OK, JSON, br#"{"status":"ok"}"#.to_vec()),
             "/readyz" => {
                 let draining = self.lifecycle.is_draining();
-                let status = if draining { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+                let status = if draining {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::OK
+                };
                 let body = json!({
                     "ready": !draining,
                     "draining": draining,
@@ -32,7 +40,11 @@ impl AdminApp {
                 });
                 (status, JSON, body.to_string().into_bytes())
             }
-            _ => (StatusCode::NOT_FOUND, JSON, br#"{"error":"not found; try /livez, /readyz or /metrics"}"#.to_vec()),
+            _ => (
+                StatusCode::NOT_FOUND,
+                JSON,
+                br#"{"error":"not found; try /livez, /readyz or /metrics"}"#.to_vec(),
+            ),
         }
     }
 }
@@ -58,12 +70,23 @@ mod tests {
 
     #[test]
     fn probes_answer_and_everything_else_is_404() {
-        let app = AdminApp { lifecycle: Arc::new(Lifecycle::default()) };
+        let app = AdminApp {
+            lifecycle: Arc::new(Lifecycle::default()),
+        };
         assert_eq!(app.answer(&Method::GET, "/livez").0, StatusCode::OK);
         let (status, _, body) = app.answer(&Method::GET, "/readyz");
         assert_eq!(status, StatusCode::OK);
-        assert_eq!(serde_json::from_slice::<serde_json::Value>(&body).unwrap()["ready"], true);
-        assert_eq!(app.answer(&Method::GET, "/api/chat").0, StatusCode::NOT_FOUND);
-        assert_eq!(app.answer(&Method::POST, "/livez").0, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap()["ready"],
+            true
+        );
+        assert_eq!(
+            app.answer(&Method::GET, "/api/chat").0,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            app.answer(&Method::POST, "/livez").0,
+            StatusCode::METHOD_NOT_ALLOWED
+        );
     }
 }

@@ -56,7 +56,10 @@ impl<'a> JsonObject<'a> {
 
     /// The value of a field, matched as Go matches it (`name` is lowercase ASCII).
     pub fn get(&self, name: &str) -> Option<&'a RawValue> {
-        self.entries.iter().find(|(k, _)| folds_to(k, name)).map(|(_, v)| *v)
+        self.entries
+            .iter()
+            .find(|(k, _)| folds_to(k, name))
+            .map(|(_, v)| *v)
     }
 
     /// A string field; `null` and absent are `None`, any other type is an error.
@@ -94,7 +97,11 @@ impl<'a> JsonObject<'a> {
     /// the existing one in place, or appending), `(name, None)` removes it. Other fields keep their
     /// order and exact text.
     pub fn write_with(&self, changes: &[(&str, Option<&serde_json::Value>)]) -> Vec<u8> {
-        let size: usize = self.entries.iter().map(|(k, v)| k.len() + v.get().len() + 4).sum();
+        let size: usize = self
+            .entries
+            .iter()
+            .map(|(k, v)| k.len() + v.get().len() + 4)
+            .sum();
         let mut out = Vec::with_capacity(size + 64);
         out.push(b'{');
         let mut first = true;
@@ -233,19 +240,40 @@ mod tests {
     fn refuses_what_is_not_one_json_object() {
         assert_eq!(parse("").unwrap_err().0, "missing request body");
         assert_eq!(parse("  \n").unwrap_err().0, "missing request body");
-        assert!(parse("[1,2]").unwrap_err().0.contains("must be a JSON object"));
-        assert!(parse("\"x\"").unwrap_err().0.contains("must be a JSON object"));
-        assert!(parse("{\"model\":").unwrap_err().0.contains("not valid JSON"));
-        assert!(parse(r#"{"model":"a"} {"model":"b"}"#).unwrap_err().0.contains("not valid JSON"));
+        assert!(parse("[1,2]")
+            .unwrap_err()
+            .0
+            .contains("must be a JSON object"));
+        assert!(parse("\"x\"")
+            .unwrap_err()
+            .0
+            .contains("must be a JSON object"));
+        assert!(parse("{\"model\":")
+            .unwrap_err()
+            .0
+            .contains("not valid JSON"));
+        assert!(parse(r#"{"model":"a"} {"model":"b"}"#)
+            .unwrap_err()
+            .0
+            .contains("not valid JSON"));
         assert!(parse(r#"{"model":NaN}"#).is_err());
-        assert!(JsonObject::parse(b"{\"model\":\"\xff\"}").is_err(), "invalid UTF-8");
+        assert!(
+            JsonObject::parse(b"{\"model\":\"\xff\"}").is_err(),
+            "invalid UTF-8"
+        );
     }
 
     #[test]
     fn typed_getters_refuse_wrong_types() {
         let o = parse(r#"{"model":7,"stream":"yes","x":null}"#).unwrap();
-        assert_eq!(o.string("model").unwrap_err().0, "\"model\" must be a string");
-        assert_eq!(o.bool("stream").unwrap_err().0, "\"stream\" must be true or false");
+        assert_eq!(
+            o.string("model").unwrap_err().0,
+            "\"model\" must be a string"
+        );
+        assert_eq!(
+            o.bool("stream").unwrap_err().0,
+            "\"stream\" must be true or false"
+        );
         let o = parse(r#"{"model":null,"stream":null}"#).unwrap();
         assert_eq!(o.string("model").unwrap(), None);
         assert_eq!(o.bool("stream").unwrap(), None);
@@ -263,15 +291,22 @@ mod tests {
 
     #[test]
     fn rewrites_keep_everything_else_byte_for_byte() {
-        let body = r#"{"model":"m","messages":[{"role":"user","content":"hi \u00e9"}],"Keep_Alive":0}"#;
+        let body =
+            r#"{"model":"m","messages":[{"role":"user","content":"hi \u00e9"}],"Keep_Alive":0}"#;
         let o = parse(body).unwrap();
-        let out = o.write_with(&[("keep_alive", Some(&json!(-1))), ("stream_options", Some(&json!({"include_usage": true})))]);
+        let out = o.write_with(&[
+            ("keep_alive", Some(&json!(-1))),
+            ("stream_options", Some(&json!({"include_usage": true}))),
+        ]);
         let out = String::from_utf8(out).unwrap();
         assert_eq!(
             out,
             r#"{"model":"m","messages":[{"role":"user","content":"hi \u00e9"}],"keep_alive":-1,"stream_options":{"include_usage":true}}"#
         );
         let out = o.write_with(&[("keep_alive", None)]);
-        assert_eq!(String::from_utf8(out).unwrap(), r#"{"model":"m","messages":[{"role":"user","content":"hi \u00e9"}]}"#);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"model":"m","messages":[{"role":"user","content":"hi \u00e9"}]}"#
+        );
     }
 }

@@ -30,7 +30,10 @@ pub fn run(source: &Source, upstream: bool) -> Vec<Finding> {
     let mut out = Vec::new();
     let cfg = match Config::load(source) {
         Ok(cfg) => {
-            out.push(Finding::Ok(format!("configuration {} is valid", source.describe())));
+            out.push(Finding::Ok(format!(
+                "configuration {} is valid",
+                source.describe()
+            )));
             cfg
         }
         Err(e) => {
@@ -51,7 +54,10 @@ pub fn run(source: &Source, upstream: bool) -> Vec<Finding> {
                     "server.tls_cert is empty: a throwaway self-signed certificate will be used (loopback only)".into(),
                 ));
             } else if p.certs.is_some() {
-                out.push(Finding::Ok(format!("TLS certificate {} and key load and match", cfg.server.tls_cert.display())));
+                out.push(Finding::Ok(format!(
+                    "TLS certificate {} and key load and match",
+                    cfg.server.tls_cert.display()
+                )));
             }
         }
         Err(e) => out.extend(e.0.into_iter().map(Finding::Error)),
@@ -67,12 +73,16 @@ fn check_upstream(cfg: &Config) -> Finding {
         return Finding::Error("upstream.url is not usable".into());
     };
     let client = UpstreamClient::new(Arc::new(up));
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => return Finding::Error(format!("cannot start a runtime: {e}")),
     };
     let url = &cfg.upstream.url;
-    let answer = runtime.block_on(client.request("GET", "/api/version", None, Duration::from_secs(10)));
+    let answer =
+        runtime.block_on(client.request("GET", "/api/version", None, Duration::from_secs(10)));
     match answer {
         Ok(a) if a.status == 200 => {
             let version = a.json().and_then(|v| v["version"].as_str().map(str::to_string)).unwrap_or_else(|| "?".into());

@@ -61,25 +61,45 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config } => serve(config),
-        Command::Check { config, skip_upstream } => {
+        Command::Check {
+            config,
+            skip_upstream,
+        } => {
             let findings = crate::check::run(&Source::locate(config.as_deref()), !skip_upstream);
             for f in &findings {
                 println!("{f}");
             }
-            if findings.iter().any(|f| matches!(f, crate::check::Finding::Error(_))) {
+            if findings
+                .iter()
+                .any(|f| matches!(f, crate::check::Finding::Error(_)))
+            {
                 ExitCode::FAILURE
             } else {
                 ExitCode::SUCCESS
             }
         }
-        Command::Demo { listen, metrics_listen, dir, token_delay } => {
-            let opts = crate::demo::DemoOptions { listen, metrics_listen, dir, token_delay: token_delay.0 };
+        Command::Demo {
+            listen,
+            metrics_listen,
+            dir,
+            token_delay,
+        } => {
+            let opts = crate::demo::DemoOptions {
+                listen,
+                metrics_listen,
+                dir,
+                token_delay: token_delay.0,
+            };
             match crate::demo::run(opts) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&e),
             }
         }
-        Command::Double { listen, token_delay, tokens } => double(listen, token_delay, tokens),
+        Command::Double {
+            listen,
+            token_delay,
+            tokens,
+        } => double(listen, token_delay, tokens),
     }
 }
 
@@ -119,8 +139,15 @@ fn serve(config: Option<PathBuf>) -> ExitCode {
 }
 
 fn double(listen: SocketAddr, token_delay: HumanDuration, tokens: usize) -> ExitCode {
-    let cfg = crate::double::DoubleConfig { token_delay: token_delay.0, response_tokens: tokens, ..Default::default() };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let cfg = crate::double::DoubleConfig {
+        token_delay: token_delay.0,
+        response_tokens: tokens,
+        ..Default::default()
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => return fail(&e.to_string()),
     };

@@ -28,11 +28,22 @@ fn write(path: &Path, contents: &str) -> Result<(), String> {
 }
 
 /// Writes the development CA, the server certificate and the configuration into `dir`.
-pub fn prepare(dir: &Path, listen: SocketAddr, metrics_listen: SocketAddr, upstream: &str) -> Result<(Config, DemoFiles), String> {
+pub fn prepare(
+    dir: &Path,
+    listen: SocketAddr,
+    metrics_listen: SocketAddr,
+    upstream: &str,
+) -> Result<(Config, DemoFiles), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let ca = DevCa::new("corral demo CA").map_err(|e| e.to_string())?;
-    let (cert, key) = ca.issue("localhost", LOCAL_NAMES).map_err(|e| e.to_string())?;
-    let files = DemoFiles { dir: dir.to_path_buf(), ca: dir.join("ca.pem"), config: dir.join("corral.toml") };
+    let (cert, key) = ca
+        .issue("localhost", LOCAL_NAMES)
+        .map_err(|e| e.to_string())?;
+    let files = DemoFiles {
+        dir: dir.to_path_buf(),
+        ca: dir.join("ca.pem"),
+        config: dir.join("corral.toml"),
+    };
     write(&files.ca, &ca.cert_pem())?;
     write(&dir.join("tls.crt"), &cert)?;
     write(&dir.join("tls.key"), &key)?;
@@ -46,7 +57,14 @@ pub fn prepare(dir: &Path, listen: SocketAddr, metrics_listen: SocketAddr, upstr
     cfg.server.grace_period = crate::config::HumanDuration::secs(5);
     cfg.upstream.url = upstream.to_string();
     cfg.log.format = LogFormat::Pretty;
-    write(&files.config, &format!("# Written by `corral demo`; run it with `corral serve --config {}`.\n\n{}", files.config.display(), cfg.to_toml()))?;
+    write(
+        &files.config,
+        &format!(
+            "# Written by `corral demo`; run it with `corral serve --config {}`.\n\n{}",
+            files.config.display(),
+            cfg.to_toml()
+        ),
+    )?;
     Ok((cfg, files))
 }
 
@@ -72,16 +90,17 @@ Try it with curl:
 
 With the openai Python package (pip install openai):
 
-  import httpx, openai
-  client = openai.OpenAI(base_url="{base}/v1", api_key="demo", http_client=httpx.Client(verify="{ca}"))
+  import httpx, openai, ssl
+  tls = ssl.create_default_context(cafile="{ca}")
+  client = openai.OpenAI(base_url="{base}/v1", api_key="demo", http_client=httpx.Client(verify=tls))
   for chunk in client.chat.completions.create(model="llama3.2", stream=True,
                                               messages=[{{"role": "user", "content": "Why is the sky blue?"}}]):
       print(chunk.choices[0].delta.content or "", end="", flush=True)
 
 With the ollama Python package (pip install ollama):
 
-  import ollama
-  client = ollama.Client(host="{base}", verify="{ca}")
+  import ollama, ssl
+  client = ollama.Client(host="{base}", verify=ssl.create_default_context(cafile="{ca}"))
   for part in client.chat(model="llama3.2", stream=True, messages=[{{"role": "user", "content": "Hello"}}]):
       print(part.message.content, end="", flush=True)
 
@@ -94,18 +113,35 @@ Requests are logged below, one line each.
 }
 
 pub fn run(opts: DemoOptions) -> Result<(), String> {
-    let dir = opts.dir.unwrap_or_else(|| std::env::temp_dir().join(format!("corral-demo-{}", std::process::id())));
+    let dir = opts.dir.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("corral-demo-{}", std::process::id()))
+    });
     let double = OllamaDouble::spawn(
         SocketAddr::from(([127, 0, 0, 1], 0)),
-        DoubleConfig { token_delay: opts.token_delay, ..DoubleConfig::default() },
+        DoubleConfig {
+            token_delay: opts.token_delay,
+            ..DoubleConfig::default()
+        },
     )
     .map_err(|e| format!("cannot start the Ollama double: {e}"))?;
     let (cfg, files) = prepare(&dir, opts.listen, opts.metrics_listen, &double.url())?;
     crate::telemetry::init_logging(&cfg.log);
     let prepared = crate::server::prepare(cfg).map_err(|e| e.to_string())?;
-    crate::server::check_binds(&prepared.cfg).map_err(|e| format!("{e}\n(pick other ports with --listen and --metrics-listen)"))?;
-    let host = if opts.listen.ip().is_loopback() && opts.listen.is_ipv4() { "localhost".to_string() } else { opts.listen.ip().to_string() };
-    println!("{}", examples(&format!("https://{host}:{}", opts.listen.port()), opts.metrics_listen, &files));
+    crate::server::check_binds(&prepared.cfg)
+        .map_err(|e| format!("{e}\n(pick other ports with --listen and --metrics-listen)"))?;
+    let host = if opts.listen.ip().is_loopback() && opts.listen.is_ipv4() {
+        "localhost".to_string()
+    } else {
+        opts.listen.ip().to_string()
+    };
+    println!(
+        "{}",
+        examples(
+            &format!("https://{host}:{}", opts.listen.port()),
+            opts.metrics_listen,
+            &files
+        )
+    );
     crate::server::run(prepared).map_err(|e| e.to_string())?;
     drop(double);
     Ok(())

@@ -26,9 +26,16 @@ impl DevCa {
     }
 
     /// A server certificate for `names` (DNS names or IP addresses): `(cert PEM, key PEM)`.
-    pub fn issue(&self, common_name: &str, names: &[&str]) -> Result<(String, String), rcgen::Error> {
-        let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
-        params.distinguished_name.push(DnType::CommonName, common_name);
+    pub fn issue(
+        &self,
+        common_name: &str,
+        names: &[&str],
+    ) -> Result<(String, String), rcgen::Error> {
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let key = KeyPair::generate()?;

@@ -26,7 +26,10 @@ pub enum GatewayError {
     #[error("{0}")]
     UnsupportedMediaType(String),
     #[error("{message}")]
-    RateLimited { message: String, retry_after_secs: u64 },
+    RateLimited {
+        message: String,
+        retry_after_secs: u64,
+    },
     #[error("request headers are too large")]
     HeadersTooLarge,
     #[error("the model server is not reachable right now; try again shortly")]
@@ -134,7 +137,10 @@ impl GatewayError {
     pub fn render(&self, dialect: Dialect) -> Rendered {
         let body = Bytes::from(self.json(dialect).to_string());
         let mut headers = vec![
-            ("content-type", "application/json; charset=utf-8".to_string()),
+            (
+                "content-type",
+                "application/json; charset=utf-8".to_string(),
+            ),
             ("content-length", body.len().to_string()),
         ];
         match self {
@@ -142,12 +148,16 @@ impl GatewayError {
                 headers.push(("www-authenticate", "Bearer realm=\"corral\"".to_string()))
             }
             GatewayError::MethodNotAllowed { allow } => headers.push(("allow", allow.clone())),
-            GatewayError::RateLimited { retry_after_secs, .. } => {
-                headers.push(("retry-after", retry_after_secs.max(&1).to_string()))
-            }
+            GatewayError::RateLimited {
+                retry_after_secs, ..
+            } => headers.push(("retry-after", retry_after_secs.max(&1).to_string())),
             _ => {}
         }
-        Rendered { status: self.status(), headers, body }
+        Rendered {
+            status: self.status(),
+            headers,
+            body,
+        }
     }
 }
 
@@ -169,13 +179,34 @@ mod tests {
     #[test]
     fn openai_dialect_carries_the_type_the_sdk_maps_to_exceptions() {
         let cases = [
-            (GatewayError::Unauthorized("x".into()), 401, "authentication_error"),
+            (
+                GatewayError::Unauthorized("x".into()),
+                401,
+                "authentication_error",
+            ),
             (GatewayError::Forbidden("x".into()), 403, "permission_error"),
             (GatewayError::NotFound("x".into()), 404, "not_found_error"),
-            (GatewayError::RateLimited { message: "x".into(), retry_after_secs: 3 }, 429, "rate_limit_error"),
+            (
+                GatewayError::RateLimited {
+                    message: "x".into(),
+                    retry_after_secs: 3,
+                },
+                429,
+                "rate_limit_error",
+            ),
             (GatewayError::UpstreamUnavailable, 502, "api_error"),
-            (GatewayError::UpstreamTimeout(HumanDuration::secs(900)), 504, "api_error"),
-            (GatewayError::PayloadTooLarge { limit: ByteSize::mib(32) }, 413, "invalid_request_error"),
+            (
+                GatewayError::UpstreamTimeout(HumanDuration::secs(900)),
+                504,
+                "api_error",
+            ),
+            (
+                GatewayError::PayloadTooLarge {
+                    limit: ByteSize::mib(32),
+                },
+                413,
+                "invalid_request_error",
+            ),
         ];
         for (e, status, ty) in cases {
             let r = e.render(Dialect::OpenAi);
@@ -198,19 +229,33 @@ mod tests {
 
     #[test]
     fn status_specific_headers() {
-        let r = GatewayError::RateLimited { message: "slow down".into(), retry_after_secs: 7 }.render(Dialect::OpenAi);
+        let r = GatewayError::RateLimited {
+            message: "slow down".into(),
+            retry_after_secs: 7,
+        }
+        .render(Dialect::OpenAi);
         assert!(r.headers.contains(&("retry-after", "7".into())));
         let r = GatewayError::Unauthorized("no key".into()).render(Dialect::Ollama);
         assert!(r.headers.iter().any(|(k, _)| *k == "www-authenticate"));
-        let r = GatewayError::MethodNotAllowed { allow: "POST".into() }.render(Dialect::Ollama);
+        let r = GatewayError::MethodNotAllowed {
+            allow: "POST".into(),
+        }
+        .render(Dialect::Ollama);
         assert!(r.headers.contains(&("allow", "POST".into())));
     }
 
     #[test]
     fn upstream_failures_never_name_an_address() {
-        for e in [GatewayError::UpstreamUnavailable, GatewayError::UpstreamTimeout(HumanDuration::secs(5)), GatewayError::Internal] {
+        for e in [
+            GatewayError::UpstreamUnavailable,
+            GatewayError::UpstreamTimeout(HumanDuration::secs(5)),
+            GatewayError::Internal,
+        ] {
             let text = String::from_utf8(e.render(Dialect::OpenAi).body.to_vec()).unwrap();
-            assert!(!text.contains("127.0.0.1") && !text.contains("11434"), "{text}");
+            assert!(
+                !text.contains("127.0.0.1") && !text.contains("11434"),
+                "{text}"
+            );
         }
     }
 }

@@ -51,7 +51,11 @@ impl Lifecycle {
             let mut idle_checks = 0;
             loop {
                 std::thread::sleep(Duration::from_millis(50));
-                idle_checks = if me.in_flight() == 0 { idle_checks + 1 } else { 0 };
+                idle_checks = if me.in_flight() == 0 {
+                    idle_checks + 1
+                } else {
+                    0
+                };
                 if idle_checks >= 4 {
                     tracing::info!("all requests finished; exiting");
                     crate::telemetry::flush();

@@ -40,13 +40,19 @@ impl ModelName {
             !s.is_empty()
                 && s.len() <= max
                 && s.as_bytes()[0].is_ascii_alphanumeric()
-                && s.bytes().all(|b| b.is_ascii_alphanumeric() || extra.contains(&b))
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || extra.contains(&b))
         };
         let tag_ok = !tag.is_empty()
             && tag.len() <= 80
             && (tag.as_bytes()[0].is_ascii_alphanumeric() || tag.as_bytes()[0] == b'_')
-            && tag.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
-        if !(part_ok(host, 350, b"_.:-") && part_ok(namespace, 80, b"_-") && part_ok(model, 80, b"_.-") && tag_ok)
+            && tag
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        if !(part_ok(host, 350, b"_.:-")
+            && part_ok(namespace, 80, b"_-")
+            && part_ok(model, 80, b"_.-")
+            && tag_ok)
         {
             return None;
         }
@@ -111,7 +117,9 @@ impl KeepAlive {
                 if secs < 0.0 {
                     Ok(Some(KeepAlive::Forever))
                 } else {
-                    Ok(Some(KeepAlive::For(Duration::from_secs_f64(secs.min(1e12)))))
+                    Ok(Some(KeepAlive::For(Duration::from_secs_f64(
+                        secs.min(1e12),
+                    ))))
                 }
             }
             Some(serde_json::Value::String(s)) => {
@@ -125,9 +133,14 @@ impl KeepAlive {
                 let d = if unsigned == "0" {
                     Duration::ZERO
                 } else {
-                    humantime::parse_duration(unsigned).map_err(|_| format!("time: invalid duration \"{s}\""))?
+                    humantime::parse_duration(unsigned)
+                        .map_err(|_| format!("time: invalid duration \"{s}\""))?
                 };
-                Ok(Some(if negative && !d.is_zero() { KeepAlive::Forever } else { KeepAlive::For(d) }))
+                Ok(Some(if negative && !d.is_zero() {
+                    KeepAlive::Forever
+                } else {
+                    KeepAlive::For(d)
+                }))
             }
             Some(other) => {
                 let ty = match other {
@@ -155,27 +168,58 @@ mod tests {
         assert_eq!(norm("llama3.2").as_deref(), Some("llama3.2:latest"));
         assert_eq!(norm("llama3.2:3b").as_deref(), Some("llama3.2:3b"));
         assert_eq!(norm("library/llama3.2").as_deref(), Some("llama3.2:latest"));
-        assert_eq!(norm("registry.ollama.ai/library/llama3.2:latest").as_deref(), Some("llama3.2:latest"));
-        assert_eq!(norm("myorg/mistral").as_deref(), Some("myorg/mistral:latest"));
-        assert_eq!(norm("hf.co/bartowski/Llama-3.2-1B-GGUF:Q4_K_M").as_deref(), Some("hf.co/bartowski/Llama-3.2-1B-GGUF:Q4_K_M"));
-        assert_eq!(norm("localhost:5000/ns/m").as_deref(), Some("localhost:5000/ns/m:latest"));
-        assert_eq!(norm("nomic-embed-text@sha256:abc").as_deref(), Some("nomic-embed-text:latest"));
-        assert_eq!(ModelName::parse("Llama3.2").unwrap().key(), "llama3.2:latest");
+        assert_eq!(
+            norm("registry.ollama.ai/library/llama3.2:latest").as_deref(),
+            Some("llama3.2:latest")
+        );
+        assert_eq!(
+            norm("myorg/mistral").as_deref(),
+            Some("myorg/mistral:latest")
+        );
+        assert_eq!(
+            norm("hf.co/bartowski/Llama-3.2-1B-GGUF:Q4_K_M").as_deref(),
+            Some("hf.co/bartowski/Llama-3.2-1B-GGUF:Q4_K_M")
+        );
+        assert_eq!(
+            norm("localhost:5000/ns/m").as_deref(),
+            Some("localhost:5000/ns/m:latest")
+        );
+        assert_eq!(
+            norm("nomic-embed-text@sha256:abc").as_deref(),
+            Some("nomic-embed-text:latest")
+        );
+        assert_eq!(
+            ModelName::parse("Llama3.2").unwrap().key(),
+            "llama3.2:latest"
+        );
     }
 
     #[test]
     fn invalid_names_are_refused() {
-        for bad in ["", ":latest", "a/b/c/d", "../etc", "llama 3", "m:", "m:t/x", "-m", "a//b", "m:tag!"] {
+        for bad in [
+            "", ":latest", "a/b/c/d", "../etc", "llama 3", "m:", "m:t/x", "-m", "a//b", "m:tag!",
+        ] {
             assert_eq!(norm(bad), None, "{bad}");
         }
     }
 
     #[test]
     fn cloud_models_are_recognised() {
-        for cloud in ["gpt-oss:120b-cloud", "deepseek-v3.1:671b-cloud", "qwen3-coder:cloud", "glm-4.6:CLOUD", "kimi-cloud"] {
+        for cloud in [
+            "gpt-oss:120b-cloud",
+            "deepseek-v3.1:671b-cloud",
+            "qwen3-coder:cloud",
+            "glm-4.6:CLOUD",
+            "kimi-cloud",
+        ] {
             assert!(is_cloud_model(cloud), "{cloud}");
         }
-        for local in ["llama3.2", "llama3.2:latest", "cloudy:7b", "my-cloud-tools:latest"] {
+        for local in [
+            "llama3.2",
+            "llama3.2:latest",
+            "cloudy:7b",
+            "my-cloud-tools:latest",
+        ] {
             assert!(!is_cloud_model(local), "{local}");
         }
     }
@@ -185,11 +229,23 @@ mod tests {
         let ka = |v: serde_json::Value| KeepAlive::from_json(Some(&v));
         assert_eq!(ka(json!(-1)).unwrap(), Some(KeepAlive::Forever));
         assert_eq!(ka(json!(0)).unwrap(), Some(KeepAlive::For(Duration::ZERO)));
-        assert_eq!(ka(json!(0.5)).unwrap(), Some(KeepAlive::For(Duration::from_millis(500))));
-        assert_eq!(ka(json!("5m")).unwrap(), Some(KeepAlive::For(Duration::from_secs(300))));
+        assert_eq!(
+            ka(json!(0.5)).unwrap(),
+            Some(KeepAlive::For(Duration::from_millis(500)))
+        );
+        assert_eq!(
+            ka(json!("5m")).unwrap(),
+            Some(KeepAlive::For(Duration::from_secs(300)))
+        );
         assert_eq!(ka(json!("-1m")).unwrap(), Some(KeepAlive::Forever));
-        assert_eq!(ka(json!("0")).unwrap(), Some(KeepAlive::For(Duration::ZERO)));
-        assert_eq!(ka(json!("-1")).unwrap_err(), "time: missing unit in duration \"-1\"");
+        assert_eq!(
+            ka(json!("0")).unwrap(),
+            Some(KeepAlive::For(Duration::ZERO))
+        );
+        assert_eq!(
+            ka(json!("-1")).unwrap_err(),
+            "time: missing unit in duration \"-1\""
+        );
         assert_eq!(ka(json!(true)).unwrap_err(), "Unsupported type: 'bool'");
         assert_eq!(KeepAlive::from_json(None).unwrap(), None);
         assert_eq!(ka(json!(null)).unwrap(), None);

@@ -129,7 +129,11 @@ impl RouteKind {
         match self {
             Model => "/v1/models/{model}",
             Blobs => "/api/blobs/{digest}",
-            _ => TABLE.iter().find(|(k, _, _)| *k == self).map(|(_, p, _)| *p).unwrap_or("?"),
+            _ => TABLE
+                .iter()
+                .find(|(k, _, _)| *k == self)
+                .map(|(_, p, _)| *p)
+                .unwrap_or("?"),
         }
     }
 
@@ -184,10 +188,21 @@ pub fn classify(method: &Method, target: &[u8]) -> Result<Matched, RouteError> {
             None => continue,
         };
         if !methods.contains(method) {
-            let allow = methods.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
-            return Err(RouteError::MethodNotAllowed { allow, dialect: kind.dialect() });
+            let allow = methods
+                .iter()
+                .map(Method::as_str)
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(RouteError::MethodNotAllowed {
+                allow,
+                dialect: kind.dialect(),
+            });
         }
-        return Ok(Matched { kind: *kind, path: path.to_string(), param });
+        return Ok(Matched {
+            kind: *kind,
+            path: path.to_string(),
+            param,
+        });
     }
     Err(RouteError::NotFound)
 }
@@ -195,24 +210,37 @@ pub fn classify(method: &Method, target: &[u8]) -> Result<Matched, RouteError> {
 /// Refuses the path tricks that make two parsers disagree about which resource is meant.
 fn check_path(path: &[u8]) -> Result<(), RouteError> {
     if path.first() != Some(&b'/') {
-        return Err(RouteError::BadPath("the request target must be an absolute path"));
+        return Err(RouteError::BadPath(
+            "the request target must be an absolute path",
+        ));
     }
     if !path.iter().all(|b| (0x21..0x7f).contains(b)) {
-        return Err(RouteError::BadPath("the path has spaces, control or non-ASCII characters"));
+        return Err(RouteError::BadPath(
+            "the path has spaces, control or non-ASCII characters",
+        ));
     }
     if path.contains(&b'\\') {
         return Err(RouteError::BadPath("the path contains a backslash"));
     }
     if path.windows(2).any(|w| w == b"//") {
-        return Err(RouteError::BadPath("the path contains an empty segment (//)"));
+        return Err(RouteError::BadPath(
+            "the path contains an empty segment (//)",
+        ));
     }
-    if path.split(|&b| b == b'/').any(|seg| seg == b"." || seg == b"..") {
-        return Err(RouteError::BadPath("the path contains a dot segment (. or ..)"));
+    if path
+        .split(|&b| b == b'/')
+        .any(|seg| seg == b"." || seg == b"..")
+    {
+        return Err(RouteError::BadPath(
+            "the path contains a dot segment (. or ..)",
+        ));
     }
     let lower = path.to_ascii_lowercase();
     for encoded in [&b"%2f"[..], b"%2e", b"%5c", b"%00"] {
         if lower.windows(3).any(|w| w == encoded) {
-            return Err(RouteError::BadPath("the path contains a percent-encoded separator or dot"));
+            return Err(RouteError::BadPath(
+                "the path contains a percent-encoded separator or dot",
+            ));
         }
     }
     Ok(())
@@ -224,11 +252,14 @@ fn valid_param(kind: RouteKind, s: &str) -> bool {
         Model => {
             !s.is_empty()
                 && s.len() <= 256
-                && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
         }
         // `sha256:<64 hex>` (Ollama also accepts `sha256-`).
         Blobs => {
-            let hex = s.strip_prefix("sha256:").or_else(|| s.strip_prefix("sha256-"));
+            let hex = s
+                .strip_prefix("sha256:")
+                .or_else(|| s.strip_prefix("sha256-"));
             hex.is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
         }
         _ => false,
@@ -268,8 +299,16 @@ mod tests {
             (Method::POST, "/api/create", RouteClass::Admin),
             (Method::POST, "/api/copy", RouteClass::Admin),
             (Method::DELETE, "/api/delete", RouteClass::Admin),
-            (Method::HEAD, &format!("/api/blobs/sha256:{}", "a".repeat(64)), RouteClass::Admin),
-            (Method::POST, &format!("/api/blobs/sha256-{}", "0".repeat(64)), RouteClass::Admin),
+            (
+                Method::HEAD,
+                &format!("/api/blobs/sha256:{}", "a".repeat(64)),
+                RouteClass::Admin,
+            ),
+            (
+                Method::POST,
+                &format!("/api/blobs/sha256-{}", "0".repeat(64)),
+                RouteClass::Admin,
+            ),
         ];
         for (m, path, class) in cases {
             let got = kind(m.clone(), path).unwrap_or_else(|e| panic!("{m} {path}: {e:?}"));
@@ -298,7 +337,11 @@ mod tests {
             (Method::GET, "/api/tags%20"),
             (Method::GET, "/api/t%61gs"),
         ] {
-            assert_eq!(kind(m.clone(), path), Err(RouteError::NotFound), "{m} {path}");
+            assert_eq!(
+                kind(m.clone(), path),
+                Err(RouteError::NotFound),
+                "{m} {path}"
+            );
         }
     }
 
@@ -335,15 +378,24 @@ mod tests {
     fn wrong_method_is_405_with_allow() {
         assert_eq!(
             kind(Method::GET, "/api/chat"),
-            Err(RouteError::MethodNotAllowed { allow: "POST".into(), dialect: Dialect::Ollama })
+            Err(RouteError::MethodNotAllowed {
+                allow: "POST".into(),
+                dialect: Dialect::Ollama
+            })
         );
         assert_eq!(
             kind(Method::POST, "/api/delete"),
-            Err(RouteError::MethodNotAllowed { allow: "DELETE".into(), dialect: Dialect::Ollama })
+            Err(RouteError::MethodNotAllowed {
+                allow: "DELETE".into(),
+                dialect: Dialect::Ollama
+            })
         );
         assert!(matches!(
             kind(Method::DELETE, "/v1/models/x"),
-            Err(RouteError::MethodNotAllowed { dialect: Dialect::OpenAi, .. })
+            Err(RouteError::MethodNotAllowed {
+                dialect: Dialect::OpenAi,
+                ..
+            })
         ));
     }
 

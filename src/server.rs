@@ -42,7 +42,9 @@ pub fn prepare(cfg: Config) -> Result<Prepared, StartError> {
     let mut problems = Vec::new();
     let certs = match cfg.server.listen.0 {
         None => None,
-        Some(_) if cfg.server.tls_cert.as_os_str().is_empty() => Some(Arc::new(CertStore::throwaway())),
+        Some(_) if cfg.server.tls_cert.as_os_str().is_empty() => {
+            Some(Arc::new(CertStore::throwaway()))
+        }
         Some(_) => match CertStore::from_files(&cfg.server.tls_cert, &cfg.server.tls_key) {
             Ok(store) => Some(Arc::new(store)),
             Err(e) => {
@@ -59,7 +61,11 @@ pub fn prepare(cfg: Config) -> Result<Prepared, StartError> {
         }
     };
     match upstream {
-        Some(upstream) if problems.is_empty() => Ok(Prepared { cfg, certs, upstream }),
+        Some(upstream) if problems.is_empty() => Ok(Prepared {
+            cfg,
+            certs,
+            upstream,
+        }),
         _ => Err(StartError(problems)),
     }
 }
@@ -105,7 +111,11 @@ pub fn check_binds(cfg: &Config) -> Result<(), StartError> {
 /// exits the process once the last request is done.
 pub fn run(prepared: Prepared) -> Result<(), StartError> {
     check_binds(&prepared.cfg)?;
-    let Prepared { cfg, certs, upstream } = prepared;
+    let Prepared {
+        cfg,
+        certs,
+        upstream,
+    } = prepared;
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
 
     let conf = ServerConf {
@@ -125,7 +135,8 @@ pub fn run(prepared: Prepared) -> Result<(), StartError> {
         lifecycle: lifecycle.clone(),
         access_log: Arc::new(AccessLog::stdout(cfg.log.format)),
     };
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "corral");
+    let mut proxy =
+        pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "corral");
     let mut options = HttpServerOptions::default();
     options.h2c = true;
     if let Some(app) = proxy.app_logic_mut() {
@@ -140,7 +151,12 @@ pub fn run(prepared: Prepared) -> Result<(), StartError> {
     server.add_service(proxy);
 
     if let Some(addr) = cfg.server.metrics_listen.0 {
-        let mut admin = Service::new("corral admin".to_string(), AdminApp { lifecycle: lifecycle.clone() });
+        let mut admin = Service::new(
+            "corral admin".to_string(),
+            AdminApp {
+                lifecycle: lifecycle.clone(),
+            },
+        );
         admin.add_tcp(&addr.to_string());
         admin.threads = Some(1);
         server.add_service(admin);
@@ -149,13 +165,18 @@ pub fn run(prepared: Prepared) -> Result<(), StartError> {
         server.add_service(background_service("tls reload", CertWatcher(certs)));
     }
     if upstream.needs_dns() {
-        server.add_service(background_service("upstream resolver", Resolver(upstream.clone())));
+        server.add_service(background_service(
+            "upstream resolver",
+            Resolver(upstream.clone()),
+        ));
     }
 
     for (key, addr) in listeners(&cfg) {
         tracing::info!(%addr, listener = key, "listening");
     }
     tracing::info!(upstream = %cfg.upstream.url, version = env!("CARGO_PKG_VERSION"), "corral started");
-    server.run(RunArgs { shutdown_signal: Box::new(Signals(lifecycle)) });
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Signals(lifecycle)),
+    });
     Ok(())
 }

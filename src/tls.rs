@@ -20,13 +20,21 @@ pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("{key} = \"{path}\": cannot read the file: {source}")]
-    Read { key: &'static str, path: PathBuf, source: std::io::Error },
+    Read {
+        key: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{key} = \"{path}\": no PEM certificate in the file (expected \"-----BEGIN CERTIFICATE-----\")")]
     NoCertificate { key: &'static str, path: PathBuf },
     #[error("{key} = \"{path}\": no PEM private key in the file (expected PKCS#8, PKCS#1 or SEC1 \"-----BEGIN ... PRIVATE KEY-----\")")]
     NoKey { key: &'static str, path: PathBuf },
     #[error("{key} = \"{path}\": the private key cannot be used: {reason}")]
-    BadKey { key: &'static str, path: PathBuf, reason: String },
+    BadKey {
+        key: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("server.tls_key = \"{key}\" does not belong to the certificate in server.tls_cert = \"{cert}\"")]
     Mismatch { cert: PathBuf, key: PathBuf },
 }
@@ -38,7 +46,11 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// Loads and checks a certificate chain and its private key.
 pub fn load_pair(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
     let read = |k: &'static str, p: &Path| {
-        std::fs::read(p).map_err(|source| TlsError::Read { key: k, path: p.to_path_buf(), source })
+        std::fs::read(p).map_err(|source| TlsError::Read {
+            key: k,
+            path: p.to_path_buf(),
+            source,
+        })
     };
     let cert_pem = read("server.tls_cert", cert)?;
     let key_pem = read("server.tls_key", key)?;
@@ -46,20 +58,36 @@ pub fn load_pair(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
         .filter_map(Result::ok)
         .collect();
     if chain.is_empty() {
-        return Err(TlsError::NoCertificate { key: "server.tls_cert", path: cert.to_path_buf() });
+        return Err(TlsError::NoCertificate {
+            key: "server.tls_cert",
+            path: cert.to_path_buf(),
+        });
     }
-    let private = PrivateKeyDer::from_pem_slice(&key_pem)
-        .map_err(|_| TlsError::NoKey { key: "server.tls_key", path: key.to_path_buf() })?;
+    let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| TlsError::NoKey {
+        key: "server.tls_key",
+        path: key.to_path_buf(),
+    })?;
     CertifiedKey::from_der(chain, private, &provider()).map_err(|e| match e {
-        rustls::Error::InconsistentKeys(_) => TlsError::Mismatch { cert: cert.to_path_buf(), key: key.to_path_buf() },
-        other => TlsError::BadKey { key: "server.tls_key", path: key.to_path_buf(), reason: other.to_string() },
+        rustls::Error::InconsistentKeys(_) => TlsError::Mismatch {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+        },
+        other => TlsError::BadKey {
+            key: "server.tls_key",
+            path: key.to_path_buf(),
+            reason: other.to_string(),
+        },
     })
 }
 
 /// A self-signed certificate for `localhost`, `127.0.0.1` and `::1`, made at start-up when no
 /// certificate is configured (loopback listeners only).
 pub fn throwaway_localhost() -> CertifiedKey {
-    let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
     let generated = rcgen::generate_simple_self_signed(names).expect("rcgen makes a certificate");
     let key = PrivateKeyDer::Pkcs8(generated.signing_key.serialize_der().into());
     CertifiedKey::from_der(vec![generated.cert.der().clone()], key, &provider())
@@ -91,7 +119,9 @@ pub struct CertStore {
 
 impl std::fmt::Debug for CertStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CertStore").field("cert", &self.files.as_ref().map(|f| &f.cert)).finish()
+        f.debug_struct("CertStore")
+            .field("cert", &self.files.as_ref().map(|f| &f.cert))
+            .finish()
     }
 }
 
@@ -101,12 +131,19 @@ impl CertStore {
         let pair = load_pair(cert, key)?;
         Ok(CertStore {
             current: RwLock::new(Arc::new(pair)),
-            files: Some(Files { cert: cert.to_path_buf(), key: key.to_path_buf(), seen: Mutex::new(seen) }),
+            files: Some(Files {
+                cert: cert.to_path_buf(),
+                key: key.to_path_buf(),
+                seen: Mutex::new(seen),
+            }),
         })
     }
 
     pub fn throwaway() -> CertStore {
-        CertStore { current: RwLock::new(Arc::new(throwaway_localhost())), files: None }
+        CertStore {
+            current: RwLock::new(Arc::new(throwaway_localhost())),
+            files: None,
+        }
     }
 
     pub fn watches_files(&self) -> bool {
@@ -116,7 +153,9 @@ impl CertStore {
     /// Reads the files again if they changed since last time. `Ok(true)`: a new certificate is
     /// in use. On error the old certificate stays in use.
     pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
-        let Some(files) = &self.files else { return Ok(false) };
+        let Some(files) = &self.files else {
+            return Ok(false);
+        };
         let now = Stamp::of(&[&files.cert, &files.key]);
         {
             let mut seen = files.seen.lock().unwrap_or_else(|e| e.into_inner());
@@ -133,8 +172,11 @@ impl CertStore {
 
     /// Reads the files again unconditionally (SIGHUP).
     pub fn reload(&self) -> Result<bool, TlsError> {
-        let Some(files) = &self.files else { return Ok(false) };
-        *files.seen.lock().unwrap_or_else(|e| e.into_inner()) = Stamp::of(&[&files.cert, &files.key]);
+        let Some(files) = &self.files else {
+            return Ok(false);
+        };
+        *files.seen.lock().unwrap_or_else(|e| e.into_inner()) =
+            Stamp::of(&[&files.cert, &files.key]);
         self.reload_from(&files.cert, &files.key)?;
         Ok(true)
     }
@@ -156,7 +198,12 @@ impl CertStore {
 
 impl ResolvesServerCert for CertStore {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.read().unwrap_or_else(|e| e.into_inner()).clone())
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
     }
 }
 
@@ -174,7 +221,9 @@ impl BackgroundService for CertWatcher {
             match self.0.reload_if_changed() {
                 Ok(true) => tracing::info!("TLS certificate reloaded"),
                 Ok(false) => {}
-                Err(e) => tracing::error!(error = %e, "TLS certificate not reloaded; the previous one stays in use"),
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS certificate not reloaded; the previous one stays in use")
+                }
             }
         }
     }
@@ -201,8 +250,13 @@ mod tests {
         assert!(load_pair(&p("a.crt"), &p("a.key")).is_ok());
         let e = load_pair(&p("a.crt"), &p("b.key")).unwrap_err();
         assert!(matches!(e, TlsError::Mismatch { .. }), "{e}");
-        let e = load_pair(&p("missing.crt"), &p("a.key")).unwrap_err().to_string();
-        assert!(e.starts_with("server.tls_cert = \"") && e.contains("missing.crt"), "{e}");
+        let e = load_pair(&p("missing.crt"), &p("a.key"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("server.tls_cert = \"") && e.contains("missing.crt"),
+            "{e}"
+        );
         let e = load_pair(&p("junk"), &p("a.key")).unwrap_err();
         assert!(matches!(e, TlsError::NoCertificate { .. }), "{e}");
         let e = load_pair(&p("a.crt"), &p("junk")).unwrap_err();

@@ -32,25 +32,38 @@ impl UpstreamUrl {
         } else if let Some(r) = url.strip_prefix("https://") {
             (true, r)
         } else {
-            return Err(format!("`{url}` must start with http:// or https://, e.g. \"http://127.0.0.1:11434\""));
+            return Err(format!(
+                "`{url}` must start with http:// or https://, e.g. \"http://127.0.0.1:11434\""
+            ));
         };
         let authority = rest.strip_suffix('/').unwrap_or(rest);
-        if authority.is_empty() || authority.contains(['/', '?', '#', '@']) || authority.contains(char::is_whitespace) {
-            return Err(format!("`{url}` must be just scheme, host and port, e.g. \"http://127.0.0.1:11434\""));
+        if authority.is_empty()
+            || authority.contains(['/', '?', '#', '@'])
+            || authority.contains(char::is_whitespace)
+        {
+            return Err(format!(
+                "`{url}` must be just scheme, host and port, e.g. \"http://127.0.0.1:11434\""
+            ));
         }
         let default_port = if tls { 443 } else { 80 };
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let (h, after) = v6.split_once(']').ok_or_else(|| format!("`{url}`: unclosed '['"))?;
+            let (h, after) = v6
+                .split_once(']')
+                .ok_or_else(|| format!("`{url}`: unclosed '['"))?;
             let port = match after.strip_prefix(':') {
                 Some(p) => p.parse().map_err(|_| format!("`{url}`: bad port"))?,
                 None if after.is_empty() => default_port,
                 None => return Err(format!("`{url}`: bad port")),
             };
-            h.parse::<std::net::Ipv6Addr>().map_err(|_| format!("`{url}`: bad IPv6 address"))?;
+            h.parse::<std::net::Ipv6Addr>()
+                .map_err(|_| format!("`{url}`: bad IPv6 address"))?;
             (h.to_string(), port)
         } else {
             match authority.rsplit_once(':') {
-                Some((h, p)) => (h.to_string(), p.parse().map_err(|_| format!("`{url}`: bad port `{p}`"))?),
+                Some((h, p)) => (
+                    h.to_string(),
+                    p.parse().map_err(|_| format!("`{url}`: bad port `{p}`"))?,
+                ),
                 None => (authority.to_string(), default_port),
             }
         };
@@ -70,7 +83,10 @@ impl UpstreamUrl {
     }
 
     fn literal(&self) -> Option<SocketAddr> {
-        self.host.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, self.port))
+        self.host
+            .parse::<IpAddr>()
+            .ok()
+            .map(|ip| SocketAddr::new(ip, self.port))
     }
 }
 
@@ -158,7 +174,11 @@ impl BackgroundService for Resolver {
                     }
                 }
             }
-            let wait = if self.0.addr().is_some() { RESOLVE_INTERVAL } else { Duration::from_secs(1) };
+            let wait = if self.0.addr().is_some() {
+                RESOLVE_INTERVAL
+            } else {
+                Duration::from_secs(1)
+            };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => return,
@@ -174,7 +194,10 @@ mod tests {
     #[test]
     fn parses_the_urls_operators_write() {
         let u = UpstreamUrl::parse("http://127.0.0.1:11434").unwrap();
-        assert_eq!((u.tls, u.host.as_str(), u.port), (false, "127.0.0.1", 11434));
+        assert_eq!(
+            (u.tls, u.host.as_str(), u.port),
+            (false, "127.0.0.1", 11434)
+        );
         assert_eq!(u.authority(), "127.0.0.1:11434");
         let u = UpstreamUrl::parse("http://ollama:11434/").unwrap();
         assert_eq!((u.host.as_str(), u.port), ("ollama", 11434));
@@ -211,9 +234,20 @@ mod tests {
         let up = Upstream::new(&cfg).unwrap();
         assert!(!up.needs_dns());
         let peer = up.peer().unwrap();
-        assert_eq!(peer.options.connection_timeout, Some(Duration::from_secs(3)));
-        assert_eq!(peer.options.read_timeout, Some(Duration::from_secs(60)), "capped by request_timeout");
-        let named = Upstream::new(&UpstreamConfig { url: "http://ollama.invalid:11434".into(), ..cfg }).unwrap();
+        assert_eq!(
+            peer.options.connection_timeout,
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(
+            peer.options.read_timeout,
+            Some(Duration::from_secs(60)),
+            "capped by request_timeout"
+        );
+        let named = Upstream::new(&UpstreamConfig {
+            url: "http://ollama.invalid:11434".into(),
+            ..cfg
+        })
+        .unwrap();
         assert!(named.needs_dns());
         assert!(named.peer().is_none(), "no peer before the name resolves");
     }

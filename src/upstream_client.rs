@@ -33,13 +33,20 @@ impl Answer {
     pub fn error_message(&self) -> String {
         self.json()
             .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-            .unwrap_or_else(|| String::from_utf8_lossy(&self.body[..self.body.len().min(200)]).trim().to_string())
+            .unwrap_or_else(|| {
+                String::from_utf8_lossy(&self.body[..self.body.len().min(200)])
+                    .trim()
+                    .to_string()
+            })
     }
 }
 
 impl UpstreamClient {
     pub fn new(upstream: Arc<Upstream>) -> UpstreamClient {
-        UpstreamClient { upstream, connector: Connector::new(None) }
+        UpstreamClient {
+            upstream,
+            connector: Connector::new(None),
+        }
     }
 
     /// Sends one request and reads the whole answer. `read_timeout` bounds each read (a model
@@ -52,17 +59,26 @@ impl UpstreamClient {
         read_timeout: Duration,
     ) -> Result<Answer, String> {
         if self.upstream.addr().is_none() {
-            self.upstream.resolve().await.map_err(|e| format!("cannot resolve {}: {e}", self.upstream.url.host))?;
+            self.upstream
+                .resolve()
+                .await
+                .map_err(|e| format!("cannot resolve {}: {e}", self.upstream.url.host))?;
         }
-        let mut peer = self.upstream.peer().ok_or("the upstream address is unknown")?;
+        let mut peer = self
+            .upstream
+            .peer()
+            .ok_or("the upstream address is unknown")?;
         peer.options.read_timeout = Some(read_timeout);
-        let (mut session, _) = self
-            .connector
-            .get_http_session(&peer)
-            .await
-            .map_err(|e| format!("cannot connect to {}: {}", self.upstream.url.authority(), e.etype().as_str()))?;
+        let (mut session, _) = self.connector.get_http_session(&peer).await.map_err(|e| {
+            format!(
+                "cannot connect to {}: {}",
+                self.upstream.url.authority(),
+                e.etype().as_str()
+            )
+        })?;
         let body = body.map(|b| Bytes::from(b.to_string()));
-        let mut req = RequestHeader::build(method, path.as_bytes(), None).map_err(|e| e.to_string())?;
+        let mut req =
+            RequestHeader::build(method, path.as_bytes(), None).map_err(|e| e.to_string())?;
         let _ = req.insert_header("host", self.upstream.url.authority());
         let _ = req.insert_header("user-agent", concat!("corral/", env!("CARGO_PKG_VERSION")));
         if let Some(b) = &body {
@@ -70,21 +86,42 @@ impl UpstreamClient {
             let _ = req.insert_header("content-length", b.len().to_string());
         }
         let fail = |what: &str, e: Box<pingora::Error>| format!("{what}: {}", e.etype().as_str());
-        session.write_request_header(Box::new(req)).await.map_err(|e| fail("sending the request", e))?;
+        session
+            .write_request_header(Box::new(req))
+            .await
+            .map_err(|e| fail("sending the request", e))?;
         if let Some(b) = body {
-            session.write_request_body(b, true).await.map_err(|e| fail("sending the body", e))?;
+            session
+                .write_request_body(b, true)
+                .await
+                .map_err(|e| fail("sending the body", e))?;
         }
-        session.finish_request_body().await.map_err(|e| fail("sending the body", e))?;
-        session.read_response_header().await.map_err(|e| fail("waiting for the answer", e))?;
+        session
+            .finish_request_body()
+            .await
+            .map_err(|e| fail("sending the body", e))?;
+        session
+            .read_response_header()
+            .await
+            .map_err(|e| fail("waiting for the answer", e))?;
         let status = session.response_header().map_or(0, |h| h.status.as_u16());
         let mut answer = BytesMut::new();
-        while let Some(chunk) = session.read_response_body().await.map_err(|e| fail("reading the answer", e))? {
+        while let Some(chunk) = session
+            .read_response_body()
+            .await
+            .map_err(|e| fail("reading the answer", e))?
+        {
             if answer.len() + chunk.len() > MAX_ANSWER {
                 return Err("the answer is too large".into());
             }
             answer.extend_from_slice(&chunk);
         }
-        self.connector.release_http_session(session, &peer, None).await;
-        Ok(Answer { status, body: answer.freeze() })
+        self.connector
+            .release_http_session(session, &peer, None)
+            .await;
+        Ok(Answer {
+            status,
+            body: answer.freeze(),
+        })
     }
 }

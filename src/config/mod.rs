@@ -229,7 +229,10 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { format: LogFormat::Json, level: "info".to_string() }
+        LogConfig {
+            format: LogFormat::Json,
+            level: "info".to_string(),
+        }
     }
 }
 
@@ -286,7 +289,10 @@ pub struct Problem {
 
 impl Problem {
     pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
-        Problem { key: key.into(), message: message.into() }
+        Problem {
+            key: key.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -320,7 +326,10 @@ impl Config {
     /// Reads the file (if any), applies `CORRAL__*` overrides, resolves relative paths against the
     /// file's directory and validates the result.
     pub fn load(source: &Source) -> Result<Config, ConfigError> {
-        let fail = |problems| ConfigError { source: source.clone(), problems };
+        let fail = |problems| ConfigError {
+            source: source.clone(),
+            problems,
+        };
         let mut builder = config::Config::builder();
         if let Source::File(path) = source {
             if !path.is_file() {
@@ -330,7 +339,9 @@ impl Config {
                 )]));
             }
             builder = builder.add_source(
-                config::File::from(path.as_path()).format(config::FileFormat::Toml).required(true),
+                config::File::from(path.as_path())
+                    .format(config::FileFormat::Toml)
+                    .required(true),
             );
         }
         builder = builder.add_source(
@@ -381,9 +392,16 @@ impl Config {
                 "no listener: set server.listen (TLS) or server.plain_listen (cleartext)",
             ));
         }
-        let (cert, key) = (s.tls_cert.as_os_str().is_empty(), s.tls_key.as_os_str().is_empty());
+        let (cert, key) = (
+            s.tls_cert.as_os_str().is_empty(),
+            s.tls_key.as_os_str().is_empty(),
+        );
         if cert != key {
-            let missing = if cert { "server.tls_cert" } else { "server.tls_key" };
+            let missing = if cert {
+                "server.tls_cert"
+            } else {
+                "server.tls_key"
+            };
             problems.push(Problem::new(
                 missing,
                 "set both server.tls_cert and server.tls_key, or neither",
@@ -410,7 +428,12 @@ impl Config {
                 problems.push(Problem::new(*name, "port 0 is not allowed; pick a port"));
             }
             for (other, other_addr) in &listeners[..i] {
-                if other_addr.is_some_and(|o| o.port() == addr.port() && (o.ip() == addr.ip() || o.ip().is_unspecified() || addr.ip().is_unspecified())) {
+                if other_addr.is_some_and(|o| {
+                    o.port() == addr.port()
+                        && (o.ip() == addr.ip()
+                            || o.ip().is_unspecified()
+                            || addr.ip().is_unspecified())
+                }) {
                     problems.push(Problem::new(*name, format!("same port as {other}")));
                 }
             }
@@ -451,7 +474,9 @@ impl Config {
                 ));
             }
             for (i, glob) in team.models.iter().enumerate() {
-                if glob.trim().is_empty() || glob.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                if glob.trim().is_empty()
+                    || glob.chars().any(|c| c.is_whitespace() || c.is_control())
+                {
                     problems.push(Problem::new(
                         format!("{key}.models[{i}]"),
                         "a model glob is a model name with optional '*', e.g. \"llama3.2:*\"",
@@ -473,7 +498,10 @@ impl Config {
             problems.push(Problem::new("preload.keep_alive", e));
         }
         if p.watch_interval.0.is_zero() {
-            problems.push(Problem::new("preload.watch_interval", "must be more than 0"));
+            problems.push(Problem::new(
+                "preload.watch_interval",
+                "must be more than 0",
+            ));
         }
 
         if !valid_log_filter(&self.log.level) {
@@ -501,7 +529,9 @@ fn toml_text(cfg: &Config) -> String {
     let mut out = String::new();
     let obj = value.as_object().expect("object");
     for (section, body) in obj {
-        let Some(table) = body.as_object() else { continue };
+        let Some(table) = body.as_object() else {
+            continue;
+        };
         if section == "teams" {
             for (team, fields) in table {
                 out.push_str(&format!("[teams.{team}]\n"));
@@ -532,7 +562,11 @@ fn valid_log_filter(filter: &str) -> bool {
     !filter.trim().is_empty()
         && filter.split(',').all(|d| match d.split_once('=') {
             Some((target, l)) => {
-                !target.is_empty() && target.bytes().all(|b| b.is_ascii_alphanumeric() || b"_:-".contains(&b)) && level(l)
+                !target.is_empty()
+                    && target
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"_:-".contains(&b))
+                    && level(l)
             }
             None => level(d),
         })
@@ -541,7 +575,9 @@ fn valid_log_filter(filter: &str) -> bool {
 
 fn valid_team_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 /// Turns the `config` crate's error ("... for key `server.n`") into key + message.
@@ -623,7 +659,11 @@ mod tests {
     fn relative_paths_follow_the_config_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("corral.toml");
-        std::fs::write(&path, "[server]\ntls_cert = \"tls/a.crt\"\ntls_key = \"/abs/a.key\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "[server]\ntls_cert = \"tls/a.crt\"\ntls_key = \"/abs/a.key\"\n",
+        )
+        .unwrap();
         let c = Config::load(&Source::File(path)).unwrap();
         assert_eq!(c.server.tls_cert, dir.path().join("tls/a.crt"));
         assert_eq!(c.server.tls_key, PathBuf::from("/abs/a.key"));
@@ -632,7 +672,11 @@ mod tests {
     #[test]
     fn missing_file_is_an_error_not_a_default() {
         let e = Config::load(&Source::File("/nonexistent/corral.toml".into())).unwrap_err();
-        assert!(e.to_string().starts_with("/nonexistent/corral.toml: file not found"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("/nonexistent/corral.toml: file not found"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -640,7 +684,10 @@ mod tests {
         assert!(KeepAlive::Seconds(-1.0).check().is_ok());
         assert!(KeepAlive::Text("30m".into()).check().is_ok());
         assert!(KeepAlive::Text("-1m".into()).check().is_ok());
-        assert!(KeepAlive::Text("-1".into()).check().unwrap_err().contains("no unit"));
+        assert!(KeepAlive::Text("-1".into())
+            .check()
+            .unwrap_err()
+            .contains("no unit"));
         assert_eq!(KeepAlive::Seconds(-1.0).to_json(), serde_json::json!(-1));
         assert_eq!(KeepAlive::Seconds(0.5).to_json(), serde_json::json!(0.5));
     }
@@ -648,7 +695,9 @@ mod tests {
     #[test]
     fn the_shipped_example_config_is_valid_toml_with_known_keys() {
         // Paths in it point at /etc; only the structure and values are checked here.
-        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/corral.toml")).unwrap();
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/corral.toml"))
+                .unwrap();
         let cfg: Config = config::Config::builder()
             .add_source(config::File::from_str(&text, config::FileFormat::Toml))
             .build()
@@ -662,7 +711,14 @@ mod tests {
     #[test]
     fn round_trips_through_toml() {
         let mut c = Config::default();
-        c.teams.insert("research".into(), TeamConfig { models: vec!["llama3.2:*".into()], rpm: 5, ..Default::default() });
+        c.teams.insert(
+            "research".into(),
+            TeamConfig {
+                models: vec!["llama3.2:*".into()],
+                rpm: 5,
+                ..Default::default()
+            },
+        );
         let text = c.to_toml();
         let back: Config = config::Config::builder()
             .add_source(config::File::from_str(&text, config::FileFormat::Toml))

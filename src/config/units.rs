@@ -30,7 +30,9 @@ impl std::str::FromStr for HumanDuration {
         }
         humantime::parse_duration(s)
             .map(HumanDuration)
-            .map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. \"30s\", \"15m\" or \"1h\""))
+            .map_err(|e| {
+                format!("`{s}` is not a duration ({e}); write e.g. \"30s\", \"15m\" or \"1h\"")
+            })
     }
 }
 
@@ -42,7 +44,9 @@ impl Serialize for HumanDuration {
 
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(TextOrNumber::<HumanDuration>::new("a duration such as \"30s\""))
+        d.deserialize_any(TextOrNumber::<HumanDuration>::new(
+            "a duration such as \"30s\"",
+        ))
     }
 }
 
@@ -74,13 +78,19 @@ impl std::str::FromStr for ByteSize {
             .find(|c: char| !c.is_ascii_digit())
             .unwrap_or(text.len());
         let (digits, unit) = text.split_at(split);
-        let bad = || format!("`{s}` is not a size; write e.g. \"32MiB\", \"512KiB\" or a number of bytes");
+        let bad = || {
+            format!("`{s}` is not a size; write e.g. \"32MiB\", \"512KiB\" or a number of bytes")
+        };
         let n: u64 = digits.parse().map_err(|_| bad())?;
         let unit = unit.trim().to_ascii_lowercase();
         let mult = if unit.is_empty() {
             1
         } else {
-            UNITS.iter().find(|(u, _)| *u == unit).map(|(_, m)| *m).ok_or_else(bad)?
+            UNITS
+                .iter()
+                .find(|(u, _)| *u == unit)
+                .map(|(_, m)| *m)
+                .ok_or_else(bad)?
         };
         n.checked_mul(mult).map(ByteSize).ok_or_else(bad)
     }
@@ -118,7 +128,10 @@ struct TextOrNumber<T> {
 
 impl<T> TextOrNumber<T> {
     fn new(expecting: &'static str) -> Self {
-        TextOrNumber { expecting, _t: std::marker::PhantomData }
+        TextOrNumber {
+            expecting,
+            _t: std::marker::PhantomData,
+        }
     }
 }
 
@@ -147,12 +160,30 @@ mod tests {
 
     #[test]
     fn durations_read_like_humans_write_them() {
-        assert_eq!("30s".parse::<HumanDuration>().unwrap(), HumanDuration::secs(30));
-        assert_eq!("15m".parse::<HumanDuration>().unwrap(), HumanDuration::secs(900));
-        assert_eq!("1h30m".parse::<HumanDuration>().unwrap(), HumanDuration::secs(5400));
-        assert_eq!("250ms".parse::<HumanDuration>().unwrap().0, Duration::from_millis(250));
-        assert_eq!("45".parse::<HumanDuration>().unwrap(), HumanDuration::secs(45));
-        assert!("soon".parse::<HumanDuration>().unwrap_err().contains("\"30s\""));
+        assert_eq!(
+            "30s".parse::<HumanDuration>().unwrap(),
+            HumanDuration::secs(30)
+        );
+        assert_eq!(
+            "15m".parse::<HumanDuration>().unwrap(),
+            HumanDuration::secs(900)
+        );
+        assert_eq!(
+            "1h30m".parse::<HumanDuration>().unwrap(),
+            HumanDuration::secs(5400)
+        );
+        assert_eq!(
+            "250ms".parse::<HumanDuration>().unwrap().0,
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            "45".parse::<HumanDuration>().unwrap(),
+            HumanDuration::secs(45)
+        );
+        assert!("soon"
+            .parse::<HumanDuration>()
+            .unwrap_err()
+            .contains("\"30s\""));
         assert!("-5s".parse::<HumanDuration>().is_err());
     }
 

@@ -7,6 +7,9 @@
 //! tracking, the admin routes, Ollama's error shapes, the loopback `Host` guard and CORS check,
 //! models that are slow to load, and a request log plus a disconnect counter for tests.
 
+// Handlers return a finished response as their early-exit error; its size does not matter here.
+#![allow(clippy::result_large_err)]
+
 mod models;
 mod native;
 mod openai;
@@ -175,7 +178,15 @@ impl OllamaDouble {
             counter: AtomicU64::new(1),
         });
         let (stop, stop_rx) = watch::channel(false);
-        (OllamaDouble { addr, state, stop, thread: None }, stop_rx)
+        (
+            OllamaDouble {
+                addr,
+                state,
+                stop,
+                thread: None,
+            },
+            stop_rx,
+        )
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -194,16 +205,27 @@ impl OllamaDouble {
 
     /// Every request received so far, in order.
     pub fn requests(&self) -> Vec<Recorded> {
-        self.state.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.state
+            .log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Requests received on `path` (without query).
     pub fn requests_to(&self, path: &str) -> Vec<Recorded> {
-        self.requests().into_iter().filter(|r| r.path() == path).collect()
+        self.requests()
+            .into_iter()
+            .filter(|r| r.path() == path)
+            .collect()
     }
 
     pub fn clear_requests(&self) {
-        self.state.log.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.state
+            .log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// Model runs that ended early because the client went away (Ollama cancels them).
@@ -217,7 +239,9 @@ impl OllamaDouble {
     }
 
     pub fn set_token_delay(&self, d: Duration) {
-        self.state.token_delay_us.store(d.as_micros() as u64, Ordering::Relaxed);
+        self.state
+            .token_delay_us
+            .store(d.as_micros() as u64, Ordering::Relaxed);
     }
 
     /// While set, requests are read and logged but never answered (a wedged Ollama).
@@ -227,7 +251,12 @@ impl OllamaDouble {
 
     /// What `/api/ps` would list now.
     pub fn loaded(&self) -> Vec<LoadedModel> {
-        self.state.store().loaded(Instant::now()).into_iter().map(|(_, l)| l).collect()
+        self.state
+            .store()
+            .loaded(Instant::now())
+            .into_iter()
+            .map(|(_, l)| l)
+            .collect()
     }
 
     pub fn add_model(&self, spec: ModelSpec) {
@@ -256,7 +285,8 @@ async fn serve(listener: TcpListener, state: Arc<State>, mut stop: watch::Receiv
         let mut stop = stop.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| handle(state.clone(), req));
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(sock), svc);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(sock), svc);
             tokio::select! {
                 _ = conn => {}
                 _ = stop.wait_for(|s| *s) => {}
@@ -271,19 +301,35 @@ async fn handle(state: Arc<State>, req: hyper::Request<Incoming>) -> Result<Resp
         Ok(b) => b.to_bytes(),
         Err(_) => return Ok(empty(StatusCode::BAD_REQUEST)),
     };
-    let target = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
-    state.log.lock().unwrap_or_else(|e| e.into_inner()).push(Recorded {
-        method: parts.method.to_string(),
-        target: target.clone(),
-        headers: parts.headers.clone(),
-        body: body.clone(),
-    });
+    let target = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    state
+        .log
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(Recorded {
+            method: parts.method.to_string(),
+            target: target.clone(),
+            headers: parts.headers.clone(),
+            body: body.clone(),
+        });
     if state.hang.load(Ordering::SeqCst) {
         std::future::pending::<()>().await;
     }
     // Middlewares, in Ollama's order: CORS, then the Host guard; both answer 403 with no body.
-    let host = parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
-    if let Some(origin) = parts.headers.get(http::header::ORIGIN).and_then(|o| o.to_str().ok()) {
+    let host = parts
+        .headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    if let Some(origin) = parts
+        .headers
+        .get(http::header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+    {
         if !origin_allowed(origin, host) {
             return Ok(empty(StatusCode::FORBIDDEN));
         }
@@ -292,7 +338,13 @@ async fn handle(state: Arc<State>, req: hyper::Request<Incoming>) -> Result<Resp
         return Ok(empty(StatusCode::FORBIDDEN));
     }
     let path = target.split('?').next().unwrap_or_default();
-    let r = Req { state: &state, method: &parts.method, path, headers: &parts.headers, body: &body };
+    let r = Req {
+        state: &state,
+        method: &parts.method,
+        path,
+        headers: &parts.headers,
+        body: &body,
+    };
     Ok(route(r).await)
 }
 
@@ -339,7 +391,11 @@ const ROUTES: &[(&str, &[Method])] = &[
 ];
 
 async fn route(r: Req<'_>) -> Resp {
-    let param_route = |prefix: &str| r.path.strip_prefix(prefix).filter(|p| !p.is_empty() && !p.contains('/'));
+    let param_route = |prefix: &str| {
+        r.path
+            .strip_prefix(prefix)
+            .filter(|p| !p.is_empty() && !p.contains('/'))
+    };
     if let Some(model) = param_route("/v1/models/") {
         return match *r.method {
             Method::GET => openai::model(&r, model),
@@ -354,17 +410,36 @@ async fn route(r: Req<'_>) -> Resp {
     }
     let Some((_, methods)) = ROUTES.iter().find(|(p, _)| *p == r.path) else {
         // gin redirects a trailing slash to the route without it.
-        if let Some(trimmed) = r.path.strip_suffix('/').filter(|t| ROUTES.iter().any(|(p, _)| p == t)) {
-            let prefix = r.headers.get("x-forwarded-prefix").and_then(|v| v.to_str().ok()).unwrap_or("");
-            let status = if r.method == Method::GET { StatusCode::MOVED_PERMANENTLY } else { StatusCode::TEMPORARY_REDIRECT };
+        if let Some(trimmed) = r
+            .path
+            .strip_suffix('/')
+            .filter(|t| ROUTES.iter().any(|(p, _)| p == t))
+        {
+            let prefix = r
+                .headers
+                .get("x-forwarded-prefix")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            let status = if r.method == Method::GET {
+                StatusCode::MOVED_PERMANENTLY
+            } else {
+                StatusCode::TEMPORARY_REDIRECT
+            };
             let mut resp = empty(status);
-            resp.headers_mut().insert(http::header::LOCATION, format!("{prefix}{trimmed}").parse().expect("ascii"));
+            resp.headers_mut().insert(
+                http::header::LOCATION,
+                format!("{prefix}{trimmed}").parse().expect("ascii"),
+            );
             return resp;
         }
         return text(StatusCode::NOT_FOUND, "404 page not found");
     };
     if !methods.contains(r.method) {
-        let allow = methods.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
+        let allow = methods
+            .iter()
+            .map(Method::as_str)
+            .collect::<Vec<_>>()
+            .join(", ");
         return method_not_allowed(&allow);
     }
     match r.path {
@@ -405,12 +480,17 @@ fn host_allowed(host: &str) -> bool {
         return true;
     }
     let lower = name.to_ascii_lowercase();
-    if [".localhost", ".local", ".internal"].iter().any(|s| lower.ends_with(s)) {
+    if [".localhost", ".local", ".internal"]
+        .iter()
+        .any(|s| lower.ends_with(s))
+    {
         return true;
     }
     match name.parse::<IpAddr>() {
         Ok(IpAddr::V4(ip)) => ip.is_loopback() || ip.is_private() || ip.is_unspecified(),
-        Ok(IpAddr::V6(ip)) => ip.is_loopback() || ip.is_unspecified() || (ip.segments()[0] & 0xfe00) == 0xfc00,
+        Ok(IpAddr::V6(ip)) => {
+            ip.is_loopback() || ip.is_unspecified() || (ip.segments()[0] & 0xfe00) == 0xfc00
+        }
         Err(_) => false,
     }
 }
@@ -424,14 +504,24 @@ fn origin_allowed(origin: &str, host: &str) -> bool {
     for scheme in ["http://", "https://"] {
         if let Some(rest) = origin.strip_prefix(scheme) {
             let name = rest.split(':').next().unwrap_or_default();
-            if local.contains(&name) && rest[name.len()..].chars().all(|c| c == ':' || c.is_ascii_digit()) {
+            if local.contains(&name)
+                && rest[name.len()..]
+                    .chars()
+                    .all(|c| c == ':' || c.is_ascii_digit())
+            {
                 return true;
             }
         }
     }
-    ["app://", "file://", "tauri://", "vscode-webview://", "vscode-file://"]
-        .iter()
-        .any(|s| origin.starts_with(s))
+    [
+        "app://",
+        "file://",
+        "tauri://",
+        "vscode-webview://",
+        "vscode-file://",
+    ]
+    .iter()
+    .any(|s| origin.starts_with(s))
 }
 
 // ---- responses -------------------------------------------------------------------------------
@@ -440,7 +530,8 @@ fn full(status: StatusCode, content_type: Option<&str>, body: impl Into<Bytes>) 
     let mut resp = hyper::Response::new(Full::new(body.into()).boxed());
     *resp.status_mut() = status;
     if let Some(ct) = content_type {
-        resp.headers_mut().insert(http::header::CONTENT_TYPE, ct.parse().expect("ascii"));
+        resp.headers_mut()
+            .insert(http::header::CONTENT_TYPE, ct.parse().expect("ascii"));
     }
     resp
 }
@@ -454,7 +545,11 @@ fn text(status: StatusCode, body: &'static str) -> Resp {
 }
 
 fn json_resp(status: StatusCode, v: &Value) -> Resp {
-    full(status, Some("application/json; charset=utf-8"), v.to_string())
+    full(
+        status,
+        Some("application/json; charset=utf-8"),
+        v.to_string(),
+    )
 }
 
 /// Ollama's native error shape.
@@ -464,7 +559,8 @@ fn native_error(status: StatusCode, message: impl Into<String>) -> Resp {
 
 fn method_not_allowed(allow: &str) -> Resp {
     let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "405 method not allowed");
-    resp.headers_mut().insert(http::header::ALLOW, allow.parse().expect("ascii"));
+    resp.headers_mut()
+        .insert(http::header::ALLOW, allow.parse().expect("ascii"));
     resp
 }
 
@@ -472,7 +568,10 @@ fn method_not_allowed(allow: &str) -> Resp {
 fn streamed(content_type: &str) -> (http_body_util::channel::Sender<Bytes>, Resp) {
     let (tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(1);
     let mut resp = hyper::Response::new(body.boxed());
-    resp.headers_mut().insert(http::header::CONTENT_TYPE, content_type.parse().expect("ascii"));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        content_type.parse().expect("ascii"),
+    );
     (tx, resp)
 }
 
@@ -481,15 +580,41 @@ fn now_rfc3339() -> String {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 // ---- the generation engine -------------------------------------------------------------------
 
 const WORDS: &[&str] = &[
-    "The", "sky", "is", "blue", "because", "molecules", "in", "the", "air", "scatter", "blue", "light",
-    "from", "the", "sun", "more", "than", "they", "scatter", "red", "light.", "This", "is", "called",
-    "Rayleigh", "scattering.",
+    "The",
+    "sky",
+    "is",
+    "blue",
+    "because",
+    "molecules",
+    "in",
+    "the",
+    "air",
+    "scatter",
+    "blue",
+    "light",
+    "from",
+    "the",
+    "sun",
+    "more",
+    "than",
+    "they",
+    "scatter",
+    "red",
+    "light.",
+    "This",
+    "is",
+    "called",
+    "Rayleigh",
+    "scattering.",
 ];
 
 /// Words of text, as the double counts prompt tokens.
@@ -555,7 +680,11 @@ impl Run {
         run.tokens = (0..n)
             .map(|i| {
                 let w = WORDS[i % WORDS.len()];
-                if i == 0 { w.to_string() } else { format!(" {w}") }
+                if i == 0 {
+                    w.to_string()
+                } else {
+                    format!(" {w}")
+                }
             })
             .collect();
         run
@@ -639,7 +768,9 @@ fn stream_run(
 pub(crate) fn embed_text(text: &str, dims: usize) -> Vec<f32> {
     use sha2::{Digest, Sha256};
     let hash = Sha256::digest(text.as_bytes());
-    (0..dims).map(|i| (hash[i % hash.len()] as f32 / 255.0) * 2.0 - 1.0).collect()
+    (0..dims)
+        .map(|i| (hash[i % hash.len()] as f32 / 255.0) * 2.0 - 1.0)
+        .collect()
 }
 
 #[cfg(test)]
@@ -648,10 +779,25 @@ mod tests {
 
     #[test]
     fn host_guard_matches_ollama() {
-        for ok in ["", "localhost", "localhost:11434", "127.0.0.1:11434", "[::1]:11434", "10.0.0.5", "gpu.local", "ollama.internal:11434", "0.0.0.0"] {
+        for ok in [
+            "",
+            "localhost",
+            "localhost:11434",
+            "127.0.0.1:11434",
+            "[::1]:11434",
+            "10.0.0.5",
+            "gpu.local",
+            "ollama.internal:11434",
+            "0.0.0.0",
+        ] {
             assert!(host_allowed(ok), "{ok}");
         }
-        for bad in ["example.com", "corral.example.com:8443", "8.8.8.8:11434", "[2001:db8::1]:11434"] {
+        for bad in [
+            "example.com",
+            "corral.example.com:8443",
+            "8.8.8.8:11434",
+            "[2001:db8::1]:11434",
+        ] {
             assert!(!host_allowed(bad), "{bad}");
         }
     }

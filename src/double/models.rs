@@ -30,9 +30,15 @@ pub struct ModelSpec {
 
 impl ModelSpec {
     fn base(name: &str, capabilities: &[&str]) -> ModelSpec {
-        let name = ModelName::parse(name).map(|n| n.to_string()).unwrap_or_else(|| name.to_string());
+        let name = ModelName::parse(name)
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| name.to_string());
         ModelSpec {
-            family: name.split([':', '.', '-']).next().unwrap_or("llama").to_string(),
+            family: name
+                .split([':', '.', '-'])
+                .next()
+                .unwrap_or("llama")
+                .to_string(),
             name,
             capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
             parameter_size: "3.2B".into(),
@@ -120,13 +126,18 @@ pub struct Store {
 
 impl Store {
     pub fn new(catalog: Vec<ModelSpec>) -> Store {
-        Store { catalog, loaded: HashMap::new() }
+        Store {
+            catalog,
+            loaded: HashMap::new(),
+        }
     }
 
     /// Finds a pulled model by any name Ollama accepts for it (case-insensitive).
     pub fn find(&self, name: &str) -> Option<&ModelSpec> {
         let key = ModelName::parse(name)?.key();
-        self.catalog.iter().find(|m| m.name.to_ascii_lowercase() == key)
+        self.catalog
+            .iter()
+            .find(|m| m.name.to_ascii_lowercase() == key)
     }
 
     pub fn catalog(&self) -> &[ModelSpec] {
@@ -139,7 +150,9 @@ impl Store {
     }
 
     pub fn remove(&mut self, name: &str) -> bool {
-        let Some(key) = ModelName::parse(name).map(|n| n.key()) else { return false };
+        let Some(key) = ModelName::parse(name).map(|n| n.key()) else {
+            return false;
+        };
         let before = self.catalog.len();
         self.catalog.retain(|m| m.name.to_ascii_lowercase() != key);
         self.loaded.remove(&key);
@@ -148,7 +161,12 @@ impl Store {
 
     /// Starts a request on a model: loads it if needed and returns when it will be ready.
     /// `keep_alive` (if the request had one) replaces the model's duration.
-    pub fn begin(&mut self, spec: &ModelSpec, keep_alive: Option<KeepAlive>, now: Instant) -> Instant {
+    pub fn begin(
+        &mut self,
+        spec: &ModelSpec,
+        keep_alive: Option<KeepAlive>,
+        now: Instant,
+    ) -> Instant {
         let key = spec.name.to_ascii_lowercase();
         let entry = match self.loaded.get_mut(&key) {
             Some(l) if !l.expired(now) => l,
@@ -207,13 +225,26 @@ impl Store {
             .iter()
             .filter(|(_, l)| l.ready_at <= now)
             .filter_map(|(key, l)| {
-                let spec = self.catalog.iter().find(|m| m.name.to_ascii_lowercase() == *key)?.clone();
+                let spec = self
+                    .catalog
+                    .iter()
+                    .find(|m| m.name.to_ascii_lowercase() == *key)?
+                    .clone();
                 let expires_in = match (l.keep_alive, l.idle_since) {
-                    (KeepAlive::For(d), Some(idle)) => Some((idle + d).saturating_duration_since(now)),
+                    (KeepAlive::For(d), Some(idle)) => {
+                        Some((idle + d).saturating_duration_since(now))
+                    }
                     _ => None,
                 };
                 let name = spec.name.clone();
-                Some((spec, LoadedModel { name, keep_alive: l.keep_alive, expires_in }))
+                Some((
+                    spec,
+                    LoadedModel {
+                        name,
+                        keep_alive: l.keep_alive,
+                        expires_in,
+                    },
+                ))
             })
             .collect();
         out.sort_by_key(|(_, l)| std::cmp::Reverse(l.expires_in.unwrap_or(Duration::MAX)));
@@ -259,7 +290,10 @@ mod tests {
 
     #[test]
     fn names_resolve_like_ollama() {
-        let s = Store::new(vec![ModelSpec::chat("llama3.2"), ModelSpec::embedding("nomic-embed-text")]);
+        let s = Store::new(vec![
+            ModelSpec::chat("llama3.2"),
+            ModelSpec::embedding("nomic-embed-text"),
+        ]);
         assert!(s.find("llama3.2").is_some());
         assert!(s.find("LLAMA3.2:latest").is_some());
         assert!(s.find("library/llama3.2").is_some());

@@ -1,8 +1,8 @@
 //! Ollama's native `/api/*` routes.
 
 use super::{
-    count_tokens, embed_text, empty, json_resp, native_error, now_rfc3339, stream_run, streamed, Metrics,
-    ModelSpec, Req, Resp, Run,
+    count_tokens, embed_text, empty, json_resp, native_error, now_rfc3339, stream_run, streamed,
+    Metrics, ModelSpec, Req, Resp, Run,
 };
 use crate::ollama::{KeepAlive, ModelName};
 use bytes::Bytes;
@@ -24,7 +24,9 @@ fn str_field<'v>(v: &'v Value, key: &str) -> &'v str {
 
 /// `model`, falling back to the deprecated `name` (show, pull, push, delete, create).
 fn model_or_name(v: &Value) -> &str {
-    Some(str_field(v, "model")).filter(|m| !m.is_empty()).unwrap_or_else(|| str_field(v, "name"))
+    Some(str_field(v, "model"))
+        .filter(|m| !m.is_empty())
+        .unwrap_or_else(|| str_field(v, "name"))
 }
 
 fn keep_alive(v: &Value) -> Result<Option<KeepAlive>, Resp> {
@@ -35,12 +37,17 @@ fn stream_flag(v: &Value, default: bool) -> Result<bool, Resp> {
     match v.get("stream") {
         None | Some(Value::Null) => Ok(default),
         Some(Value::Bool(b)) => Ok(*b),
-        Some(_) => Err(native_error(StatusCode::BAD_REQUEST, "json: cannot unmarshal into Go struct field .stream of type bool")),
+        Some(_) => Err(native_error(
+            StatusCode::BAD_REQUEST,
+            "json: cannot unmarshal into Go struct field .stream of type bool",
+        )),
     }
 }
 
 fn num_predict(v: &Value) -> Option<i64> {
-    v.get("options").and_then(|o| o.get("num_predict")).and_then(Value::as_i64)
+    v.get("options")
+        .and_then(|o| o.get("num_predict"))
+        .and_then(Value::as_i64)
 }
 
 fn find(r: &Req<'_>, name: &str) -> Option<ModelSpec> {
@@ -53,7 +60,10 @@ fn metrics_into(obj: &mut Value, m: &Metrics) {
     o.insert("total_duration".into(), json!(m.total_duration as u64));
     o.insert("load_duration".into(), json!(m.load_duration as u64));
     o.insert("prompt_eval_count".into(), json!(m.prompt_eval_count));
-    o.insert("prompt_eval_duration".into(), json!(m.prompt_eval_duration as u64));
+    o.insert(
+        "prompt_eval_duration".into(),
+        json!(m.prompt_eval_duration as u64),
+    );
     o.insert("eval_count".into(), json!(m.eval_count));
     o.insert("eval_duration".into(), json!(m.eval_duration as u64));
 }
@@ -68,7 +78,9 @@ enum Kind {
 impl Kind {
     fn object(self, model: &str, content: &str, done: bool) -> Value {
         match self {
-            Kind::Generate => json!({"model": model, "created_at": now_rfc3339(), "response": content, "done": done}),
+            Kind::Generate => {
+                json!({"model": model, "created_at": now_rfc3339(), "response": content, "done": done})
+            }
             Kind::Chat => json!({"model": model, "created_at": now_rfc3339(),
                 "message": {"role": "assistant", "content": content}, "done": done}),
         }
@@ -91,9 +103,24 @@ pub(super) async fn generate(r: &Req<'_>) -> Resp {
     if model.is_empty() {
         return native_error(StatusCode::NOT_FOUND, "model '' not found");
     }
-    let prompt = format!("{} {}", str_field(&req, "system"), str_field(&req, "prompt"));
-    let empty_prompt = str_field(&req, "prompt").is_empty() && req.get("images").is_none_or(|i| i.as_array().is_none_or(Vec::is_empty));
-    run_text(r, Kind::Generate, &req, model, count_tokens(&prompt), empty_prompt).await
+    let prompt = format!(
+        "{} {}",
+        str_field(&req, "system"),
+        str_field(&req, "prompt")
+    );
+    let empty_prompt = str_field(&req, "prompt").is_empty()
+        && req
+            .get("images")
+            .is_none_or(|i| i.as_array().is_none_or(Vec::is_empty));
+    run_text(
+        r,
+        Kind::Generate,
+        &req,
+        model,
+        count_tokens(&prompt),
+        empty_prompt,
+    )
+    .await
 }
 
 pub(super) async fn chat(r: &Req<'_>) -> Resp {
@@ -105,12 +132,26 @@ pub(super) async fn chat(r: &Req<'_>) -> Resp {
     if model.is_empty() {
         return native_error(StatusCode::BAD_REQUEST, "model is required");
     }
-    let messages = req.get("messages").and_then(Value::as_array).cloned().unwrap_or_default();
-    let words: u64 = messages.iter().map(|m| count_tokens(str_field(m, "content"))).sum();
+    let messages = req
+        .get("messages")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let words: u64 = messages
+        .iter()
+        .map(|m| count_tokens(str_field(m, "content")))
+        .sum();
     run_text(r, Kind::Chat, &req, model, words, messages.is_empty()).await
 }
 
-async fn run_text(r: &Req<'_>, kind: Kind, req: &Value, model: &str, prompt_tokens: u64, preload: bool) -> Resp {
+async fn run_text(
+    r: &Req<'_>,
+    kind: Kind,
+    req: &Value,
+    model: &str,
+    prompt_tokens: u64,
+    preload: bool,
+) -> Resp {
     let keep_alive = match keep_alive(req) {
         Ok(k) => k,
         Err(resp) => return resp,
@@ -126,7 +167,10 @@ async fn run_text(r: &Req<'_>, kind: Kind, req: &Value, model: &str, prompt_toke
         return json_resp(StatusCode::OK, &v);
     }
     if !spec.has("completion") {
-        return native_error(StatusCode::BAD_REQUEST, format!("\"{model}\" does not support {}", kind.verb()));
+        return native_error(
+            StatusCode::BAD_REQUEST,
+            format!("\"{model}\" does not support {}", kind.verb()),
+        );
     }
     let stream = match stream_flag(req, true) {
         Ok(s) => s,
@@ -176,7 +220,11 @@ pub(super) fn inputs(v: Option<&Value>) -> Result<Vec<String>, String> {
         Some(Value::String(s)) => Ok(vec![s.clone()]),
         Some(Value::Array(a)) => a
             .iter()
-            .map(|x| x.as_str().map(str::to_string).ok_or_else(|| "invalid input type".to_string()))
+            .map(|x| {
+                x.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| "invalid input type".to_string())
+            })
             .collect(),
         Some(_) => Err("invalid input type".into()),
     }
@@ -184,9 +232,15 @@ pub(super) fn inputs(v: Option<&Value>) -> Result<Vec<String>, String> {
 
 /// Looks up an embedding model; the error response is in the native shape.
 pub(super) fn embedding_model(r: &Req<'_>, model: &str) -> Result<ModelSpec, (StatusCode, String)> {
-    let spec = find(r, model).ok_or((StatusCode::NOT_FOUND, format!("model \"{model}\" not found, try pulling it first")))?;
+    let spec = find(r, model).ok_or((
+        StatusCode::NOT_FOUND,
+        format!("model \"{model}\" not found, try pulling it first"),
+    ))?;
     if !spec.has("embedding") {
-        return Err((StatusCode::BAD_REQUEST, format!("\"{model}\" does not support embeddings")));
+        return Err((
+            StatusCode::BAD_REQUEST,
+            format!("\"{model}\" does not support embeddings"),
+        ));
     }
     Ok(spec)
 }
@@ -215,7 +269,10 @@ pub(super) async fn embed(r: &Req<'_>) -> Resp {
     if texts.is_empty() {
         return json_resp(StatusCode::OK, &json!({"model": model, "embeddings": []}));
     }
-    let embeddings: Vec<Vec<f32>> = texts.iter().map(|t| embed_text(t, spec.embedding_length)).collect();
+    let embeddings: Vec<Vec<f32>> = texts
+        .iter()
+        .map(|t| embed_text(t, spec.embedding_length))
+        .collect();
     json_resp(
         StatusCode::OK,
         &json!({"model": model, "embeddings": embeddings, "total_duration": m.total_duration as u64,
@@ -239,7 +296,11 @@ pub(super) async fn embeddings(r: &Req<'_>) -> Resp {
     let prompt = str_field(&req, "prompt");
     let run = Run::start(r.state, &spec, ka, count_tokens(prompt), Some(0)).await;
     run.finish();
-    let embedding = if prompt.is_empty() { vec![] } else { embed_text(prompt, spec.embedding_length) };
+    let embedding = if prompt.is_empty() {
+        vec![]
+    } else {
+        embed_text(prompt, spec.embedding_length)
+    };
     json_resp(StatusCode::OK, &json!({ "embedding": embedding }))
 }
 
@@ -271,7 +332,9 @@ pub(super) fn ps(r: &Req<'_>) -> Resp {
                 (_, Some(left)) => left,
                 (KeepAlive::For(d), None) => d,
             };
-            let expires_at = SystemTime::now().checked_add(until).unwrap_or(SystemTime::UNIX_EPOCH);
+            let expires_at = SystemTime::now()
+                .checked_add(until)
+                .unwrap_or(SystemTime::UNIX_EPOCH);
             json!({
                 "name": spec.name, "model": spec.name, "size": spec.size, "digest": spec.digest(),
                 "details": spec.details(),
@@ -290,7 +353,9 @@ pub(super) fn show(r: &Req<'_>) -> Resp {
     };
     let name = model_or_name(&req);
     let Some(spec) = find(r, name) else {
-        let shown = ModelName::parse(name).map(|n| n.to_string()).unwrap_or_else(|| name.to_string());
+        let shown = ModelName::parse(name)
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| name.to_string());
         return native_error(StatusCode::NOT_FOUND, format!("model '{shown}' not found"));
     };
     let arch = spec.family.clone();
@@ -344,7 +409,11 @@ pub(super) async fn pull(r: &Req<'_>) -> Resp {
     let Some(name) = ModelName::parse(model_or_name(&req)) else {
         return native_error(StatusCode::BAD_REQUEST, "invalid model name");
     };
-    let spec = if name.as_str().contains("embed") { ModelSpec::embedding(name.as_str()) } else { ModelSpec::chat(name.as_str()) };
+    let spec = if name.as_str().contains("embed") {
+        ModelSpec::embedding(name.as_str())
+    } else {
+        ModelSpec::chat(name.as_str())
+    };
     let digest = format!("sha256:{}", spec.digest());
     let total = 1_000_000u64;
     let lines = vec![
@@ -391,7 +460,9 @@ pub(super) async fn create(r: &Req<'_>) -> Resp {
     } else {
         match find(r, from) {
             Some(base) => base,
-            None => return native_error(StatusCode::NOT_FOUND, format!("model '{from}' not found")),
+            None => {
+                return native_error(StatusCode::NOT_FOUND, format!("model '{from}' not found"))
+            }
         }
     };
     spec.name = name.to_string();
@@ -437,21 +508,43 @@ pub(super) fn delete(r: &Req<'_>) -> Resp {
 
 pub(super) fn blob(r: &Req<'_>, digest: &str) -> Resp {
     use sha2::{Digest, Sha256};
-    let Some(hex) = digest.strip_prefix("sha256:").or_else(|| digest.strip_prefix("sha256-")) else {
+    let Some(hex) = digest
+        .strip_prefix("sha256:")
+        .or_else(|| digest.strip_prefix("sha256-"))
+    else {
         return native_error(StatusCode::BAD_REQUEST, "invalid digest format");
     };
     let key = hex.to_ascii_lowercase();
-    let exists = r.state.blobs.lock().unwrap_or_else(|e| e.into_inner()).contains(&key);
+    let exists = r
+        .state
+        .blobs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(&key);
     if r.method == Method::HEAD {
-        return empty(if exists { StatusCode::OK } else { StatusCode::NOT_FOUND });
+        return empty(if exists {
+            StatusCode::OK
+        } else {
+            StatusCode::NOT_FOUND
+        });
     }
     if exists {
         return empty(StatusCode::OK);
     }
-    let got: String = Sha256::digest(r.body).iter().map(|b| format!("{b:02x}")).collect();
+    let got: String = Sha256::digest(r.body)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     if got != key {
-        return native_error(StatusCode::BAD_REQUEST, format!("digest mismatch, expected \"sha256:{key}\", got \"sha256:{got}\""));
+        return native_error(
+            StatusCode::BAD_REQUEST,
+            format!("digest mismatch, expected \"sha256:{key}\", got \"sha256:{got}\""),
+        );
     }
-    r.state.blobs.lock().unwrap_or_else(|e| e.into_inner()).insert(key);
+    r.state
+        .blobs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key);
     empty(StatusCode::CREATED)
 }

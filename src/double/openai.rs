@@ -27,7 +27,10 @@ fn error(status: StatusCode, message: impl Into<String>) -> Resp {
         404 => "not_found_error",
         _ => "api_error",
     };
-    json_resp(status, &json!({"error": {"message": message.into(), "type": ty, "param": null, "code": null}}))
+    json_resp(
+        status,
+        &json!({"error": {"message": message.into(), "type": ty, "param": null, "code": null}}),
+    )
 }
 
 /// The Anthropic error shape of `/v1/messages`.
@@ -37,7 +40,10 @@ fn anthropic_error(status: StatusCode, message: impl Into<String>) -> Resp {
         404 => "not_found_error",
         _ => "api_error",
     };
-    json_resp(status, &json!({"type": "error", "error": {"type": ty, "message": message.into()}, "request_id": "req_double"}))
+    json_resp(
+        status,
+        &json!({"type": "error", "error": {"type": ty, "message": message.into()}, "request_id": "req_double"}),
+    )
 }
 
 fn str_field<'v>(v: &'v Value, key: &str) -> &'v str {
@@ -69,15 +75,25 @@ fn parse(r: &Req<'_>, err: fn(StatusCode, String) -> Resp) -> Result<Parsed, Res
         .find(&model)
         .cloned()
         .ok_or_else(|| err(StatusCode::NOT_FOUND, format!("model '{model}' not found")))?;
-    Ok(Parsed { req, spec, model, stream })
+    Ok(Parsed {
+        req,
+        spec,
+        model,
+        stream,
+    })
 }
 
 fn include_usage(req: &Value) -> bool {
-    req.get("stream_options").and_then(|o| o.get("include_usage")).and_then(Value::as_bool) == Some(true)
+    req.get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        == Some(true)
 }
 
 fn max_tokens(req: &Value) -> Option<i64> {
-    req.get("max_completion_tokens").or_else(|| req.get("max_tokens")).and_then(Value::as_i64)
+    req.get("max_completion_tokens")
+        .or_else(|| req.get("max_tokens"))
+        .and_then(Value::as_i64)
 }
 
 fn message_words(messages: &[Value]) -> u64 {
@@ -85,7 +101,10 @@ fn message_words(messages: &[Value]) -> u64 {
         .iter()
         .map(|m| match m.get("content") {
             Some(Value::String(s)) => count_tokens(s),
-            Some(Value::Array(parts)) => parts.iter().map(|p| count_tokens(str_field(p, "text"))).sum(),
+            Some(Value::Array(parts)) => parts
+                .iter()
+                .map(|p| count_tokens(str_field(p, "text")))
+                .sum(),
             _ => 0,
         })
         .sum()
@@ -96,18 +115,33 @@ fn usage(prompt: u64, completion: u64) -> Value {
 }
 
 pub(super) async fn chat_completions(r: &Req<'_>) -> Resp {
-    let p = match parse(r, |s, m| error(s, m)) {
+    let p = match parse(r, error) {
         Ok(p) => p,
         Err(resp) => return resp,
     };
-    let messages = p.req.get("messages").and_then(Value::as_array).cloned().unwrap_or_default();
+    let messages = p
+        .req
+        .get("messages")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
     if messages.is_empty() {
         return error(StatusCode::BAD_REQUEST, "[] is too short - 'messages'");
     }
     if !p.spec.has("completion") {
-        return error(StatusCode::BAD_REQUEST, format!("\"{}\" does not support chat", p.model));
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("\"{}\" does not support chat", p.model),
+        );
     }
-    let run = Run::start(r.state, &p.spec, None, message_words(&messages), max_tokens(&p.req)).await;
+    let run = Run::start(
+        r.state,
+        &p.spec,
+        None,
+        message_words(&messages),
+        max_tokens(&p.req),
+    )
+    .await;
     let id = format!("chatcmpl-{}", r.state.next_id() % 999);
     let created = unix_now();
     let finish = |reason: &str| if reason == "length" { "length" } else { "stop" };
@@ -138,11 +172,19 @@ pub(super) async fn chat_completions(r: &Req<'_>) -> Resp {
         run,
         SSE,
         move |i, token| {
-            let delta = if i == 0 { json!({"role": "assistant", "content": token}) } else { json!({"content": token}) };
-            vec![sse(&chunk(json!([{"index": 0, "delta": delta, "finish_reason": null}])))]
+            let delta = if i == 0 {
+                json!({"role": "assistant", "content": token})
+            } else {
+                json!({"content": token})
+            };
+            vec![sse(&chunk(
+                json!([{"index": 0, "delta": delta, "finish_reason": null}]),
+            ))]
         },
         move |m, _| {
-            let mut frames = vec![sse(&chunk2(json!([{"index": 0, "delta": {}, "finish_reason": finish(m.done_reason)}])))];
+            let mut frames = vec![sse(&chunk2(
+                json!([{"index": 0, "delta": {}, "finish_reason": finish(m.done_reason)}]),
+            ))];
             if with_usage {
                 let mut u = chunk2(json!([]));
                 u["usage"] = usage(m.prompt_eval_count, m.eval_count);
@@ -155,14 +197,21 @@ pub(super) async fn chat_completions(r: &Req<'_>) -> Resp {
 }
 
 pub(super) async fn completions(r: &Req<'_>) -> Resp {
-    let p = match parse(r, |s, m| error(s, m)) {
+    let p = match parse(r, error) {
         Ok(p) => p,
         Err(resp) => return resp,
     };
     let Some(prompt) = p.req.get("prompt").and_then(Value::as_str) else {
         return error(StatusCode::BAD_REQUEST, "prompt must be a string");
     };
-    let run = Run::start(r.state, &p.spec, None, count_tokens(prompt), max_tokens(&p.req)).await;
+    let run = Run::start(
+        r.state,
+        &p.spec,
+        None,
+        count_tokens(prompt),
+        max_tokens(&p.req),
+    )
+    .await;
     let id = format!("cmpl-{}", r.state.next_id() % 999);
     let created = unix_now();
     if !p.stream {
@@ -222,7 +271,9 @@ pub(super) async fn embeddings(r: &Req<'_>) -> Resp {
     }
     let texts = match req.get("input") {
         Some(Value::String(s)) if s.is_empty() => vec![String::new()],
-        Some(Value::Array(a)) if a.is_empty() => return error(StatusCode::BAD_REQUEST, "invalid input"),
+        Some(Value::Array(a)) if a.is_empty() => {
+            return error(StatusCode::BAD_REQUEST, "invalid input")
+        }
         None | Some(Value::Null) => return error(StatusCode::BAD_REQUEST, "invalid input"),
         other => match inputs(other) {
             Ok(t) => t,
@@ -231,7 +282,12 @@ pub(super) async fn embeddings(r: &Req<'_>) -> Resp {
     };
     match str_field(&req, "encoding_format") {
         "" | "float" | "base64" => {}
-        other => return error(StatusCode::BAD_REQUEST, format!("invalid encoding format: {other}")),
+        other => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid encoding format: {other}"),
+            )
+        }
     }
     let spec = match embedding_model(r, model) {
         Ok(s) => s,
@@ -253,15 +309,27 @@ pub(super) async fn embeddings(r: &Req<'_>) -> Resp {
 }
 
 fn model_object(m: &ModelSpec) -> Value {
-    let created = m.modified_at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let owner = if m.name.contains('/') { m.name.split('/').next().unwrap_or("library") } else { "library" };
+    let created = m
+        .modified_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let owner = if m.name.contains('/') {
+        m.name.split('/').next().unwrap_or("library")
+    } else {
+        "library"
+    };
     json!({"id": m.name, "object": "model", "created": created, "owned_by": owner})
 }
 
 pub(super) fn models(r: &Req<'_>) -> Resp {
     let data: Vec<Value> = r.state.store().catalog().iter().map(model_object).collect();
     // With no models Ollama sends `null`, not `[]`.
-    let data = if data.is_empty() { Value::Null } else { Value::Array(data) };
+    let data = if data.is_empty() {
+        Value::Null
+    } else {
+        Value::Array(data)
+    };
     json_resp(StatusCode::OK, &json!({"object": "list", "data": data}))
 }
 
@@ -279,7 +347,7 @@ fn responses_usage(m: &super::Metrics) -> Value {
 }
 
 pub(super) async fn responses(r: &Req<'_>) -> Resp {
-    let p = match parse(r, |s, m| error(s, m)) {
+    let p = match parse(r, error) {
         Ok(p) => p,
         Err(resp) => return resp,
     };
@@ -288,15 +356,24 @@ pub(super) async fn responses(r: &Req<'_>) -> Resp {
         Some(Value::Array(items)) => message_words(items),
         _ => return error(StatusCode::BAD_REQUEST, "input is required"),
     };
-    let run = Run::start(r.state, &p.spec, None, words, p.req.get("max_output_tokens").and_then(Value::as_i64)).await;
+    let run = Run::start(
+        r.state,
+        &p.spec,
+        None,
+        words,
+        p.req.get("max_output_tokens").and_then(Value::as_i64),
+    )
+    .await;
     let n = r.state.next_id();
     let (resp_id, msg_id, created) = (format!("resp_{n}"), format!("msg_{n}"), unix_now());
     let response = {
         let (resp_id, msg_id, model) = (resp_id.clone(), msg_id.clone(), p.model.clone());
         move |status: &str, text: Option<&str>, usage: Value| {
             let output = match text {
-                Some(t) => json!([{"type": "message", "id": msg_id, "status": "completed", "role": "assistant",
-                    "content": [{"type": "output_text", "text": t, "annotations": []}]}]),
+                Some(t) => {
+                    json!([{"type": "message", "id": msg_id, "status": "completed", "role": "assistant",
+                    "content": [{"type": "output_text", "text": t, "annotations": []}]}])
+                }
                 None => json!([]),
             };
             json!({"id": resp_id, "object": "response", "created_at": created, "status": status,
@@ -307,7 +384,10 @@ pub(super) async fn responses(r: &Req<'_>) -> Resp {
         run.generate_all().await;
         let text = run.text();
         let m = run.finish();
-        return json_resp(StatusCode::OK, &response("completed", Some(&text), responses_usage(&m)));
+        return json_resp(
+            StatusCode::OK,
+            &response("completed", Some(&text), responses_usage(&m)),
+        );
     }
     let seq = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let event = {
@@ -326,47 +406,95 @@ pub(super) async fn responses(r: &Req<'_>) -> Resp {
         move |i, token| {
             let mut frames = Vec::new();
             if i == 0 {
-                frames.push(event("response.created", json!({"response": response("in_progress", None, Value::Null)})));
-                frames.push(event("response.in_progress", json!({"response": response("in_progress", None, Value::Null)})));
+                frames.push(event(
+                    "response.created",
+                    json!({"response": response("in_progress", None, Value::Null)}),
+                ));
+                frames.push(event(
+                    "response.in_progress",
+                    json!({"response": response("in_progress", None, Value::Null)}),
+                ));
                 frames.push(event("response.output_item.added", json!({"output_index": 0,
                     "item": {"type": "message", "id": msg_id, "status": "in_progress", "role": "assistant", "content": []}})));
-                frames.push(event("response.content_part.added", json!({"item_id": msg_id, "output_index": 0, "content_index": 0,
-                    "part": {"type": "output_text", "text": "", "annotations": []}})));
+                frames.push(event(
+                    "response.content_part.added",
+                    json!({"item_id": msg_id, "output_index": 0, "content_index": 0,
+                    "part": {"type": "output_text", "text": "", "annotations": []}}),
+                ));
             }
-            frames.push(event("response.output_text.delta", json!({"item_id": msg_id, "output_index": 0, "content_index": 0, "delta": token})));
+            frames.push(event(
+                "response.output_text.delta",
+                json!({"item_id": msg_id, "output_index": 0, "content_index": 0, "delta": token}),
+            ));
             frames
         },
         move |m, text| {
             vec![
-                event2("response.output_text.done", json!({"item_id": msg_id2, "output_index": 0, "content_index": 0, "text": text})),
-                event2("response.content_part.done", json!({"item_id": msg_id2, "output_index": 0, "content_index": 0,
-                    "part": {"type": "output_text", "text": text, "annotations": []}})),
-                event2("response.output_item.done", json!({"output_index": 0, "item": {"type": "message", "id": msg_id2,
-                    "status": "completed", "role": "assistant", "content": [{"type": "output_text", "text": text, "annotations": []}]}})),
-                event2("response.completed", json!({"response": response2("completed", Some(&text), responses_usage(m))})),
+                event2(
+                    "response.output_text.done",
+                    json!({"item_id": msg_id2, "output_index": 0, "content_index": 0, "text": text}),
+                ),
+                event2(
+                    "response.content_part.done",
+                    json!({"item_id": msg_id2, "output_index": 0, "content_index": 0,
+                    "part": {"type": "output_text", "text": text, "annotations": []}}),
+                ),
+                event2(
+                    "response.output_item.done",
+                    json!({"output_index": 0, "item": {"type": "message", "id": msg_id2,
+                    "status": "completed", "role": "assistant", "content": [{"type": "output_text", "text": text, "annotations": []}]}}),
+                ),
+                event2(
+                    "response.completed",
+                    json!({"response": response2("completed", Some(&text), responses_usage(m))}),
+                ),
             ]
         },
     );
-    resp.headers_mut().insert(http::header::CACHE_CONTROL, "no-cache".parse().expect("ascii"));
+    resp.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        "no-cache".parse().expect("ascii"),
+    );
     resp
 }
 
 pub(super) async fn messages(r: &Req<'_>) -> Resp {
-    let p = match parse(r, |s, m| anthropic_error(s, m)) {
+    let p = match parse(r, anthropic_error) {
         Ok(p) => p,
         Err(resp) => return resp,
     };
-    let messages = p.req.get("messages").and_then(Value::as_array).cloned().unwrap_or_default();
+    let messages = p
+        .req
+        .get("messages")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
     if messages.is_empty() {
-        return anthropic_error(StatusCode::BAD_REQUEST, "messages: at least one message is required");
+        return anthropic_error(
+            StatusCode::BAD_REQUEST,
+            "messages: at least one message is required",
+        );
     }
     let system = match p.req.get("system") {
         Some(Value::String(s)) => count_tokens(s),
         _ => 0,
     };
-    let run = Run::start(r.state, &p.spec, None, system + message_words(&messages), p.req.get("max_tokens").and_then(Value::as_i64)).await;
+    let run = Run::start(
+        r.state,
+        &p.spec,
+        None,
+        system + message_words(&messages),
+        p.req.get("max_tokens").and_then(Value::as_i64),
+    )
+    .await;
     let id = format!("msg_{}", r.state.next_id());
-    let stop = |reason: &str| if reason == "length" { "max_tokens" } else { "end_turn" };
+    let stop = |reason: &str| {
+        if reason == "length" {
+            "max_tokens"
+        } else {
+            "end_turn"
+        }
+    };
     if !p.stream {
         run.generate_all().await;
         let text = run.text();
@@ -388,20 +516,32 @@ pub(super) async fn messages(r: &Req<'_>) -> Resp {
                 frames.push(sse_event("message_start", &json!({"type": "message_start", "message": {"id": id, "type": "message",
                     "role": "assistant", "model": model, "content": [], "stop_reason": null, "stop_sequence": null,
                     "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}})));
-                frames.push(sse_event("content_block_start", &json!({"type": "content_block_start", "index": 0,
-                    "content_block": {"type": "text", "text": ""}})));
+                frames.push(sse_event(
+                    "content_block_start",
+                    &json!({"type": "content_block_start", "index": 0,
+                    "content_block": {"type": "text", "text": ""}}),
+                ));
                 frames.push(sse_event("ping", &json!({"type": "ping"})));
             }
-            frames.push(sse_event("content_block_delta", &json!({"type": "content_block_delta", "index": 0,
-                "delta": {"type": "text_delta", "text": token}})));
+            frames.push(sse_event(
+                "content_block_delta",
+                &json!({"type": "content_block_delta", "index": 0,
+                "delta": {"type": "text_delta", "text": token}}),
+            ));
             frames
         },
         move |m, _| {
             vec![
-                sse_event("content_block_stop", &json!({"type": "content_block_stop", "index": 0})),
-                sse_event("message_delta", &json!({"type": "message_delta",
+                sse_event(
+                    "content_block_stop",
+                    &json!({"type": "content_block_stop", "index": 0}),
+                ),
+                sse_event(
+                    "message_delta",
+                    &json!({"type": "message_delta",
                     "delta": {"stop_reason": stop(m.done_reason), "stop_sequence": null},
-                    "usage": {"output_tokens": m.eval_count}})),
+                    "usage": {"output_tokens": m.eval_count}}),
+                ),
                 sse_event("message_stop", &json!({"type": "message_stop"})),
             ]
         },

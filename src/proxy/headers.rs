@@ -42,7 +42,10 @@ pub fn prepare_upstream(
     if let Some(ip) = client_ip {
         req.insert_header("x-forwarded-for", ip.to_string())?;
     }
-    req.insert_header("x-forwarded-proto", if client_tls { "https" } else { "http" })?;
+    req.insert_header(
+        "x-forwarded-proto",
+        if client_tls { "https" } else { "http" },
+    )?;
     req.insert_header("x-request-id", request_id)?;
     Ok(())
 }
@@ -50,7 +53,11 @@ pub fn prepare_upstream(
 /// The client's `X-Request-Id` if it is well-formed (1-128 of `[A-Za-z0-9._:-]`), else a new one.
 pub fn request_id(incoming: Option<&[u8]>) -> String {
     if let Some(id) = incoming {
-        if (1..=128).contains(&id.len()) && id.iter().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(b)) {
+        if (1..=128).contains(&id.len())
+            && id
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(b))
+        {
             return String::from_utf8_lossy(id).into_owned();
         }
     }
@@ -61,8 +68,15 @@ pub fn request_id(incoming: Option<&[u8]>) -> String {
 pub fn new_request_id() -> String {
     static PREFIX: OnceLock<u64> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let prefix = *PREFIX.get_or_init(|| std::collections::hash_map::RandomState::new().build_hasher().finish());
-    format!("{prefix:016x}{:016x}", COUNTER.fetch_add(1, Ordering::Relaxed))
+    let prefix = *PREFIX.get_or_init(|| {
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+    });
+    format!(
+        "{prefix:016x}{:016x}",
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 #[cfg(test)]
@@ -85,14 +99,27 @@ mod tests {
             req.append_header(k, v).unwrap();
         }
         req.append_header("authorization", "Basic second").unwrap();
-        prepare_upstream(&mut req, "127.0.0.1:11434", Some("10.1.2.3".parse().unwrap()), "rid", true).unwrap();
+        prepare_upstream(
+            &mut req,
+            "127.0.0.1:11434",
+            Some("10.1.2.3".parse().unwrap()),
+            "rid",
+            true,
+        )
+        .unwrap();
         let h = &req.headers;
         assert_eq!(h.get("host").unwrap(), "127.0.0.1:11434");
         assert_eq!(h.get("x-forwarded-for").unwrap(), "10.1.2.3");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
         assert_eq!(h.get("x-request-id").unwrap(), "rid");
         assert_eq!(h.get("content-type").unwrap(), "application/json");
-        for gone in ["authorization", "x-api-key", "cookie", "x-forwarded-prefix", "origin"] {
+        for gone in [
+            "authorization",
+            "x-api-key",
+            "cookie",
+            "x-forwarded-prefix",
+            "origin",
+        ] {
             assert!(h.get(gone).is_none(), "{gone} still there");
         }
     }

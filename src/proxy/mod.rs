@@ -55,13 +55,22 @@ impl Gateway {
 
         match kind.body() {
             BodyMode::None => {
-                if declared_length(session.req_header()).is_some_and(|n| n > 0) || is_chunked(session.req_header()) {
-                    return Err(GatewayError::BadRequest(format!("{} takes no request body", kind.name())));
+                if declared_length(session.req_header()).is_some_and(|n| n > 0)
+                    || is_chunked(session.req_header())
+                {
+                    return Err(GatewayError::BadRequest(format!(
+                        "{} takes no request body",
+                        kind.name()
+                    )));
                 }
             }
             BodyMode::Stream => {}
             BodyMode::Json => {
-                if let Some(enc) = session.req_header().headers.get(http::header::CONTENT_ENCODING) {
+                if let Some(enc) = session
+                    .req_header()
+                    .headers
+                    .get(http::header::CONTENT_ENCODING)
+                {
                     if !enc.as_bytes().eq_ignore_ascii_case(b"identity") {
                         return Err(GatewayError::UnsupportedMediaType(format!(
                             "request bodies with Content-Encoding `{}` are not accepted; send the JSON uncompressed",
@@ -72,8 +81,12 @@ impl Gateway {
                 let body = read_body(session, self.max_body).await?;
                 ctx.bytes_in = body.len() as u64;
                 let obj = JsonObject::parse(&body).map_err(|e| GatewayError::BadRequest(e.0))?;
-                ctx.model = obj.string("model").map_err(|e| GatewayError::BadRequest(e.0))?;
-                let stream = obj.bool("stream").map_err(|e| GatewayError::BadRequest(e.0))?;
+                ctx.model = obj
+                    .string("model")
+                    .map_err(|e| GatewayError::BadRequest(e.0))?;
+                let stream = obj
+                    .bool("stream")
+                    .map_err(|e| GatewayError::BadRequest(e.0))?;
                 ctx.stream = Some(stream.unwrap_or(kind.streams_by_default()));
                 ctx.body = Some(body);
             }
@@ -85,7 +98,10 @@ impl Gateway {
     async fn respond(&self, session: &mut Session, ctx: &mut RequestCtx, err: &GatewayError) {
         ctx.error = Some(err.label());
         let rendered = err.render(ctx.dialect);
-        let Ok(mut resp) = ResponseHeader::build(rendered.status, Some(rendered.headers.len() + 1)) else { return };
+        let Ok(mut resp) = ResponseHeader::build(rendered.status, Some(rendered.headers.len() + 1))
+        else {
+            return;
+        };
         for (k, v) in &rendered.headers {
             let _ = resp.insert_header(*k, v.as_str());
         }
@@ -93,7 +109,12 @@ impl Gateway {
         // The request body may be unread: don't reuse the connection.
         session.set_keepalive(None);
         let head_only = session.req_header().method == http::Method::HEAD;
-        if session.write_response_header(Box::new(resp), head_only).await.is_ok() && !head_only {
+        if session
+            .write_response_header(Box::new(resp), head_only)
+            .await
+            .is_ok()
+            && !head_only
+        {
             let _ = session.write_response_body(Some(rendered.body), true).await;
         }
     }
@@ -102,13 +123,21 @@ impl Gateway {
     fn failure(&self, e: &Error) -> Option<GatewayError> {
         let etype = e.etype();
         if *etype == REQUEST_TIMEOUT {
-            return Some(GatewayError::RequestTooLong(HumanDuration(self.upstream.request_timeout)));
+            return Some(GatewayError::RequestTooLong(HumanDuration(
+                self.upstream.request_timeout,
+            )));
         }
         match e.esource() {
             ErrorSource::Upstream => Some(match etype {
-                ErrorType::ConnectTimedout => GatewayError::UpstreamTimeout(HumanDuration(self.upstream.connect_timeout)),
+                ErrorType::ConnectTimedout => {
+                    GatewayError::UpstreamTimeout(HumanDuration(self.upstream.connect_timeout))
+                }
                 ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
-                    GatewayError::UpstreamTimeout(HumanDuration(self.upstream.read_timeout.min(self.upstream.request_timeout)))
+                    GatewayError::UpstreamTimeout(HumanDuration(
+                        self.upstream
+                            .read_timeout
+                            .min(self.upstream.request_timeout),
+                    ))
                 }
                 _ => GatewayError::UpstreamUnavailable,
             }),
@@ -117,7 +146,9 @@ impl Gateway {
                 ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed => None,
                 _ => Some(GatewayError::BadRequest("malformed request".into())),
             },
-            ErrorSource::Internal | ErrorSource::Unset if *etype == UNRESOLVED => Some(GatewayError::UpstreamUnavailable),
+            ErrorSource::Internal | ErrorSource::Unset if *etype == UNRESOLVED => {
+                Some(GatewayError::UpstreamUnavailable)
+            }
             ErrorSource::Internal | ErrorSource::Unset => Some(GatewayError::Internal),
         }
     }
@@ -146,7 +177,10 @@ async fn read_body(session: &mut Session, limit: ByteSize) -> Result<Bytes, Gate
         .get(http::header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     if expects_continue {
-        session.write_continue_response().await.map_err(|_| GatewayError::BadRequest("client went away".into()))?;
+        session
+            .write_continue_response()
+            .await
+            .map_err(|_| GatewayError::BadRequest("client went away".into()))?;
     }
     let mut body = BytesMut::new();
     loop {
@@ -158,8 +192,14 @@ async fn read_body(session: &mut Session, limit: ByteSize) -> Result<Bytes, Gate
                 body.extend_from_slice(&chunk);
             }
             Ok(None) => return Ok(body.freeze()),
-            Err(e) if *e.etype() == ErrorType::ReadTimedout => return Err(GatewayError::RequestTimeout),
-            Err(_) => return Err(GatewayError::BadRequest("the request body could not be read".into())),
+            Err(e) if *e.etype() == ErrorType::ReadTimedout => {
+                return Err(GatewayError::RequestTimeout)
+            }
+            Err(_) => {
+                return Err(GatewayError::BadRequest(
+                    "the request body could not be read".into(),
+                ))
+            }
         }
     }
 }
@@ -176,7 +216,10 @@ impl ProxyHttp for Gateway {
         let req = session.req_header();
         ctx.request_id = headers::request_id(req.headers.get("x-request-id").map(|v| v.as_bytes()));
         ctx.dialect = ctx::dialect_of_path(req.raw_path());
-        ctx.client_ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+        ctx.client_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
         match self.admit(session, ctx).await {
             Ok(()) => Ok(false),
             Err(e) => {
@@ -186,7 +229,11 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
         match self.upstream.peer() {
             Some(peer) => Ok(Box::new(peer)),
             None => Error::e_explain(UNRESOLVED, "the upstream host name has not resolved yet"),
@@ -199,11 +246,23 @@ impl ProxyHttp for Gateway {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let client_tls = session.digest().and_then(|d| d.ssl_digest.as_ref()).is_some();
-        headers::prepare_upstream(upstream_request, &self.upstream.url.authority(), ctx.client_ip, &ctx.request_id, client_tls)?;
+        let client_tls = session
+            .digest()
+            .and_then(|d| d.ssl_digest.as_ref())
+            .is_some();
+        headers::prepare_upstream(
+            upstream_request,
+            &self.upstream.url.authority(),
+            ctx.client_ip,
+            &ctx.request_id,
+            client_tls,
+        )?;
         if let Some(m) = &ctx.route {
             // Exactly the matched path: no query string, nothing corral did not check.
-            upstream_request.set_uri(http::Uri::try_from(m.path.as_str()).map_err(|_| Error::new(ErrorType::InternalError))?);
+            upstream_request.set_uri(
+                http::Uri::try_from(m.path.as_str())
+                    .map_err(|_| Error::new(ErrorType::InternalError))?,
+            );
         }
         if let Some(body) = &ctx.body {
             upstream_request.remove_header(&http::header::TRANSFER_ENCODING);
@@ -237,7 +296,9 @@ impl ProxyHttp for Gateway {
         ctx.response_format = upstream_response
             .headers
             .get(http::header::CONTENT_TYPE)
-            .map_or(BodyFormat::Other, |ct| BodyFormat::from_content_type(ct.as_bytes()));
+            .map_or(BodyFormat::Other, |ct| {
+                BodyFormat::from_content_type(ct.as_bytes())
+            });
         upstream_response.insert_header("x-request-id", ctx.request_id.as_str())?;
         Ok(())
     }
@@ -259,10 +320,18 @@ impl ProxyHttp for Gateway {
         Ok(None)
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
         let Some(err) = self.failure(e) else {
             ctx.error = Some("client_closed");
-            return FailToProxy { error_code: 0, can_reuse_downstream: false };
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
         };
         if matches!(e.esource(), ErrorSource::Upstream) || *e.etype() == REQUEST_TIMEOUT {
             tracing::warn!(request_id = %ctx.request_id, error = %e, "upstream request failed");
@@ -275,15 +344,23 @@ impl ProxyHttp for Gateway {
             ctx.error = Some(err.label());
             let frame = match (ctx.response_format, ctx.dialect) {
                 (BodyFormat::Ndjson, _) => Some(format!("{}\n", err.json(Dialect::Ollama))),
-                (BodyFormat::Sse, Dialect::Anthropic) => Some(format!("event: error\ndata: {}\n\n", err.json(Dialect::Anthropic))),
+                (BodyFormat::Sse, Dialect::Anthropic) => Some(format!(
+                    "event: error\ndata: {}\n\n",
+                    err.json(Dialect::Anthropic)
+                )),
                 (BodyFormat::Sse, _) => Some(format!("data: {}\n\n", err.json(Dialect::OpenAi))),
                 (BodyFormat::Other, _) => None,
             };
             if let Some(frame) = frame {
-                let _ = session.write_response_body(Some(Bytes::from(frame)), true).await;
+                let _ = session
+                    .write_response_body(Some(Bytes::from(frame)), true)
+                    .await;
             }
         }
-        FailToProxy { error_code: err.status(), can_reuse_downstream: false }
+        FailToProxy {
+            error_code: err.status(),
+            can_reuse_downstream: false,
+        }
     }
 
     fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, _error: &Error) -> bool {
@@ -294,8 +371,16 @@ impl ProxyHttp for Gateway {
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         let req = session.req_header();
         let raw = req.raw_path();
-        let path = String::from_utf8_lossy(&raw[..raw.iter().position(|&b| b == b'?').unwrap_or(raw.len()).min(512)]);
-        let status = session.response_written().map_or(499, |r| r.status.as_u16());
+        let path = String::from_utf8_lossy(
+            &raw[..raw
+                .iter()
+                .position(|&b| b == b'?')
+                .unwrap_or(raw.len())
+                .min(512)],
+        );
+        let status = session
+            .response_written()
+            .map_or(499, |r| r.status.as_u16());
         let record = AccessRecord {
             ts: access_log::timestamp(),
             request_id: &ctx.request_id,

@@ -43,10 +43,13 @@ impl AccessRecord<'_> {
         field("team", self.team.map(str::to_string));
         field("model", self.model.map(str::to_string));
         field("ttft", self.ttft_ms.map(|t| format!("{t}ms")));
-        field("tokens", match (self.prompt_tokens, self.completion_tokens) {
-            (None, None) => None,
-            (p, c) => Some(format!("{}/{}", p.unwrap_or(0), c.unwrap_or(0))),
-        });
+        field(
+            "tokens",
+            match (self.prompt_tokens, self.completion_tokens) {
+                (None, None) => None,
+                (p, c) => Some(format!("{}/{}", p.unwrap_or(0), c.unwrap_or(0))),
+            },
+        );
         field("error", self.error.map(str::to_string));
         field("client", self.client_ip.clone());
         field("id", Some(self.request_id.to_string()));
@@ -61,11 +64,17 @@ pub struct AccessLog {
 
 impl AccessLog {
     pub fn stdout(format: LogFormat) -> AccessLog {
-        AccessLog { format, out: Mutex::new(Box::new(std::io::stdout())) }
+        AccessLog {
+            format,
+            out: Mutex::new(Box::new(std::io::stdout())),
+        }
     }
 
     pub fn to_writer(format: LogFormat, w: Box<dyn Write + Send>) -> AccessLog {
-        AccessLog { format, out: Mutex::new(w) }
+        AccessLog {
+            format,
+            out: Mutex::new(w),
+        }
     }
 
     pub fn write(&self, rec: &AccessRecord<'_>) {
@@ -106,13 +115,36 @@ mod tests {
     fn json_lines_carry_every_design_field() {
         let buf = Buf::default();
         let log = AccessLog::to_writer(LogFormat::Json, Box::new(buf.clone()));
-        log.write(&AccessRecord { ts: timestamp(), request_id: "abc", method: "POST", path: "/api/chat", status: 200, ..Default::default() });
+        log.write(&AccessRecord {
+            ts: timestamp(),
+            request_id: "abc",
+            method: "POST",
+            path: "/api/chat",
+            status: 200,
+            ..Default::default()
+        });
         let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
         assert!(text.ends_with('\n'));
         let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
         for f in [
-            "ts", "request_id", "team", "key_id", "client_ip", "method", "path", "route", "model", "stream", "status",
-            "duration_ms", "ttft_ms", "prompt_tokens", "completion_tokens", "bytes_in", "bytes_out", "error",
+            "ts",
+            "request_id",
+            "team",
+            "key_id",
+            "client_ip",
+            "method",
+            "path",
+            "route",
+            "model",
+            "stream",
+            "status",
+            "duration_ms",
+            "ttft_ms",
+            "prompt_tokens",
+            "completion_tokens",
+            "bytes_in",
+            "bytes_out",
+            "error",
         ] {
             assert!(v.get(f).is_some(), "missing {f}");
         }
@@ -120,7 +152,19 @@ mod tests {
 
     #[test]
     fn pretty_lines_are_short_and_readable() {
-        let rec = AccessRecord { ts: "T".into(), request_id: "id1", method: "GET", path: "/api/tags", status: 401, duration_ms: 3, error: Some("unauthorized"), ..Default::default() };
-        assert_eq!(rec.pretty(), "T 401 GET /api/tags 3ms error=unauthorized id=id1");
+        let rec = AccessRecord {
+            ts: "T".into(),
+            request_id: "id1",
+            method: "GET",
+            path: "/api/tags",
+            status: 401,
+            duration_ms: 3,
+            error: Some("unauthorized"),
+            ..Default::default()
+        };
+        assert_eq!(
+            rec.pretty(),
+            "T 401 GET /api/tags 3ms error=unauthorized id=id1"
+        );
     }
 }

@@ -1,0 +1,92 @@
+//! `corral demo` works as a newcomer would use it: its printed commands run as printed.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+#[test]
+fn the_demo_serves_and_its_curl_examples_work_as_printed() {
+    let (port, metrics) = (reserve_port(), reserve_port());
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(corral_bin())
+        .args([
+            "demo",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--metrics-listen",
+            &format!("127.0.0.1:{metrics}"),
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .args(["--token-delay", "5ms"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut banner = Vec::new();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let end = line.starts_with("Requests are logged below");
+        banner.push(line);
+        if end {
+            break;
+        }
+    }
+    wait_for(Duration::from_secs(30), "the demo to listen", || {
+        TcpStream::connect(loopback(port)).is_ok().then_some(())
+    });
+    let text = banner.join("\n");
+    assert!(
+        dir.path().join("corral.toml").exists() && dir.path().join("ca.pem").exists(),
+        "{text}"
+    );
+
+    // Join continuation lines, then run every curl command exactly as printed.
+    let joined = text.replace("\\\n", " ");
+    let curls: Vec<&str> = joined
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("curl "))
+        .collect();
+    assert!(curls.len() >= 3, "{text}");
+    for curl in curls {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(curl.replacen("curl ", "curl -fsS ", 1))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{curl}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.stdout.is_empty(), "{curl}: empty answer");
+    }
+
+    // The config the demo wrote is one `corral check` accepts.
+    let check = Command::new(corral_bin())
+        .args(["check", "--config"])
+        .arg(dir.path().join("corral.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    // Requests show up in the log below the banner.
+    let logged = lines
+        .map(Result::unwrap)
+        .find(|l| !l.trim().is_empty())
+        .unwrap();
+    assert!(logged.contains(" 200 GET /api/version"), "{logged}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -1,0 +1,93 @@
+"""The official openai and ollama Python clients, unmodified, talking to corral over TLS."""
+
+import ssl
+
+import httpx
+import ollama
+import openai
+import pytest
+
+
+def openai_client(gw, api_key="unused"):
+    return openai.OpenAI(base_url=f"{gw.base}/v1", api_key=api_key, http_client=httpx.Client(verify=ssl.create_default_context(cafile=gw.ca)), max_retries=0)
+
+
+def ollama_client(gw, **kw):
+    return ollama.Client(host=gw.base, verify=ssl.create_default_context(cafile=gw.ca), **kw)
+
+
+def test_openai_chat(gateway):
+    r = openai_client(gateway).chat.completions.create(
+        model="llama3.2", messages=[{"role": "user", "content": "Why is the sky blue?"}]
+    )
+    assert r.choices[0].message.content.startswith("The sky is blue")
+    assert r.usage.prompt_tokens == 5 and r.usage.completion_tokens == 12
+
+
+def test_openai_streaming_chat(gateway):
+    stream = openai_client(gateway).chat.completions.create(
+        model="llama3.2", stream=True, messages=[{"role": "user", "content": "Hello"}]
+    )
+    parts = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert len(parts) > 10
+    assert "".join(parts).startswith("The sky is blue")
+
+
+def test_openai_streaming_with_usage(gateway):
+    stream = openai_client(gateway).chat.completions.create(
+        model="llama3.2",
+        stream=True,
+        stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "Hello there"}],
+    )
+    chunks = list(stream)
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_openai_embeddings(gateway):
+    r = openai_client(gateway).embeddings.create(model="nomic-embed-text", input=["one", "two"])
+    assert len(r.data) == 2 and len(r.data[0].embedding) == 8
+
+
+def test_openai_models(gateway):
+    ids = [m.id for m in openai_client(gateway).models.list()]
+    assert "llama3.2:latest" in ids
+
+
+def test_openai_errors_map_to_exception_classes(gateway):
+    with pytest.raises(openai.NotFoundError):
+        openai_client(gateway).chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+
+
+def test_ollama_chat(gateway):
+    r = ollama_client(gateway).chat(model="llama3.2", messages=[{"role": "user", "content": "Why is the sky blue?"}])
+    assert r.message.content.startswith("The sky is blue")
+    assert r.eval_count == 12
+
+
+def test_ollama_streaming_chat(gateway):
+    parts = list(ollama_client(gateway).chat(model="llama3.2", stream=True, messages=[{"role": "user", "content": "Hi"}]))
+    assert parts[-1].done and parts[-1].eval_count == 12
+    assert "".join(p.message.content for p in parts).startswith("The sky is blue")
+
+
+def test_ollama_generate_stream(gateway):
+    parts = list(ollama_client(gateway).generate(model="llama3.2", prompt="Hi", stream=True))
+    assert parts[-1].done
+
+
+def test_ollama_embed(gateway):
+    r = ollama_client(gateway).embed(model="nomic-embed-text", input=["a", "b", "c"])
+    assert len(r.embeddings) == 3
+
+
+def test_ollama_list_and_ps(gateway):
+    names = [m.model for m in ollama_client(gateway).list().models]
+    assert "llama3.2:latest" in names
+    ollama_client(gateway).ps()
+
+
+def test_ollama_errors_raise_response_error_with_status(gateway):
+    with pytest.raises(ollama.ResponseError) as e:
+        ollama_client(gateway).chat(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    assert e.value.status_code == 404
