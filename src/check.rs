@@ -47,7 +47,7 @@ pub fn run(source: &Source, upstream: bool) -> Vec<Finding> {
             crate::config::DEFAULT_CONFIG_PATH
         )));
     }
-    match crate::server::prepare(cfg.clone()) {
+    match crate::server::prepare(source.clone(), cfg.clone()) {
         Ok(p) => {
             if p.certs.is_some() && cfg.server.tls_cert.as_os_str().is_empty() {
                 out.push(Finding::Warning(

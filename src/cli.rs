@@ -44,6 +44,9 @@ enum Command {
         #[arg(long, default_value = "50ms")]
         token_delay: HumanDuration,
     },
+    /// Make signing keys and API keys, inspect and revoke keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Run only the Ollama double (the fake Ollama used by tests, benchmarks and the demo).
     #[command(hide = true)]
     Double {
@@ -54,6 +57,51 @@ enum Command {
         /// Tokens per answer when the request sets no limit.
         #[arg(long, default_value_t = 12)]
         tokens: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Make an Ed25519 signing key pair: DIR/ID.key.pem (mode 0600, keep it secret) and
+    /// DIR/ID.pub.pem (for auth.verify_keys on every gateway).
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Key id; API keys signed with it name it as their `kid`. Default: corral-YEAR.
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Print a new API key on stdout (only the key; everything else goes to stderr).
+    Issue {
+        /// The private key made by `keys init` (ID.key.pem).
+        #[arg(long)]
+        signing_key: PathBuf,
+        /// The team the key belongs to (a [teams.NAME] table in the gateway's config).
+        #[arg(long)]
+        team: String,
+        /// A label for humans (who or what uses the key).
+        #[arg(long)]
+        name: Option<String>,
+        /// Narrow the team's models for this key, e.g. 'llama3.2:*,nomic-embed-text'.
+        #[arg(long, value_delimiter = ',')]
+        models: Option<Vec<String>>,
+        /// Expire after this long, e.g. 90d, 12h. Default: never.
+        #[arg(long)]
+        expires: Option<HumanDuration>,
+    },
+    /// Show a key's claims and whether the configuration accepts it (and why not).
+    /// Give the key as an argument, or `-` to read it from stdin.
+    Inspect {
+        key: String,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Add a key (or a key id) to the revocation list named by auth.revoked_file.
+    /// Running gateways pick it up within a second.
+    Revoke {
+        key_or_id: String,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -100,7 +148,151 @@ pub fn main() -> ExitCode {
             token_delay,
             tokens,
         } => double(listen, token_delay, tokens),
+        Command::Keys(cmd) => match keys(cmd) {
+            Ok(code) => code,
+            Err(e) => fail(&e),
+        },
     }
+}
+
+fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {
+    use crate::keys;
+    match cmd {
+        KeysCommand::Init { dir, id } => {
+            let id = id.unwrap_or_else(|| format!("corral-{}", current_year()));
+            let (private, public) = keys::init(&dir, &id)?;
+            eprintln!(
+                "signing key (keep it secret, off the gateways): {}",
+                private.display()
+            );
+            eprintln!(
+                "verification key (add to auth.verify_keys):     {}",
+                public.display()
+            );
+            eprintln!(
+                "issue API keys with: corral keys issue --signing-key {} --team TEAM",
+                private.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCommand::Issue {
+            signing_key,
+            team,
+            name,
+            models,
+            expires,
+        } => {
+            if !crate::config::valid_team_name(&team) {
+                return Err(format!(
+                    "--team `{team}`: team names are lowercase letters, digits, '-' and '_'"
+                ));
+            }
+            let request = keys::IssueRequest {
+                team,
+                name,
+                models,
+                expires_in: expires.map(|d| d.0),
+            };
+            let (key, claims) = keys::issue(&signing_key, &request, crate::auth::unix_now())?;
+            println!("{key}");
+            let expiry = claims.exp.map_or("never expires".to_string(), |e| {
+                format!("expires at {}", rfc3339(e))
+            });
+            eprintln!(
+                "issued key {} for team `{}`; it {expiry}",
+                claims.jti, claims.sub
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCommand::Inspect { key, config } => {
+            let key = read_key_arg(key)?;
+            let (header, claims) = keys::peek(&key)?;
+            println!("kid:     {}", header.kid.as_deref().unwrap_or("(none)"));
+            println!("alg:     {:?}", header.alg);
+            println!("team:    {}", claims.sub);
+            println!("key id:  {}", claims.jti);
+            println!("name:    {}", claims.name.as_deref().unwrap_or("-"));
+            println!("issued:  {}", rfc3339(claims.iat));
+            println!(
+                "expires: {}",
+                claims.exp.map_or("never".to_string(), rfc3339)
+            );
+            println!(
+                "models:  {}",
+                claims
+                    .models
+                    .as_ref()
+                    .map_or("(the team's)".to_string(), |m| m.join(", "))
+            );
+            let source = Source::locate(config.as_deref());
+            let cfg = Config::load(&source).map_err(|e| e.to_string())?;
+            let (access, _) = crate::access::Access::from_config(&cfg).map_err(|p| p.join("\n"))?;
+            match access.authenticate(&key, crate::auth::unix_now()) {
+                Ok((_, team)) => {
+                    let globs = cfg.teams[&team.name].models.join(", ");
+                    println!(
+                        "verdict: accepted by {} (team models: {globs}; admin: {})",
+                        source.describe(),
+                        team.admin
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(failure) => {
+                    println!(
+                        "verdict: refused by {}: {} ({})",
+                        source.describe(),
+                        failure.message(),
+                        failure.reason()
+                    );
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        KeysCommand::Revoke { key_or_id, config } => {
+            let arg = read_key_arg(key_or_id)?;
+            let id = if arg.matches('.').count() == 2 {
+                keys::peek(&arg)?.1.jti
+            } else {
+                arg
+            };
+            let source = Source::locate(config.as_deref());
+            let cfg = Config::load(&source).map_err(|e| e.to_string())?;
+            if cfg.auth.revoked_file.as_os_str().is_empty() {
+                return Err(format!(
+                    "{}: auth.revoked_file is not set; set it to revoke keys",
+                    source.describe()
+                ));
+            }
+            let file = cfg.auth.revoked_file.display();
+            if keys::revoke(&cfg.auth.revoked_file, &id)? {
+                eprintln!("revoked key {id} in {file}; running gateways refuse it within a second");
+            } else {
+                eprintln!("key {id} was already revoked in {file}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// A key from the command line, or from stdin for `-` (keeps keys out of shell history).
+fn read_key_arg(arg: String) -> Result<String, String> {
+    if arg != "-" {
+        return Ok(arg.trim().to_string());
+    }
+    let mut key = String::new();
+    std::io::stdin()
+        .read_line(&mut key)
+        .map_err(|e| e.to_string())?;
+    Ok(key.trim().to_string())
+}
+
+fn rfc3339(unix: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix))
+        .to_string()
+}
+
+fn current_year() -> String {
+    rfc3339(crate::auth::unix_now())[..4].to_string()
 }
 
 fn fail(message: &str) -> ExitCode {
@@ -128,7 +320,7 @@ fn serve(config: Option<PathBuf>) -> ExitCode {
             cfg.server.metrics_listen.0.map(|a| a.to_string()).unwrap_or_default(),
         );
     }
-    let prepared = match crate::server::prepare(cfg) {
+    let prepared = match crate::server::prepare(source, cfg) {
         Ok(p) => p,
         Err(e) => return fail(&e.to_string()),
     };

@@ -2,7 +2,7 @@
 //! the Ollama double, makes a development CA and certificate, writes the configuration it runs
 //! (so it can be read and reused), and prints `curl` and Python examples that work as printed.
 
-use crate::config::{Config, ListenAddr, LogFormat};
+use crate::config::{Config, ListenAddr, LogFormat, Source, TeamConfig};
 use crate::devcert::{DevCa, LOCAL_NAMES};
 use crate::double::{DoubleConfig, OllamaDouble};
 use std::net::SocketAddr;
@@ -16,33 +16,47 @@ pub struct DemoOptions {
     pub token_delay: Duration,
 }
 
-/// Files the demo writes.
+/// Files the demo writes, and the API key it issued.
 pub struct DemoFiles {
     pub dir: PathBuf,
     pub ca: PathBuf,
     pub config: PathBuf,
+    pub signing_key: PathBuf,
+    pub api_key: String,
 }
 
 fn write(path: &Path, contents: &str) -> Result<(), String> {
     std::fs::write(path, contents).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
-/// Writes the development CA, the server certificate and the configuration into `dir`.
+/// Writes the development CA, the server certificate, a signing key pair and the configuration
+/// (one team, `demo`, allowed every model) into `dir`, and issues an API key for the team.
 pub fn prepare(
     dir: &Path,
     listen: SocketAddr,
     metrics_listen: SocketAddr,
     upstream: &str,
-) -> Result<(Config, DemoFiles), String> {
+) -> Result<DemoFiles, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let ca = DevCa::new("corral demo CA").map_err(|e| e.to_string())?;
     let (cert, key) = ca
         .issue("localhost", LOCAL_NAMES)
         .map_err(|e| e.to_string())?;
+    let keys = dir.join("keys");
+    let _ = std::fs::remove_dir_all(&keys);
+    let (signing_key, verify_key) = crate::keys::init(&keys, "demo")?;
+    let request = crate::keys::IssueRequest {
+        team: "demo".into(),
+        name: Some("corral demo".into()),
+        ..Default::default()
+    };
+    let (api_key, _) = crate::keys::issue(&signing_key, &request, crate::auth::unix_now())?;
     let files = DemoFiles {
         dir: dir.to_path_buf(),
         ca: dir.join("ca.pem"),
         config: dir.join("corral.toml"),
+        signing_key,
+        api_key,
     };
     write(&files.ca, &ca.cert_pem())?;
     write(&dir.join("tls.crt"), &cert)?;
@@ -56,6 +70,16 @@ pub fn prepare(
     cfg.server.tls_key = dir.join("tls.key");
     cfg.server.grace_period = crate::config::HumanDuration::secs(5);
     cfg.upstream.url = upstream.to_string();
+    cfg.auth.verify_keys = vec![verify_key];
+    cfg.auth.revoked_file = dir.join("revoked.txt");
+    cfg.teams.insert(
+        "demo".into(),
+        TeamConfig {
+            models: vec!["*".into()],
+            admin: true,
+            ..Default::default()
+        },
+    );
     cfg.log.format = LogFormat::Pretty;
     write(
         &files.config,
@@ -65,7 +89,7 @@ pub fn prepare(
             cfg.to_toml()
         ),
     )?;
-    Ok((cfg, files))
+    Ok(files)
 }
 
 fn restrict(path: &Path) {
@@ -76,23 +100,32 @@ fn restrict(path: &Path) {
 /// The examples printed for the user (also checked by the tests).
 pub fn examples(base: &str, metrics: SocketAddr, files: &DemoFiles) -> String {
     let ca = files.ca.display();
+    let key = &files.api_key;
     format!(
         r#"
 corral demo is running: a TLS gateway on {base} in front of a built-in Ollama double.
 Files (CA certificate, server certificate, configuration): {dir}
 
+An API key for the team `demo` (every model, admin routes too):
+
+  export CORRAL_KEY={key}
+
 Try it with curl:
 
   curl --cacert {ca} {base}/api/version
-  curl --cacert {ca} {base}/api/chat -d '{{"model":"llama3.2","messages":[{{"role":"user","content":"Why is the sky blue?"}}]}}'
-  curl --cacert {ca} {base}/v1/chat/completions -H 'content-type: application/json' \
+  curl --cacert {ca} {base}/api/chat -H "Authorization: Bearer $CORRAL_KEY" \
+       -d '{{"model":"llama3.2","messages":[{{"role":"user","content":"Why is the sky blue?"}}]}}'
+  curl --cacert {ca} {base}/v1/chat/completions -H "Authorization: Bearer $CORRAL_KEY" -H 'content-type: application/json' \
        -d '{{"model":"llama3.2","stream":true,"messages":[{{"role":"user","content":"Hello"}}]}}'
+  curl --cacert {ca} {base}/api/tags   # no key: 401
+
+More keys: corral keys issue --signing-key {signing} --team demo --models 'llama3.2:*' --expires 7d
 
 With the openai Python package (pip install openai):
 
   import httpx, openai, ssl
   tls = ssl.create_default_context(cafile="{ca}")
-  client = openai.OpenAI(base_url="{base}/v1", api_key="demo", http_client=httpx.Client(verify=tls))
+  client = openai.OpenAI(base_url="{base}/v1", api_key="{key}", http_client=httpx.Client(verify=tls))
   for chunk in client.chat.completions.create(model="llama3.2", stream=True,
                                               messages=[{{"role": "user", "content": "Why is the sky blue?"}}]):
       print(chunk.choices[0].delta.content or "", end="", flush=True)
@@ -100,7 +133,8 @@ With the openai Python package (pip install openai):
 With the ollama Python package (pip install ollama):
 
   import ollama, ssl
-  client = ollama.Client(host="{base}", verify=ssl.create_default_context(cafile="{ca}"))
+  client = ollama.Client(host="{base}", verify=ssl.create_default_context(cafile="{ca}"),
+                         headers={{"Authorization": "Bearer {key}"}})
   for part in client.chat(model="llama3.2", stream=True, messages=[{{"role": "user", "content": "Hello"}}]):
       print(part.message.content, end="", flush=True)
 
@@ -109,6 +143,7 @@ Health: http://{metrics}/livez and http://{metrics}/readyz. Stop with Ctrl-C.
 Requests are logged below, one line each.
 "#,
         dir = files.dir.display(),
+        signing = files.signing_key.display(),
     )
 }
 
@@ -124,9 +159,11 @@ pub fn run(opts: DemoOptions) -> Result<(), String> {
         },
     )
     .map_err(|e| format!("cannot start the Ollama double: {e}"))?;
-    let (cfg, files) = prepare(&dir, opts.listen, opts.metrics_listen, &double.url())?;
+    let files = prepare(&dir, opts.listen, opts.metrics_listen, &double.url())?;
+    let source = Source::File(files.config.clone());
+    let cfg = Config::load(&source).map_err(|e| e.to_string())?;
     crate::telemetry::init_logging(&cfg.log);
-    let prepared = crate::server::prepare(cfg).map_err(|e| e.to_string())?;
+    let prepared = crate::server::prepare(source, cfg).map_err(|e| e.to_string())?;
     crate::server::check_binds(&prepared.cfg)
         .map_err(|e| format!("{e}\n(pick other ports with --listen and --metrics-listen)"))?;
     let host = if opts.listen.ip().is_loopback() && opts.listen.is_ipv4() {

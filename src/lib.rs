@@ -5,6 +5,8 @@
 //!
 //! - [`config`]: typed, validated configuration (TOML + `CORRAL__*` environment overrides)
 //! - [`routes`]: the route table, deny by default, path tricks refused
+//! - [`auth`]: API key → identity; [`policy`]: identity + route + model → allow or deny;
+//!   [`access`]: keys and teams as loaded, swapped whole by [`reload`]; [`keys`]: key management
 //! - [`body`]: JSON request bodies read the way Ollama reads them
 //! - [`error`]: the one error type, rendered in the caller's dialect
 //! - [`proxy`]: the pingora hooks
@@ -17,7 +19,9 @@
 //! - [`double`]: the Ollama double used by tests, benchmarks and `corral demo`
 //! - [`ollama`]: protocol facts shared by corral and the double
 
+pub mod access;
 pub mod admin;
+pub mod auth;
 pub mod body;
 pub mod check;
 pub mod cli;
@@ -26,9 +30,12 @@ pub mod demo;
 pub mod devcert;
 pub mod double;
 pub mod error;
+pub mod keys;
 pub mod lifecycle;
 pub mod ollama;
+pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod routes;
 pub mod server;
 pub mod telemetry;

@@ -5,10 +5,12 @@
 //! bad PEM or only log a failed bind): certificate files, the upstream URL, and every listening
 //! address. Each problem names the key at fault.
 
+use crate::access::{Access, AccessHandle};
 use crate::admin::AdminApp;
-use crate::config::Config;
+use crate::config::{Config, Source};
 use crate::lifecycle::{Lifecycle, Signals};
 use crate::proxy::Gateway;
+use crate::reload::Reloader;
 use crate::telemetry::access_log::AccessLog;
 use crate::tls::{CertStore, CertWatcher};
 use crate::upstream::{Resolver, Upstream};
@@ -32,14 +34,25 @@ impl std::fmt::Display for StartError {
 
 /// What start-up needs, loaded and checked.
 pub struct Prepared {
+    pub source: Source,
     pub cfg: Config,
     pub certs: Option<Arc<CertStore>>,
     pub upstream: Arc<Upstream>,
+    pub access: Access,
+    /// Things that work but are probably not what the operator wants.
+    pub warnings: Vec<String>,
 }
 
-/// Loads certificates and the upstream; collects every problem.
-pub fn prepare(cfg: Config) -> Result<Prepared, StartError> {
+/// Loads certificates, keys and the upstream; collects every problem.
+pub fn prepare(source: Source, cfg: Config) -> Result<Prepared, StartError> {
     let mut problems = Vec::new();
+    let (access, warnings) = match Access::from_config(&cfg) {
+        Ok((a, w)) => (Some(a), w),
+        Err(p) => {
+            problems.extend(p);
+            (None, vec![])
+        }
+    };
     let certs = match cfg.server.listen.0 {
         None => None,
         Some(_) if cfg.server.tls_cert.as_os_str().is_empty() => {
@@ -60,11 +73,14 @@ pub fn prepare(cfg: Config) -> Result<Prepared, StartError> {
             None
         }
     };
-    match upstream {
-        Some(upstream) if problems.is_empty() => Ok(Prepared {
+    match (upstream, access) {
+        (Some(upstream), Some(access)) if problems.is_empty() => Ok(Prepared {
+            source,
             cfg,
             certs,
             upstream,
+            access,
+            warnings,
         }),
         _ => Err(StartError(problems)),
     }
@@ -111,11 +127,19 @@ pub fn check_binds(cfg: &Config) -> Result<(), StartError> {
 /// exits the process once the last request is done.
 pub fn run(prepared: Prepared) -> Result<(), StartError> {
     check_binds(&prepared.cfg)?;
+    crate::reload::claim_sighup();
     let Prepared {
+        source,
         cfg,
         certs,
         upstream,
+        access,
+        warnings,
     } = prepared;
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
+    let access = Arc::new(AccessHandle::new(access));
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
 
     let conf = ServerConf {
@@ -131,6 +155,7 @@ pub fn run(prepared: Prepared) -> Result<(), StartError> {
     let lifecycle = Arc::new(Lifecycle::default());
     let gateway = Gateway {
         upstream: upstream.clone(),
+        access: access.clone(),
         max_body: cfg.server.max_body,
         lifecycle: lifecycle.clone(),
         access_log: Arc::new(AccessLog::stdout(cfg.log.format)),
@@ -161,6 +186,13 @@ pub fn run(prepared: Prepared) -> Result<(), StartError> {
         admin.threads = Some(1);
         server.add_service(admin);
     }
+    let reloader = Reloader {
+        source,
+        started: cfg.clone(),
+        access,
+        certs: certs.clone(),
+    };
+    server.add_service(background_service("config reload", reloader));
     if let Some(certs) = certs.filter(|c| c.watches_files()) {
         server.add_service(background_service("tls reload", CertWatcher(certs)));
     }

@@ -46,26 +46,38 @@ fn the_demo_serves_and_its_curl_examples_work_as_printed() {
         "{text}"
     );
 
-    // Join continuation lines, then run every curl command exactly as printed.
+    // Join continuation lines, then run the export and every curl command exactly as printed,
+    // in one shell: the key goes through $CORRAL_KEY as the banner says.
     let joined = text.replace("\\\n", " ");
+    let export = joined
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("export CORRAL_KEY="))
+        .expect("the key");
     let curls: Vec<&str> = joined
         .lines()
         .map(str::trim)
         .filter(|l| l.starts_with("curl "))
         .collect();
-    assert!(curls.len() >= 3, "{text}");
+    assert!(curls.len() >= 4, "{text}");
     for curl in curls {
-        let out = Command::new("sh")
-            .arg("-c")
-            .arg(curl.replacen("curl ", "curl -fsS ", 1))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
+        let expect = if curl.contains("# no key: 401") {
+            "401"
+        } else {
+            "200"
+        };
+        let script = format!(
+            "{export}\n{}",
+            curl.replacen("curl ", "curl -sS -o /dev/null -w '%{http_code}' ", 1)
+        );
+        let out = Command::new("sh").arg("-c").arg(&script).output().unwrap();
+        let code = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            code,
+            expect,
             "{curl}\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(!out.stdout.is_empty(), "{curl}: empty answer");
     }
 
     // The config the demo wrote is one `corral check` accepts.

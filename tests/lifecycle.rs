@@ -81,15 +81,9 @@ async fn streams_longer_than_the_grace_period_are_cut_at_its_end() {
 }
 
 fn start_failure(cfg: corral::config::Config, edit: impl FnOnce(&std::path::Path)) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = Certs::new(dir.path());
-    let mut cfg = cfg;
-    if cfg.server.tls_cert.as_os_str().is_empty() {
-        cfg.server.tls_cert = certs.cert.clone();
-        cfg.server.tls_key = certs.key.clone();
-    }
-    edit(dir.path());
-    let mut corral = Corral::spawn_with(cfg, dir, certs, &[]);
+    let setup = Setup::new(cfg);
+    edit(setup.dir.path());
+    let mut corral = setup.spawn(&[]);
     let status = corral.wait_exit(Duration::from_secs(30));
     assert!(!status.success(), "corral started despite a broken setup");
     corral.stderr_text()
@@ -195,13 +189,9 @@ async fn without_a_config_file_it_runs_loopback_defaults_and_says_so() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_reports_each_problem_and_whether_ollama_answers() {
     let double = double().await;
-    let dir = tempfile::tempdir().unwrap();
-    let certs = Certs::new(dir.path());
-    let mut cfg = test_config(&double.url());
-    cfg.server.tls_cert = certs.cert.clone();
-    cfg.server.tls_key = certs.key.clone();
-    let path = dir.path().join("corral.toml");
-    std::fs::write(&path, cfg.to_toml()).unwrap();
+    let setup = Setup::new(test_config(&double.url()));
+    let path = setup.write();
+    let (dir, certs) = (&setup.dir, &setup.certs);
     let check = |path: &std::path::Path| {
         let out = Command::new(corral_bin())
             .args(["check", "--config"])
@@ -243,14 +233,9 @@ async fn check_reports_each_problem_and_whether_ollama_answers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn env_overrides_beat_the_file() {
     let double = double().await;
-    let dir = tempfile::tempdir().unwrap();
-    let certs = Certs::new(dir.path());
-    let mut cfg = test_config("http://127.0.0.1:9");
-    cfg.server.tls_cert = certs.cert.clone();
-    cfg.server.tls_key = certs.key.clone();
     let url = double.url();
-    let mut corral =
-        Corral::spawn_with(cfg, dir, certs, &[("CORRAL__UPSTREAM__URL", url.as_str())]);
+    let setup = Setup::new(test_config("http://127.0.0.1:9"));
+    let mut corral = setup.spawn(&[("CORRAL__UPSTREAM__URL", url.as_str())]);
     corral.wait_ready();
     let resp = corral
         .client()

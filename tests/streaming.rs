@@ -143,10 +143,10 @@ async fn headers_are_rewritten_for_ollama_and_credentials_never_reach_it() {
     let corral = Corral::start(test_config(&double.url()));
     // The public name as Host: a loopback-bound Ollama answers 403 to it unless corral rewrites.
     let resp = corral
-        .client()
+        .anonymous_client()
         .post(format!("{}/api/show?debug=1", corral.public_base()))
-        .header("authorization", "Bearer sk-should-not-leak")
-        .header("x-api-key", "should-not-leak")
+        .header("authorization", format!("Bearer {}", corral.key))
+        .header("x-api-key", &corral.key)
         .header("cookie", "session=should-not-leak")
         .header("x-forwarded-prefix", "/evil")
         .header("x-forwarded-for", "6.6.6.6")
@@ -229,7 +229,7 @@ async fn every_request_gets_one_access_log_line() {
     assert_eq!(line["path"], "/api/generate");
     assert_eq!(line["route"], "/api/generate");
     assert_eq!(line["status"], 200);
-    assert_eq!(line["model"], "llama3.2");
+    assert_eq!(line["model"], "llama3.2:latest");
     assert_eq!(line["stream"], false);
     assert_eq!(line["client_ip"], "127.0.0.1");
     assert!(line["bytes_in"].as_u64().unwrap() > 0 && line["bytes_out"].as_u64().unwrap() > 0);

@@ -573,7 +573,8 @@ fn valid_log_filter(filter: &str) -> bool {
         && tracing_subscriber::EnvFilter::try_new(filter).is_ok()
 }
 
-fn valid_team_name(name: &str) -> bool {
+/// Team names: 1-64 lowercase letters, digits, '-' or '_'.
+pub fn valid_team_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && name
             .bytes()

@@ -1,9 +1,12 @@
 //! Per-request state carried through pingora's hooks.
 
+use crate::access::Access;
+use crate::auth::Identity;
 use crate::lifecycle::InFlight;
 use crate::routes::{Dialect, Matched};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What the response body is, from its content type.
@@ -37,7 +40,13 @@ pub struct RequestCtx {
     pub route: Option<Matched>,
     /// How errors are written for this caller (guessed from the path until a route matches).
     pub dialect: Dialect,
-    /// The model the request names, as sent.
+    /// The caller, once its key verified.
+    pub identity: Option<Arc<Identity>>,
+    /// The access rules the request was admitted under (kept for the response, e.g. list filtering).
+    pub access: Option<Arc<Access>>,
+    /// Why the key was refused (`corral_auth_failures_total{reason}`).
+    pub auth_failure: Option<&'static str>,
+    /// The model the request names, normalized.
     pub model: Option<String>,
     pub stream: Option<bool>,
     /// The request body, read whole before forwarding; sent upstream as is.
@@ -47,6 +56,8 @@ pub struct RequestCtx {
     /// Time from the request's start to the first response body byte.
     pub first_byte: Option<Duration>,
     pub response_format: BodyFormat,
+    /// A model list being collected whole to be filtered for the team.
+    pub list_body: Option<BytesMut>,
     /// A short label of what went wrong, for the log.
     pub error: Option<&'static str>,
     _in_flight: InFlight,
@@ -60,6 +71,9 @@ impl RequestCtx {
             client_ip: None,
             route: None,
             dialect: Dialect::Ollama,
+            identity: None,
+            access: None,
+            auth_failure: None,
             model: None,
             stream: None,
             body: None,
@@ -67,6 +81,7 @@ impl RequestCtx {
             bytes_out: 0,
             first_byte: None,
             response_format: BodyFormat::Other,
+            list_body: None,
             error: None,
             _in_flight: in_flight,
         }

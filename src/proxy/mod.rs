@@ -7,11 +7,14 @@ mod headers;
 pub use ctx::{BodyFormat, RequestCtx};
 pub use headers::new_request_id;
 
+use crate::access::AccessHandle;
+use crate::auth;
 use crate::body::JsonObject;
 use crate::config::{ByteSize, HumanDuration};
 use crate::error::GatewayError;
 use crate::lifecycle::Lifecycle;
-use crate::routes::{self, BodyMode, Dialect, RouteError};
+use crate::policy;
+use crate::routes::{self, BodyMode, Dialect, RouteClass, RouteError, RouteKind};
 use crate::telemetry::access_log::{self, AccessLog, AccessRecord};
 use crate::upstream::Upstream;
 use async_trait::async_trait;
@@ -26,6 +29,7 @@ use std::time::Duration;
 /// The gateway: everything the hooks need, shared by all requests.
 pub struct Gateway {
     pub upstream: Arc<Upstream>,
+    pub access: Arc<AccessHandle>,
     pub max_body: ByteSize,
     pub lifecycle: Arc<Lifecycle>,
     pub access_log: Arc<AccessLog>,
@@ -33,6 +37,8 @@ pub struct Gateway {
 
 const REQUEST_TIMEOUT: ErrorType = ErrorType::Custom("request_timeout");
 const UNRESOLVED: ErrorType = ErrorType::Custom("upstream_unresolved");
+/// Model lists are small; one this large is not a model list.
+const MAX_LIST_BODY: usize = 16 << 20;
 
 impl Gateway {
     /// Decides whether the request goes upstream: route, then body. `Err` is answered by corral.
@@ -51,9 +57,26 @@ impl Gateway {
         })?;
         ctx.dialect = matched.kind.dialect();
         let kind = matched.kind;
+        let param = matched.param.clone();
         ctx.route = Some(matched);
 
-        match kind.body() {
+        // Who is calling (before reading any body: a 401 costs nothing).
+        let access = self.access.current();
+        if kind.class() != RouteClass::Public {
+            let identity = auth::key_from_headers(&session.req_header().headers)
+                .and_then(|key| {
+                    access
+                        .authenticate(&key, auth::unix_now())
+                        .map(|(id, _)| id)
+                })
+                .map_err(|failure| {
+                    ctx.auth_failure = Some(failure.reason());
+                    GatewayError::Unauthorized(failure.message().to_string())
+                })?;
+            ctx.identity = Some(identity);
+        }
+
+        let body = match kind.body() {
             BodyMode::None => {
                 if declared_length(session.req_header()).is_some_and(|n| n > 0)
                     || is_chunked(session.req_header())
@@ -63,8 +86,9 @@ impl Gateway {
                         kind.name()
                     )));
                 }
+                None
             }
-            BodyMode::Stream => {}
+            BodyMode::Stream => None,
             BodyMode::Json => {
                 if let Some(enc) = session
                     .req_header()
@@ -80,17 +104,35 @@ impl Gateway {
                 }
                 let body = read_body(session, self.max_body).await?;
                 ctx.bytes_in = body.len() as u64;
-                let obj = JsonObject::parse(&body).map_err(|e| GatewayError::BadRequest(e.0))?;
-                ctx.model = obj
-                    .string("model")
-                    .map_err(|e| GatewayError::BadRequest(e.0))?;
-                let stream = obj
-                    .bool("stream")
-                    .map_err(|e| GatewayError::BadRequest(e.0))?;
-                ctx.stream = Some(stream.unwrap_or(kind.streams_by_default()));
-                ctx.body = Some(body);
+                Some(body)
             }
+        };
+        let obj = body
+            .as_deref()
+            .map(JsonObject::parse)
+            .transpose()
+            .map_err(|e| GatewayError::BadRequest(e.0))?;
+        let models = policy::referenced_models(kind, obj.as_ref(), param.as_deref())?;
+        ctx.model = models.first().map(|m| m.name.to_string());
+        if let Some(obj) = &obj {
+            let stream = obj
+                .bool("stream")
+                .map_err(|e| GatewayError::BadRequest(e.0))?;
+            ctx.stream = Some(stream.unwrap_or(kind.streams_by_default()));
         }
+
+        // What the caller may do.
+        if let Some(identity) = &ctx.identity {
+            let team = access
+                .teams
+                .get(&identity.team)
+                .ok_or(GatewayError::Unauthorized(
+                    auth::AuthFailure::UnknownTeam.message().to_string(),
+                ))?;
+            policy::authorize(team, identity, kind, &models)?;
+        }
+        ctx.body = body;
+        ctx.access = Some(access);
         Ok(())
     }
 
@@ -152,6 +194,48 @@ impl Gateway {
             ErrorSource::Internal | ErrorSource::Unset => Some(GatewayError::Internal),
         }
     }
+}
+
+/// Collects a model list whole and, at its end, sends only the models the team may use.
+fn filter_model_list(
+    body: &mut Option<Bytes>,
+    end_of_stream: bool,
+    ctx: &mut RequestCtx,
+) -> Result<()> {
+    let Some(buf) = ctx.list_body.as_mut() else {
+        return Ok(());
+    };
+    if let Some(chunk) = body.take() {
+        if buf.len() + chunk.len() > MAX_LIST_BODY {
+            return Error::e_explain(
+                ErrorType::Custom("model_list_too_large"),
+                "model list too large",
+            );
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    if !end_of_stream {
+        return Ok(());
+    }
+    let (Some(kind), Some(identity), Some(access)) = (
+        ctx.route.as_ref().map(|m| m.kind),
+        &ctx.identity,
+        &ctx.access,
+    ) else {
+        return Ok(());
+    };
+    let filtered = access
+        .teams
+        .get(&identity.team)
+        .and_then(|team| policy::filter_list(kind, team, identity, buf));
+    *body = Some(Bytes::from(filtered.unwrap_or_else(|| {
+        // Not the JSON Ollama sends: withhold it rather than pass an unfiltered list.
+        tracing::warn!(request_id = %ctx.request_id, "unexpected model list from upstream; sent an empty one");
+        let empty = if kind == RouteKind::Models { r#"{"object":"list","data":[]}"# } else { r#"{"models":[]}"# };
+        empty.as_bytes().to_vec()
+    })));
+    ctx.list_body = None;
+    Ok(())
 }
 
 fn declared_length(req: &RequestHeader) -> Option<u64> {
@@ -289,7 +373,7 @@ impl ProxyHttp for Gateway {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
@@ -300,6 +384,19 @@ impl ProxyHttp for Gateway {
                 BodyFormat::from_content_type(ct.as_bytes())
             });
         upstream_response.insert_header("x-request-id", ctx.request_id.as_str())?;
+        let lists_models = ctx
+            .route
+            .as_ref()
+            .is_some_and(|m| matches!(m.kind, RouteKind::Tags | RouteKind::Ps | RouteKind::Models));
+        if lists_models
+            && ctx.identity.is_some()
+            && upstream_response.status == 200
+            && session.req_header().method != http::Method::HEAD
+        {
+            // The list is cut down for the team, so its length changes.
+            upstream_response.remove_header(&http::header::CONTENT_LENGTH);
+            ctx.list_body = Some(BytesMut::new());
+        }
         Ok(())
     }
 
@@ -307,9 +404,12 @@ impl ProxyHttp for Gateway {
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
+        if ctx.list_body.is_some() {
+            filter_model_list(body, end_of_stream, ctx)?;
+        }
         if let Some(chunk) = body.as_ref().filter(|b| !b.is_empty()) {
             ctx.first_byte.get_or_insert_with(|| ctx.start.elapsed());
             ctx.bytes_out += chunk.len() as u64;
@@ -388,6 +488,8 @@ impl ProxyHttp for Gateway {
             method: req.method.as_str(),
             path: &path,
             route: ctx.route.as_ref().map(|m| m.kind.name()),
+            team: ctx.identity.as_ref().map(|i| i.team.as_str()),
+            key_id: ctx.identity.as_ref().map(|i| i.key_id.as_str()),
             model: ctx.model.as_deref(),
             stream: ctx.stream,
             status,

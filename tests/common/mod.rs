@@ -3,7 +3,7 @@
 //! throwaway CA.
 #![allow(dead_code, unused_imports)]
 
-use corral::config::{Config, HumanDuration, ListenAddr, LogFormat};
+use corral::config::{Config, HumanDuration, ListenAddr, LogFormat, TeamConfig};
 use corral::devcert::DevCa;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -102,6 +102,10 @@ pub struct Corral {
     pub dir: tempfile::TempDir,
     pub cfg: Config,
     pub certs: Certs,
+    /// The signing key whose public half the gateway trusts (kid `test-2026`).
+    pub signing_key: PathBuf,
+    /// A key for the team `test` (all models, admin), when that team exists.
+    pub key: String,
     pub port: u16,
     pub metrics_port: u16,
     pub plain_port: Option<u16>,
@@ -134,35 +138,68 @@ pub fn corral_bin() -> &'static str {
     env!("CARGO_BIN_EXE_corral")
 }
 
-impl Corral {
-    /// Starts corral with `cfg` (certificate paths are filled in) and waits until it serves.
-    pub fn start(mut cfg: Config) -> Corral {
+/// The files of a test gateway, before it runs.
+pub struct Setup {
+    pub cfg: Config,
+    pub dir: tempfile::TempDir,
+    pub certs: Certs,
+    pub signing_key: PathBuf,
+}
+
+impl Setup {
+    /// Fills in what `cfg` leaves empty: the test certificate, a verification key (kid
+    /// `test-2026`), a revocation file, and, if no team is configured, a team `test` allowed
+    /// every model and the admin routes.
+    pub fn new(mut cfg: Config) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let certs = Certs::new(dir.path());
         if cfg.server.tls_cert.as_os_str().is_empty() {
             cfg.server.tls_cert = certs.cert.clone();
             cfg.server.tls_key = certs.key.clone();
         }
-        let mut corral = Self::spawn_with(cfg, dir, certs, &[]);
+        let (signing_key, verify_key) =
+            corral::keys::init(&dir.path().join("keys"), "test-2026").unwrap();
+        if cfg.auth.verify_keys.is_empty() {
+            cfg.auth.verify_keys = vec![verify_key];
+        }
+        if cfg.auth.revoked_file.as_os_str().is_empty() {
+            cfg.auth.revoked_file = dir.path().join("revoked.txt");
+        }
+        if cfg.teams.is_empty() {
+            let all = TeamConfig {
+                models: vec!["*".into()],
+                admin: true,
+                ..Default::default()
+            };
+            cfg.teams.insert("test".into(), all);
+        }
+        Setup {
+            cfg,
+            dir,
+            certs,
+            signing_key,
+        }
+    }
+
+    /// Writes the configuration file and returns its path.
+    pub fn write(&self) -> PathBuf {
+        let path = self.dir.path().join("corral.toml");
+        std::fs::write(&path, self.cfg.to_toml()).unwrap();
+        path
+    }
+
+    pub fn start(self) -> Corral {
+        let mut corral = self.spawn(&[]);
         corral.wait_ready();
         corral
     }
 
-    /// Starts corral without waiting (for start-up failures).
-    pub fn spawn_with(
-        cfg: Config,
-        dir: tempfile::TempDir,
-        certs: Certs,
-        env: &[(&str, &str)],
-    ) -> Corral {
-        let path = dir.path().join("corral.toml");
-        std::fs::write(&path, cfg.to_toml()).unwrap();
+    /// Starts the process without waiting (for start-up failures), with extra environment.
+    pub fn spawn(self, env: &[(&str, &str)]) -> Corral {
+        let path = self.write();
         let mut cmd = Command::new(corral_bin());
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(&path)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.arg("serve").arg("--config").arg(&path);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         cmd.env_remove("CORRAL_CONFIG").env_remove("RUST_LOG");
         for (k, v) in env {
             cmd.env(k, v);
@@ -172,10 +209,22 @@ impl Corral {
         let stderr = Arc::new(Mutex::new(Vec::new()));
         pipe_lines(child.stdout.take().unwrap(), stdout.clone());
         pipe_lines(child.stderr.take().unwrap(), stderr.clone());
+        let Setup {
+            cfg,
+            dir,
+            certs,
+            signing_key,
+        } = self;
+        let key = match cfg.teams.contains_key("test") {
+            true => issue_with(&signing_key, "test", None, None),
+            false => String::new(),
+        };
         Corral {
             port: cfg.server.listen.0.map_or(0, |a| a.port()),
             metrics_port: cfg.server.metrics_listen.0.map_or(0, |a| a.port()),
             plain_port: cfg.server.plain_listen.0.map(|a| a.port()),
+            signing_key,
+            key,
             child,
             dir,
             cfg,
@@ -183,6 +232,41 @@ impl Corral {
             stdout,
             stderr,
         }
+    }
+}
+
+/// Issues a key with a signing key file.
+pub fn issue_with(
+    signing_key: &Path,
+    team: &str,
+    models: Option<&[&str]>,
+    expires_in: Option<Duration>,
+) -> String {
+    let request = corral::keys::IssueRequest {
+        team: team.into(),
+        name: Some("test".into()),
+        models: models.map(|m| m.iter().map(|s| s.to_string()).collect()),
+        expires_in,
+    };
+    corral::keys::issue(signing_key, &request, corral::auth::unix_now())
+        .unwrap()
+        .0
+}
+
+impl Corral {
+    /// Starts corral with `cfg` (see [`Setup::new`]) and waits until it serves.
+    pub fn start(cfg: Config) -> Corral {
+        Setup::new(cfg).start()
+    }
+
+    /// Issues a key with the test signing key.
+    pub fn issue(
+        &self,
+        team: &str,
+        models: Option<&[&str]>,
+        expires_in: Option<Duration>,
+    ) -> String {
+        issue_with(&self.signing_key, team, models, expires_in)
     }
 
     pub fn wait_ready(&mut self) {
@@ -217,12 +301,29 @@ impl Corral {
         format!("http://127.0.0.1:{}", self.metrics_port)
     }
 
-    /// A client that trusts the test CA and resolves the test names to loopback.
+    /// A client that trusts the test CA, resolves the test names to loopback, and sends the
+    /// team `test` key.
     pub fn client(&self) -> reqwest::Client {
         self.client_builder().build().unwrap()
     }
 
     pub fn client_builder(&self) -> reqwest::ClientBuilder {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if !self.key.is_empty() {
+            headers.insert(
+                "authorization",
+                format!("Bearer {}", self.key).parse().unwrap(),
+            );
+        }
+        self.anonymous_client_builder().default_headers(headers)
+    }
+
+    /// A client that sends no key.
+    pub fn anonymous_client(&self) -> reqwest::Client {
+        self.anonymous_client_builder().build().unwrap()
+    }
+
+    pub fn anonymous_client_builder(&self) -> reqwest::ClientBuilder {
         reqwest::Client::builder()
             .tls_built_in_root_certs(false)
             .add_root_certificate(

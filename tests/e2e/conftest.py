@@ -41,12 +41,19 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
 
 
 class Gateway:
-    def __init__(self, base: str, ca: str, dir: pathlib.Path, proc: subprocess.Popen, double_url: str):
+    def __init__(self, base, ca, dir, proc, double_url, keys):
         self.base = base
         self.ca = ca
         self.dir = dir
         self.proc = proc
         self.double_url = double_url
+        # team name -> API key, issued with the real `corral keys issue`
+        self.keys = keys
+
+
+def corral(*args: str) -> str:
+    """Runs the corral CLI; returns its stdout."""
+    return subprocess.run([CORRAL, *args], check=True, capture_output=True, text=True).stdout
 
 
 @pytest.fixture(scope="session")
@@ -72,6 +79,12 @@ def gateway(tmp_path_factory, double_url):
     cert.private_key_pem.write_to_path(str(dir / "tls.key"))
     cert.cert_chain_pems[0].write_to_path(str(dir / "tls.crt"))
     ca.cert_pem.write_to_path(str(dir / "ca.pem"))
+    corral("keys", "init", "--dir", str(dir / "keys"), "--id", "e2e")
+    signing = str(dir / "keys" / "e2e.key.pem")
+    keys = {
+        "research": corral("keys", "issue", "--signing-key", signing, "--team", "research").strip(),
+        "ops": corral("keys", "issue", "--signing-key", signing, "--team", "ops").strip(),
+    }
     port, metrics = free_port(), free_port()
     (dir / "corral.toml").write_text(
         f"""
@@ -83,6 +96,17 @@ metrics_listen = "127.0.0.1:{metrics}"
 
 [upstream]
 url = "{double_url}"
+
+[auth]
+verify_keys = ["keys/e2e.pub.pem"]
+revoked_file = "revoked.txt"
+
+[teams.research]
+models = ["llama3.2:*", "nomic-embed-text*"]
+
+[teams.ops]
+models = ["*"]
+admin = true
 """
     )
     proc = subprocess.Popen(
@@ -92,6 +116,6 @@ url = "{double_url}"
         text=True,
     )
     wait_port(port, proc)
-    yield Gateway(f"https://localhost:{port}", str(dir / "ca.pem"), dir, proc, double_url)
+    yield Gateway(f"https://localhost:{port}", str(dir / "ca.pem"), dir, proc, double_url, keys)
     proc.terminate()
     proc.wait()

@@ -1,0 +1,137 @@
+//! Who may do what, as loaded from the configuration: verification keys, revocation list, teams.
+//! Built whole from a [`Config`] and swapped whole on reload, so a request sees one consistent
+//! version and a bad new configuration never half-applies.
+
+use crate::auth::{AuthFailure, Identity, Verifier};
+use crate::config::Config;
+use crate::policy::Team;
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+pub struct Access {
+    pub verifier: Verifier,
+    pub teams: HashMap<String, Team>,
+}
+
+impl Access {
+    /// Loads the key files and the revocation list. Every problem names its key and file.
+    pub fn from_config(cfg: &Config) -> Result<(Access, Vec<String>), Vec<String>> {
+        let mut problems = Vec::new();
+        let mut warnings = Vec::new();
+        let mut keys = HashMap::new();
+        for (i, path) in cfg.auth.verify_keys.iter().enumerate() {
+            let at = format!("auth.verify_keys[{i}] = \"{}\"", path.display());
+            let Some(kid) = crate::keys::kid_of(path) else {
+                problems.push(format!(
+                    "{at}: the file name must give the key id (ID.pub.pem)"
+                ));
+                continue;
+            };
+            match crate::keys::load_verify_key(path) {
+                Ok(key) => {
+                    if keys.insert(kid.clone(), key).is_some() {
+                        problems.push(format!("{at}: a second key with the id `{kid}`"));
+                    }
+                }
+                Err(e) => problems.push(format!("{at}: {e}")),
+            }
+        }
+        if cfg.auth.verify_keys.is_empty() {
+            warnings.push(
+                "auth.verify_keys is empty: every API key is refused (only public routes work)"
+                    .to_string(),
+            );
+        }
+        if cfg.teams.is_empty() {
+            warnings.push(
+                "no [teams.*] configured: every API key is refused (only public routes work)"
+                    .to_string(),
+            );
+        }
+        let revoked = match read_revoked(&cfg.auth.revoked_file) {
+            Ok(r) => r,
+            Err(e) => {
+                problems.push(e);
+                HashSet::new()
+            }
+        };
+        if !cfg.auth.revoked_file.as_os_str().is_empty() && !cfg.auth.revoked_file.exists() {
+            warnings.push(format!(
+                "auth.revoked_file = \"{}\" does not exist yet: no key is revoked (`corral keys revoke` creates it)",
+                cfg.auth.revoked_file.display()
+            ));
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let teams = cfg
+            .teams
+            .iter()
+            .map(|(name, t)| (name.clone(), Team::new(name, t)))
+            .collect();
+        Ok((
+            Access {
+                verifier: Verifier::new(keys, revoked),
+                teams,
+            },
+            warnings,
+        ))
+    }
+
+    /// Verifies a key and finds its team.
+    pub fn authenticate(
+        &self,
+        token: &str,
+        now: u64,
+    ) -> Result<(Arc<Identity>, &Team), AuthFailure> {
+        let identity = self.verifier.verify(token, now)?;
+        let team = self
+            .teams
+            .get(&identity.team)
+            .ok_or(AuthFailure::UnknownTeam)?;
+        Ok((identity, team))
+    }
+
+    /// The files whose change means "reload".
+    pub fn watched_files(cfg: &Config) -> Vec<PathBuf> {
+        let mut files = cfg.auth.verify_keys.clone();
+        if !cfg.auth.revoked_file.as_os_str().is_empty() {
+            files.push(cfg.auth.revoked_file.clone());
+        }
+        files
+    }
+}
+
+fn read_revoked(path: &std::path::Path) -> Result<HashSet<String>, String> {
+    if path.as_os_str().is_empty() {
+        return Ok(HashSet::new());
+    }
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(crate::keys::read_revoked(&text)
+            .map(str::to_string)
+            .collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HashSet::new()),
+        Err(e) => Err(format!(
+            "auth.revoked_file = \"{}\": cannot read: {e}",
+            path.display()
+        )),
+    }
+}
+
+/// The current [`Access`], shared by all requests and replaced on reload.
+pub struct AccessHandle(RwLock<Arc<Access>>);
+
+impl AccessHandle {
+    pub fn new(access: Access) -> AccessHandle {
+        AccessHandle(RwLock::new(Arc::new(access)))
+    }
+
+    pub fn current(&self) -> Arc<Access> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn replace(&self, access: Access) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(access);
+    }
+}

@@ -1,0 +1,420 @@
+//! API key → identity.
+//!
+//! An API key is a JWT signed with Ed25519 (`corral keys issue`). The gateway holds only public
+//! verification keys, so a compromised gateway cannot mint keys. Only EdDSA is accepted (no
+//! `none`, no HS*/RS* confusion), the header's `kid` picks the verification key, `exp` and `nbf`
+//! are enforced, revoked key ids (`jti`) are refused. A key verified once is cached (by its
+//! SHA-256, never the key itself) until it expires; revocation is checked on every request.
+
+use base64::Engine;
+use http::HeaderMap;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+/// Longest key accepted (a corral key is about 300 bytes).
+const MAX_KEY_LEN: usize = 4096;
+/// Verified keys remembered at most; the cache only ever holds keys that verified.
+const CACHE_CAPACITY: usize = 16_384;
+/// Clock skew tolerated on `exp` and `nbf`, in seconds.
+pub const LEEWAY: u64 = 60;
+
+/// The claims of a corral API key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// The team.
+    pub sub: String,
+    /// The key id, what revocation names.
+    pub jti: String,
+    pub iat: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exp: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+    /// Narrows the team's model allow-list (never widens it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<Vec<String>>,
+    /// A label for humans.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub team: String,
+    pub key_id: String,
+    /// The verification key that accepted it.
+    pub kid: String,
+    pub models: Option<Vec<String>>,
+    pub expires_at: Option<u64>,
+}
+
+/// Why a request's key was refused (401).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    Missing,
+    /// More than one key in the request, differing.
+    Ambiguous,
+    Malformed,
+    /// Not EdDSA (`none`, HS256, RS256, ...).
+    WrongAlgorithm,
+    /// Signed by a key this gateway does not trust (unknown or missing `kid`).
+    UnknownSigner,
+    BadSignature,
+    Expired,
+    NotYetValid,
+    Revoked,
+    /// Its team is not in the configuration.
+    UnknownTeam,
+}
+
+impl AuthFailure {
+    /// The `reason` label of `corral_auth_failures_total`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            AuthFailure::Missing => "missing",
+            AuthFailure::Ambiguous => "ambiguous",
+            AuthFailure::Malformed => "malformed",
+            AuthFailure::WrongAlgorithm => "wrong_algorithm",
+            AuthFailure::UnknownSigner => "unknown_signer",
+            AuthFailure::BadSignature => "bad_signature",
+            AuthFailure::Expired => "expired",
+            AuthFailure::NotYetValid => "not_yet_valid",
+            AuthFailure::Revoked => "revoked",
+            AuthFailure::UnknownTeam => "unknown_team",
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            AuthFailure::Missing => {
+                "missing API key: send it as `Authorization: Bearer <key>`, as `x-api-key: <key>`, or as the password of HTTP Basic auth"
+            }
+            AuthFailure::Ambiguous => "more than one API key in the request: send exactly one",
+            AuthFailure::Malformed | AuthFailure::WrongAlgorithm | AuthFailure::BadSignature => {
+                "the API key is not valid; check that it was copied whole"
+            }
+            AuthFailure::UnknownSigner => "the API key was signed by a key this gateway does not trust; ask for a new key",
+            AuthFailure::Expired => "the API key has expired; ask for a new key",
+            AuthFailure::NotYetValid => "the API key is not valid yet",
+            AuthFailure::Revoked => "the API key has been revoked",
+            AuthFailure::UnknownTeam => "the API key's team is not configured on this gateway",
+        }
+    }
+}
+
+/// Finds the API key in the request: `Authorization: Bearer`, `x-api-key`, or the password of
+/// `Authorization: Basic`. Several carriers are fine only if they carry the same key.
+pub fn key_from_headers(headers: &HeaderMap) -> Result<String, AuthFailure> {
+    let mut found: Option<String> = None;
+    let mut take = |key: String| -> Result<(), AuthFailure> {
+        let key = key.trim().to_string();
+        if key.is_empty() {
+            return Err(AuthFailure::Malformed);
+        }
+        match &found {
+            Some(k) if *k != key => Err(AuthFailure::Ambiguous),
+            _ => {
+                found = Some(key);
+                Ok(())
+            }
+        }
+    };
+    for value in headers.get_all(http::header::AUTHORIZATION) {
+        let value = value.to_str().map_err(|_| AuthFailure::Malformed)?.trim();
+        let (scheme, rest) = value.split_once(' ').ok_or(AuthFailure::Malformed)?;
+        if scheme.eq_ignore_ascii_case("bearer") {
+            take(rest.to_string())?;
+        } else if scheme.eq_ignore_ascii_case("basic") {
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(rest.trim())
+                .map_err(|_| AuthFailure::Malformed)?;
+            let text = String::from_utf8(decoded).map_err(|_| AuthFailure::Malformed)?;
+            let (_user, password) = text.split_once(':').ok_or(AuthFailure::Malformed)?;
+            take(password.to_string())?;
+        } else {
+            return Err(AuthFailure::Malformed);
+        }
+    }
+    for value in headers.get_all("x-api-key") {
+        take(
+            value
+                .to_str()
+                .map_err(|_| AuthFailure::Malformed)?
+                .to_string(),
+        )?;
+    }
+    found.ok_or(AuthFailure::Missing)
+}
+
+/// The verification keys and revocation list, with a cache of verified keys.
+pub struct Verifier {
+    keys: HashMap<String, DecodingKey>,
+    revoked: HashSet<String>,
+    validation: Validation,
+    cache: RwLock<HashMap<[u8; 32], Arc<Identity>>>,
+    signature_checks: AtomicU64,
+}
+
+impl Verifier {
+    pub fn new(keys: HashMap<String, DecodingKey>, revoked: HashSet<String>) -> Verifier {
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.algorithms = vec![Algorithm::EdDSA];
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.leeway = LEEWAY;
+        validation.set_required_spec_claims(&["sub"]);
+        Verifier {
+            keys,
+            revoked,
+            validation,
+            cache: RwLock::default(),
+            signature_checks: AtomicU64::new(0),
+        }
+    }
+
+    pub fn key_ids(&self) -> impl Iterator<Item = &str> {
+        self.keys.keys().map(String::as_str)
+    }
+
+    pub fn revoked_count(&self) -> usize {
+        self.revoked.len()
+    }
+
+    pub fn is_revoked(&self, key_id: &str) -> bool {
+        self.revoked.contains(key_id)
+    }
+
+    /// How many keys had their signature checked (cache misses).
+    pub fn signature_checks(&self) -> u64 {
+        self.signature_checks.load(Ordering::Relaxed)
+    }
+
+    /// Verifies a key at unix time `now`.
+    pub fn verify(&self, token: &str, now: u64) -> Result<Arc<Identity>, AuthFailure> {
+        if token.len() > MAX_KEY_LEN || !token.is_ascii() {
+            return Err(AuthFailure::Malformed);
+        }
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let cached = self
+            .cache
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&digest)
+            .cloned();
+        let identity = match cached {
+            Some(identity) => identity,
+            None => {
+                let identity = Arc::new(self.verify_signature(token)?);
+                let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+                if cache.len() >= CACHE_CAPACITY {
+                    cache.clear();
+                }
+                cache.insert(digest, identity.clone());
+                identity
+            }
+        };
+        // Checked on every use: a cached key still expires and can still be revoked.
+        if identity.expires_at.is_some_and(|exp| now > exp + LEEWAY) {
+            return Err(AuthFailure::Expired);
+        }
+        if self.revoked.contains(&identity.key_id) {
+            return Err(AuthFailure::Revoked);
+        }
+        Ok(identity)
+    }
+
+    fn verify_signature(&self, token: &str) -> Result<Identity, AuthFailure> {
+        use jsonwebtoken::errors::ErrorKind;
+        self.signature_checks.fetch_add(1, Ordering::Relaxed);
+        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthFailure::Malformed)?;
+        if header.alg != Algorithm::EdDSA {
+            return Err(AuthFailure::WrongAlgorithm);
+        }
+        let kid = header.kid.ok_or(AuthFailure::UnknownSigner)?;
+        let key = self.keys.get(&kid).ok_or(AuthFailure::UnknownSigner)?;
+        let data =
+            jsonwebtoken::decode::<Claims>(token, key, &self.validation).map_err(|e| {
+                match e.kind() {
+                    ErrorKind::InvalidSignature => AuthFailure::BadSignature,
+                    ErrorKind::ExpiredSignature => AuthFailure::Expired,
+                    ErrorKind::ImmatureSignature => AuthFailure::NotYetValid,
+                    ErrorKind::InvalidAlgorithm => AuthFailure::WrongAlgorithm,
+                    _ => AuthFailure::Malformed,
+                }
+            })?;
+        let c = data.claims;
+        if c.sub.is_empty() || c.jti.is_empty() {
+            return Err(AuthFailure::Malformed);
+        }
+        Ok(Identity {
+            team: c.sub,
+            key_id: c.jti,
+            kid,
+            models: c.models,
+            expires_at: c.exp,
+        })
+    }
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn finds_the_key_in_each_carrier() {
+        assert_eq!(
+            key_from_headers(&headers(&[("authorization", "Bearer abc")])).unwrap(),
+            "abc"
+        );
+        assert_eq!(
+            key_from_headers(&headers(&[("authorization", "bearer  abc ")])).unwrap(),
+            "abc"
+        );
+        assert_eq!(
+            key_from_headers(&headers(&[("x-api-key", "abc")])).unwrap(),
+            "abc"
+        );
+        let basic = base64::engine::general_purpose::STANDARD.encode("anyone:abc");
+        assert_eq!(
+            key_from_headers(&headers(&[("authorization", &format!("Basic {basic}"))])).unwrap(),
+            "abc"
+        );
+        // The same key twice is fine (some SDKs send both headers).
+        assert_eq!(
+            key_from_headers(&headers(&[
+                ("authorization", "Bearer abc"),
+                ("x-api-key", "abc")
+            ]))
+            .unwrap(),
+            "abc"
+        );
+    }
+
+    fn verifier_with_key(revoked: &[&str]) -> (tempfile::TempDir, Verifier) {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, public) = crate::keys::init(dir.path(), "k1").unwrap();
+        let key = crate::keys::load_verify_key(&public).unwrap();
+        let revoked = revoked.iter().map(|s| s.to_string()).collect();
+        (
+            dir,
+            Verifier::new([("k1".to_string(), key)].into(), revoked),
+        )
+    }
+
+    fn issue(dir: &tempfile::TempDir, expires_in: Option<u64>, now: u64) -> (String, Claims) {
+        let req = crate::keys::IssueRequest {
+            team: "t".into(),
+            expires_in: expires_in.map(std::time::Duration::from_secs),
+            ..Default::default()
+        };
+        crate::keys::issue(&dir.path().join("k1.key.pem"), &req, now).unwrap()
+    }
+
+    #[test]
+    fn a_verified_key_is_served_from_the_cache_until_it_expires() {
+        let (dir, v) = verifier_with_key(&[]);
+        let now = unix_now();
+        let (token, claims) = issue(&dir, Some(3600), now);
+        for _ in 0..5 {
+            assert_eq!(v.verify(&token, now).unwrap().key_id, claims.jti);
+        }
+        assert_eq!(
+            v.signature_checks(),
+            1,
+            "verified from scratch more than once"
+        );
+        // Still cached, but past its expiry (plus leeway): refused.
+        assert_eq!(
+            v.verify(&token, now + 3600 + LEEWAY + 1),
+            Err(AuthFailure::Expired)
+        );
+        assert_eq!(v.signature_checks(), 1);
+    }
+
+    #[test]
+    fn revoked_and_failed_keys_are_refused_every_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, public) = crate::keys::init(dir.path(), "k1").unwrap();
+        let now = unix_now();
+        let req = crate::keys::IssueRequest {
+            team: "t".into(),
+            ..Default::default()
+        };
+        let (token, claims) =
+            crate::keys::issue(&dir.path().join("k1.key.pem"), &req, now).unwrap();
+        let key = crate::keys::load_verify_key(&public).unwrap();
+        let v = Verifier::new(
+            [("k1".to_string(), key)].into(),
+            [claims.jti.clone()].into(),
+        );
+        assert_eq!(v.verify(&token, now), Err(AuthFailure::Revoked));
+        assert_eq!(v.verify(&token, now), Err(AuthFailure::Revoked));
+        let mut tampered = token.clone();
+        tampered.pop();
+        tampered.push(if token.ends_with('A') { 'B' } else { 'A' });
+        assert_eq!(v.verify(&tampered, now), Err(AuthFailure::BadSignature));
+        assert_eq!(
+            v.verify(&"x".repeat(MAX_KEY_LEN + 1), now),
+            Err(AuthFailure::Malformed)
+        );
+        assert_eq!(v.verify("not.a.jwt", now), Err(AuthFailure::Malformed));
+    }
+
+    #[test]
+    fn refuses_missing_ambiguous_and_odd_carriers() {
+        assert_eq!(key_from_headers(&headers(&[])), Err(AuthFailure::Missing));
+        assert_eq!(
+            key_from_headers(&headers(&[
+                ("authorization", "Bearer a"),
+                ("x-api-key", "b")
+            ])),
+            Err(AuthFailure::Ambiguous)
+        );
+        assert_eq!(
+            key_from_headers(&headers(&[
+                ("authorization", "Bearer a"),
+                ("authorization", "Bearer b")
+            ])),
+            Err(AuthFailure::Ambiguous)
+        );
+        assert_eq!(
+            key_from_headers(&headers(&[("authorization", "Token abc")])),
+            Err(AuthFailure::Malformed)
+        );
+        assert_eq!(
+            key_from_headers(&headers(&[("authorization", "Bearer")])),
+            Err(AuthFailure::Malformed)
+        );
+        assert_eq!(
+            key_from_headers(&headers(&[("authorization", "Basic !!!")])),
+            Err(AuthFailure::Malformed)
+        );
+        assert_eq!(
+            key_from_headers(&headers(&[("x-api-key", "")])),
+            Err(AuthFailure::Malformed)
+        );
+    }
+}

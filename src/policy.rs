@@ -1,0 +1,478 @@
+//! Identity + route + model → allow or deny.
+//!
+//! Per team (from config): model globs, `admin` for the mutating routes, `cloud` for models Ollama
+//! would forward to ollama.com. A key's `models` claim narrows its team's globs, never widens them:
+//! a model must match both. Names are normalized as Ollama does (`llama3.2` is `llama3.2:latest`)
+//! and compared case-insensitively.
+
+use crate::auth::Identity;
+use crate::body::JsonObject;
+use crate::config::TeamConfig;
+use crate::error::GatewayError;
+use crate::ollama::{is_cloud_model, ModelName};
+use crate::routes::{RouteClass, RouteKind};
+use serde_json::Value;
+
+/// A model-name pattern: `*` matches any run of characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Glob(String);
+
+impl Glob {
+    pub fn new(pattern: &str) -> Glob {
+        let p = pattern.trim();
+        if !p.contains('*') {
+            if let Some(name) = ModelName::parse(p) {
+                return Glob(name.key());
+            }
+        }
+        let lower = p.to_ascii_lowercase();
+        let stripped = lower
+            .strip_prefix("registry.ollama.ai/library/")
+            .or_else(|| lower.strip_prefix("library/"))
+            .unwrap_or(&lower);
+        Glob(stripped.to_string())
+    }
+
+    /// Matches a normalized, lowercase model key.
+    pub fn matches(&self, key: &str) -> bool {
+        wildcard(self.0.as_bytes(), key.as_bytes())
+    }
+}
+
+/// `*`-only wildcard matching, linear time (no backtracking blow-up).
+fn wildcard(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while t < text.len() {
+        if p < pattern.len() && pattern[p] != b'*' && pattern[p] == text[t] {
+            p += 1;
+            t += 1;
+        } else if p < pattern.len() && pattern[p] == b'*' {
+            star = Some(p);
+            mark = t;
+            p += 1;
+        } else if let Some(s) = star {
+            p = s + 1;
+            mark += 1;
+            t = mark;
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|&b| b == b'*')
+}
+
+/// A team's policy, compiled from its config table.
+#[derive(Debug, Clone)]
+pub struct Team {
+    pub name: String,
+    pub models: Vec<Glob>,
+    pub admin: bool,
+    pub cloud: bool,
+    pub rpm: u32,
+    pub tpm: u64,
+    pub max_concurrent: u32,
+}
+
+impl Team {
+    pub fn new(name: &str, cfg: &TeamConfig) -> Team {
+        Team {
+            name: name.to_string(),
+            models: cfg.models.iter().map(|g| Glob::new(g)).collect(),
+            admin: cfg.admin,
+            cloud: cfg.cloud,
+            rpm: cfg.rpm,
+            tpm: cfg.tpm,
+            max_concurrent: cfg.max_concurrent,
+        }
+    }
+
+    /// Whether this team, with this key, may use `model` (normalized).
+    pub fn allows(&self, identity: &Identity, model: &ModelName) -> bool {
+        let key = model.key();
+        if is_cloud_model(&key) && !self.cloud {
+            return false;
+        }
+        let by_key = identity
+            .models
+            .as_ref()
+            .is_none_or(|claim| claim.iter().any(|g| Glob::new(g).matches(&key)));
+        by_key && self.models.iter().any(|g| g.matches(&key))
+    }
+}
+
+/// A model a request names, and the field that named it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelRef {
+    pub field: &'static str,
+    pub name: ModelName,
+}
+
+fn named(field: &'static str, value: Option<String>) -> Result<Option<ModelRef>, GatewayError> {
+    match value.filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(v) => ModelName::parse(&v)
+            .map(|name| Some(ModelRef { field, name }))
+            .ok_or_else(|| {
+                GatewayError::BadRequest(format!("\"{field}\": `{v}` is not a valid model name"))
+            }),
+    }
+}
+
+fn field(obj: &JsonObject, name: &'static str) -> Result<Option<String>, GatewayError> {
+    obj.string(name).map_err(|e| GatewayError::BadRequest(e.0))
+}
+
+/// Every model a request refers to, read from its body or path as Ollama reads them.
+pub fn referenced_models(
+    kind: RouteKind,
+    body: Option<&JsonObject>,
+    param: Option<&str>,
+) -> Result<Vec<ModelRef>, GatewayError> {
+    use RouteKind::*;
+    let mut refs = Vec::new();
+    match (kind, body) {
+        (Model, _) => refs.extend(named("model", param.map(str::to_string))?),
+        (Copy, Some(b)) => {
+            refs.extend(named("source", field(b, "source")?)?);
+            refs.extend(named("destination", field(b, "destination")?)?);
+        }
+        // Ollama falls back to the deprecated `name` when `model` is empty.
+        (Show | Pull | Push | Delete | Create, Some(b)) => {
+            let model = field(b, "model")?.filter(|m| !m.is_empty());
+            refs.extend(match model {
+                Some(m) => named("model", Some(m))?,
+                None => named("name", field(b, "name")?)?,
+            });
+            if kind == Create {
+                refs.extend(named("from", field(b, "from")?)?);
+            }
+        }
+        (_, Some(b)) => refs.extend(named("model", field(b, "model")?)?),
+        (_, None) => {}
+    }
+    Ok(refs)
+}
+
+/// Decides a request that carries a valid key.
+pub fn authorize(
+    team: &Team,
+    identity: &Identity,
+    kind: RouteKind,
+    models: &[ModelRef],
+) -> Result<(), GatewayError> {
+    match kind.class() {
+        RouteClass::Public => Ok(()),
+        RouteClass::Admin => {
+            if !team.admin {
+                return Err(GatewayError::Forbidden(format!(
+                    "team `{}` may not call {}: it is an admin route (set admin = true for the team)",
+                    team.name,
+                    kind.name()
+                )));
+            }
+            match models
+                .iter()
+                .find(|m| is_cloud_model(m.name.as_str()) && !team.cloud)
+            {
+                Some(m) => Err(cloud_refused(team, &m.name)),
+                None => Ok(()),
+            }
+        }
+        RouteClass::Inference | RouteClass::Info => {
+            if kind.class() == RouteClass::Inference && models.is_empty() {
+                return Err(GatewayError::BadRequest(format!(
+                    "{} needs a \"model\"",
+                    kind.name()
+                )));
+            }
+            for m in models {
+                if is_cloud_model(m.name.as_str()) && !team.cloud {
+                    return Err(cloud_refused(team, &m.name));
+                }
+                if !team.allows(identity, &m.name) {
+                    return Err(GatewayError::Forbidden(format!(
+                        "model `{}` is not allowed for team `{}`{}",
+                        m.name,
+                        team.name,
+                        if identity.models.is_some() {
+                            " with this key"
+                        } else {
+                            ""
+                        }
+                    )));
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn cloud_refused(team: &Team, name: &ModelName) -> GatewayError {
+    GatewayError::Forbidden(format!(
+        "model `{name}` runs on ollama.com, not here; team `{}` may not use cloud models",
+        team.name
+    ))
+}
+
+/// Model lists (`/api/tags`, `/api/ps`, `/v1/models`) cut down to what the team may use. `None`
+/// when the body is not the expected JSON (it is then withheld, not passed through).
+pub fn filter_list(
+    kind: RouteKind,
+    team: &Team,
+    identity: &Identity,
+    body: &[u8],
+) -> Option<Vec<u8>> {
+    let mut doc: Value = serde_json::from_slice(body).ok()?;
+    let (list_key, name_key) = match kind {
+        RouteKind::Tags | RouteKind::Ps => ("models", "model"),
+        RouteKind::Models => ("data", "id"),
+        _ => return None,
+    };
+    let keep = |item: &Value| {
+        let name = item
+            .get(name_key)
+            .or_else(|| item.get("name"))
+            .and_then(Value::as_str);
+        name.and_then(ModelName::parse)
+            .is_some_and(|n| team.allows(identity, &n))
+    };
+    match doc.get_mut(list_key)? {
+        Value::Array(items) => items.retain(keep),
+        // Ollama sends `"data": null` for no models.
+        v @ Value::Null => *v = Value::Array(vec![]),
+        _ => return None,
+    }
+    serde_json::to_vec(&doc).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn team(models: &[&str]) -> Team {
+        Team::new(
+            "research",
+            &TeamConfig {
+                models: models.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            },
+        )
+    }
+
+    fn id(models: Option<&[&str]>) -> Identity {
+        Identity {
+            team: "research".into(),
+            key_id: "k".into(),
+            kid: "v".into(),
+            models: models.map(|m| m.iter().map(|s| s.to_string()).collect()),
+            expires_at: None,
+        }
+    }
+
+    fn m(name: &str) -> ModelName {
+        ModelName::parse(name).unwrap()
+    }
+
+    #[test]
+    fn globs_match_normalized_names() {
+        let t = team(&["llama3.2:*", "nomic-embed-text*", "qwen2.5"]);
+        for ok in [
+            "llama3.2",
+            "llama3.2:3b",
+            "LLAMA3.2:latest",
+            "library/llama3.2",
+            "nomic-embed-text",
+            "qwen2.5:latest",
+        ] {
+            assert!(t.allows(&id(None), &m(ok)), "{ok}");
+        }
+        for no in [
+            "llama3.1",
+            "qwen2.5:7b",
+            "mistral",
+            "hf.co/x/llama3.2",
+            "evil/llama3.2",
+        ] {
+            assert!(!t.allows(&id(None), &m(no)), "{no}");
+        }
+        assert!(team(&["*"]).allows(&id(None), &m("anything:at-all")));
+        assert!(
+            !team(&[]).allows(&id(None), &m("llama3.2")),
+            "no globs, no models"
+        );
+    }
+
+    #[test]
+    fn wildcard_matching_is_linear_and_correct() {
+        assert!(wildcard(b"a*b*c", b"aXXbYYc"));
+        assert!(!wildcard(b"a*b*c", b"aXXbYY"));
+        assert!(wildcard(b"*", b""));
+        assert!(!wildcard(b"abc", b"abcd"));
+        let long = "a".repeat(10_000);
+        assert!(!wildcard(
+            format!("{}b", "*a".repeat(50)).as_bytes(),
+            long.as_bytes()
+        ));
+    }
+
+    #[test]
+    fn a_key_claim_narrows_and_never_widens() {
+        let t = team(&["llama3.2:*"]);
+        assert!(t.allows(&id(Some(&["llama3.2:1b"])), &m("llama3.2:1b")));
+        assert!(
+            !t.allows(&id(Some(&["llama3.2:1b"])), &m("llama3.2:3b")),
+            "narrowed"
+        );
+        assert!(
+            !t.allows(&id(Some(&["*"])), &m("qwen2.5")),
+            "a wide claim does not widen"
+        );
+    }
+
+    #[test]
+    fn cloud_models_need_the_cloud_flag() {
+        let mut t = team(&["*"]);
+        assert!(!t.allows(&id(None), &m("gpt-oss:120b-cloud")));
+        t.cloud = true;
+        assert!(t.allows(&id(None), &m("gpt-oss:120b-cloud")));
+    }
+
+    #[test]
+    fn admin_routes_need_the_admin_flag() {
+        let mut t = team(&["*"]);
+        let refs = [ModelRef {
+            field: "model",
+            name: m("llama3.2"),
+        }];
+        let e = authorize(&t, &id(None), RouteKind::Pull, &refs).unwrap_err();
+        assert_eq!(e.status(), 403);
+        t.admin = true;
+        assert!(authorize(&t, &id(None), RouteKind::Pull, &refs).is_ok());
+        let cloud = [ModelRef {
+            field: "model",
+            name: m("x:cloud"),
+        }];
+        assert_eq!(
+            authorize(&t, &id(None), RouteKind::Pull, &cloud)
+                .unwrap_err()
+                .status(),
+            403
+        );
+    }
+
+    #[test]
+    fn inference_needs_an_allowed_model() {
+        let t = team(&["llama3.2:*"]);
+        assert_eq!(
+            authorize(&t, &id(None), RouteKind::Chat, &[])
+                .unwrap_err()
+                .status(),
+            400
+        );
+        let ok = [ModelRef {
+            field: "model",
+            name: m("llama3.2"),
+        }];
+        assert!(authorize(&t, &id(None), RouteKind::Chat, &ok).is_ok());
+        let no = [ModelRef {
+            field: "model",
+            name: m("mistral"),
+        }];
+        let e = authorize(&t, &id(None), RouteKind::ChatCompletions, &no).unwrap_err();
+        assert_eq!(e.status(), 403);
+        assert!(e.to_string().contains("mistral:latest"));
+        // Info routes with no model name (lists) pass; named ones are checked.
+        assert!(authorize(&t, &id(None), RouteKind::Tags, &[]).is_ok());
+        assert_eq!(
+            authorize(&t, &id(None), RouteKind::Show, &no)
+                .unwrap_err()
+                .status(),
+            403
+        );
+    }
+
+    #[test]
+    fn models_are_read_from_the_fields_ollama_reads() {
+        let refs = |kind, body: &str| {
+            let obj = JsonObject::parse(body.as_bytes()).unwrap();
+            referenced_models(kind, Some(&obj), None)
+                .unwrap()
+                .into_iter()
+                .map(|r| (r.field, r.name.to_string()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            refs(RouteKind::Chat, r#"{"model":"llama3.2"}"#),
+            [("model", "llama3.2:latest".to_string())]
+        );
+        assert_eq!(
+            refs(RouteKind::Show, r#"{"name":"qwen2.5"}"#),
+            [("name", "qwen2.5:latest".to_string())]
+        );
+        assert_eq!(
+            refs(RouteKind::Show, r#"{"model":"a","name":"b"}"#),
+            [("model", "a:latest".to_string())]
+        );
+        assert_eq!(
+            refs(RouteKind::Copy, r#"{"source":"a","destination":"b"}"#).len(),
+            2
+        );
+        assert_eq!(
+            refs(RouteKind::Create, r#"{"model":"mine","from":"llama3.2"}"#).len(),
+            2
+        );
+        assert_eq!(
+            referenced_models(RouteKind::Model, None, Some("llama3.2")).unwrap()[0]
+                .name
+                .to_string(),
+            "llama3.2:latest"
+        );
+        let obj = JsonObject::parse(br#"{"model":"../../etc"}"#).unwrap();
+        assert_eq!(
+            referenced_models(RouteKind::Chat, Some(&obj), None)
+                .unwrap_err()
+                .status(),
+            400
+        );
+    }
+
+    #[test]
+    fn lists_only_show_the_teams_models() {
+        let t = team(&["llama3.2:*"]);
+        let tags = json!({"models": [{"name": "llama3.2:latest", "model": "llama3.2:latest"}, {"name": "qwen2.5:7b", "model": "qwen2.5:7b"}]});
+        let out: Value = serde_json::from_slice(
+            &filter_list(RouteKind::Tags, &t, &id(None), tags.to_string().as_bytes()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(out["models"].as_array().unwrap().len(), 1);
+        assert_eq!(out["models"][0]["name"], "llama3.2:latest");
+        let models =
+            json!({"object": "list", "data": [{"id": "qwen2.5:7b"}, {"id": "llama3.2:3b"}]});
+        let out: Value = serde_json::from_slice(
+            &filter_list(
+                RouteKind::Models,
+                &t,
+                &id(None),
+                models.to_string().as_bytes(),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(out["data"], json!([{"id": "llama3.2:3b"}]));
+        let none = json!({"object": "list", "data": null});
+        let out: Value = serde_json::from_slice(
+            &filter_list(
+                RouteKind::Models,
+                &t,
+                &id(None),
+                none.to_string().as_bytes(),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(out["data"], json!([]));
+        assert!(filter_list(RouteKind::Tags, &t, &id(None), b"not json").is_none());
+    }
+}

@@ -1,0 +1,125 @@
+//! Reload without restart: on SIGHUP, and when the configuration file, a verification key or the
+//! revocation list changes. Teams, keys and revocations are swapped whole; requests and streams in
+//! flight are not touched. A bad new configuration is refused with its reasons logged, and the
+//! running one stays in force. SIGHUP also re-reads the TLS certificate.
+
+use crate::access::{Access, AccessHandle};
+use crate::config::{Config, Source};
+use crate::tls::CertStore;
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::signal::unix::{signal, SignalKind};
+
+/// How often watched files are compared with what was loaded.
+pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Installs corral's SIGHUP handler at once, so a SIGHUP that arrives before the reloader runs
+/// does not kill the process (the default action) but is remembered.
+pub fn claim_sighup() {
+    if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+    {
+        rt.block_on(async {
+            let _ = signal(SignalKind::hangup());
+        });
+    }
+}
+
+pub struct Reloader {
+    pub source: Source,
+    /// The configuration the process started with (what a reload cannot change).
+    pub started: Config,
+    pub access: Arc<AccessHandle>,
+    pub certs: Option<Arc<CertStore>>,
+}
+
+/// What the watched files held (small files: compared by content).
+fn snapshot(source: &Source, cfg: &Config) -> Vec<(PathBuf, Option<Vec<u8>>)> {
+    let mut files = Access::watched_files(cfg);
+    if let Source::File(p) = source {
+        files.push(p.clone());
+    }
+    files
+        .into_iter()
+        .map(|p| (p.clone(), std::fs::read(&p).ok()))
+        .collect()
+}
+
+impl Reloader {
+    /// Loads and applies the configuration now. Returns the new configuration.
+    pub fn reload(&self) -> Result<Config, Vec<String>> {
+        let cfg = Config::load(&self.source).map_err(|e| {
+            e.to_string()
+                .lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })?;
+        let (access, warnings) = Access::from_config(&cfg)?;
+        for w in warnings {
+            tracing::warn!("{w}");
+        }
+        let teams = access.teams.len();
+        let keys = access.verifier.key_ids().count();
+        let revoked = access.verifier.revoked_count();
+        self.access.replace(access);
+        tracing::info!(teams, verify_keys = keys, revoked, "configuration reloaded");
+        let fixed = [
+            ("server", self.started.server != cfg.server),
+            ("upstream", self.started.upstream != cfg.upstream),
+            ("preload", self.started.preload != cfg.preload),
+            ("log", self.started.log != cfg.log),
+        ];
+        let changed: Vec<&str> = fixed.iter().filter(|(_, c)| *c).map(|(s, _)| *s).collect();
+        if !changed.is_empty() {
+            tracing::warn!(sections = ?changed, "these sections changed; they take effect only after a restart");
+        }
+        Ok(cfg)
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Reloader {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::error!("cannot listen for SIGHUP; reload on file change only");
+            return;
+        };
+        let mut current = self.started.clone();
+        let mut seen = snapshot(&self.source, &current);
+        loop {
+            let forced = tokio::select! {
+                _ = hup.recv() => true,
+                _ = tokio::time::sleep(WATCH_INTERVAL) => false,
+                _ = shutdown.changed() => return,
+            };
+            if forced {
+                tracing::info!("SIGHUP: reloading configuration, keys and certificate");
+                if let Some(certs) = &self.certs {
+                    match certs.reload() {
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::error!(error = %e, "TLS certificate not reloaded; the previous one stays in use")
+                        }
+                    }
+                }
+            } else if snapshot(&self.source, &current) == seen {
+                continue;
+            }
+            match self.reload() {
+                Ok(cfg) => current = cfg,
+                Err(problems) => {
+                    for p in &problems {
+                        tracing::error!(problem = %p, "configuration not reloaded; the running one stays in force");
+                    }
+                }
+            }
+            // Files named by the new configuration are watched from now on.
+            seen = snapshot(&self.source, &current);
+        }
+    }
+}
