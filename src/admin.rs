@@ -2,6 +2,7 @@
 //! separate from the public listener and carries no API routes.
 
 use crate::lifecycle::Lifecycle;
+use crate::telemetry::metrics::Metrics;
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
@@ -11,6 +12,7 @@ use std::sync::Arc;
 
 pub struct AdminApp {
     pub lifecycle: Arc<Lifecycle>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl AdminApp {
@@ -26,6 +28,11 @@ impl AdminApp {
         }
         match path {
             "/livez" => (StatusCode::OK, JSON, br#"{"status":"ok"}"#.to_vec()),
+            "/metrics" => (
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                self.metrics.encode(),
+            ),
             "/readyz" => {
                 let draining = self.lifecycle.is_draining();
                 let status = if draining {
@@ -72,6 +79,7 @@ mod tests {
     fn probes_answer_and_everything_else_is_404() {
         let app = AdminApp {
             lifecycle: Arc::new(Lifecycle::default()),
+            metrics: Arc::new(Metrics::new(&crate::config::Config::default())),
         };
         assert_eq!(app.answer(&Method::GET, "/livez").0, StatusCode::OK);
         let (status, _, body) = app.answer(&Method::GET, "/readyz");

@@ -57,6 +57,9 @@ enum Command {
         /// Tokens per answer when the request sets no limit.
         #[arg(long, default_value_t = 12)]
         tokens: usize,
+        /// Also serve a model whose streams break off after 3 tokens (to see truncated streams).
+        #[arg(long)]
+        failing_model: Option<String>,
     },
 }
 
@@ -147,7 +150,8 @@ pub fn main() -> ExitCode {
             listen,
             token_delay,
             tokens,
-        } => double(listen, token_delay, tokens),
+            failing_model,
+        } => double(listen, token_delay, tokens, failing_model),
         Command::Keys(cmd) => match keys(cmd) {
             Ok(code) => code,
             Err(e) => fail(&e),
@@ -330,12 +334,21 @@ fn serve(config: Option<PathBuf>) -> ExitCode {
     }
 }
 
-fn double(listen: SocketAddr, token_delay: HumanDuration, tokens: usize) -> ExitCode {
-    let cfg = crate::double::DoubleConfig {
+fn double(
+    listen: SocketAddr,
+    token_delay: HumanDuration,
+    tokens: usize,
+    failing_model: Option<String>,
+) -> ExitCode {
+    let mut cfg = crate::double::DoubleConfig {
         token_delay: token_delay.0,
         response_tokens: tokens,
         ..Default::default()
     };
+    if let Some(name) = failing_model {
+        cfg.models
+            .push(crate::double::ModelSpec::chat(&name).failing_after(3));
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

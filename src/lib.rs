@@ -34,6 +34,7 @@ pub mod keys;
 pub mod lifecycle;
 pub mod ollama;
 pub mod policy;
+pub mod probe;
 pub mod proxy;
 pub mod reload;
 pub mod routes;
@@ -42,6 +43,7 @@ pub mod telemetry;
 pub mod tls;
 pub mod upstream;
 pub mod upstream_client;
+pub mod usage;
 
 /// Version and commit, as `corral --version` prints them.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -5,6 +5,7 @@
 
 use crate::access::{Access, AccessHandle};
 use crate::config::{Config, Source};
+use crate::telemetry::metrics::Metrics;
 use crate::tls::CertStore;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
@@ -36,6 +37,7 @@ pub struct Reloader {
     pub started: Config,
     pub access: Arc<AccessHandle>,
     pub certs: Option<Arc<CertStore>>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// What the watched files held (small files: compared by content).
@@ -110,7 +112,10 @@ impl BackgroundService for Reloader {
             } else if snapshot(&self.source, &current) == seen {
                 continue;
             }
-            match self.reload() {
+            let result = self.reload();
+            let label = if result.is_ok() { "ok" } else { "error" };
+            self.metrics.reloads.with_label_values(&[label]).inc();
+            match result {
                 Ok(cfg) => current = cfg,
                 Err(problems) => {
                     for p in &problems {

@@ -9,11 +9,14 @@ use crate::access::{Access, AccessHandle};
 use crate::admin::AdminApp;
 use crate::config::{Config, Source};
 use crate::lifecycle::{Lifecycle, Signals};
+use crate::probe::Probe;
 use crate::proxy::Gateway;
 use crate::reload::Reloader;
 use crate::telemetry::access_log::AccessLog;
+use crate::telemetry::metrics::Metrics;
 use crate::tls::{CertStore, CertWatcher};
 use crate::upstream::{Resolver, Upstream};
+use crate::upstream_client::UpstreamClient;
 use pingora::apps::HttpServerOptions;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
@@ -153,7 +156,9 @@ pub fn run(prepared: Prepared) -> Result<(), StartError> {
     server.bootstrap();
 
     let lifecycle = Arc::new(Lifecycle::default());
+    let metrics = Arc::new(Metrics::new(&cfg));
     let gateway = Gateway {
+        metrics: metrics.clone(),
         upstream: upstream.clone(),
         access: access.clone(),
         max_body: cfg.server.max_body,
@@ -180,6 +185,7 @@ pub fn run(prepared: Prepared) -> Result<(), StartError> {
             "corral admin".to_string(),
             AdminApp {
                 lifecycle: lifecycle.clone(),
+                metrics: metrics.clone(),
             },
         );
         admin.add_tcp(&addr.to_string());
@@ -191,7 +197,13 @@ pub fn run(prepared: Prepared) -> Result<(), StartError> {
         started: cfg.clone(),
         access,
         certs: certs.clone(),
+        metrics: metrics.clone(),
     };
+    let probe = Probe {
+        client: UpstreamClient::new(upstream.clone()),
+        metrics: metrics.clone(),
+    };
+    server.add_service(background_service("upstream probe", probe));
     server.add_service(background_service("config reload", reloader));
     if let Some(certs) = certs.filter(|c| c.watches_files()) {
         server.add_service(background_service("tls reload", CertWatcher(certs)));

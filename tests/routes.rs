@@ -72,8 +72,7 @@ impl Gw {
     }
 
     fn forwarded(&self) -> Vec<String> {
-        self.double
-            .requests()
+        forwarded(&self.double)
             .iter()
             .map(|r| r.target.clone())
             .collect()

@@ -644,6 +644,7 @@ pub(crate) struct Run {
     pub tokens: Vec<String>,
     limited: bool,
     finished: bool,
+    fail_after: Option<usize>,
 }
 
 impl Run {
@@ -667,6 +668,7 @@ impl Run {
             tokens: Vec::new(),
             limited: false,
             finished: false,
+            fail_after: spec.fail_after,
         };
         tokio::time::sleep_until(ready_at.into()).await;
         run.loaded_at = Instant::now();
@@ -702,6 +704,11 @@ impl Run {
 
     fn text(&self) -> String {
         self.tokens.concat()
+    }
+
+    /// Ends the run with a failure (not a disconnect, not a completion).
+    fn fail(mut self) {
+        self.finished = true;
     }
 
     /// Marks the run complete and returns its metrics.
@@ -740,12 +747,28 @@ fn stream_run(
     mut frame: impl FnMut(usize, &str) -> Vec<Bytes> + Send + 'static,
     last: impl FnOnce(&Metrics, String) -> Vec<Bytes> + Send + 'static,
 ) -> Resp {
+    let sse = content_type == "text/event-stream";
     let (mut tx, resp) = streamed(content_type);
     tokio::spawn(async move {
         let delay = run.delay();
         for (i, token) in run.tokens.iter().enumerate() {
             if i > 0 {
                 tokio::time::sleep(delay).await;
+            }
+            if run.fail_after == Some(i) {
+                // The runner died: an in-band error, then the stream ends without its marker.
+                let message = "an error was encountered while running the model: unexpected EOF";
+                let frame = if sse {
+                    format!(
+                        "data: {}\n\n",
+                        json!({"error": {"message": message, "type": "api_error", "param": null, "code": null}})
+                    )
+                } else {
+                    format!("{}\n", json!({ "error": message }))
+                };
+                let _ = tx.send_data(Bytes::from(frame)).await;
+                run.fail();
+                return;
             }
             for f in frame(i, token) {
                 if tx.send_data(f).await.is_err() {

@@ -26,6 +26,9 @@ pub struct ModelSpec {
     pub context_length: u64,
     pub embedding_length: usize,
     pub modified_at: SystemTime,
+    /// Streams break off after this many tokens with an in-band error, as when Ollama's runner
+    /// crashes mid-generation.
+    pub fail_after: Option<usize>,
 }
 
 impl ModelSpec {
@@ -48,6 +51,7 @@ impl ModelSpec {
             context_length: 4096,
             embedding_length: 8,
             modified_at: SystemTime::now(),
+            fail_after: None,
         }
     }
 
@@ -67,6 +71,12 @@ impl ModelSpec {
 
     pub fn with_load_time(mut self, d: Duration) -> ModelSpec {
         self.load_time = d;
+        self
+    }
+
+    /// A model whose streams break off after `tokens` tokens.
+    pub fn failing_after(mut self, tokens: usize) -> ModelSpec {
+        self.fail_after = Some(tokens);
         self
     }
 

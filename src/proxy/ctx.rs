@@ -4,6 +4,7 @@ use crate::access::Access;
 use crate::auth::Identity;
 use crate::lifecycle::InFlight;
 use crate::routes::{Dialect, Matched};
+use crate::usage::{Meter, UsageStripper};
 use bytes::{Bytes, BytesMut};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -58,6 +59,15 @@ pub struct RequestCtx {
     pub response_format: BodyFormat,
     /// A model list being collected whole to be filtered for the team.
     pub list_body: Option<BytesMut>,
+    /// Reads usage and completeness from an inference response.
+    pub meter: Option<Meter>,
+    /// corral asked Ollama for usage the client did not ask for; it is taken out again.
+    pub strip_usage: bool,
+    pub stripper: Option<UsageStripper>,
+    /// What went wrong talking to Ollama (`corral_upstream_errors_total{kind}`).
+    pub upstream_error: Option<&'static str>,
+    /// Counts this request in `corral_inflight_requests{team}` while it lives.
+    pub team_in_flight: Option<GaugeGuard>,
     /// A short label of what went wrong, for the log.
     pub error: Option<&'static str>,
     _in_flight: InFlight,
@@ -82,9 +92,30 @@ impl RequestCtx {
             first_byte: None,
             response_format: BodyFormat::Other,
             list_body: None,
+            meter: None,
+            strip_usage: false,
+            stripper: None,
+            upstream_error: None,
+            team_in_flight: None,
             error: None,
             _in_flight: in_flight,
         }
+    }
+}
+
+/// Holds a gauge up by one while alive.
+pub struct GaugeGuard(prometheus::IntGauge);
+
+impl GaugeGuard {
+    pub fn new(gauge: prometheus::IntGauge) -> GaugeGuard {
+        gauge.inc();
+        GaugeGuard(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -2,6 +2,7 @@
 //! operational log on stderr, and (later) Prometheus metrics.
 
 pub mod access_log;
+pub mod metrics;
 
 use crate::config::{LogConfig, LogFormat};
 use tracing_subscriber::EnvFilter;

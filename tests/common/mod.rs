@@ -413,3 +413,46 @@ pub async fn rest_text(resp: &mut reqwest::Response) -> (String, bool) {
         }
     }
 }
+
+/// Requests that reached the double on behalf of clients (corral's own health probe and
+/// preloads, which say `User-Agent: corral/...`, are left out).
+pub fn forwarded(double: &OllamaDouble) -> Vec<corral::double::Recorded> {
+    double
+        .requests()
+        .into_iter()
+        .filter(|r| {
+            !r.header("user-agent")
+                .is_some_and(|ua| ua.starts_with("corral/"))
+        })
+        .collect()
+}
+
+impl Corral {
+    /// The `/metrics` exposition text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.metrics_base()))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+/// Sums the samples of `name` whose labels include all of `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
+            if n != name {
+                return None;
+            }
+            let matches = labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            matches.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}

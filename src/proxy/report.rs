@@ -1,0 +1,90 @@
+//! The end of every request: one access-log line and its metrics.
+
+use super::{BodyFormat, Gateway, RequestCtx};
+use crate::telemetry::access_log::{self, AccessRecord};
+use crate::usage::Outcome;
+use pingora::proxy::Session;
+
+impl Gateway {
+    pub(super) fn report(&self, session: &mut Session, ctx: &mut RequestCtx) {
+        let req = session.req_header();
+        // No response at all: the client went away first (nginx's 499).
+        let status = session
+            .response_written()
+            .map_or(499, |r| r.status.as_u16());
+        let outcome: Option<Outcome> = ctx.meter.as_mut().map(|m| m.finish());
+        let streamed = matches!(ctx.response_format, BodyFormat::Ndjson | BodyFormat::Sse);
+        let truncated = streamed
+            && status == 200
+            && outcome.is_some_and(|o| !o.complete)
+            && ctx.error != Some("client_closed");
+        if truncated {
+            let why = if outcome.is_some_and(|o| o.error_in_stream) {
+                "error_in_stream"
+            } else {
+                "truncated"
+            };
+            ctx.error = ctx.error.or(Some(why));
+        }
+        let usage = outcome.map(|o| o.usage).unwrap_or_default();
+
+        let m = &self.metrics;
+        let team = ctx.identity.as_ref().map_or("none", |i| i.team.as_str());
+        let model = m.model_label(ctx.model.as_deref());
+        let route = ctx.route.as_ref().map_or("unmatched", |r| r.kind.name());
+        let elapsed = ctx.start.elapsed();
+        m.requests
+            .with_label_values(&[team, &model, route, &status.to_string()])
+            .inc();
+        m.duration
+            .with_label_values(&[team, &model, route])
+            .observe(elapsed.as_secs_f64());
+        if let (Some(first), true, 200) = (ctx.first_byte, streamed && outcome.is_some(), status) {
+            m.ttft
+                .with_label_values(&[team, &model])
+                .observe(first.as_secs_f64());
+        }
+        for (kind, n) in [("prompt", usage.prompt), ("completion", usage.completion)] {
+            if let Some(n) = n.filter(|n| *n > 0) {
+                m.tokens.with_label_values(&[team, &model, kind]).inc_by(n);
+            }
+        }
+        if truncated {
+            m.truncated.with_label_values(&[team, &model, route]).inc();
+        }
+        if let Some(reason) = ctx.auth_failure {
+            m.auth_failures.with_label_values(&[reason]).inc();
+        }
+        if let Some(kind) = ctx.upstream_error {
+            m.upstream_errors.with_label_values(&[kind]).inc();
+        }
+
+        let raw = req.raw_path();
+        let path_end = raw
+            .iter()
+            .position(|&b| b == b'?')
+            .unwrap_or(raw.len())
+            .min(512);
+        let path = String::from_utf8_lossy(&raw[..path_end]);
+        self.access_log.write(&AccessRecord {
+            ts: access_log::timestamp(),
+            request_id: &ctx.request_id,
+            team: ctx.identity.as_ref().map(|i| i.team.as_str()),
+            key_id: ctx.identity.as_ref().map(|i| i.key_id.as_str()),
+            client_ip: ctx.client_ip.map(|ip| ip.to_string()),
+            method: req.method.as_str(),
+            path: &path,
+            route: ctx.route.as_ref().map(|r| r.kind.name()),
+            model: ctx.model.as_deref(),
+            stream: ctx.stream,
+            status,
+            duration_ms: elapsed.as_millis() as u64,
+            ttft_ms: ctx.first_byte.map(|d| d.as_millis() as u64),
+            prompt_tokens: usage.prompt,
+            completion_tokens: usage.completion,
+            bytes_in: ctx.bytes_in,
+            bytes_out: ctx.bytes_out,
+            error: ctx.error,
+        });
+    }
+}

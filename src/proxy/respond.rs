@@ -1,0 +1,122 @@
+//! What corral answers itself: refusals before forwarding, and failures of the upstream, in the
+//! caller's dialect; a failure mid-stream ends the stream with an in-band error.
+
+use super::{BodyFormat, Gateway, RequestCtx, REQUEST_TIMEOUT, UNRESOLVED};
+use crate::config::HumanDuration;
+use crate::error::GatewayError;
+use crate::routes::Dialect;
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use pingora::{Error, ErrorSource, ErrorType};
+
+impl Gateway {
+    /// Writes an error response in the caller's dialect.
+    pub(super) async fn respond(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        err: &GatewayError,
+    ) {
+        ctx.error = Some(err.label());
+        let rendered = err.render(ctx.dialect);
+        let Ok(mut resp) = ResponseHeader::build(rendered.status, Some(rendered.headers.len() + 1))
+        else {
+            return;
+        };
+        for (k, v) in &rendered.headers {
+            let _ = resp.insert_header(*k, v.as_str());
+        }
+        let _ = resp.insert_header("x-request-id", ctx.request_id.as_str());
+        // The request body may be unread: don't reuse the connection.
+        session.set_keepalive(None);
+        let head_only = session.req_header().method == http::Method::HEAD;
+        if session
+            .write_response_header(Box::new(resp), head_only)
+            .await
+            .is_ok()
+            && !head_only
+        {
+            let _ = session.write_response_body(Some(rendered.body), true).await;
+        }
+    }
+
+    /// Ends a stream that broke off with an error line its client library raises (as Ollama does
+    /// for its own mid-stream failures). Bodies that are not streams just end.
+    pub(super) async fn end_stream_with(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        err: &GatewayError,
+    ) {
+        ctx.error = Some(err.label());
+        let frame = match (ctx.response_format, ctx.dialect) {
+            (BodyFormat::Ndjson, _) => format!("{}\n", err.json(Dialect::Ollama)),
+            (BodyFormat::Sse, Dialect::Anthropic) => {
+                format!("event: error\ndata: {}\n\n", err.json(Dialect::Anthropic))
+            }
+            (BodyFormat::Sse, _) => format!("data: {}\n\n", err.json(Dialect::OpenAi)),
+            (BodyFormat::Other, _) => return,
+        };
+        let _ = session
+            .write_response_body(Some(Bytes::from(frame)), true)
+            .await;
+    }
+
+    /// What the client is told about a pingora failure (`None`: the client is gone), and the
+    /// `corral_upstream_errors_total` kind, if Ollama is at fault.
+    pub(super) fn failure(&self, e: &Error) -> (Option<GatewayError>, Option<&'static str>) {
+        let etype = e.etype();
+        let up = &self.upstream;
+        if *etype == REQUEST_TIMEOUT {
+            return (
+                Some(GatewayError::RequestTooLong(HumanDuration(
+                    up.request_timeout,
+                ))),
+                Some("request_timeout"),
+            );
+        }
+        match e.esource() {
+            ErrorSource::Upstream => {
+                let read_limit = HumanDuration(up.read_timeout.min(up.request_timeout));
+                let (err, kind) = match etype {
+                    ErrorType::ConnectTimedout => (
+                        GatewayError::UpstreamTimeout(HumanDuration(up.connect_timeout)),
+                        "connect_timeout",
+                    ),
+                    ErrorType::ReadTimedout => {
+                        (GatewayError::UpstreamTimeout(read_limit), "read_timeout")
+                    }
+                    ErrorType::WriteTimedout => {
+                        (GatewayError::UpstreamTimeout(read_limit), "write_timeout")
+                    }
+                    ErrorType::ConnectRefused | ErrorType::ConnectNoRoute => {
+                        (GatewayError::UpstreamUnavailable, "connect_refused")
+                    }
+                    ErrorType::ConnectError | ErrorType::SocketError => {
+                        (GatewayError::UpstreamUnavailable, "connect_error")
+                    }
+                    ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError => {
+                        (GatewayError::UpstreamUnavailable, "connection_lost")
+                    }
+                    _ => (GatewayError::UpstreamUnavailable, "other"),
+                };
+                (Some(err), Some(kind))
+            }
+            ErrorSource::Downstream => match etype {
+                ErrorType::ReadTimedout => (Some(GatewayError::RequestTimeout), None),
+                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed => {
+                    (None, None)
+                }
+                _ => (
+                    Some(GatewayError::BadRequest("malformed request".into())),
+                    None,
+                ),
+            },
+            ErrorSource::Internal | ErrorSource::Unset if *etype == UNRESOLVED => {
+                (Some(GatewayError::UpstreamUnavailable), Some("unresolved"))
+            }
+            ErrorSource::Internal | ErrorSource::Unset => (Some(GatewayError::Internal), None),
+        }
+    }
+}

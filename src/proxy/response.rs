@@ -1,0 +1,106 @@
+//! The response on its way back: usage metering and stripping for inference routes, model lists
+//! cut down to the team's models. Streams are never held back; only a model list (small JSON) is
+//! collected whole before it is filtered.
+
+use super::{BodyFormat, RequestCtx};
+use crate::policy;
+use crate::routes::RouteKind;
+use crate::usage::{Meter, UsageStripper};
+use bytes::{Bytes, BytesMut};
+use pingora::http::ResponseHeader;
+use pingora::{Error, ErrorType, Result};
+
+/// Model lists are small; one this large is not a model list.
+const MAX_LIST_BODY: usize = 16 << 20;
+
+/// Decides, from the response header, what the body needs.
+pub(super) fn prepare(ctx: &mut RequestCtx, resp: &mut ResponseHeader, head_only: bool) {
+    ctx.response_format = resp
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .map_or(BodyFormat::Other, |ct| {
+            BodyFormat::from_content_type(ct.as_bytes())
+        });
+    let Some(kind) = ctx.route.as_ref().map(|m| m.kind) else {
+        return;
+    };
+    if head_only || resp.status != 200 {
+        return;
+    }
+    if kind.runs_model() {
+        ctx.meter = Some(Meter::new(ctx.response_format));
+        if ctx.strip_usage && ctx.response_format == BodyFormat::Sse {
+            ctx.stripper = Some(UsageStripper::default());
+        }
+    } else if matches!(kind, RouteKind::Tags | RouteKind::Ps | RouteKind::Models)
+        && ctx.identity.is_some()
+    {
+        // The list is cut down for the team, so its length changes.
+        resp.remove_header(&http::header::CONTENT_LENGTH);
+        ctx.list_body = Some(BytesMut::new());
+    }
+}
+
+/// Reads (and where needed rewrites) one piece of the body.
+pub(super) fn body_chunk(
+    ctx: &mut RequestCtx,
+    body: &mut Option<Bytes>,
+    end_of_stream: bool,
+) -> Result<()> {
+    if let Some(meter) = ctx.meter.as_mut() {
+        if let Some(chunk) = body.as_ref() {
+            meter.feed(chunk);
+        }
+    }
+    if let Some(stripper) = ctx.stripper.as_mut() {
+        let chunk = body.take().unwrap_or_default();
+        let out = stripper.process(&chunk, end_of_stream);
+        *body = (!out.is_empty() || end_of_stream).then_some(out);
+    }
+    if ctx.list_body.is_some() {
+        filter_model_list(ctx, body, end_of_stream)?;
+    }
+    Ok(())
+}
+
+/// Collects a model list whole and, at its end, sends only the models the team may use.
+fn filter_model_list(
+    ctx: &mut RequestCtx,
+    body: &mut Option<Bytes>,
+    end_of_stream: bool,
+) -> Result<()> {
+    let Some(buf) = ctx.list_body.as_mut() else {
+        return Ok(());
+    };
+    if let Some(chunk) = body.take() {
+        if buf.len() + chunk.len() > MAX_LIST_BODY {
+            return Error::e_explain(
+                ErrorType::Custom("model_list_too_large"),
+                "model list too large",
+            );
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    if !end_of_stream {
+        return Ok(());
+    }
+    let (Some(kind), Some(identity), Some(access)) = (
+        ctx.route.as_ref().map(|m| m.kind),
+        &ctx.identity,
+        &ctx.access,
+    ) else {
+        return Ok(());
+    };
+    let filtered = access
+        .teams
+        .get(&identity.team)
+        .and_then(|team| policy::filter_list(kind, team, identity, buf));
+    *body = Some(Bytes::from(filtered.unwrap_or_else(|| {
+        // Not the JSON Ollama sends: withhold it rather than pass an unfiltered list.
+        tracing::warn!(request_id = %ctx.request_id, "unexpected model list from upstream; sent an empty one");
+        let empty = if kind == RouteKind::Models { r#"{"object":"list","data":[]}"# } else { r#"{"models":[]}"# };
+        empty.as_bytes().to_vec()
+    })));
+    ctx.list_body = None;
+    Ok(())
+}

@@ -1,0 +1,286 @@
+//! Prometheus metrics, served on `server.metrics_listen` at `/metrics`.
+//!
+//! Label values are bounded: `team` is a configured team (or `none`), `route` a route template
+//! (or `unmatched`), `model` a model known from the configuration or Ollama's `/api/tags` (else
+//! `other`; `none` when the request names no model), `status` an HTTP status code, and `kind`,
+//! `reason`, `limit` small fixed sets.
+
+use crate::config::Config;
+use crate::ollama::ModelName;
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use std::collections::HashSet;
+use std::sync::RwLock;
+
+/// Request durations: milliseconds (refusals) to an hour (long generations).
+const DURATION_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    1200.0, 3600.0,
+];
+/// Time to first token: a warm model answers in tens of milliseconds, a cold 70B load takes minutes.
+const TTFT_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub duration: HistogramVec,
+    pub ttft: HistogramVec,
+    pub tokens: IntCounterVec,
+    pub in_flight: IntGaugeVec,
+    pub auth_failures: IntCounterVec,
+    pub rate_limited: IntCounterVec,
+    pub upstream_errors: IntCounterVec,
+    pub upstream_up: IntGauge,
+    pub model_loaded: IntGaugeVec,
+    pub preload_duration: GaugeVec,
+    pub truncated: IntCounterVec,
+    pub reloads: IntCounterVec,
+    known_models: RwLock<HashSet<String>>,
+    static_models: HashSet<String>,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("registered once");
+    c
+}
+
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .expect("valid metric");
+    r.register(Box::new(h.clone())).expect("registered once");
+    h
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("registered once");
+    g
+}
+
+impl Metrics {
+    pub fn new(cfg: &Config) -> Metrics {
+        let r = Registry::new();
+        let upstream_up = IntGauge::new(
+            "corral_upstream_up",
+            "1 when Ollama answered the last health probe, else 0.",
+        )
+        .expect("valid");
+        r.register(Box::new(upstream_up.clone()))
+            .expect("registered once");
+        let preload_duration = GaugeVec::new(
+            Opts::new(
+                "corral_model_preload_duration_seconds",
+                "How long the last successful preload of a pinned model took.",
+            ),
+            &["model"],
+        )
+        .expect("valid");
+        r.register(Box::new(preload_duration.clone()))
+            .expect("registered once");
+        let build_info = gauge(
+            &r,
+            "corral_build_info",
+            "Always 1; the labels say which corral runs.",
+            &["version"],
+        );
+        build_info.with_label_values(&[crate::VERSION]).set(1);
+
+        // Models named in the configuration are known from the start.
+        let mut static_models: HashSet<String> = cfg
+            .preload
+            .models
+            .iter()
+            .filter_map(|m| ModelName::parse(m))
+            .map(|m| m.to_string())
+            .collect();
+        for team in cfg.teams.values() {
+            static_models.extend(
+                team.models
+                    .iter()
+                    .filter(|g| !g.contains('*'))
+                    .filter_map(|m| ModelName::parse(m))
+                    .map(|m| m.to_string()),
+            );
+        }
+
+        Metrics {
+            requests: counter(
+                &r,
+                "corral_requests_total",
+                "Requests answered, by team, model, route and status.",
+                &["team", "model", "route", "status"],
+            ),
+            duration: histogram(
+                &r,
+                "corral_request_duration_seconds",
+                "Time from the request's arrival to its last response byte.",
+                &["team", "model", "route"],
+                DURATION_BUCKETS,
+            ),
+            ttft: histogram(
+                &r,
+                "corral_time_to_first_token_seconds",
+                "Time from a streamed inference request's arrival to its first token.",
+                &["team", "model"],
+                TTFT_BUCKETS,
+            ),
+            tokens: counter(
+                &r,
+                "corral_tokens_total",
+                "Tokens processed, as Ollama reported them (kind: prompt or completion).",
+                &["team", "model", "kind"],
+            ),
+            in_flight: gauge(
+                &r,
+                "corral_inflight_requests",
+                "Requests being served now.",
+                &["team"],
+            ),
+            auth_failures: counter(
+                &r,
+                "corral_auth_failures_total",
+                "Requests refused for their API key, by reason.",
+                &["reason"],
+            ),
+            rate_limited: counter(
+                &r,
+                "corral_rate_limited_total",
+                "Requests refused with 429, by team and limit (rpm, tpm, concurrency).",
+                &["team", "limit"],
+            ),
+            upstream_errors: counter(
+                &r,
+                "corral_upstream_errors_total",
+                "Failures talking to Ollama, by kind.",
+                &["kind"],
+            ),
+            upstream_up,
+            model_loaded: gauge(
+                &r,
+                "corral_model_loaded",
+                "1 when a pinned model is loaded in Ollama (per /api/ps), else 0.",
+                &["model"],
+            ),
+            preload_duration,
+            truncated: counter(
+                &r,
+                "corral_truncated_streams_total",
+                "Streams that ended without their end marker (done:true, [DONE], ...).",
+                &["team", "model", "route"],
+            ),
+            reloads: counter(
+                &r,
+                "corral_config_reloads_total",
+                "Configuration reloads, by result (ok, error).",
+                &["result"],
+            ),
+            known_models: RwLock::new(static_models.clone()),
+            static_models,
+            registry: r,
+        }
+    }
+
+    /// The exposition text for `/metrics`.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+
+    /// The `model` label of a (normalized) model name.
+    pub fn model_label(&self, model: Option<&str>) -> String {
+        match model {
+            None => "none".to_string(),
+            Some(m)
+                if self
+                    .known_models
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains(m) =>
+            {
+                m.to_string()
+            }
+            Some(_) => "other".to_string(),
+        }
+    }
+
+    /// Models Ollama has (from `/api/tags`), added to those the configuration names.
+    pub fn set_upstream_models<I: IntoIterator<Item = String>>(&self, models: I) {
+        let mut known = self.static_models.clone();
+        known.extend(
+            models
+                .into_iter()
+                .filter_map(|m| ModelName::parse(&m))
+                .map(|m| m.to_string()),
+        );
+        *self.known_models.write().unwrap_or_else(|e| e.into_inner()) = known;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_labels_are_bounded() {
+        let mut cfg = Config::default();
+        cfg.preload.models = vec!["llama3.2".into()];
+        cfg.teams.insert(
+            "t".into(),
+            crate::config::TeamConfig {
+                models: vec!["qwen2.5:7b".into(), "mistral*".into()],
+                ..Default::default()
+            },
+        );
+        let m = Metrics::new(&cfg);
+        assert_eq!(m.model_label(Some("llama3.2:latest")), "llama3.2:latest");
+        assert_eq!(m.model_label(Some("qwen2.5:7b")), "qwen2.5:7b");
+        assert_eq!(
+            m.model_label(Some("mistral:latest")),
+            "other",
+            "globs name no model"
+        );
+        assert_eq!(m.model_label(None), "none");
+        m.set_upstream_models(["mistral:latest".to_string()]);
+        assert_eq!(m.model_label(Some("mistral:latest")), "mistral:latest");
+        assert_eq!(
+            m.model_label(Some("llama3.2:latest")),
+            "llama3.2:latest",
+            "config models stay known"
+        );
+    }
+
+    #[test]
+    fn exposition_has_the_design_series() {
+        let m = Metrics::new(&Config::default());
+        m.requests
+            .with_label_values(&["t", "none", "/api/tags", "200"])
+            .inc();
+        m.duration
+            .with_label_values(&["t", "none", "/api/tags"])
+            .observe(0.01);
+        let text = String::from_utf8(m.encode()).unwrap();
+        for name in [
+            "corral_requests_total",
+            "corral_request_duration_seconds_bucket",
+            "corral_upstream_up",
+            "corral_build_info",
+        ] {
+            assert!(text.contains(name), "{name} missing:\n{text}");
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! Token usage and stream completeness, read from responses as they pass, never buffered.
+//!
+//! One [`Meter`] per response. It reads whichever shape the route produces (Ollama's final NDJSON
+//! object, `usage` in `/v1` bodies and SSE chunks, the Responses API's `response.completed`,
+//! Anthropic's `message_start`/`message_delta`), correct whatever the chunk boundaries, and tells
+//! whether a stream ended with its end marker (`"done":true`, `data: [DONE]`, `response.completed`,
+//! `message_stop`). [`UsageStripper`] removes the usage corral asked Ollama for on `/v1` streams
+//! whose client did not ask for it.
+
+mod scan;
+mod strip;
+
+pub use strip::UsageStripper;
+
+use crate::proxy::BodyFormat;
+use scan::Scanner;
+
+/// Tokens of one request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt: Option<u64>,
+    pub completion: Option<u64>,
+}
+
+impl Usage {
+    pub fn total(&self) -> u64 {
+        self.prompt.unwrap_or(0) + self.completion.unwrap_or(0)
+    }
+}
+
+/// What the meter concluded about a response.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Outcome {
+    pub usage: Usage,
+    /// The body ended properly: a stream with its end marker, a document that closed.
+    pub complete: bool,
+    /// An error object arrived inside the stream.
+    pub error_in_stream: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Prompt,
+    Completion,
+    Done,
+    Error,
+}
+
+/// The fields that carry usage, in every shape Ollama produces (they do not collide).
+const FIELDS: &[(&[&[u8]], Role)] = &[
+    (&[b"prompt_eval_count"], Role::Prompt),
+    (&[b"eval_count"], Role::Completion),
+    (&[b"done"], Role::Done),
+    (&[b"error"], Role::Error),
+    (&[b"error", b"message"], Role::Error),
+    (&[b"usage", b"prompt_tokens"], Role::Prompt),
+    (&[b"usage", b"completion_tokens"], Role::Completion),
+    (&[b"usage", b"input_tokens"], Role::Prompt),
+    (&[b"usage", b"output_tokens"], Role::Completion),
+    (&[b"response", b"usage", b"input_tokens"], Role::Prompt),
+    (&[b"response", b"usage", b"output_tokens"], Role::Completion),
+    (&[b"message", b"usage", b"input_tokens"], Role::Prompt),
+];
+
+/// SSE events that end a stream (besides `data: [DONE]`).
+const SSE_END_EVENTS: &[&[u8]] = &[
+    b"response.completed",
+    b"response.incomplete",
+    b"message_stop",
+];
+const SSE_ERROR_EVENTS: &[&[u8]] = &[b"error", b"response.failed"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Line {
+    /// Reading the field name (up to ':').
+    Field,
+    /// Skipping the one optional space after ':'.
+    ValueStart,
+    Value,
+    /// A field corral does not read, or a comment.
+    Ignore,
+}
+
+/// SSE framing state: which field the current line carries.
+#[derive(Debug)]
+struct Sse {
+    line: Line,
+    field: Vec<u8>,
+    line_empty: bool,
+    event: Vec<u8>,
+    data: Vec<u8>,
+}
+
+pub struct Meter {
+    format: BodyFormat,
+    scanner: Scanner,
+    sse: Sse,
+    outcome: Outcome,
+    saw_body: bool,
+}
+
+impl Meter {
+    pub fn new(format: BodyFormat) -> Meter {
+        Meter {
+            format,
+            scanner: Scanner::default(),
+            sse: Sse {
+                line: Line::Field,
+                field: Vec::new(),
+                line_empty: true,
+                event: Vec::new(),
+                data: Vec::new(),
+            },
+            outcome: Outcome::default(),
+            saw_body: false,
+        }
+    }
+
+    /// Reads the next piece of the body, wherever it was cut.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        if chunk.is_empty() {
+            return;
+        }
+        self.saw_body = true;
+        match self.format {
+            BodyFormat::Other => {
+                let outcome = &mut self.outcome;
+                self.scanner
+                    .feed(chunk, &mut |path, v| record(outcome, path, v));
+            }
+            BodyFormat::Ndjson => {
+                // Compact JSON never holds a raw newline: each one ends a document.
+                for part in chunk.split_inclusive(|&b| b == b'\n') {
+                    let (body, ends) = match part.strip_suffix(b"\n") {
+                        Some(b) => (b, true),
+                        None => (part, false),
+                    };
+                    let outcome = &mut self.outcome;
+                    self.scanner
+                        .feed(body, &mut |path, v| record(outcome, path, v));
+                    if ends {
+                        self.scanner.reset();
+                    }
+                }
+            }
+            BodyFormat::Sse => {
+                for &b in chunk {
+                    self.sse_byte(b);
+                }
+            }
+        }
+    }
+
+    fn sse_byte(&mut self, b: u8) {
+        let sse = &mut self.sse;
+        if b == b'\n' {
+            if sse.line_empty {
+                self.end_event();
+            } else if sse.field == b"data" {
+                // Multi-line data continues the same document.
+                let outcome = &mut self.outcome;
+                self.scanner
+                    .feed(b"\n", &mut |path, v| record(outcome, path, v));
+            }
+            let sse = &mut self.sse;
+            sse.line = Line::Field;
+            sse.field.clear();
+            sse.line_empty = true;
+            return;
+        }
+        if b == b'\r' {
+            return;
+        }
+        sse.line_empty = false;
+        match sse.line {
+            Line::Field if b == b':' => {
+                sse.line = if sse.field.is_empty() {
+                    Line::Ignore
+                } else {
+                    Line::ValueStart
+                };
+            }
+            Line::Field => {
+                if sse.field.len() < 16 {
+                    sse.field.push(b);
+                } else {
+                    sse.line = Line::Ignore;
+                }
+            }
+            Line::ValueStart if b == b' ' => sse.line = Line::Value,
+            Line::ValueStart | Line::Value => {
+                sse.line = Line::Value;
+                if sse.field == b"data" {
+                    if sse.data.len() < 8 {
+                        sse.data.push(b);
+                    }
+                    let outcome = &mut self.outcome;
+                    self.scanner
+                        .feed(&[b], &mut |path, v| record(outcome, path, v));
+                } else if sse.field == b"event" && sse.event.len() < 64 {
+                    sse.event.push(b);
+                }
+            }
+            Line::Ignore => {}
+        }
+    }
+
+    fn end_event(&mut self) {
+        let sse = &mut self.sse;
+        if sse.data.starts_with(b"[DONE]") || SSE_END_EVENTS.contains(&sse.event.as_slice()) {
+            self.outcome.complete = true;
+        }
+        if SSE_ERROR_EVENTS.contains(&sse.event.as_slice()) {
+            self.outcome.error_in_stream = true;
+        }
+        sse.event.clear();
+        sse.data.clear();
+        self.scanner.reset();
+    }
+
+    /// The verdict once the body has ended (or broke off).
+    pub fn finish(&mut self) -> Outcome {
+        if self.format == BodyFormat::Other {
+            self.outcome.complete = self.scanner.complete() || !self.saw_body;
+        }
+        self.outcome
+    }
+}
+
+fn record(outcome: &mut Outcome, path: &[&[u8]], value: &[u8]) {
+    let Some((_, role)) = FIELDS.iter().find(|(p, _)| *p == path) else {
+        return;
+    };
+    match role {
+        Role::Prompt => outcome.usage.prompt = parse_count(value).or(outcome.usage.prompt),
+        Role::Completion => {
+            outcome.usage.completion = parse_count(value).or(outcome.usage.completion)
+        }
+        Role::Done => {
+            if value == b"true" {
+                outcome.complete = true;
+            }
+        }
+        Role::Error => {
+            if value != b"null" {
+                outcome.error_in_stream = true;
+            }
+        }
+    }
+}
+
+fn parse_count(v: &[u8]) -> Option<u64> {
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests;
