@@ -2,6 +2,7 @@
 //! separate from the public listener and carries no API routes.
 
 use crate::lifecycle::Lifecycle;
+use crate::preload::Pins;
 use crate::telemetry::metrics::Metrics;
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
@@ -13,6 +14,7 @@ use std::sync::Arc;
 pub struct AdminApp {
     pub lifecycle: Arc<Lifecycle>,
     pub metrics: Arc<Metrics>,
+    pub pins: Arc<Pins>,
 }
 
 impl AdminApp {
@@ -34,16 +36,19 @@ impl AdminApp {
                 self.metrics.encode(),
             ),
             "/readyz" => {
+                // Not ready while draining, or while a pinned model is not loaded yet.
                 let draining = self.lifecycle.is_draining();
-                let status = if draining {
-                    StatusCode::SERVICE_UNAVAILABLE
-                } else {
+                let ready = !draining && self.pins.ready();
+                let status = if ready {
                     StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
                 };
                 let body = json!({
-                    "ready": !draining,
+                    "ready": ready,
                     "draining": draining,
                     "in_flight": self.lifecycle.in_flight(),
+                    "models": self.pins.report(),
                 });
                 (status, JSON, body.to_string().into_bytes())
             }
@@ -80,6 +85,7 @@ mod tests {
         let app = AdminApp {
             lifecycle: Arc::new(Lifecycle::default()),
             metrics: Arc::new(Metrics::new(&crate::config::Config::default())),
+            pins: Arc::new(Pins::new(&Default::default())),
         };
         assert_eq!(app.answer(&Method::GET, "/livez").0, StatusCode::OK);
         let (status, _, body) = app.answer(&Method::GET, "/readyz");

@@ -372,9 +372,16 @@ mod tests {
         );
         assert_eq!(v.verify(&token, now), Err(AuthFailure::Revoked));
         assert_eq!(v.verify(&token, now), Err(AuthFailure::Revoked));
-        let mut tampered = token.clone();
-        tampered.pop();
-        tampered.push(if token.ends_with('A') { 'B' } else { 'A' });
+        // A different byte in the middle of the signature (the last character only carries
+        // padding bits, so changing it may make the base64 invalid rather than the signature).
+        let sig_start = token.rfind('.').unwrap() + 1;
+        let mut tampered = token.clone().into_bytes();
+        tampered[sig_start + 10] = if tampered[sig_start + 10] == b'A' {
+            b'B'
+        } else {
+            b'A'
+        };
+        let tampered = String::from_utf8(tampered).unwrap();
         assert_eq!(v.verify(&tampered, now), Err(AuthFailure::BadSignature));
         assert_eq!(
             v.verify(&"x".repeat(MAX_KEY_LEN + 1), now),

@@ -63,14 +63,14 @@ pub fn run(source: &Source, upstream: bool) -> Vec<Finding> {
         Err(e) => out.extend(e.0.into_iter().map(Finding::Error)),
     }
     if upstream {
-        out.push(check_upstream(&cfg));
+        out.extend(check_upstream(&cfg));
     }
     out
 }
 
-fn check_upstream(cfg: &Config) -> Finding {
+fn check_upstream(cfg: &Config) -> Vec<Finding> {
     let Ok(up) = Upstream::new(&cfg.upstream) else {
-        return Finding::Error("upstream.url is not usable".into());
+        return vec![Finding::Error("upstream.url is not usable".into())];
     };
     let client = UpstreamClient::new(Arc::new(up));
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -78,20 +78,60 @@ fn check_upstream(cfg: &Config) -> Finding {
         .build()
     {
         Ok(r) => r,
-        Err(e) => return Finding::Error(format!("cannot start a runtime: {e}")),
+        Err(e) => return vec![Finding::Error(format!("cannot start a runtime: {e}"))],
     };
     let url = &cfg.upstream.url;
-    let answer =
-        runtime.block_on(client.request("GET", "/api/version", None, Duration::from_secs(10)));
-    match answer {
+    let timeout = Duration::from_secs(10);
+    let answer = runtime.block_on(client.request("GET", "/api/version", None, timeout));
+    let first = match answer {
         Ok(a) if a.status == 200 => {
             let version = a.json().and_then(|v| v["version"].as_str().map(str::to_string)).unwrap_or_else(|| "?".into());
             Finding::Ok(format!("upstream.url = \"{url}\": Ollama {version} answers"))
         }
-        Ok(a) if a.status == 403 => Finding::Error(format!(
-            "upstream.url = \"{url}\": answered 403; Ollama refuses this Host or Origin (is this really Ollama?)"
-        )),
-        Ok(a) => Finding::Error(format!("upstream.url = \"{url}\": answered {} to GET /api/version; is this Ollama?", a.status)),
-        Err(e) => Finding::Error(format!("upstream.url = \"{url}\": {e} (is Ollama running? `--skip-upstream` skips this check)")),
+        Ok(a) if a.status == 403 => {
+            return vec![Finding::Error(format!(
+                "upstream.url = \"{url}\": answered 403; Ollama refuses this Host or Origin (is this really Ollama?)"
+            ))]
+        }
+        Ok(a) => return vec![Finding::Error(format!("upstream.url = \"{url}\": answered {} to GET /api/version; is this Ollama?", a.status))],
+        Err(e) => {
+            return vec![Finding::Error(format!(
+                "upstream.url = \"{url}\": {e} (is Ollama running? `--skip-upstream` skips this check)"
+            ))]
+        }
+    };
+    let mut out = vec![first];
+    // Every pinned model must exist, and be loadable.
+    for (i, model) in cfg.preload.models.iter().enumerate() {
+        let key = format!("preload.models[{i}] = \"{model}\"");
+        let body = serde_json::json!({ "model": model });
+        out.push(
+            match runtime.block_on(client.request("POST", "/api/show", Some(&body), timeout)) {
+                Ok(a) if a.status == 200 => {
+                    let caps = a
+                        .json()
+                        .and_then(|v| v["capabilities"].as_array().cloned())
+                        .unwrap_or_default();
+                    let has = |c: &str| caps.iter().any(|x| x == c);
+                    if has("completion") || has("embedding") {
+                        Finding::Ok(format!("{key}: Ollama has it"))
+                    } else {
+                        Finding::Error(format!(
+                            "{key}: it can neither generate nor embed, so it cannot be preloaded"
+                        ))
+                    }
+                }
+                Ok(a) if a.status == 404 => Finding::Error(format!(
+                    "{key}: Ollama does not have it; pull it first (ollama pull {model})"
+                )),
+                Ok(a) => Finding::Error(format!(
+                    "{key}: /api/show answered {}: {}",
+                    a.status,
+                    a.error_message()
+                )),
+                Err(e) => Finding::Error(format!("{key}: {e}")),
+            },
+        );
     }
+    out
 }

@@ -34,6 +34,7 @@ pub mod keys;
 pub mod lifecycle;
 pub mod ollama;
 pub mod policy;
+pub mod preload;
 pub mod probe;
 pub mod proxy;
 pub mod reload;

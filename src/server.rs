@@ -9,6 +9,7 @@ use crate::access::{Access, AccessHandle};
 use crate::admin::AdminApp;
 use crate::config::{Config, Source};
 use crate::lifecycle::{Lifecycle, Signals};
+use crate::preload::{Pins, Preloader};
 use crate::probe::Probe;
 use crate::proxy::Gateway;
 use crate::reload::Reloader;
@@ -157,7 +158,9 @@ pub fn run(prepared: Prepared) -> Result<(), StartError> {
 
     let lifecycle = Arc::new(Lifecycle::default());
     let metrics = Arc::new(Metrics::new(&cfg));
+    let pins = Arc::new(Pins::new(&cfg.preload));
     let gateway = Gateway {
+        pins: pins.clone(),
         metrics: metrics.clone(),
         upstream: upstream.clone(),
         access: access.clone(),
@@ -186,6 +189,7 @@ pub fn run(prepared: Prepared) -> Result<(), StartError> {
             AdminApp {
                 lifecycle: lifecycle.clone(),
                 metrics: metrics.clone(),
+                pins: pins.clone(),
             },
         );
         admin.add_tcp(&addr.to_string());
@@ -204,6 +208,16 @@ pub fn run(prepared: Prepared) -> Result<(), StartError> {
         metrics: metrics.clone(),
     };
     server.add_service(background_service("upstream probe", probe));
+    if !cfg.preload.models.is_empty() {
+        let preloader = Preloader {
+            client: UpstreamClient::new(upstream.clone()),
+            pins,
+            metrics: metrics.clone(),
+            watch_interval: cfg.preload.watch_interval.0,
+            load_timeout: upstream.read_timeout,
+        };
+        server.add_service(background_service("preload", preloader));
+    }
     server.add_service(background_service("config reload", reloader));
     if let Some(certs) = certs.filter(|c| c.watches_files()) {
         server.add_service(background_service("tls reload", CertWatcher(certs)));

@@ -131,6 +131,7 @@ pub struct OllamaDouble {
     state: Arc<State>,
     stop: watch::Sender<bool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl OllamaDouble {
@@ -143,8 +144,8 @@ impl OllamaDouble {
     /// address: all state is lost, as when Ollama restarts).
     pub async fn start_on(addr: SocketAddr, cfg: DoubleConfig) -> std::io::Result<OllamaDouble> {
         let listener = TcpListener::bind(addr).await?;
-        let (double, stop_rx) = Self::prepare(listener.local_addr()?, cfg);
-        tokio::spawn(serve(listener, double.state.clone(), stop_rx));
+        let (mut double, stop_rx) = Self::prepare(listener.local_addr()?, cfg);
+        double.task = Some(tokio::spawn(serve(listener, double.state.clone(), stop_rx)));
         Ok(double)
     }
 
@@ -184,6 +185,7 @@ impl OllamaDouble {
                 state,
                 stop,
                 thread: None,
+                task: None,
             },
             stop_rx,
         )
@@ -201,6 +203,14 @@ impl OllamaDouble {
     /// Stops listening and drops every open connection, like a crashed Ollama.
     pub fn stop(&self) {
         let _ = self.stop.send(true);
+    }
+
+    /// Stops, and returns once the port is free again (to start a new double on it).
+    pub async fn shutdown(mut self) {
+        self.stop();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
     }
 
     /// Every request received so far, in order.

@@ -6,6 +6,7 @@ use crate::auth;
 use crate::body::JsonObject;
 use crate::config::ByteSize;
 use crate::error::GatewayError;
+use crate::ollama::ModelName;
 use crate::policy;
 use crate::routes::{self, BodyMode, RouteClass, RouteError, RouteKind};
 use bytes::{Bytes, BytesMut};
@@ -87,7 +88,7 @@ impl Gateway {
                     .unwrap_or(kind.streams_by_default()),
             );
             self.authorize(ctx, &access, kind, &models)?;
-            rewritten = self.rewrite(ctx, kind, &obj)?;
+            rewritten = self.rewrite(ctx, kind, &obj, models.first().map(|m| &m.name))?;
         } else {
             let models = policy::referenced_models(kind, None, param.as_deref())?;
             ctx.model = models.first().map(|m| m.name.to_string());
@@ -127,8 +128,19 @@ impl Gateway {
         ctx: &mut RequestCtx,
         kind: RouteKind,
         obj: &JsonObject,
+        model: Option<&ModelName>,
     ) -> Result<Option<Vec<u8>>, GatewayError> {
         let mut changes: Vec<(&str, Option<Value>)> = Vec::new();
+        // No client may unload or shorten a pinned model (only the native routes carry keep_alive).
+        let native = matches!(
+            kind,
+            RouteKind::Generate | RouteKind::Chat | RouteKind::Embed | RouteKind::Embeddings
+        );
+        if let (true, Some(pinned)) = (native, model.and_then(|m| self.pins.keep_alive_for(m))) {
+            if obj.get("keep_alive").map(|v| v.get()) != Some(pinned.to_string().as_str()) {
+                changes.push(("keep_alive", Some(pinned.clone())));
+            }
+        }
         // Usage on /v1 streams is only sent when asked for: ask, and take it out again.
         if matches!(kind, RouteKind::ChatCompletions | RouteKind::Completions)
             && ctx.stream == Some(true)

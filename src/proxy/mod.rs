@@ -16,6 +16,7 @@ pub use headers::new_request_id;
 use crate::access::AccessHandle;
 use crate::config::ByteSize;
 use crate::lifecycle::Lifecycle;
+use crate::preload::Pins;
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::Upstream;
@@ -36,6 +37,7 @@ pub struct Gateway {
     pub lifecycle: Arc<Lifecycle>,
     pub access_log: Arc<AccessLog>,
     pub metrics: Arc<Metrics>,
+    pub pins: Arc<Pins>,
 }
 
 /// `upstream.request_timeout` passed while the response was streaming.

@@ -65,6 +65,9 @@ models = ["llama3.2:*", "nomic-embed-text*", "flaky*"]
 [teams.ops]
 models = ["*"]
 admin = true
+[preload]
+models = ["llama3.2", "nomic-embed-text"]
+watch_interval = "1s"
 """
     (dir / "corral.toml").write_text(config)
     procs["corral"] = subprocess.Popen([CORRAL, "serve", "--config", str(dir / "corral.toml")],

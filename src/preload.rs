@@ -1,0 +1,400 @@
+//! Pinned models: loaded when corral starts and kept loaded.
+//!
+//! Each `preload.models` entry is loaded with `preload.keep_alive` (default `-1`, forever):
+//! embedding models through `/api/embed`, the others through `/api/generate`, as the capabilities
+//! from `/api/show` say. While Ollama is not up yet corral retries with capped exponential
+//! backoff. Then a watcher reads `/api/ps` every `preload.watch_interval`, loads again any pinned
+//! model that is gone (Ollama restarted, the model was evicted), and keeps `corral_model_loaded`
+//! true to what Ollama reports. A model that cannot be loaded (not pulled, wrong capability) is
+//! reported in the log and `/readyz` and retried each interval; it never blocks the others.
+
+use crate::config::PreloadConfig;
+use crate::ollama::ModelName;
+use crate::telemetry::metrics::Metrics;
+use crate::upstream_client::UpstreamClient;
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+/// Backoff while Ollama is unreachable: 1 s, doubling, at most 30 s.
+const BACKOFF_START: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// `/api/show` and `/api/ps` answer at once; a load may take minutes (the upstream read timeout).
+const INFO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where a pinned model stands.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelState {
+    Loading,
+    Loaded { seconds: f64 },
+    Failed(String),
+}
+
+impl ModelState {
+    fn describe(&self) -> String {
+        match self {
+            ModelState::Loading => "loading".into(),
+            ModelState::Loaded { .. } => "loaded".into(),
+            ModelState::Failed(why) => format!("failed: {why}"),
+        }
+    }
+}
+
+/// The pinned models and their states, shared with `/readyz` and the keep-alive policy.
+pub struct Pins {
+    /// Normalized keys (`llama3.2:latest`) of the pinned models.
+    keys: HashSet<String>,
+    states: RwLock<BTreeMap<String, ModelState>>,
+    pub requires_ready: bool,
+    /// The `keep_alive` pinned models are loaded with (and that `pin` writes into requests).
+    pub keep_alive: Value,
+    pub pin_requests: bool,
+}
+
+impl Pins {
+    pub fn new(cfg: &PreloadConfig) -> Pins {
+        let names: Vec<ModelName> = cfg
+            .models
+            .iter()
+            .filter_map(|m| ModelName::parse(m))
+            .collect();
+        Pins {
+            keys: names.iter().map(ModelName::key).collect(),
+            states: RwLock::new(
+                names
+                    .iter()
+                    .map(|n| (n.to_string(), ModelState::Loading))
+                    .collect(),
+            ),
+            requires_ready: cfg.ready_requires_preload,
+            keep_alive: cfg.keep_alive.to_json(),
+            pin_requests: cfg.keep_alive_policy == crate::config::KeepAlivePolicy::Pin,
+        }
+    }
+
+    pub fn is_pinned(&self, model: &ModelName) -> bool {
+        self.keys.contains(&model.key())
+    }
+
+    /// The `keep_alive` a request for `model` must carry instead of the client's, if any.
+    pub fn keep_alive_for(&self, model: &ModelName) -> Option<&Value> {
+        (self.pin_requests && self.is_pinned(model)).then_some(&self.keep_alive)
+    }
+
+    /// Ready when every pinned model is loaded (or readiness does not wait for them).
+    pub fn ready(&self) -> bool {
+        !self.requires_ready
+            || self
+                .read()
+                .values()
+                .all(|s| matches!(s, ModelState::Loaded { .. }))
+    }
+
+    /// Model → state, for `/readyz`.
+    pub fn report(&self) -> Value {
+        Value::Object(
+            self.read()
+                .iter()
+                .map(|(m, s)| (m.clone(), Value::String(s.describe())))
+                .collect(),
+        )
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, ModelState>> {
+        self.states.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set(&self, model: &str, state: ModelState) {
+        let mut states = self.states.write().unwrap_or_else(|e| e.into_inner());
+        let old = states.insert(model.to_string(), state.clone());
+        if old.as_ref() != Some(&state) {
+            match &state {
+                ModelState::Loaded { seconds } => {
+                    tracing::info!(model, seconds, "pinned model loaded")
+                }
+                ModelState::Failed(why) => {
+                    tracing::error!(model, reason = %why, "pinned model cannot be loaded; retrying each watch interval")
+                }
+                ModelState::Loading => tracing::warn!(
+                    model,
+                    "pinned model is not loaded in Ollama; loading it again"
+                ),
+            }
+        }
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.read().keys().cloned().collect()
+    }
+}
+
+/// Why a round of checks could not finish.
+#[derive(Debug)]
+enum Unreachable {
+    /// Ollama does not answer at all: retry soon.
+    Down(String),
+}
+
+pub struct Preloader {
+    pub client: UpstreamClient,
+    pub pins: Arc<Pins>,
+    pub metrics: Arc<Metrics>,
+    pub watch_interval: Duration,
+    pub load_timeout: Duration,
+}
+
+/// How a model is loaded, from its capabilities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Generate,
+    Embed,
+}
+
+impl Preloader {
+    /// Checks `/api/ps` and loads every pinned model that is not there.
+    async fn round(&self) -> Result<(), Unreachable> {
+        let ps = self
+            .client
+            .request("GET", "/api/ps", None, INFO_TIMEOUT)
+            .await
+            .map_err(Unreachable::Down)?;
+        let loaded: HashSet<String> = ps
+            .json()
+            .and_then(|v| v["models"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|m| {
+                m["name"]
+                    .as_str()
+                    .and_then(ModelName::parse)
+                    .map(|n| n.key())
+            })
+            .collect();
+        for model in self.pins.names() {
+            let key = model.to_ascii_lowercase();
+            let gauge = self.metrics.model_loaded.with_label_values(&[&model]);
+            if loaded.contains(&key) {
+                gauge.set(1);
+                if !matches!(
+                    self.pins.read().get(&model),
+                    Some(ModelState::Loaded { .. })
+                ) {
+                    self.pins.set(&model, ModelState::Loaded { seconds: 0.0 });
+                }
+                continue;
+            }
+            gauge.set(0);
+            if matches!(
+                self.pins.read().get(&model),
+                Some(ModelState::Loaded { .. })
+            ) {
+                self.pins.set(&model, ModelState::Loading);
+            }
+            match self.load(&model).await? {
+                Ok(seconds) => {
+                    gauge.set(1);
+                    self.metrics
+                        .preload_duration
+                        .with_label_values(&[&model])
+                        .set(seconds);
+                    self.pins.set(&model, ModelState::Loaded { seconds });
+                }
+                Err(why) => self.pins.set(&model, ModelState::Failed(why)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads one model. Outer error: Ollama unreachable; inner: this model cannot be loaded.
+    async fn load(&self, model: &str) -> Result<Result<f64, String>, Unreachable> {
+        let show = self
+            .client
+            .request(
+                "POST",
+                "/api/show",
+                Some(&json!({ "model": model })),
+                INFO_TIMEOUT,
+            )
+            .await
+            .map_err(Unreachable::Down)?;
+        let route = match show.status {
+            200 => {
+                let caps: Vec<String> = show
+                    .json()
+                    .and_then(|v| v["capabilities"].as_array().cloned())
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|c| c.as_str().map(str::to_string))
+                    .collect();
+                match route_for(&caps) {
+                    Some(r) => r,
+                    None => {
+                        return Ok(Err(format!(
+                            "it can neither generate nor embed (capabilities: {})",
+                            caps.join(", ")
+                        )))
+                    }
+                }
+            }
+            404 => {
+                return Ok(Err(format!(
+                    "Ollama does not have it; pull it first (ollama pull {model})"
+                )))
+            }
+            status => {
+                return Ok(Err(format!(
+                    "/api/show answered {status}: {}",
+                    show.error_message()
+                )))
+            }
+        };
+        let (path, body) = match route {
+            Route::Generate => (
+                "/api/generate",
+                json!({ "model": model, "keep_alive": self.pins.keep_alive }),
+            ),
+            Route::Embed => (
+                "/api/embed",
+                json!({ "model": model, "keep_alive": self.pins.keep_alive }),
+            ),
+        };
+        tracing::info!(model, route = path, keep_alive = %self.pins.keep_alive, "preloading");
+        let started = Instant::now();
+        let answer = self
+            .client
+            .request("POST", path, Some(&body), self.load_timeout)
+            .await
+            .map_err(Unreachable::Down)?;
+        if answer.status == 200 {
+            Ok(Ok(started.elapsed().as_secs_f64()))
+        } else {
+            Ok(Err(format!(
+                "{path} answered {}: {}",
+                answer.status,
+                answer.error_message()
+            )))
+        }
+    }
+}
+
+fn route_for(capabilities: &[String]) -> Option<Route> {
+    let has = |c: &str| capabilities.iter().any(|x| x == c);
+    if has("completion") {
+        Some(Route::Generate)
+    } else if has("embedding") {
+        Some(Route::Embed)
+    } else {
+        None
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Preloader {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut backoff = BACKOFF_START;
+        let mut attempt = 0u32;
+        loop {
+            let wait = match self.round().await {
+                Ok(()) => {
+                    if attempt > 0 {
+                        tracing::info!(attempts = attempt, "Ollama answers; preloads under way");
+                    }
+                    backoff = BACKOFF_START;
+                    attempt = 0;
+                    self.watch_interval
+                }
+                Err(Unreachable::Down(why)) => {
+                    attempt += 1;
+                    for model in self.pins.names() {
+                        self.metrics
+                            .model_loaded
+                            .with_label_values(&[&model])
+                            .set(0);
+                    }
+                    tracing::warn!(attempt, retry_in = ?backoff, reason = %why, "Ollama not reachable for preloading");
+                    let wait = backoff;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    wait
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{KeepAlive, KeepAlivePolicy};
+
+    fn pins(policy: KeepAlivePolicy) -> Pins {
+        Pins::new(&PreloadConfig {
+            models: vec!["llama3.2".into(), "nomic-embed-text".into()],
+            keep_alive: KeepAlive::Seconds(-1.0),
+            keep_alive_policy: policy,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn pinned_models_get_the_pinned_keep_alive_under_pin_only() {
+        let p = pins(KeepAlivePolicy::Pin);
+        assert_eq!(
+            p.keep_alive_for(&ModelName::parse("llama3.2:latest").unwrap()),
+            Some(&json!(-1))
+        );
+        assert_eq!(
+            p.keep_alive_for(&ModelName::parse("LLAMA3.2").unwrap()),
+            Some(&json!(-1))
+        );
+        assert_eq!(
+            p.keep_alive_for(&ModelName::parse("llama3.2:1b").unwrap()),
+            None,
+            "other tags are not pinned"
+        );
+        let p = pins(KeepAlivePolicy::Pass);
+        assert_eq!(
+            p.keep_alive_for(&ModelName::parse("llama3.2").unwrap()),
+            None
+        );
+    }
+
+    #[test]
+    fn ready_once_every_pin_is_loaded() {
+        let p = pins(KeepAlivePolicy::Pin);
+        assert!(!p.ready());
+        p.set("llama3.2:latest", ModelState::Loaded { seconds: 1.0 });
+        assert!(!p.ready());
+        p.set("nomic-embed-text:latest", ModelState::Failed("x".into()));
+        assert!(!p.ready());
+        assert_eq!(p.report()["nomic-embed-text:latest"], "failed: x");
+        p.set(
+            "nomic-embed-text:latest",
+            ModelState::Loaded { seconds: 0.5 },
+        );
+        assert!(p.ready());
+        let relaxed = Pins {
+            requires_ready: false,
+            ..pins(KeepAlivePolicy::Pin)
+        };
+        assert!(relaxed.ready());
+    }
+
+    #[test]
+    fn capabilities_choose_the_route() {
+        let caps = |c: &[&str]| c.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            route_for(&caps(&["completion", "tools"])),
+            Some(Route::Generate)
+        );
+        assert_eq!(route_for(&caps(&["embedding"])), Some(Route::Embed));
+        assert_eq!(route_for(&caps(&["vision"])), None);
+    }
+}

@@ -1,0 +1,286 @@
+//! Pinned models: loaded at start-up by the right route, kept loaded across Ollama restarts, and
+//! protected from clients' keep_alive.
+
+mod common;
+
+use common::*;
+use corral::config::{HumanDuration, KeepAlivePolicy};
+use corral::ollama::KeepAlive;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+fn preload_config(upstream: &str, models: &[&str]) -> corral::config::Config {
+    let mut cfg = test_config(upstream);
+    cfg.preload.models = models.iter().map(|m| m.to_string()).collect();
+    cfg.preload.watch_interval = HumanDuration::secs(1);
+    cfg
+}
+
+async fn readyz(corral: &Corral) -> (u16, Value) {
+    let resp = reqwest::get(format!("{}/readyz", corral.metrics_base()))
+        .await
+        .unwrap();
+    (resp.status().as_u16(), resp.json().await.unwrap())
+}
+
+fn is_loaded(double: &OllamaDouble, model: &str) -> bool {
+    double.loaded().iter().any(|m| m.name == model)
+}
+
+/// Requests corral itself sent (preloads, probes).
+fn own_requests(double: &OllamaDouble, path: &str) -> Vec<Value> {
+    double
+        .requests_to(path)
+        .iter()
+        .filter(|r| {
+            r.header("user-agent")
+                .is_some_and(|ua| ua.starts_with("corral/"))
+        })
+        .filter_map(|r| r.json())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_models_load_at_start_by_the_route_their_capabilities_need() {
+    let double = double().await;
+    let corral = Corral::start(preload_config(
+        &double.url(),
+        &["llama3.2", "nomic-embed-text"],
+    ));
+    wait_for_async(Duration::from_secs(20), "readiness", || async {
+        (readyz(&corral).await.0 == 200).then_some(())
+    })
+    .await;
+
+    assert_eq!(
+        own_requests(&double, "/api/generate"),
+        [json!({"model": "llama3.2:latest", "keep_alive": -1})]
+    );
+    assert_eq!(
+        own_requests(&double, "/api/embed"),
+        [json!({"model": "nomic-embed-text:latest", "keep_alive": -1})]
+    );
+    for m in ["llama3.2:latest", "nomic-embed-text:latest"] {
+        let loaded = double.loaded().into_iter().find(|l| l.name == m).expect(m);
+        assert_eq!(loaded.keep_alive, KeepAlive::Forever, "{m}");
+    }
+    let (_, body) = readyz(&corral).await;
+    assert_eq!(
+        body["models"],
+        json!({"llama3.2:latest": "loaded", "nomic-embed-text:latest": "loaded"})
+    );
+    wait_for_async(Duration::from_secs(10), "the loaded gauges", || async {
+        let m = corral.metrics().await;
+        (metric_sum(&m, "corral_model_loaded", &[]) == 2.0).then_some(())
+    })
+    .await;
+    let m = corral.metrics().await;
+    assert!(
+        m.contains("corral_model_preload_duration_seconds{model=\"llama3.2:latest\"}"),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_waits_for_a_slow_load_then_turns_ready() {
+    let double = double().await; // llama3.1:70b takes 3 s to load
+    let corral = Corral::start(preload_config(&double.url(), &["llama3.1:70b"]));
+    let (status, body) = readyz(&corral).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["models"]["llama3.1:70b"], "loading");
+    // Live all along: only readiness waits.
+    assert_eq!(
+        reqwest::get(format!("{}/livez", corral.metrics_base()))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    wait_for_async(Duration::from_secs(30), "readiness", || async {
+        (readyz(&corral).await.0 == 200).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ollama_started_after_corral_is_picked_up_by_the_retries() {
+    let port = reserve_port();
+    let corral = Corral::start(preload_config(
+        &format!("http://127.0.0.1:{port}"),
+        &["llama3.2"],
+    ));
+    wait_for(Duration::from_secs(20), "a retry in the log", || {
+        corral
+            .stderr_text()
+            .contains("Ollama not reachable for preloading")
+            .then_some(())
+    });
+    assert_eq!(readyz(&corral).await.0, 503);
+    let double = OllamaDouble::start_on(loopback(port), DoubleConfig::default())
+        .await
+        .unwrap();
+    wait_for_async(
+        Duration::from_secs(40),
+        "readiness after Ollama came up",
+        || async { (readyz(&corral).await.0 == 200).then_some(()) },
+    )
+    .await;
+    assert!(is_loaded(&double, "llama3.2:latest"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_ollama_is_preloaded_again() {
+    let double = double().await;
+    let addr = double.addr();
+    let corral = Corral::start(preload_config(&double.url(), &["llama3.2"]));
+    wait_for_async(Duration::from_secs(20), "readiness", || async {
+        (readyz(&corral).await.0 == 200).then_some(())
+    })
+    .await;
+
+    // Ollama restarts: everything it had loaded is gone.
+    double.shutdown().await;
+    let restarted = OllamaDouble::start_on(addr, DoubleConfig::default())
+        .await
+        .unwrap();
+    assert!(!is_loaded(&restarted, "llama3.2:latest"));
+    wait_for_async(
+        Duration::from_secs(20),
+        "the pinned model to be loaded again",
+        || async { is_loaded(&restarted, "llama3.2:latest").then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        own_requests(&restarted, "/api/generate"),
+        [json!({"model": "llama3.2:latest", "keep_alive": -1})]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_keep_alive_cannot_unload_a_pinned_model_under_pin() {
+    let double = double().await;
+    let corral = Corral::start(preload_config(&double.url(), &["llama3.2"]));
+    wait_for_async(Duration::from_secs(20), "readiness", || async {
+        (readyz(&corral).await.0 == 200).then_some(())
+    })
+    .await;
+    let client = corral.client();
+    // The unload request Ollama documents: empty prompt, keep_alive 0.
+    let resp = client
+        .post(format!("{}/api/generate", corral.base()))
+        .json(&json!({"model": "llama3.2", "keep_alive": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = forwarded(&double).last().unwrap().json().unwrap();
+    assert_eq!(
+        seen["keep_alive"], -1,
+        "the client's keep_alive reached Ollama"
+    );
+    assert!(
+        is_loaded(&double, "llama3.2:latest"),
+        "a client unloaded a pinned model"
+    );
+    // A shorter keep_alive with a real prompt is replaced too; other models pass untouched.
+    client.post(format!("{}/api/chat", corral.base())).json(&json!({"model": "llama3.2", "keep_alive": "1s", "stream": false, "messages": [{"role": "user", "content": "x"}]})).send().await.unwrap();
+    assert_eq!(
+        forwarded(&double).last().unwrap().json().unwrap()["keep_alive"],
+        -1
+    );
+    client
+        .post(format!("{}/api/generate", corral.base()))
+        .json(
+            &json!({"model": "qwen2.5-coder:7b", "prompt": "x", "keep_alive": 0, "stream": false}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        forwarded(&double).last().unwrap().json().unwrap()["keep_alive"],
+        0
+    );
+    assert!(!is_loaded(&double, "qwen2.5-coder:7b"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_pass_a_clients_keep_alive_goes_through() {
+    let double = double().await;
+    let mut cfg = preload_config(&double.url(), &["llama3.2"]);
+    cfg.preload.keep_alive_policy = KeepAlivePolicy::Pass;
+    let corral = Corral::start(cfg);
+    wait_for_async(Duration::from_secs(20), "readiness", || async {
+        (readyz(&corral).await.0 == 200).then_some(())
+    })
+    .await;
+    let resp = corral
+        .client()
+        .post(format!("{}/api/generate", corral.base()))
+        .json(&json!({"model": "llama3.2", "keep_alive": 0}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["done_reason"], "unload");
+    assert!(!is_loaded(&double, "llama3.2:latest"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_model_is_reported_and_does_not_block_the_others() {
+    let double = double().await;
+    let setup = Setup::new(preload_config(&double.url(), &["not-pulled", "llama3.2"]));
+    let config = setup.write();
+    let corral = setup.start();
+    wait_for_async(Duration::from_secs(20), "the good model", || async {
+        is_loaded(&double, "llama3.2:latest").then_some(())
+    })
+    .await;
+    let (status, body) = wait_for_async(
+        Duration::from_secs(20),
+        "the failure in /readyz",
+        || async {
+            let (s, b) = readyz(&corral).await;
+            b["models"]["not-pulled:latest"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("failed"))
+                .then_some((s, b))
+        },
+    )
+    .await;
+    assert_eq!(status, 503);
+    assert!(
+        body["models"]["not-pulled:latest"]
+            .as_str()
+            .unwrap()
+            .contains("pull it first"),
+        "{body}"
+    );
+    assert_eq!(body["models"]["llama3.2:latest"], "loaded");
+    assert!(corral
+        .stderr_text()
+        .contains("pinned model cannot be loaded"));
+    // Still serving, not crash-looping.
+    let resp = corral
+        .client()
+        .get(format!("{}/api/version", corral.base()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+
+    let out = std::process::Command::new(corral_bin())
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(
+        report.contains("preload.models[0] = \"not-pulled\": Ollama does not have it"),
+        "{report}"
+    );
+    assert!(
+        report.contains("preload.models[1] = \"llama3.2\": Ollama has it"),
+        "{report}"
+    );
+}
