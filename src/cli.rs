@@ -20,6 +20,13 @@ enum Command {
         /// Configuration file (else $CORRAL_CONFIG, else ./config/corral.toml, else built-in defaults).
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Run in the background, writing server.pid_file (for systemd Type=forking).
+        #[arg(long, short)]
+        daemon: bool,
+        /// Take the listening sockets over from the corral running now (send it SIGQUIT): a
+        /// binary upgrade or restart without refusing a single connection.
+        #[arg(long, short)]
+        upgrade: bool,
     },
     /// Validate the configuration, certificate and keys, and ask the upstream whether it answers.
     Check {
@@ -111,7 +118,11 @@ enum KeysCommand {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config } => serve(config),
+        Command::Serve {
+            config,
+            daemon,
+            upgrade,
+        } => serve(config, crate::server::RunMode { daemon, upgrade }),
         Command::Check {
             config,
             skip_upstream,
@@ -306,7 +317,7 @@ fn fail(message: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn serve(config: Option<PathBuf>) -> ExitCode {
+fn serve(config: Option<PathBuf>, mode: crate::server::RunMode) -> ExitCode {
     let source = Source::locate(config.as_deref());
     let cfg = match Config::load(&source) {
         Ok(cfg) => cfg,
@@ -328,7 +339,7 @@ fn serve(config: Option<PathBuf>) -> ExitCode {
         Ok(p) => p,
         Err(e) => return fail(&e.to_string()),
     };
-    match crate::server::run(prepared) {
+    match crate::server::run(prepared, mode) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e.to_string()),
     }

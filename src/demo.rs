@@ -179,7 +179,7 @@ pub fn run(opts: DemoOptions) -> Result<(), String> {
             &files
         )
     );
-    crate::server::run(prepared).map_err(|e| e.to_string())?;
+    crate::server::run(prepared, Default::default()).map_err(|e| e.to_string())?;
     drop(double);
     Ok(())
 }

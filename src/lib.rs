@@ -32,6 +32,7 @@ pub mod double;
 pub mod error;
 pub mod keys;
 pub mod lifecycle;
+pub mod limits;
 pub mod ollama;
 pub mod policy;
 pub mod preload;

@@ -1,16 +1,21 @@
-//! Process lifecycle: requests in flight, readiness, and graceful shutdown.
+//! Process lifecycle: requests in flight, draining, graceful shutdown and upgrade.
 //!
-//! On SIGTERM pingora stops accepting and then waits `grace_period` unconditionally; corral
-//! exits as soon as the last in-flight request has finished instead, so an idle gateway stops at
-//! once and a busy one lets its streams finish (up to the grace period, after which pingora cuts
-//! them). SIGINT stops at once.
+//! - SIGTERM: stop accepting, let requests in flight finish for up to `server.grace_period`.
+//! - SIGQUIT: hand the listening sockets to a new corral started with `--upgrade`, then drain like
+//!   SIGTERM (zero-downtime binary upgrade).
+//! - SIGINT: stop at once.
+//!
+//! pingora waits the whole grace period after a graceful stop even when nothing is in flight;
+//! corral exits as soon as the last request has finished instead.
 
 use async_trait::async_trait;
-use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
+use pingora::server::{ExecutionPhase, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora::services::background::BackgroundService;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::broadcast;
 
 #[derive(Default)]
 pub struct Lifecycle {
@@ -37,52 +42,84 @@ impl Lifecycle {
         self.in_flight.load(Ordering::SeqCst)
     }
 
-    /// Shutdown has begun: `/readyz` turns 503 so load balancers stop sending traffic.
+    /// Shutdown or hand-over has begun: `/readyz` turns 503 so load balancers move away.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
     }
 
-    fn start_draining(self: &Arc<Self>) {
-        self.draining.store(true, Ordering::SeqCst);
-        let me = self.clone();
-        // Exit once nothing is in flight. A short settle time lets requests whose headers were
-        // already on the wire when the listeners closed reach their first hook.
-        std::thread::spawn(move || {
-            let mut idle_checks = 0;
-            loop {
-                std::thread::sleep(Duration::from_millis(50));
-                idle_checks = if me.in_flight() == 0 {
-                    idle_checks + 1
-                } else {
-                    0
-                };
-                if idle_checks >= 4 {
-                    tracing::info!("all requests finished; exiting");
-                    crate::telemetry::flush();
-                    std::process::exit(0);
-                }
+    /// Exits the process once nothing has been in flight for a moment (requests whose header
+    /// was already on the wire when the listeners closed get to reach their first hook).
+    async fn exit_when_idle(&self) -> ! {
+        let mut idle_checks = 0;
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            idle_checks = if self.in_flight() == 0 {
+                idle_checks + 1
+            } else {
+                0
+            };
+            if idle_checks >= 4 {
+                tracing::info!("all requests finished; exiting");
+                crate::telemetry::flush();
+                std::process::exit(0);
             }
-        });
+        }
     }
 }
 
-/// Signals: SIGTERM drains, SIGINT stops at once.
-pub struct Signals(pub Arc<Lifecycle>);
+/// Maps signals to pingora's shutdown kinds.
+pub struct Signals;
 
 #[async_trait]
 impl ShutdownSignalWatch for Signals {
     async fn recv(&self) -> ShutdownSignal {
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut quit = signal(SignalKind::quit()).expect("SIGQUIT handler");
         let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
         tokio::select! {
-            _ = term.recv() => {
-                tracing::info!(in_flight = self.0.in_flight(), "SIGTERM: no new connections; finishing requests in flight");
-                self.0.start_draining();
-                ShutdownSignal::GracefulTerminate
-            }
+            _ = term.recv() => ShutdownSignal::GracefulTerminate,
+            _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
             _ = int.recv() => {
                 tracing::info!("SIGINT: stopping now");
                 ShutdownSignal::FastShutdown
+            }
+        }
+    }
+}
+
+/// Follows pingora's execution phases: marks the gateway draining when a stop or hand-over
+/// begins, and ends the process once the listeners are closed and the last request is done.
+pub struct Drainer {
+    pub lifecycle: Arc<Lifecycle>,
+    pub phases: Mutex<Option<broadcast::Receiver<ExecutionPhase>>>,
+}
+
+#[async_trait]
+impl BackgroundService for Drainer {
+    async fn start(&self, _shutdown: ShutdownWatch) {
+        let Some(mut phases) = self.phases.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return;
+        };
+        let lifecycle = &self.lifecycle;
+        loop {
+            match phases.recv().await {
+                Ok(ExecutionPhase::GracefulTerminate) => {
+                    lifecycle.draining.store(true, Ordering::SeqCst);
+                    tracing::info!(
+                        in_flight = lifecycle.in_flight(),
+                        "SIGTERM: no new connections; finishing requests in flight"
+                    );
+                }
+                Ok(ExecutionPhase::GracefulUpgradeTransferringFds) => {
+                    lifecycle.draining.store(true, Ordering::SeqCst);
+                    tracing::info!(
+                        in_flight = lifecycle.in_flight(),
+                        "SIGQUIT: handing the listening sockets to the new corral"
+                    );
+                }
+                Ok(ExecutionPhase::ShutdownGracePeriod) => lifecycle.exit_when_idle().await,
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return,
             }
         }
     }

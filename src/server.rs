@@ -8,10 +8,11 @@
 use crate::access::{Access, AccessHandle};
 use crate::admin::AdminApp;
 use crate::config::{Config, Source};
-use crate::lifecycle::{Lifecycle, Signals};
+use crate::lifecycle::{Drainer, Lifecycle, Signals};
+use crate::limits::Limiter;
 use crate::preload::{Pins, Preloader};
 use crate::probe::Probe;
-use crate::proxy::Gateway;
+use crate::proxy::{ClientLimits, Gateway};
 use crate::reload::Reloader;
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::metrics::Metrics;
@@ -19,12 +20,12 @@ use crate::tls::{CertStore, CertWatcher};
 use crate::upstream::{Resolver, Upstream};
 use crate::upstream_client::UpstreamClient;
 use pingora::apps::HttpServerOptions;
-use pingora::server::configuration::ServerConf;
+use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Why corral could not start: one line per problem, each naming the key at fault.
 #[derive(Debug)]
@@ -127,11 +128,25 @@ pub fn check_binds(cfg: &Config) -> Result<(), StartError> {
     }
 }
 
+/// How the process runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunMode {
+    /// Detach and write `server.pid_file` (the parent exits once the daemon is ready).
+    pub daemon: bool,
+    /// Take the listening sockets over from a running corral through `server.upgrade_sock`.
+    pub upgrade: bool,
+}
+
 /// Runs the gateway until it is told to stop. Returns after a fast shutdown; a graceful one
 /// exits the process once the last request is done.
-pub fn run(prepared: Prepared) -> Result<(), StartError> {
-    check_binds(&prepared.cfg)?;
-    crate::reload::claim_sighup();
+pub fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
+    if !mode.upgrade {
+        // An upgrade takes the ports over from the running corral that holds them.
+        check_binds(&prepared.cfg)?;
+    }
+    if !mode.daemon {
+        crate::reload::claim_sighup();
+    }
     let Prepared {
         source,
         cfg,
@@ -151,10 +166,22 @@ pub fn run(prepared: Prepared) -> Result<(), StartError> {
         threads,
         grace_period_seconds: Some(cfg.server.grace_period.0.as_secs_f64().ceil() as u64),
         graceful_shutdown_timeout_seconds: Some(1),
+        daemon: mode.daemon,
+        daemon_wait_for_ready: mode.daemon,
+        pid_file: cfg.server.pid_file.display().to_string(),
+        upgrade_sock: cfg.server.upgrade_sock.display().to_string(),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
-    server.bootstrap();
+    let opt = Opt {
+        upgrade: mode.upgrade,
+        daemon: mode.daemon,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    // Bootstrap (receiving sockets on --upgrade, telling the parent of a daemon it is ready) runs
+    // as a service, after daemonizing; the listeners wait for it.
+    let bootstrap = server.bootstrap_as_a_service();
+    let phases = server.watch_execution_phase();
 
     let lifecycle = Arc::new(Lifecycle::default());
     let metrics = Arc::new(Metrics::new(&cfg));
@@ -164,7 +191,12 @@ pub fn run(prepared: Prepared) -> Result<(), StartError> {
         metrics: metrics.clone(),
         upstream: upstream.clone(),
         access: access.clone(),
-        max_body: cfg.server.max_body,
+        limits: ClientLimits {
+            max_body: cfg.server.max_body,
+            max_header_size: cfg.server.max_header_size,
+            body_timeout: cfg.server.body_timeout.0,
+        },
+        limiter: Arc::new(Limiter::default()),
         lifecycle: lifecycle.clone(),
         access_log: Arc::new(AccessLog::stdout(cfg.log.format)),
     };
@@ -172,8 +204,13 @@ pub fn run(prepared: Prepared) -> Result<(), StartError> {
         pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "corral");
     let mut options = HttpServerOptions::default();
     options.h2c = true;
+    // Idle HTTP/2 connections close like idle HTTP/1.1 ones.
+    options.h2_idle_timeout = Some(cfg.server.header_timeout.0);
+    // Recycle long-lived connections now and then (as nginx's keepalive_requests does).
+    options.keepalive_request_limit = Some(10_000);
     if let Some(app) = proxy.app_logic_mut() {
         app.server_options = Some(options);
+        app.request_header_timeout = Some(cfg.server.header_timeout.0);
     }
     if let (Some(addr), Some(certs)) = (cfg.server.listen.0, &certs) {
         proxy.add_tls_with_settings(&addr.to_string(), None, certs.tls_settings());
@@ -181,7 +218,7 @@ pub fn run(prepared: Prepared) -> Result<(), StartError> {
     if let Some(addr) = cfg.server.plain_listen.0 {
         proxy.add_tcp(&addr.to_string());
     }
-    server.add_service(proxy);
+    server.add_service(proxy).add_dependency(&bootstrap);
 
     if let Some(addr) = cfg.server.metrics_listen.0 {
         let mut admin = Service::new(
@@ -194,7 +231,7 @@ pub fn run(prepared: Prepared) -> Result<(), StartError> {
         );
         admin.add_tcp(&addr.to_string());
         admin.threads = Some(1);
-        server.add_service(admin);
+        server.add_service(admin).add_dependency(&bootstrap);
     }
     let reloader = Reloader {
         source,
@@ -208,6 +245,11 @@ pub fn run(prepared: Prepared) -> Result<(), StartError> {
         metrics: metrics.clone(),
     };
     server.add_service(background_service("upstream probe", probe));
+    let drainer = Drainer {
+        lifecycle: lifecycle.clone(),
+        phases: Mutex::new(Some(phases)),
+    };
+    server.add_service(background_service("drain", drainer));
     if !cfg.preload.models.is_empty() {
         let preloader = Preloader {
             client: UpstreamClient::new(upstream.clone()),
@@ -234,7 +276,7 @@ pub fn run(prepared: Prepared) -> Result<(), StartError> {
     }
     tracing::info!(upstream = %cfg.upstream.url, version = env!("CARGO_PKG_VERSION"), "corral started");
     server.run(RunArgs {
-        shutdown_signal: Box::new(Signals(lifecycle)),
+        shutdown_signal: Box::new(Signals),
     });
     Ok(())
 }

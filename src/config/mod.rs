@@ -80,6 +80,18 @@ pub struct ServerConfig {
     pub max_body: ByteSize,
     /// How long in-flight requests may finish after SIGTERM.
     pub grace_period: HumanDuration,
+    /// Largest request header block (431 above).
+    pub max_header_size: ByteSize,
+    /// How long a client may take to send a request header, counted from when the connection is
+    /// ready for one (so it also closes idle kept-alive connections). Slow clients are cut off.
+    pub header_timeout: HumanDuration,
+    /// How long a client may take to send a request body corral reads (408 after).
+    pub body_timeout: HumanDuration,
+    /// PID file written in daemon mode (`corral serve --daemon`).
+    pub pid_file: PathBuf,
+    /// Unix socket through which a new corral takes over the listening sockets of a running one
+    /// (`corral serve --upgrade`, then SIGQUIT to the old process).
+    pub upgrade_sock: PathBuf,
 }
 
 impl Default for ServerConfig {
@@ -92,6 +104,11 @@ impl Default for ServerConfig {
             metrics_listen: ListenAddr::loopback(9464),
             max_body: ByteSize::mib(32),
             grace_period: HumanDuration::secs(30),
+            max_header_size: ByteSize(64 * 1024),
+            header_timeout: HumanDuration::secs(30),
+            body_timeout: HumanDuration::secs(300),
+            pid_file: PathBuf::from("/run/corral/corral.pid"),
+            upgrade_sock: PathBuf::from("/run/corral/upgrade.sock"),
         }
     }
 }
@@ -372,11 +389,14 @@ impl Config {
     fn resolve_paths(&mut self, base: &Path) {
         let fix = |p: &mut PathBuf| {
             if !p.as_os_str().is_empty() && p.is_relative() {
-                *p = base.join(&*p);
+                let joined = base.join(&*p);
+                *p = std::path::absolute(&joined).unwrap_or(joined);
             }
         };
         fix(&mut self.server.tls_cert);
         fix(&mut self.server.tls_key);
+        fix(&mut self.server.pid_file);
+        fix(&mut self.server.upgrade_sock);
         fix(&mut self.auth.revoked_file);
         self.auth.verify_keys.iter_mut().for_each(fix);
     }
@@ -440,6 +460,28 @@ impl Config {
         }
         if s.max_body.0 == 0 {
             problems.push(Problem::new("server.max_body", "must be more than 0"));
+        }
+        if s.max_header_size.0 < 1024 {
+            problems.push(Problem::new(
+                "server.max_header_size",
+                "must be at least 1KiB",
+            ));
+        }
+        for (key, d) in [
+            ("server.header_timeout", s.header_timeout),
+            ("server.body_timeout", s.body_timeout),
+        ] {
+            if d.0.is_zero() {
+                problems.push(Problem::new(key, "must be more than 0"));
+            }
+        }
+        for (key, p) in [
+            ("server.pid_file", &s.pid_file),
+            ("server.upgrade_sock", &s.upgrade_sock),
+        ] {
+            if !p.is_absolute() {
+                problems.push(Problem::new(key, "must be an absolute path"));
+            }
         }
 
         let u = &self.upstream;
@@ -666,7 +708,10 @@ mod tests {
         )
         .unwrap();
         let c = Config::load(&Source::File(path)).unwrap();
-        assert_eq!(c.server.tls_cert, dir.path().join("tls/a.crt"));
+        assert_eq!(
+            c.server.tls_cert,
+            std::path::absolute(dir.path().join("tls/a.crt")).unwrap()
+        );
         assert_eq!(c.server.tls_key, PathBuf::from("/abs/a.key"));
     }
 

@@ -1,19 +1,22 @@
-//! Admission: everything decided before Ollama sees a byte. Route, key, body, policy, and the
-//! rewrites corral makes to the body (asking for usage on `/v1` streams).
+//! Admission: everything decided before Ollama sees a byte. Framing and header limits, route, key,
+//! body, policy, rate limits, and the rewrites corral makes to the body (pinned `keep_alive`, usage
+//! on `/v1` streams).
 
 use super::{ctx::GaugeGuard, Gateway, RequestCtx};
+use crate::access::Access;
 use crate::auth;
-use crate::body::JsonObject;
+use crate::body::{BodyError, JsonObject};
 use crate::config::ByteSize;
 use crate::error::GatewayError;
-use crate::ollama::ModelName;
-use crate::policy;
+use crate::ollama::{KeepAlive, ModelName};
+use crate::policy::{self, ModelRef};
 use crate::routes::{self, BodyMode, RouteClass, RouteError, RouteKind};
 use bytes::{Bytes, BytesMut};
 use pingora::http::RequestHeader;
 use pingora::proxy::Session;
 use pingora::ErrorType;
 use serde_json::Value;
+use std::time::{Duration, Instant};
 
 impl Gateway {
     /// Decides whether the request goes upstream. `Err` is answered by corral.
@@ -22,18 +25,10 @@ impl Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<(), GatewayError> {
+        check_head(session.req_header(), self.limits.max_header_size)?;
         let req = session.req_header();
-        let matched = routes::classify(&req.method, req.raw_path()).map_err(|e| match e {
-            RouteError::BadPath(why) => GatewayError::BadRequest(format!("{why}; the request was not forwarded")),
-            RouteError::NotFound => GatewayError::NotFound(format!(
-                "{} is not a route of this gateway (see the Ollama and OpenAI API docs for the routes it serves)",
-                String::from_utf8_lossy(&req.raw_path()[..req.raw_path().len().min(200)])
-            )),
-            RouteError::MethodNotAllowed { allow, dialect } => {
-                ctx.dialect = dialect;
-                GatewayError::MethodNotAllowed { allow }
-            }
-        })?;
+        let matched =
+            routes::classify(&req.method, req.raw_path()).map_err(|e| route_error(e, req, ctx))?;
         ctx.dialect = matched.kind.dialect();
         let kind = matched.kind;
         let param = matched.param.clone();
@@ -55,7 +50,7 @@ impl Gateway {
             ctx.identity = Some(identity);
         }
 
-        let mut body = match kind.body() {
+        let body = match kind.body() {
             BodyMode::None => {
                 let req = session.req_header();
                 if declared_length(req).is_some_and(|n| n > 0)
@@ -71,33 +66,39 @@ impl Gateway {
             BodyMode::Stream => None,
             BodyMode::Json => {
                 refuse_encoded(session.req_header())?;
-                let body = read_body(session, self.max_body).await?;
+                let read = read_body(session, self.limits.max_body);
+                let body = tokio::time::timeout(self.limits.body_timeout, read)
+                    .await
+                    .map_err(|_| GatewayError::RequestTimeout)??;
                 ctx.bytes_in = body.len() as u64;
                 Some(body)
             }
         };
 
-        let mut rewritten = None;
-        if let Some(raw) = &body {
-            let obj = JsonObject::parse(raw).map_err(bad_request)?;
-            let models = policy::referenced_models(kind, Some(&obj), param.as_deref())?;
-            ctx.model = models.first().map(|m| m.name.to_string());
-            ctx.stream = Some(
-                obj.bool("stream")
-                    .map_err(bad_request)?
-                    .unwrap_or(kind.streams_by_default()),
-            );
-            self.authorize(ctx, &access, kind, &models)?;
-            rewritten = self.rewrite(ctx, kind, &obj, models.first().map(|m| &m.name))?;
-        } else {
-            let models = policy::referenced_models(kind, None, param.as_deref())?;
-            ctx.model = models.first().map(|m| m.name.to_string());
-            self.authorize(ctx, &access, kind, &models)?;
-        }
-        if let Some(new) = rewritten {
-            body = Some(Bytes::from(new));
-        }
-        ctx.body = body;
+        let (models, rewritten) = match &body {
+            Some(raw) => {
+                let obj = JsonObject::parse(raw).map_err(bad_request)?;
+                let models = policy::referenced_models(kind, Some(&obj), param.as_deref())?;
+                ctx.stream = Some(
+                    obj.bool("stream")
+                        .map_err(bad_request)?
+                        .unwrap_or(kind.streams_by_default()),
+                );
+                check_keep_alive(kind, &obj)?;
+                ctx.model = models.first().map(|m| m.name.to_string());
+                self.authorize(ctx, &access, kind, &models)?;
+                let rewritten = self.rewrite(ctx, kind, &obj, models.first().map(|m| &m.name))?;
+                (models, rewritten)
+            }
+            None => {
+                let models = policy::referenced_models(kind, None, param.as_deref())?;
+                ctx.model = models.first().map(|m| m.name.to_string());
+                self.authorize(ctx, &access, kind, &models)?;
+                (models, None)
+            }
+        };
+        drop(models);
+        ctx.body = rewritten.map(Bytes::from).or(body);
         ctx.access = Some(access);
         let team = ctx.identity.as_ref().map_or("none", |i| i.team.as_str());
         ctx.team_in_flight = Some(GaugeGuard::new(
@@ -106,12 +107,13 @@ impl Gateway {
         Ok(())
     }
 
+    /// Policy, then rate limits (a request refused by policy costs no quota).
     fn authorize(
         &self,
-        ctx: &RequestCtx,
-        access: &crate::access::Access,
+        ctx: &mut RequestCtx,
+        access: &Access,
         kind: RouteKind,
-        models: &[policy::ModelRef],
+        models: &[ModelRef],
     ) -> Result<(), GatewayError> {
         let Some(identity) = &ctx.identity else {
             return Ok(());
@@ -119,7 +121,20 @@ impl Gateway {
         let team = access.teams.get(&identity.team).ok_or_else(|| {
             GatewayError::Unauthorized(auth::AuthFailure::UnknownTeam.message().to_string())
         })?;
-        policy::authorize(team, identity, kind, models)
+        policy::authorize(team, identity, kind, models)?;
+        match self.limiter.admit(team, kind.runs_model(), Instant::now()) {
+            Ok(slot) => {
+                ctx.slot = Some(slot);
+                Ok(())
+            }
+            Err(refused) => {
+                ctx.rate_limited = Some(refused.limit.label());
+                Err(GatewayError::RateLimited {
+                    message: refused.message(team),
+                    retry_after_secs: refused.retry_after.as_secs_f64().ceil() as u64,
+                })
+            }
+        }
     }
 
     /// The body corral forwards instead of the client's, if it changes anything.
@@ -132,11 +147,10 @@ impl Gateway {
     ) -> Result<Option<Vec<u8>>, GatewayError> {
         let mut changes: Vec<(&str, Option<Value>)> = Vec::new();
         // No client may unload or shorten a pinned model (only the native routes carry keep_alive).
-        let native = matches!(
-            kind,
-            RouteKind::Generate | RouteKind::Chat | RouteKind::Embed | RouteKind::Embeddings
-        );
-        if let (true, Some(pinned)) = (native, model.and_then(|m| self.pins.keep_alive_for(m))) {
+        if let (true, Some(pinned)) = (
+            native_keep_alive(kind),
+            model.and_then(|m| self.pins.keep_alive_for(m)),
+        ) {
             if obj.get("keep_alive").map(|v| v.get()) != Some(pinned.to_string().as_str()) {
                 changes.push(("keep_alive", Some(pinned.clone())));
             }
@@ -173,7 +187,80 @@ impl Gateway {
     }
 }
 
-fn bad_request(e: crate::body::BodyError) -> GatewayError {
+/// Limits on what clients send, from `[server]`.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientLimits {
+    pub max_body: ByteSize,
+    pub max_header_size: ByteSize,
+    pub body_timeout: Duration,
+}
+
+fn route_error(e: RouteError, req: &RequestHeader, ctx: &mut RequestCtx) -> GatewayError {
+    match e {
+        RouteError::BadPath(why) => GatewayError::BadRequest(format!("{why}; the request was not forwarded")),
+        RouteError::NotFound => GatewayError::NotFound(format!(
+            "{} is not a route of this gateway (see the Ollama and OpenAI API docs for the routes it serves)",
+            String::from_utf8_lossy(&req.raw_path()[..req.raw_path().len().min(200)])
+        )),
+        RouteError::MethodNotAllowed { allow, dialect } => {
+            ctx.dialect = dialect;
+            GatewayError::MethodNotAllowed { allow }
+        }
+    }
+}
+
+/// Refuses header blocks over the limit (431) and ambiguous framing (request smuggling).
+fn check_head(req: &RequestHeader, max_header_size: ByteSize) -> Result<(), GatewayError> {
+    let size: usize = req.raw_path().len()
+        + req
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    if size as u64 > max_header_size.0 {
+        return Err(GatewayError::HeadersTooLarge);
+    }
+    let te: Vec<_> = req
+        .headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .collect();
+    if !te.is_empty() {
+        if req.headers.contains_key(http::header::CONTENT_LENGTH) {
+            return Err(GatewayError::BadRequest(
+                "a request may not carry both Content-Length and Transfer-Encoding".into(),
+            ));
+        }
+        if te.len() > 1 || !te[0].as_bytes().eq_ignore_ascii_case(b"chunked") {
+            return Err(GatewayError::BadRequest(
+                "the only Transfer-Encoding accepted is `chunked`".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Routes whose bodies carry Ollama's `keep_alive`.
+fn native_keep_alive(kind: RouteKind) -> bool {
+    matches!(
+        kind,
+        RouteKind::Generate | RouteKind::Chat | RouteKind::Embed | RouteKind::Embeddings
+    )
+}
+
+/// A `keep_alive` Ollama would refuse is refused here, with Ollama's message.
+fn check_keep_alive(kind: RouteKind, obj: &JsonObject) -> Result<(), GatewayError> {
+    let Some(raw) = obj.get("keep_alive").filter(|_| native_keep_alive(kind)) else {
+        return Ok(());
+    };
+    let value: Value =
+        serde_json::from_str(raw.get()).map_err(|e| GatewayError::BadRequest(e.to_string()))?;
+    KeepAlive::from_json(Some(&value))
+        .map(|_| ())
+        .map_err(|e| GatewayError::BadRequest(format!("\"keep_alive\": {e}")))
+}
+
+fn bad_request(e: BodyError) -> GatewayError {
     GatewayError::BadRequest(e.0)
 }
 
@@ -231,5 +318,66 @@ async fn read_body(session: &mut Session, limit: ByteSize) -> Result<Bytes, Gate
                 ))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(headers: &[(&str, &str)]) -> RequestHeader {
+        let mut r = RequestHeader::build("POST", b"/api/chat", None).unwrap();
+        for (k, v) in headers {
+            r.append_header(k.to_string(), *v).unwrap();
+        }
+        r
+    }
+
+    #[test]
+    fn smuggling_shapes_are_refused() {
+        let limit = ByteSize(64 * 1024);
+        assert!(check_head(&req(&[("content-length", "5")]), limit).is_ok());
+        assert!(check_head(&req(&[("transfer-encoding", "chunked")]), limit).is_ok());
+        for bad in [
+            &[("content-length", "5"), ("transfer-encoding", "chunked")][..],
+            &[("transfer-encoding", "gzip, chunked")],
+            &[
+                ("transfer-encoding", "chunked"),
+                ("transfer-encoding", "chunked"),
+            ],
+            &[("transfer-encoding", "xchunked")],
+        ] {
+            assert_eq!(
+                check_head(&req(bad), limit).unwrap_err().status(),
+                400,
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_headers_are_431() {
+        let big = "x".repeat(2000);
+        assert_eq!(
+            check_head(&req(&[("x-big", &big)]), ByteSize(1024))
+                .unwrap_err()
+                .status(),
+            431
+        );
+    }
+
+    #[test]
+    fn keep_alive_of_the_wrong_type_is_refused_like_ollama_would() {
+        let obj = |s: &'static str| JsonObject::parse(s.as_bytes()).unwrap();
+        assert!(check_keep_alive(RouteKind::Chat, &obj(r#"{"keep_alive":"5m"}"#)).is_ok());
+        assert!(check_keep_alive(RouteKind::Chat, &obj(r#"{"keep_alive":-1}"#)).is_ok());
+        let e = check_keep_alive(RouteKind::Chat, &obj(r#"{"keep_alive":true}"#)).unwrap_err();
+        assert!(e.to_string().contains("Unsupported type: 'bool'"), "{e}");
+        let e = check_keep_alive(RouteKind::Generate, &obj(r#"{"keep_alive":"-1"}"#)).unwrap_err();
+        assert!(e.to_string().contains("missing unit"), "{e}");
+        // /v1 bodies have no keep_alive field; Ollama ignores it there.
+        assert!(
+            check_keep_alive(RouteKind::ChatCompletions, &obj(r#"{"keep_alive":true}"#)).is_ok()
+        );
     }
 }

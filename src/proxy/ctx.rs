@@ -68,6 +68,10 @@ pub struct RequestCtx {
     pub upstream_error: Option<&'static str>,
     /// Counts this request in `corral_inflight_requests{team}` while it lives.
     pub team_in_flight: Option<GaugeGuard>,
+    /// The team's concurrency slot, held while the request lives.
+    pub slot: Option<crate::limits::Slot>,
+    /// Which limit refused the request (`corral_rate_limited_total{limit}`).
+    pub rate_limited: Option<&'static str>,
     /// A short label of what went wrong, for the log.
     pub error: Option<&'static str>,
     _in_flight: InFlight,
@@ -97,6 +101,8 @@ impl RequestCtx {
             stripper: None,
             upstream_error: None,
             team_in_flight: None,
+            slot: None,
+            rate_limited: None,
             error: None,
             _in_flight: in_flight,
         }

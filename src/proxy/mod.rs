@@ -10,12 +10,13 @@ mod report;
 mod respond;
 mod response;
 
+pub use admit::ClientLimits;
 pub use ctx::{BodyFormat, RequestCtx};
 pub use headers::new_request_id;
 
 use crate::access::AccessHandle;
-use crate::config::ByteSize;
 use crate::lifecycle::Lifecycle;
+use crate::limits::Limiter;
 use crate::preload::Pins;
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::metrics::Metrics;
@@ -33,7 +34,8 @@ use std::time::Duration;
 pub struct Gateway {
     pub upstream: Arc<Upstream>,
     pub access: Arc<AccessHandle>,
-    pub max_body: ByteSize,
+    pub limits: ClientLimits,
+    pub limiter: Arc<Limiter>,
     pub lifecycle: Arc<Lifecycle>,
     pub access_log: Arc<AccessLog>,
     pub metrics: Arc<Metrics>,

@@ -58,6 +58,16 @@ impl Gateway {
         if let Some(kind) = ctx.upstream_error {
             m.upstream_errors.with_label_values(&[kind]).inc();
         }
+        if let Some(limit) = ctx.rate_limited {
+            m.rate_limited.with_label_values(&[team, limit]).inc();
+        }
+        // Token limits charge what was actually used, now that it is known.
+        if let (Some(identity), Some(access)) = (&ctx.identity, &ctx.access) {
+            if let Some(t) = access.teams.get(&identity.team) {
+                self.limiter
+                    .charge(t, usage.total(), std::time::Instant::now());
+            }
+        }
 
         let raw = req.raw_path();
         let path_end = raw

@@ -84,6 +84,7 @@ def gateway(tmp_path_factory, double_url):
     keys = {
         "research": corral("keys", "issue", "--signing-key", signing, "--team", "research").strip(),
         "ops": corral("keys", "issue", "--signing-key", signing, "--team", "ops").strip(),
+        "tiny": corral("keys", "issue", "--signing-key", signing, "--team", "tiny").strip(),
     }
     port, metrics = free_port(), free_port()
     (dir / "corral.toml").write_text(
@@ -107,6 +108,10 @@ models = ["llama3.2:*", "nomic-embed-text*"]
 [teams.ops]
 models = ["*"]
 admin = true
+
+[teams.tiny]
+models = ["llama3.2:*"]
+rpm = 1
 """
     )
     proc = subprocess.Popen(

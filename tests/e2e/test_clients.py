@@ -146,3 +146,20 @@ def test_ollama_key_via_environment(gateway, monkeypatch):
     monkeypatch.setenv("OLLAMA_API_KEY", gateway.keys["research"])
     client = ollama.Client(host=gateway.base, verify=ssl.create_default_context(cafile=gateway.ca))
     assert client.chat(model="llama3.2", messages=[{"role": "user", "content": "x"}]).done
+
+
+def test_openai_rate_limit_is_rate_limit_error(gateway):
+    client = openai_client(gateway, gateway.keys["tiny"])
+    client.chat.completions.create(model="llama3.2", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.RateLimitError) as e:
+        client.chat.completions.create(model="llama3.2", messages=[{"role": "user", "content": "x"}])
+    assert int(e.value.response.headers["retry-after"]) >= 1
+    assert "requests per minute" in e.value.message
+
+
+def test_ollama_rate_limit_is_429(gateway):
+    client = ollama_client(gateway, gateway.keys["tiny"])
+    with pytest.raises(ollama.ResponseError) as e:
+        for _ in range(2):
+            client.chat(model="llama3.2", messages=[{"role": "user", "content": "x"}])
+    assert e.value.status_code == 429

@@ -48,7 +48,7 @@ def stack(tmp_path_factory):
     ca.cert_pem.write_to_path(str(dir / "ca.pem"))
     corral("keys", "init", "--dir", str(dir / "keys"), "--id", "obs")
     signing = str(dir / "keys" / "obs.key.pem")
-    keys = {t: corral("keys", "issue", "--signing-key", signing, "--team", t).strip() for t in ("research", "ops")}
+    keys = {t: corral("keys", "issue", "--signing-key", signing, "--team", t).strip() for t in ("research", "ops", "tiny")}
     config = f"""
 [server]
 listen = "127.0.0.1:{port}"
@@ -65,6 +65,9 @@ models = ["llama3.2:*", "nomic-embed-text*", "flaky*"]
 [teams.ops]
 models = ["*"]
 admin = true
+[teams.tiny]
+models = ["llama3.2"]
+rpm = 1
 [preload]
 models = ["llama3.2", "nomic-embed-text"]
 watch_interval = "1s"
@@ -134,6 +137,9 @@ def traffic(stack):
         assert c.get(f"{base}/api/tags", headers={"Authorization": "Bearer nope"}).status_code == 401
         assert call(research, "/api/chat", {"model": "qwen2.5-coder:7b", **chat}).status_code == 403
         assert c.get(f"{base}/api/version").status_code == 200
+        tiny = stack["keys"]["tiny"]
+        assert call(tiny, "/api/chat", {"model": "llama3.2", **chat}).status_code == 200
+        assert call(tiny, "/api/chat", {"model": "llama3.2", **chat}).status_code == 429
         # Ollama goes away and comes back: 502 and an upstream error meanwhile.
         stack["procs"]["double"].terminate()
         stack["procs"]["double"].wait()
@@ -183,7 +189,7 @@ def test_every_dashboard_query_parses_uses_corral_metrics_and_returns_data(stack
     traffic(stack)
     requests = 'sum(corral_requests_total)'
     wait_until("Prometheus to see the traffic",
-               lambda: (r := query(stack, requests)["data"]["result"]) and float(r[0]["value"][1]) >= 15)
+               lambda: (r := query(stack, requests)["data"]["result"]) and float(r[0]["value"][1]) >= 17)
     wait_until("a reload", lambda: query(stack, 'sum(corral_config_reloads_total{result="ok"}) > 0')["data"]["result"])
     time.sleep(2)  # two more scrapes, so rate() windows hold the last requests on both sides
 

@@ -188,6 +188,10 @@ where
     shutdown_flag: Arc<AtomicBool>,
     pub server_options: Option<HttpServerOptions>,
     pub h2_options: Option<H2Options>,
+    /// corral patch: the longest a client may take to send a request header, counted from when
+    /// the connection is ready for it (so it also bounds idle keep-alive). pingora's own read
+    /// timeout applies per read, which a client trickling bytes never hits. `None`: no limit.
+    pub request_header_timeout: Option<std::time::Duration>,
     pub downstream_modules: HttpModules,
     #[cfg(feature = "upstream_modules")]
     pub upstream_modules: HttpModules,
@@ -224,6 +228,7 @@ impl<SV> HttpProxy<SV, ()> {
             shutdown_flag: Arc::new(AtomicBool::new(false)),
             server_options: None,
             h2_options: None,
+            request_header_timeout: None,
             downstream_modules: HttpModules::new(),
             #[cfg(feature = "upstream_modules")]
             upstream_modules: HttpModules::new(),
@@ -259,6 +264,7 @@ where
             shutdown: ShardedNotify::new(conf.threads),
             shutdown_flag: Arc::new(AtomicBool::new(false)),
             server_options,
+            request_header_timeout: None,
             downstream_modules: HttpModules::new(),
             #[cfg(feature = "upstream_modules")]
             upstream_modules: HttpModules::new(),
@@ -329,9 +335,26 @@ where
     {
         // phase 1 read request header
 
+        // corral patch: a whole-header deadline (see `request_header_timeout`). A client that
+        // misses it is disconnected without an answer, as an idle keep-alive connection is.
+        let header_timeout = self.request_header_timeout;
+        let read = async {
+            match header_timeout {
+                Some(limit) => tokio::time::timeout(limit, downstream_session.read_request())
+                    .await
+                    .ok(),
+                None => Some(downstream_session.read_request().await),
+            }
+        };
         let res = tokio::select! {
             biased; // biased select is cheaper, and we don't want to drop already buffered requests
-            res = downstream_session.read_request() => { res }
+            res = read => match res {
+                Some(res) => res,
+                None => {
+                    debug!("request header not received within {header_timeout:?}, closing");
+                    return None;
+                }
+            },
             _ = self.await_shutdown() => {
                 // service shutting down, dropping the connection to stop more req from coming in
                 return None;

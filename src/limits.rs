@@ -1,0 +1,289 @@
+//! Per-team limits: requests per minute, tokens per minute, requests in flight.
+//!
+//! Enforced per corral instance (N replicas allow N times the limits). `rpm` and `tpm` are token
+//! buckets refilled continuously (a team may burst up to one minute's allowance). A request is
+//! admitted while the team's token bucket is above zero and charged, when its response ends, the
+//! tokens Ollama reports, so the bucket can go below zero after a long answer and the team waits.
+
+use crate::policy::Team;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Which limit refused a request (`corral_rate_limited_total{limit}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    Rpm,
+    Tpm,
+    Concurrency,
+}
+
+impl Limit {
+    pub fn label(self) -> &'static str {
+        match self {
+            Limit::Rpm => "rpm",
+            Limit::Tpm => "tpm",
+            Limit::Concurrency => "concurrency",
+        }
+    }
+}
+
+/// A refusal: which limit, and when to try again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refused {
+    pub limit: Limit,
+    pub retry_after: Duration,
+}
+
+impl Refused {
+    pub fn message(&self, team: &Team) -> String {
+        match self.limit {
+            Limit::Rpm => format!(
+                "team `{}` is over its limit of {} requests per minute; retry later",
+                team.name, team.rpm
+            ),
+            Limit::Tpm => format!(
+                "team `{}` is over its limit of {} tokens per minute; retry later",
+                team.name, team.tpm
+            ),
+            Limit::Concurrency => format!(
+                "team `{}` already has {} requests in flight, its limit; retry when one finishes",
+                team.name, team.max_concurrent
+            ),
+        }
+    }
+}
+
+/// A continuously refilled bucket holding at most one minute's allowance.
+#[derive(Debug, Clone)]
+struct Bucket {
+    level: f64,
+    updated: Instant,
+}
+
+impl Bucket {
+    fn full(per_minute: f64, now: Instant) -> Bucket {
+        Bucket {
+            level: per_minute,
+            updated: now,
+        }
+    }
+
+    fn refill(&mut self, per_minute: f64, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.level = (self.level + elapsed * per_minute / 60.0).min(per_minute);
+        self.updated = now;
+    }
+
+    /// Time until the level reaches `target`.
+    fn wait_for(&self, target: f64, per_minute: f64) -> Duration {
+        Duration::from_secs_f64(((target - self.level).max(0.0) * 60.0 / per_minute).max(0.001))
+    }
+}
+
+#[derive(Debug, Default)]
+struct TeamState {
+    requests: Option<Bucket>,
+    tokens: Option<Bucket>,
+    in_flight: u32,
+}
+
+#[derive(Default)]
+pub struct Limiter {
+    teams: Mutex<HashMap<String, TeamState>>,
+}
+
+/// Held while a request is in flight; frees its concurrency slot when dropped.
+pub struct Slot {
+    limiter: Option<Arc<Limiter>>,
+    team: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let Some(limiter) = &self.limiter else { return };
+        let mut teams = limiter.teams.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = teams.get_mut(&self.team) {
+            t.in_flight = t.in_flight.saturating_sub(1);
+        }
+    }
+}
+
+impl Limiter {
+    /// Admits a request of `team` at `now`, or says which limit refuses it. The token and
+    /// concurrency limits apply to `inference` requests (those that run a model); every request
+    /// counts toward `rpm`.
+    pub fn admit(
+        self: &Arc<Self>,
+        team: &Team,
+        inference: bool,
+        now: Instant,
+    ) -> Result<Slot, Refused> {
+        let mut teams = self.teams.lock().unwrap_or_else(|e| e.into_inner());
+        let state = teams.entry(team.name.clone()).or_default();
+        if inference && team.tpm > 0 {
+            let tpm = team.tpm as f64;
+            let bucket = state.tokens.get_or_insert_with(|| Bucket::full(tpm, now));
+            bucket.refill(tpm, now);
+            if bucket.level <= 0.0 {
+                return Err(Refused {
+                    limit: Limit::Tpm,
+                    retry_after: bucket.wait_for(1.0, tpm),
+                });
+            }
+        }
+        if inference && team.max_concurrent > 0 && state.in_flight >= team.max_concurrent {
+            // No good estimate: streams end when they end. One second is a polite retry.
+            return Err(Refused {
+                limit: Limit::Concurrency,
+                retry_after: Duration::from_secs(1),
+            });
+        }
+        if team.rpm > 0 {
+            let rpm = team.rpm as f64;
+            let bucket = state.requests.get_or_insert_with(|| Bucket::full(rpm, now));
+            bucket.refill(rpm, now);
+            if bucket.level < 1.0 {
+                return Err(Refused {
+                    limit: Limit::Rpm,
+                    retry_after: bucket.wait_for(1.0, rpm),
+                });
+            }
+            bucket.level -= 1.0;
+        }
+        if !inference {
+            return Ok(Slot {
+                limiter: None,
+                team: String::new(),
+            });
+        }
+        state.in_flight += 1;
+        Ok(Slot {
+            limiter: Some(self.clone()),
+            team: team.name.clone(),
+        })
+    }
+
+    /// Charges the tokens a finished request used.
+    pub fn charge(&self, team: &Team, tokens: u64, now: Instant) {
+        if team.tpm == 0 || tokens == 0 {
+            return;
+        }
+        let mut teams = self.teams.lock().unwrap_or_else(|e| e.into_inner());
+        let tpm = team.tpm as f64;
+        let state = teams.entry(team.name.clone()).or_default();
+        let bucket = state.tokens.get_or_insert_with(|| Bucket::full(tpm, now));
+        bucket.refill(tpm, now);
+        bucket.level -= tokens as f64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TeamConfig;
+
+    fn team(rpm: u32, tpm: u64, max_concurrent: u32) -> Team {
+        Team::new(
+            "t",
+            &TeamConfig {
+                rpm,
+                tpm,
+                max_concurrent,
+                ..Default::default()
+            },
+        )
+    }
+
+    #[test]
+    fn rpm_allows_a_minutes_burst_then_refills_steadily() {
+        let l = Arc::new(Limiter::default());
+        let t = team(60, 0, 0);
+        let t0 = Instant::now();
+        for _ in 0..60 {
+            drop(l.admit(&t, true, t0).unwrap());
+        }
+        let refused = l.admit(&t, true, t0).err().unwrap();
+        assert_eq!(refused.limit, Limit::Rpm);
+        assert!(
+            refused.retry_after <= Duration::from_secs(1),
+            "{:?}",
+            refused.retry_after
+        );
+        // One request per second comes back.
+        assert!(l.admit(&t, true, t0 + Duration::from_millis(500)).is_err());
+        assert!(l.admit(&t, true, t0 + Duration::from_secs(1)).is_ok());
+    }
+
+    #[test]
+    fn tpm_charges_what_was_used_and_waits_it_off() {
+        let l = Arc::new(Limiter::default());
+        let t = team(0, 600, 0);
+        let t0 = Instant::now();
+        drop(l.admit(&t, true, t0).unwrap());
+        l.charge(&t, 900, t0); // 300 over: half a minute at 10 tokens/s
+        let refused = l.admit(&t, true, t0).err().unwrap();
+        assert_eq!(refused.limit, Limit::Tpm);
+        assert!(
+            (29.9..=30.2).contains(&refused.retry_after.as_secs_f64()),
+            "{:?}",
+            refused.retry_after
+        );
+        assert!(l.admit(&t, true, t0 + Duration::from_secs(29)).is_err());
+        assert!(l.admit(&t, true, t0 + Duration::from_secs(31)).is_ok());
+    }
+
+    #[test]
+    fn concurrency_counts_slots_held() {
+        let l = Arc::new(Limiter::default());
+        let t = team(0, 0, 2);
+        let now = Instant::now();
+        let a = l.admit(&t, true, now).unwrap();
+        let _b = l.admit(&t, true, now).unwrap();
+        assert_eq!(
+            l.admit(&t, true, now).err().unwrap().limit,
+            Limit::Concurrency
+        );
+        drop(a);
+        assert!(l.admit(&t, true, now).is_ok());
+    }
+
+    #[test]
+    fn only_model_runs_take_token_and_concurrency_quota() {
+        let l = Arc::new(Limiter::default());
+        let t = team(0, 10, 1);
+        let now = Instant::now();
+        let _stream = l.admit(&t, true, now).unwrap();
+        l.charge(&t, 100, now);
+        assert!(l.admit(&t, true, now).is_err());
+        assert!(
+            l.admit(&t, false, now).is_ok(),
+            "listing models is not a model run"
+        );
+    }
+
+    #[test]
+    fn refused_requests_cost_nothing_and_teams_are_separate() {
+        let l = Arc::new(Limiter::default());
+        let busy = team(0, 0, 1);
+        let other = Team::new(
+            "other",
+            &TeamConfig {
+                rpm: 1,
+                ..Default::default()
+            },
+        );
+        let now = Instant::now();
+        let _held = l.admit(&busy, true, now).unwrap();
+        assert!(l.admit(&busy, true, now).is_err());
+        assert!(
+            l.admit(&other, true, now).is_ok(),
+            "another team's limits apply to it alone"
+        );
+        assert!(l.admit(&other, true, now).is_err());
+        let unlimited = team(0, 0, 0);
+        for _ in 0..1000 {
+            drop(l.admit(&unlimited, true, now).unwrap());
+        }
+    }
+}

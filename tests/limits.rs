@@ -1,0 +1,182 @@
+//! Per-team rate limits: rpm, tpm and concurrency give 429 with Retry-After in the caller's
+//! dialect, are counted, and refused requests never reach Ollama.
+
+mod common;
+
+use common::*;
+use corral::config::TeamConfig;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+async fn gateway(team: TeamConfig) -> (OllamaDouble, Corral, String) {
+    let double = double_with(|c| c.token_delay = Duration::from_millis(200)).await;
+    let mut cfg = test_config(&double.url());
+    cfg.teams.insert(
+        "limited".into(),
+        TeamConfig {
+            models: vec!["*".into()],
+            ..team
+        },
+    );
+    cfg.teams.insert(
+        "free".into(),
+        TeamConfig {
+            models: vec!["*".into()],
+            ..Default::default()
+        },
+    );
+    let corral = Corral::start(cfg);
+    let key = corral.issue("limited", None, None);
+    (double, corral, key)
+}
+
+fn chat(stream: bool) -> Value {
+    json!({"model": "llama3.2", "stream": stream, "messages": [{"role": "user", "content": "one two three four five"}]})
+}
+
+async fn post(corral: &Corral, key: &str, path: &str, body: &Value) -> reqwest::Response {
+    corral
+        .anonymous_client()
+        .post(format!("{}{path}", corral.base()))
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpm_is_429_with_retry_after_in_each_dialect() {
+    let (double, corral, key) = gateway(TeamConfig {
+        rpm: 3,
+        ..Default::default()
+    })
+    .await;
+    for _ in 0..3 {
+        assert_eq!(
+            post(&corral, &key, "/api/chat", &chat(false))
+                .await
+                .status(),
+            200
+        );
+    }
+    let before = forwarded(&double).len();
+    let resp = post(&corral, &key, "/v1/chat/completions", &chat(false)).await;
+    assert_eq!(resp.status(), 429);
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=20).contains(&retry), "{retry}");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "rate_limit_error");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("3 requests per minute"));
+    let resp = post(&corral, &key, "/api/chat", &chat(false)).await;
+    assert_eq!(resp.status(), 429);
+    assert!(
+        resp.json::<Value>().await.unwrap()["error"].is_string(),
+        "Ollama dialect"
+    );
+    assert_eq!(
+        forwarded(&double).len(),
+        before,
+        "a refused request reached Ollama"
+    );
+    let m = corral.metrics().await;
+    assert_eq!(
+        metric_sum(
+            &m,
+            "corral_rate_limited_total",
+            &[("team", "limited"), ("limit", "rpm")]
+        ),
+        2.0
+    );
+    // Another team is not affected.
+    let free = corral.issue("free", None, None);
+    assert_eq!(
+        post(&corral, &free, "/api/chat", &chat(false))
+            .await
+            .status(),
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpm_charges_the_tokens_actually_used() {
+    // 5 prompt + 12 completion tokens per chat: 20 per minute allows two, then waits.
+    let (_double, corral, key) = gateway(TeamConfig {
+        tpm: 20,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(
+        post(&corral, &key, "/api/chat", &chat(false))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        post(&corral, &key, "/api/chat", &chat(false))
+            .await
+            .status(),
+        200,
+        "3 tokens left: admitted"
+    );
+    let resp = post(&corral, &key, "/api/chat", &chat(false)).await;
+    assert_eq!(resp.status(), 429);
+    // 14 tokens over, refilled at 20/min: about 42 s.
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((40..=45).contains(&retry), "{retry}");
+    let m = corral.metrics().await;
+    assert_eq!(
+        metric_sum(&m, "corral_rate_limited_total", &[("limit", "tpm")]),
+        1.0
+    );
+    // Listing models is not a model run: still allowed.
+    let resp = corral
+        .anonymous_client()
+        .get(format!("{}/api/tags", corral.base()))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_concurrent_counts_streams_in_flight() {
+    let (_double, corral, key) = gateway(TeamConfig {
+        max_concurrent: 1,
+        ..Default::default()
+    })
+    .await;
+    let mut stream = post(&corral, &key, "/api/chat", &chat(true)).await;
+    next_chunk(&mut stream).await.unwrap();
+    let resp = post(&corral, &key, "/api/chat", &chat(false)).await;
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let (rest, complete) = rest_text(&mut stream).await;
+    assert!(complete && rest.contains("\"done\":true"));
+    // The slot is free again.
+    wait_for_async(Duration::from_secs(10), "the slot to free", || async {
+        (post(&corral, &key, "/api/chat", &chat(false))
+            .await
+            .status()
+            == 200)
+            .then_some(())
+    })
+    .await;
+    let m = corral.metrics().await;
+    assert_eq!(
+        metric_sum(&m, "corral_rate_limited_total", &[("limit", "concurrency")]),
+        1.0
+    );
+}

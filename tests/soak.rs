@@ -1,0 +1,102 @@
+//! 500 concurrent streams through corral to the double: every stream complete and correct, none
+//! cut. Prints corral's memory (RSS) with all of them open.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const STREAMS: usize = 500;
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_concurrent_streams_all_complete_and_correct() {
+    let double = double_with(|c| c.token_delay = Duration::from_millis(300)).await;
+    let corral = Arc::new(Corral::start(test_config(&double.url())));
+    let idle_rss = rss_kib(corral.pid());
+    let started = Arc::new(AtomicUsize::new(0));
+    let client = corral.client_builder().http1_only().build().unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..STREAMS {
+        let (client, corral, started) = (client.clone(), corral.clone(), started.clone());
+        tasks.push(tokio::spawn(async move {
+            // Alternate dialects: half NDJSON, half SSE.
+            let (path, body) = if i % 2 == 0 {
+                ("/api/chat", json!({"model": "llama3.2", "messages": [{"role": "user", "content": format!("stream {i}")}]}))
+            } else {
+                ("/v1/chat/completions", json!({"model": "llama3.2", "stream": true, "messages": [{"role": "user", "content": format!("stream {i}")}]}))
+            };
+            let mut resp = client.post(format!("{}{path}", corral.base())).json(&body).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let first = next_chunk(&mut resp).await.unwrap();
+            started.fetch_add(1, Ordering::SeqCst);
+            let (rest, complete) = rest_text(&mut resp).await;
+            assert!(complete, "stream {i} was cut");
+            let text = String::from_utf8_lossy(&first).to_string() + &rest;
+            (i, text)
+        }));
+    }
+    wait_for_async(
+        Duration::from_secs(120),
+        "every stream to start",
+        || async { (started.load(Ordering::SeqCst) == STREAMS).then_some(()) },
+    )
+    .await;
+    let peak_rss = rss_kib(corral.pid());
+
+    let expected = "The sky is blue because molecules in the air scatter blue light";
+    for t in tasks {
+        let (i, text) = t.await.unwrap();
+        let content: String = if i % 2 == 0 {
+            let lines: Vec<Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            assert_eq!(lines.last().unwrap()["done"], true, "stream {i}");
+            assert_eq!(lines.last().unwrap()["eval_count"], 12, "stream {i}");
+            lines
+                .iter()
+                .filter_map(|l| l["message"]["content"].as_str())
+                .collect()
+        } else {
+            assert!(text.ends_with("data: [DONE]\n\n"), "stream {i}");
+            text.split("\n\n")
+                .filter_map(|e| e.strip_prefix("data: "))
+                .filter(|d| *d != "[DONE]")
+                .map(|d| serde_json::from_str::<Value>(d).unwrap())
+                .filter_map(|c| {
+                    c["choices"][0]["delta"]["content"]
+                        .as_str()
+                        .map(str::to_string)
+                })
+                .collect()
+        };
+        assert_eq!(content, expected, "stream {i}");
+    }
+    let per_stream = (peak_rss.saturating_sub(idle_rss)) as f64 / STREAMS as f64;
+    eprintln!("corral RSS: idle {idle_rss} KiB, {STREAMS} streams open {peak_rss} KiB, about {per_stream:.1} KiB per stream (debug build)");
+    assert_eq!(double.completed(), STREAMS as u64);
+    assert_eq!(double.disconnects(), 0);
+    // Gross leaks only; the benchmark measures the release build against its target.
+    assert!(
+        peak_rss < 1024 * 1024,
+        "corral used {peak_rss} KiB for {STREAMS} streams"
+    );
+    let m = corral.metrics().await;
+    assert_eq!(
+        metric_sum(&m, "corral_requests_total", &[("status", "200")]),
+        STREAMS as f64
+    );
+    assert_eq!(metric_sum(&m, "corral_truncated_streams_total", &[]), 0.0);
+}
