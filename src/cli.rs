@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "corral", version = crate::VERSION, about = "A hardened gateway in front of Ollama: TLS, per-team API keys, request log, metrics, pinned models.")]
+#[command(name = "corral", version = crate::LONG_VERSION, about = "A hardened gateway in front of Ollama: TLS, per-team API keys, request log, metrics, pinned models.")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

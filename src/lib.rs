@@ -47,5 +47,14 @@ pub mod upstream;
 pub mod upstream_client;
 pub mod usage;
 
-/// Version and commit, as `corral --version` prints them.
+/// The release version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The git commit the binary was built from (`unknown` outside a checkout).
+pub const COMMIT: &str = env!("CORRAL_COMMIT");
+/// What `corral --version` prints.
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("CORRAL_COMMIT"),
+    ")"
+);

@@ -755,6 +755,27 @@ mod tests {
     }
 
     #[test]
+    fn the_kubernetes_config_is_valid_too() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/kubernetes.toml"
+        ))
+        .unwrap();
+        let cfg: Config = config::Config::builder()
+            .add_source(config::File::from_str(&text, config::FileFormat::Toml))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        assert!(cfg.validate().is_empty(), "{:?}", cfg.validate());
+        assert_eq!(cfg.upstream.url, "http://ollama:11434");
+        assert!(
+            cfg.server.metrics_listen.0.unwrap().ip().is_unspecified(),
+            "probes reach the pod IP"
+        );
+    }
+
+    #[test]
     fn round_trips_through_toml() {
         let mut c = Config::default();
         c.teams.insert(

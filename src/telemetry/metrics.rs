@@ -95,9 +95,11 @@ impl Metrics {
             &r,
             "corral_build_info",
             "Always 1; the labels say which corral runs.",
-            &["version"],
+            &["version", "commit"],
         );
-        build_info.with_label_values(&[crate::VERSION]).set(1);
+        build_info
+            .with_label_values(&[crate::VERSION, crate::COMMIT])
+            .set(1);
 
         // Models named in the configuration are known from the start.
         let mut static_models: HashSet<String> = cfg
