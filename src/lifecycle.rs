@@ -8,6 +8,7 @@
 //! pingora waits the whole grace period after a graceful stop even when nothing is in flight;
 //! corral exits as soon as the last request has finished instead.
 
+use crate::telemetry::access_log::AccessLog;
 use async_trait::async_trait;
 use pingora::server::{ExecutionPhase, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::BackgroundService;
@@ -49,7 +50,7 @@ impl Lifecycle {
 
     /// Exits the process once nothing has been in flight for a moment (requests whose header
     /// was already on the wire when the listeners closed get to reach their first hook).
-    async fn exit_when_idle(&self) -> ! {
+    async fn exit_when_idle(&self, access_log: &AccessLog) -> ! {
         let mut idle_checks = 0;
         loop {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -60,6 +61,7 @@ impl Lifecycle {
             };
             if idle_checks >= 4 {
                 tracing::info!("all requests finished; exiting");
+                access_log.flush();
                 crate::telemetry::flush();
                 std::process::exit(0);
             }
@@ -91,6 +93,7 @@ impl ShutdownSignalWatch for Signals {
 /// begins, and ends the process once the listeners are closed and the last request is done.
 pub struct Drainer {
     pub lifecycle: Arc<Lifecycle>,
+    pub access_log: Arc<AccessLog>,
     pub phases: Mutex<Option<broadcast::Receiver<ExecutionPhase>>>,
 }
 
@@ -117,7 +120,9 @@ impl BackgroundService for Drainer {
                         "SIGQUIT: handing the listening sockets to the new corral"
                     );
                 }
-                Ok(ExecutionPhase::ShutdownGracePeriod) => lifecycle.exit_when_idle().await,
+                Ok(ExecutionPhase::ShutdownGracePeriod) => {
+                    lifecycle.exit_when_idle(&self.access_log).await
+                }
                 Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                 Err(broadcast::error::RecvError::Closed) => return,
             }

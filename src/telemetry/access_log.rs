@@ -2,9 +2,13 @@
 //! query strings.
 
 use crate::config::LogFormat;
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
 use serde::Serialize;
-use std::io::Write;
-use std::sync::Mutex;
+use std::io::{BufWriter, Write};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// One finished request.
 #[derive(Debug, Default, Serialize)]
@@ -57,23 +61,25 @@ impl AccessRecord<'_> {
     }
 }
 
+/// Lines are buffered and written out at least every [`FLUSH_INTERVAL`] (by
+/// [`AccessLogFlusher`]) or when 64 KiB have gathered: one write per burst of requests instead of
+/// one per request. Whatever is buffered is written out before corral exits.
 pub struct AccessLog {
     format: LogFormat,
-    out: Mutex<Box<dyn Write + Send>>,
+    out: Mutex<BufWriter<Box<dyn Write + Send>>>,
 }
+
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 
 impl AccessLog {
     pub fn stdout(format: LogFormat) -> AccessLog {
-        AccessLog {
-            format,
-            out: Mutex::new(Box::new(std::io::stdout())),
-        }
+        Self::to_writer(format, Box::new(std::io::stdout()))
     }
 
     pub fn to_writer(format: LogFormat, w: Box<dyn Write + Send>) -> AccessLog {
         AccessLog {
             format,
-            out: Mutex::new(w),
+            out: Mutex::new(BufWriter::with_capacity(64 * 1024, w)),
         }
     }
 
@@ -85,7 +91,26 @@ impl AccessLog {
         line.push('\n');
         let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
         // A closed stdout must not take the gateway down; the line is lost.
-        let _ = out.write_all(line.as_bytes()).and_then(|_| out.flush());
+        let _ = out.write_all(line.as_bytes());
+    }
+
+    pub fn flush(&self) {
+        let _ = self.out.lock().unwrap_or_else(|e| e.into_inner()).flush();
+    }
+}
+
+/// Writes buffered access-log lines out every [`FLUSH_INTERVAL`].
+pub struct AccessLogFlusher(pub Arc<AccessLog>);
+
+#[async_trait]
+impl BackgroundService for AccessLogFlusher {
+    async fn start(&self, _shutdown: ShutdownWatch) {
+        // Flushing goes on through a graceful shutdown (streams may still be ending); the
+        // runtime stops this loop when the process ends.
+        loop {
+            tokio::time::sleep(FLUSH_INTERVAL).await;
+            self.0.flush();
+        }
     }
 }
 
@@ -97,7 +122,6 @@ pub fn timestamp() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     #[derive(Clone, Default)]
     struct Buf(Arc<Mutex<Vec<u8>>>);
@@ -123,6 +147,8 @@ mod tests {
             status: 200,
             ..Default::default()
         });
+        assert!(buf.0.lock().unwrap().is_empty(), "buffered until flushed");
+        log.flush();
         let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
         assert!(text.ends_with('\n'));
         let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();

@@ -1,0 +1,609 @@
+//! corral against direct access and the usual nginx recipe, side by side.
+//!
+//!   cargo bench --bench compare            (needs `oha` and `nginx` on PATH)
+//!   cargo bench --bench compare -- --quick (one short round, to try it out)
+//!   CORRAL_BENCH_BIN=path/to/corral cargo bench --bench compare (measure another build)
+//!
+//! Starts the Ollama double, corral (TLS, keys, access log, metrics: as in production) and nginx
+//! (TLS, a static key check with `map`, `proxy_buffering off`, long timeouts, access log), then
+//! drives all three and direct access with the same load generator, interleaved, over several
+//! rounds, and prints one table of medians with every figure also as a ratio to direct and nginx.
+
+use corral::devcert::DevCa;
+use serde_json::{json, Value};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const RATES: [Option<u32>; 3] = [Some(500), Some(2000), None];
+const OPEN_STREAMS: usize = 1000;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Target {
+    Direct,
+    Corral,
+    Nginx,
+}
+
+const TARGETS: [Target; 3] = [Target::Direct, Target::Corral, Target::Nginx];
+
+struct Stack {
+    dir: PathBuf,
+    double: Child,
+    corral: Child,
+    nginx: Child,
+    double_port: u16,
+    corral_port: u16,
+    nginx_port: u16,
+    key: String,
+    ca_pem: String,
+}
+
+impl Stack {
+    fn url(&self, t: Target, path: &str) -> String {
+        match t {
+            Target::Direct => format!("http://127.0.0.1:{}{path}", self.double_port),
+            Target::Corral => format!("https://localhost:{}{path}", self.corral_port),
+            Target::Nginx => format!("https://localhost:{}{path}", self.nginx_port),
+        }
+    }
+
+    /// Resident memory of the gateway (nginx: master and workers).
+    fn rss_kib(&self, t: Target) -> u64 {
+        let pids: Vec<u32> = match t {
+            Target::Direct => vec![self.double.id()],
+            Target::Corral => vec![self.corral.id()],
+            Target::Nginx => {
+                let out = Command::new("pgrep")
+                    .args(["-P", &self.nginx.id().to_string()])
+                    .output()
+                    .unwrap();
+                let mut pids: Vec<u32> = String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect();
+                pids.push(self.nginx.id());
+                pids
+            }
+        };
+        pids.iter().map(|p| rss_of(*p)).sum()
+    }
+
+    fn client(&self, streams: usize) -> reqwest::Client {
+        reqwest::Client::builder()
+            .http1_only()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(self.ca_pem.as_bytes()).unwrap())
+            .resolve("localhost", SocketAddr::from(([127, 0, 0, 1], 0)))
+            .pool_max_idle_per_host(streams)
+            .timeout(Duration::from_secs(120))
+            .build()
+            .unwrap()
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        for c in [&mut self.corral, &mut self.nginx, &mut self.double] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn rss_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not start on port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+        .map(|d| Path::new(d).join(tool))
+        .find(|p| p.is_file())
+}
+
+fn start(oha_ok: bool) -> Stack {
+    let nginx_bin = which("nginx").expect("nginx is needed: apt-get install nginx");
+    assert!(oha_ok, "oha is needed: cargo install oha");
+    // CORRAL_BENCH_BIN compares another build of corral (A/B of a change).
+    let corral_bin = std::env::var("CORRAL_BENCH_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_corral").to_string());
+    let corral_bin = corral_bin.as_str();
+    let dir = std::env::temp_dir().join(format!("corral-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("nginx")).unwrap();
+
+    let ca = DevCa::new("corral bench CA").unwrap();
+    let (cert, key_pem) = ca.issue("localhost", &["localhost", "127.0.0.1"]).unwrap();
+    std::fs::write(dir.join("tls.crt"), cert).unwrap();
+    std::fs::write(dir.join("tls.key"), key_pem).unwrap();
+    let (signing, public) = corral::keys::init(&dir.join("keys"), "bench").unwrap();
+    let req = corral::keys::IssueRequest {
+        team: "bench".into(),
+        ..Default::default()
+    };
+    let (key, _) = corral::keys::issue(&signing, &req, corral::auth::unix_now()).unwrap();
+
+    // The double in "fast mode": no load time, 20 ms per token, 400 tokens unless limited.
+    let double_port = free_port();
+    let double = Command::new(corral_bin)
+        .args([
+            "double",
+            "--listen",
+            &format!("127.0.0.1:{double_port}"),
+            "--token-delay",
+            "20ms",
+            "--tokens",
+            "400",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_port(double_port, "the double");
+
+    let (corral_port, metrics_port, nginx_port) = (free_port(), free_port(), free_port());
+    std::fs::write(
+        dir.join("corral.toml"),
+        format!(
+            r#"[server]
+listen = "127.0.0.1:{corral_port}"
+tls_cert = "tls.crt"
+tls_key = "tls.key"
+metrics_listen = "127.0.0.1:{metrics_port}"
+[upstream]
+url = "http://127.0.0.1:{double_port}"
+[auth]
+verify_keys = ["{public}"]
+revoked_file = "revoked.txt"
+[teams.bench]
+models = ["*"]
+[log]
+format = "json"
+level = "warn"
+"#,
+            public = public.display()
+        ),
+    )
+    .unwrap();
+    let corral = Command::new(corral_bin)
+        .args(["serve", "--config"])
+        .arg(dir.join("corral.toml"))
+        .stdout(std::fs::File::create(dir.join("corral-access.log")).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_port(corral_port, "corral");
+
+    // The recipe most Ollama users run today.
+    let d = dir.display();
+    std::fs::write(
+        dir.join("nginx/nginx.conf"),
+        format!(
+            r#"worker_processes auto;
+pid {d}/nginx/nginx.pid;
+error_log {d}/nginx/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log {d}/nginx/access.log;
+  client_body_temp_path {d}/nginx/body;
+  proxy_temp_path {d}/nginx/proxy;
+  fastcgi_temp_path {d}/nginx/fastcgi;
+  uwsgi_temp_path {d}/nginx/uwsgi;
+  scgi_temp_path {d}/nginx/scgi;
+  map_hash_bucket_size 512;
+  map $http_authorization $api_key_ok {{
+    "Bearer {key}" 1;
+    default 0;
+  }}
+  upstream ollama {{
+    server 127.0.0.1:{double_port};
+    keepalive 128;
+  }}
+  server {{
+    listen 127.0.0.1:{nginx_port} ssl;
+    ssl_certificate {d}/tls.crt;
+    ssl_certificate_key {d}/tls.key;
+    client_max_body_size 32m;
+    location / {{
+      if ($api_key_ok = 0) {{ return 401; }}
+      proxy_pass http://ollama;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host localhost:11434;
+      proxy_set_header Authorization "";
+      proxy_buffering off;
+      proxy_cache off;
+      proxy_connect_timeout 3s;
+      proxy_read_timeout 15m;
+      proxy_send_timeout 15m;
+    }}
+  }}
+}}
+"#
+        ),
+    )
+    .unwrap();
+    let nginx = Command::new(nginx_bin)
+        .args([
+            "-p",
+            &format!("{d}/nginx"),
+            "-c",
+            &format!("{d}/nginx/nginx.conf"),
+            "-g",
+            "daemon off;",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_port(nginx_port, "nginx");
+
+    Stack {
+        dir,
+        double,
+        corral,
+        nginx,
+        double_port,
+        corral_port,
+        nginx_port,
+        key,
+        ca_pem: ca.cert_pem(),
+    }
+}
+
+/// One oha run of small non-streaming requests (`POST /api/show`): (req/s, p50 ms, p99 ms, errors).
+fn oha(stack: &Stack, t: Target, rate: Option<u32>, seconds: u32) -> (f64, f64, f64, u64) {
+    let mut cmd = Command::new("oha");
+    cmd.args([
+        "--no-tui",
+        "--output-format",
+        "json",
+        "-z",
+        &format!("{seconds}s"),
+        "-c",
+        "64",
+        "-m",
+        "POST",
+    ]);
+    cmd.args([
+        "-T",
+        "application/json",
+        "-d",
+        r#"{"model":"llama3.2"}"#,
+        "--insecure",
+    ]);
+    cmd.args(["-H", &format!("Authorization: Bearer {}", stack.key)]);
+    if let Some(r) = rate {
+        cmd.args(["-q", &r.to_string(), "--latency-correction"]);
+    }
+    let out = cmd
+        .arg(stack.url(t, "/api/show"))
+        .output()
+        .expect("oha runs");
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("oha output: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let ms = |k: &str| v["latencyPercentiles"][k].as_f64().unwrap_or(f64::NAN) * 1000.0;
+    let codes = v["statusCodeDistribution"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    let ok: u64 = codes.get("200").and_then(Value::as_u64).unwrap_or(0);
+    let all: u64 = codes.values().filter_map(Value::as_u64).sum();
+    let errors = all - ok
+        + v["errorDistribution"]
+            .as_object()
+            .map_or(0, |e| e.values().filter_map(Value::as_u64).sum());
+    let rps =
+        v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0) * ok as f64 / all.max(1) as f64;
+    (rps, ms("p50"), ms("p99"), errors)
+}
+
+/// Streams of 20 tokens (20 ms apart): median time to first byte, and the offset of every chunk
+/// from the request's start (to compare chunk by chunk with direct).
+async fn stream_timings(stack: &Stack, t: Target, n: usize) -> (f64, Vec<f64>) {
+    let client = stack.client(4);
+    let mut ttfb = Vec::new();
+    let mut offsets = vec![Vec::new(); 21];
+    for _ in 0..n {
+        let started = Instant::now();
+        let mut resp = client
+            .post(stack.url(t, "/api/generate"))
+            .bearer_auth(&stack.key)
+            .json(&json!({"model": "llama3.2", "prompt": "hi", "options": {"num_predict": 20}}))
+            .send()
+            .await
+            .unwrap();
+        let mut i = 0;
+        let mut carry = Vec::new();
+        while let Some(chunk) = resp.chunk().await.unwrap() {
+            let at = started.elapsed().as_secs_f64() * 1000.0;
+            if i == 0 {
+                ttfb.push(at);
+            }
+            // One offset per NDJSON line, whatever the TCP chunking.
+            carry.extend_from_slice(&chunk);
+            while let Some(pos) = carry.iter().position(|&b| b == b'\n') {
+                carry.drain(..=pos);
+                if i < offsets.len() {
+                    offsets[i].push(at);
+                }
+                i += 1;
+            }
+        }
+    }
+    (
+        median(&mut ttfb),
+        offsets.iter_mut().map(|o| median(o)).collect(),
+    )
+}
+
+/// 1000 streams open at once: (RSS with all open in KiB, RSS before, failed streams).
+async fn open_streams(stack: &Stack, t: Target) -> (u64, u64, usize) {
+    let idle = stack.rss_kib(t);
+    let client = stack.client(OPEN_STREAMS);
+    let started = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..OPEN_STREAMS {
+        let (client, started, failed) = (client.clone(), started.clone(), failed.clone());
+        let url = stack.url(t, "/api/chat");
+        let key = stack.key.clone();
+        tasks.push(tokio::spawn(async move {
+            let body = json!({"model": "llama3.2", "messages": [{"role": "user", "content": "tell me a long story"}]});
+            let resp = client.post(url).bearer_auth(key).json(&body).send().await;
+            let mut resp = match resp {
+                Ok(r) if r.status() == 200 => r,
+                _ => {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    failed.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
+            };
+            let first = resp.chunk().await;
+            started.fetch_add(1, Ordering::SeqCst);
+            let mut tail = Vec::new();
+            let mut ok = matches!(first, Ok(Some(_)));
+            loop {
+                match resp.chunk().await {
+                    Ok(Some(c)) => tail = c.to_vec(),
+                    Ok(None) => break,
+                    Err(_) => {
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            if !ok || !String::from_utf8_lossy(&tail).contains("\"done\":true") {
+                failed.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while started.load(Ordering::SeqCst) < OPEN_STREAMS && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let peak = stack.rss_kib(t);
+    for task in tasks {
+        let _ = task.await;
+    }
+    (peak, idle, failed.load(Ordering::SeqCst))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Figures per target, kept per round.
+#[derive(Default)]
+struct Results {
+    rows: Vec<(String, [Vec<f64>; 3], bool)>,
+}
+
+impl Results {
+    fn add(&mut self, row: &str, t: Target, value: f64, higher_is_better: bool) {
+        let i = TARGETS.iter().position(|x| *x == t).unwrap();
+        match self.rows.iter_mut().find(|(r, _, _)| r == row) {
+            Some((_, v, _)) => v[i].push(value),
+            None => {
+                let mut v: [Vec<f64>; 3] = Default::default();
+                v[i].push(value);
+                self.rows.push((row.to_string(), v, higher_is_better));
+            }
+        }
+    }
+
+    fn print(&mut self) {
+        println!(
+            "\n{:<44} {:>10} {:>10} {:>10} {:>14} {:>13}",
+            "", "direct", "corral", "nginx", "corral/direct", "corral/nginx"
+        );
+        for (row, values, _) in &mut self.rows {
+            let m: Vec<f64> = values.iter_mut().map(|v| median(v)).collect();
+            let cell = |x: f64| {
+                if x.is_nan() {
+                    "-".to_string()
+                } else if x >= 100.0 {
+                    format!("{x:.0}")
+                } else {
+                    format!("{x:.2}")
+                }
+            };
+            let ratio = |a: f64, b: f64| {
+                if a.is_nan() || b.is_nan() || b == 0.0 {
+                    "-".to_string()
+                } else {
+                    format!("{:.2}x", a / b)
+                }
+            };
+            println!(
+                "{:<44} {:>10} {:>10} {:>10} {:>14} {:>13}",
+                row,
+                cell(m[0]),
+                cell(m[1]),
+                cell(m[2]),
+                ratio(m[1], m[0]),
+                ratio(m[1], m[2])
+            );
+        }
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--list") {
+        return; // cargo test --benches asks for the list of tests: none here.
+    }
+    let quick = args.iter().any(|a| a == "--quick");
+    let (rounds, seconds, streams) = if quick { (1, 3, 10) } else { (3, 8, 40) };
+    let oha_ok = Command::new("oha")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let stack = start(oha_ok);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    eprintln!(
+        "corral {} | {} | {rounds} round(s), interleaved",
+        corral::LONG_VERSION,
+        machine()
+    );
+    let mut results = Results::default();
+    // Warm up connections, caches and the model.
+    for t in TARGETS {
+        oha(&stack, t, Some(200), 1);
+    }
+    for round in 1..=rounds {
+        eprintln!("round {round}/{rounds}: small requests");
+        for rate in RATES {
+            for t in TARGETS {
+                let (rps, p50, p99, errors) = oha(&stack, t, rate, seconds);
+                let label = rate.map_or("saturation".to_string(), |r| format!("{r} rps"));
+                if rate.is_none() {
+                    results.add("small requests, saturation: req/s", t, rps, true);
+                }
+                results.add(&format!("small requests, {label}: p50 ms"), t, p50, false);
+                results.add(&format!("small requests, {label}: p99 ms"), t, p99, false);
+                results.add(
+                    &format!("small requests, {label}: errors"),
+                    t,
+                    errors as f64,
+                    false,
+                );
+            }
+        }
+        eprintln!("round {round}/{rounds}: streams");
+        let direct = runtime.block_on(stream_timings(&stack, Target::Direct, streams));
+        results.add(
+            "stream: time to first byte, ms",
+            Target::Direct,
+            direct.0,
+            false,
+        );
+        for t in [Target::Corral, Target::Nginx] {
+            let (ttfb, offsets) = runtime.block_on(stream_timings(&stack, t, streams));
+            results.add("stream: time to first byte, ms", t, ttfb, false);
+            results.add(
+                "stream: added time to first byte, ms",
+                t,
+                ttfb - direct.0,
+                false,
+            );
+            let mut added: Vec<f64> = offsets
+                .iter()
+                .zip(&direct.1)
+                .skip(1)
+                .map(|(a, b)| a - b)
+                .collect();
+            results.add(
+                "stream: added delay per chunk (median), ms",
+                t,
+                median(&mut added),
+                false,
+            );
+        }
+    }
+    eprintln!("{OPEN_STREAMS} concurrent streams");
+    for t in [Target::Corral, Target::Nginx] {
+        let (peak, idle, failed) = runtime.block_on(open_streams(&stack, t));
+        results.add(
+            &format!("{OPEN_STREAMS} streams: gateway RSS, MiB"),
+            t,
+            peak as f64 / 1024.0,
+            false,
+        );
+        results.add(
+            &format!("{OPEN_STREAMS} streams: KiB per open stream"),
+            t,
+            (peak.saturating_sub(idle)) as f64 / OPEN_STREAMS as f64,
+            false,
+        );
+        results.add(
+            &format!("{OPEN_STREAMS} streams: failed"),
+            t,
+            failed as f64,
+            false,
+        );
+    }
+    println!(
+        "\ncorral {} on {}; medians of {rounds} round(s)",
+        corral::LONG_VERSION,
+        machine()
+    );
+    println!("direct: plain HTTP to the Ollama double; corral and nginx: TLS (HTTP/1.1, keep-alive), key check, access log");
+    results.print();
+}

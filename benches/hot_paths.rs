@@ -1,0 +1,158 @@
+//! Micro-benchmarks of the per-request hot paths: key verification (cold and cached), request
+//! classification (route, body, models), and stream usage parsing.
+//!
+//!   cargo bench --bench hot_paths
+
+use corral::auth::{key_from_headers, Verifier};
+use corral::body::JsonObject;
+use corral::policy::referenced_models;
+use corral::proxy::BodyFormat;
+use corral::routes::{classify, RouteKind};
+use corral::usage::{Meter, UsageStripper};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use std::collections::{HashMap, HashSet};
+use std::hint::black_box;
+
+fn keys(c: &mut Criterion) {
+    let dir = std::env::temp_dir().join(format!("corral-bench-keys-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (signing, public) = corral::keys::init(&dir, "bench").unwrap();
+    let request = corral::keys::IssueRequest {
+        team: "research".into(),
+        ..Default::default()
+    };
+    let now = corral::auth::unix_now();
+    let (token, _) = corral::keys::issue(&signing, &request, now).unwrap();
+    let key = corral::keys::load_verify_key(&public).unwrap();
+    let keys: HashMap<String, _> = [("bench".to_string(), key)].into();
+
+    let mut g = c.benchmark_group("key verification");
+    g.bench_function("cold (Ed25519 signature check)", |b| {
+        b.iter_batched(
+            || Verifier::new(keys.clone(), HashSet::new()),
+            |v| black_box(v.verify(&token, now).unwrap()),
+            BatchSize::SmallInput,
+        )
+    });
+    let warm = Verifier::new(keys.clone(), HashSet::new());
+    warm.verify(&token, now).unwrap();
+    g.bench_function("cached", |b| {
+        b.iter(|| black_box(warm.verify(black_box(&token), now).unwrap()))
+    });
+    let mut headers = http::HeaderMap::new();
+    headers.insert("authorization", format!("Bearer {token}").parse().unwrap());
+    g.bench_function("key from headers", |b| {
+        b.iter(|| black_box(key_from_headers(black_box(&headers)).unwrap()))
+    });
+    g.finish();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn classification(c: &mut Criterion) {
+    let chat = serde_json::json!({
+        "model": "llama3.2",
+        "stream": true,
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant. ".repeat(20)},
+            {"role": "user", "content": "Why is the sky blue? ".repeat(40)},
+        ],
+        "options": {"temperature": 0.2, "num_ctx": 8192},
+    })
+    .to_string();
+    let image = serde_json::json!({
+        "model": "llava", "stream": false,
+        "messages": [{"role": "user", "content": "what is this?", "images": ["A".repeat(1 << 20)]}],
+    })
+    .to_string();
+    let mut g = c.benchmark_group("request classification");
+    g.bench_function("route", |b| {
+        b.iter(|| {
+            black_box(
+                classify(
+                    black_box(&http::Method::POST),
+                    black_box(b"/v1/chat/completions"),
+                )
+                .unwrap(),
+            )
+        })
+    });
+    g.bench_function("route, refused trick", |b| {
+        b.iter(|| {
+            black_box(
+                classify(black_box(&http::Method::GET), black_box(b"/api/%2e%2e/me")).is_err(),
+            )
+        })
+    });
+    for (name, body) in [
+        ("chat body, 2 KiB", &chat),
+        ("chat body with a 1 MiB image", &image),
+    ] {
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let obj = JsonObject::parse(black_box(body.as_bytes())).unwrap();
+                let models = referenced_models(RouteKind::Chat, Some(&obj), None).unwrap();
+                black_box((models, obj.bool("stream").unwrap()))
+            })
+        });
+    }
+    g.finish();
+}
+
+fn usage(c: &mut Criterion) {
+    let mut ndjson = String::new();
+    for i in 0..200 {
+        ndjson.push_str(&format!(
+            "{{\"model\":\"llama3.2\",\"created_at\":\"2025-10-26T17:15:24.{i:06}Z\",\"message\":{{\"role\":\"assistant\",\"content\":\" word{i}\"}},\"done\":false}}\n"
+        ));
+    }
+    ndjson.push_str("{\"model\":\"llama3.2\",\"created_at\":\"2025-10-26T17:15:25Z\",\"message\":{\"role\":\"assistant\",\"content\":\"\"},\"done\":true,\"done_reason\":\"stop\",\"total_duration\":4883583458,\"load_duration\":1334875,\"prompt_eval_count\":26,\"prompt_eval_duration\":342546000,\"eval_count\":200,\"eval_duration\":4535599000}\n");
+    let mut sse = String::new();
+    for i in 0..200 {
+        sse.push_str(&format!(
+            "data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"llama3.2\",\"system_fingerprint\":\"fp_ollama\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\" word{i}\"}},\"finish_reason\":null}}]}}\n\n"
+        ));
+    }
+    sse.push_str("data: {\"id\":\"chatcmpl-1\",\"choices\":[],\"usage\":{\"prompt_tokens\":26,\"completion_tokens\":200,\"total_tokens\":226}}\n\ndata: [DONE]\n\n");
+
+    let mut g = c.benchmark_group("stream usage parsing");
+    for (name, body, format) in [
+        ("NDJSON, 200 lines", &ndjson, BodyFormat::Ndjson),
+        ("SSE, 200 frames", &sse, BodyFormat::Sse),
+    ] {
+        // As they arrive: one line or frame per chunk.
+        let sep = if format == BodyFormat::Ndjson {
+            "\n"
+        } else {
+            "\n\n"
+        };
+        let chunks: Vec<&str> = body.split_inclusive(sep).collect();
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let mut m = Meter::new(format);
+                for chunk in &chunks {
+                    m.feed(black_box(chunk.as_bytes()));
+                }
+                black_box(m.finish())
+            })
+        });
+    }
+    let chunks: Vec<&str> = sse.split_inclusive("\n\n").collect();
+    g.bench_function("SSE, 200 frames, usage stripped", |b| {
+        b.iter(|| {
+            let mut s = UsageStripper::default();
+            let mut n = 0;
+            for (i, chunk) in chunks.iter().enumerate() {
+                n += s
+                    .process(black_box(chunk.as_bytes()), i + 1 == chunks.len())
+                    .len();
+            }
+            black_box(n)
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, keys, classification, usage);
+criterion_main!(benches);
