@@ -291,6 +291,8 @@ fn oha(stack: &Stack, t: Target, rate: Option<u32>, seconds: u32) -> (f64, f64, 
         "--no-tui",
         "--output-format",
         "json",
+        // Let requests in flight at the end finish: cut ones are not gateway errors.
+        "-w",
         "-z",
         &format!("{seconds}s"),
         "-c",

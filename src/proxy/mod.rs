@@ -137,6 +137,9 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         upstream_response.insert_header("x-request-id", ctx.request_id.as_str())?;
+        // Ollama answered: the request will not be sent again, so a long conversation is not
+        // kept in memory for the rest of a stream.
+        ctx.body = None;
         let head_only = session.req_header().method == http::Method::HEAD;
         response::prepare(ctx, upstream_response, head_only);
         Ok(())

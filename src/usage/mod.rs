@@ -144,8 +144,23 @@ impl Meter {
                 }
             }
             BodyFormat::Sse => {
-                for &b in chunk {
+                let mut rest = chunk;
+                while let Some((&b, tail)) = rest.split_first() {
+                    let in_data = self.sse.line == Line::Value && self.sse.field == b"data";
+                    if in_data && b != b'\n' && b != b'\r' {
+                        // The bulk of a stream: hand the whole run of data to the scanner.
+                        let run = tail
+                            .iter()
+                            .position(|&c| c == b'\n' || c == b'\r')
+                            .map_or(rest.len(), |i| i + 1);
+                        if run > 1 {
+                            self.sse_data(&rest[..run]);
+                            rest = &rest[run..];
+                            continue;
+                        }
+                    }
                     self.sse_byte(b);
+                    rest = tail;
                 }
             }
         }
@@ -191,18 +206,23 @@ impl Meter {
             Line::ValueStart | Line::Value => {
                 sse.line = Line::Value;
                 if sse.field == b"data" {
-                    if sse.data.len() < 8 {
-                        sse.data.push(b);
-                    }
-                    let outcome = &mut self.outcome;
-                    self.scanner
-                        .feed(&[b], &mut |path, v| record(outcome, path, v));
+                    self.sse_data(&[b]);
                 } else if sse.field == b"event" && sse.event.len() < 64 {
                     sse.event.push(b);
                 }
             }
             Line::Ignore => {}
         }
+    }
+
+    /// Part of a `data:` value, with no line break in it.
+    fn sse_data(&mut self, bytes: &[u8]) {
+        let data = &mut self.sse.data;
+        let room = 8usize.saturating_sub(data.len());
+        data.extend_from_slice(&bytes[..room.min(bytes.len())]);
+        let outcome = &mut self.outcome;
+        self.scanner
+            .feed(bytes, &mut |path, v| record(outcome, path, v));
     }
 
     fn end_event(&mut self) {
