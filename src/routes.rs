@@ -248,10 +248,13 @@ fn check_path(path: &[u8]) -> Result<(), RouteError> {
 
 fn valid_param(kind: RouteKind, s: &str) -> bool {
     match kind {
-        // One segment of a model name: `llama3.2:latest`, `qwen2.5-coder:7b`.
+        // One segment of a model name: `llama3.2:latest`, `qwen2.5-coder:7b`. Like Ollama's own
+        // check it starts with a letter, digit or `_`; `..` anywhere is refused too, so nothing
+        // that looks like a parent directory ever reaches Ollama's model store.
         Model => {
-            !s.is_empty()
-                && s.len() <= 256
+            s.len() <= 256
+                && s.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
+                && !s.contains("..")
                 && s.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
         }
@@ -333,6 +336,11 @@ mod tests {
             (Method::POST, "/api/chat/"),
             (Method::GET, "/v1/models/"),
             (Method::GET, "/v1/models/a/b"),
+            // Found by the fuzzer: a model name with `..` in it.
+            (Method::GET, "/v1/models/llama..?x"),
+            (Method::GET, "/v1/models/a..b"),
+            (Method::GET, "/v1/models/.hidden"),
+            (Method::GET, "/v1/models/-rf"),
             (Method::POST, "/api/blobs/sha256:abc"),
             (Method::GET, "/api/tags%20"),
             (Method::GET, "/api/t%61gs"),
