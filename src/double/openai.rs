@@ -110,6 +110,14 @@ fn message_words(messages: &[Value]) -> u64 {
         .sum()
 }
 
+/// The request's `messages` array (empty when missing or not an array).
+fn message_list(req: &Value) -> Vec<Value> {
+    req.get("messages")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+}
+
 fn usage(prompt: u64, completion: u64) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
@@ -119,12 +127,7 @@ pub(super) async fn chat_completions(r: &Req<'_>) -> Resp {
         Ok(p) => p,
         Err(resp) => return resp,
     };
-    let messages = p
-        .req
-        .get("messages")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
+    let messages = message_list(&p.req);
     if messages.is_empty() {
         return error(StatusCode::BAD_REQUEST, "[] is too short - 'messages'");
     }
@@ -463,12 +466,7 @@ pub(super) async fn messages(r: &Req<'_>) -> Resp {
         Ok(p) => p,
         Err(resp) => return resp,
     };
-    let messages = p
-        .req
-        .get("messages")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
+    let messages = message_list(&p.req);
     if messages.is_empty() {
         return anthropic_error(
             StatusCode::BAD_REQUEST,
