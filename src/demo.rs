@@ -101,6 +101,10 @@ fn restrict(path: &Path) {
 pub fn examples(base: &str, metrics: SocketAddr, files: &DemoFiles) -> String {
     let ca = files.ca.display();
     let key = &files.api_key;
+    // The binary's own path: under `cargo run` there is no `corral` on PATH.
+    let corral = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "corral".into());
     format!(
         r#"
 corral demo is running: a TLS gateway on {base} in front of a built-in Ollama double.
@@ -119,7 +123,7 @@ Try it with curl:
        -d '{{"model":"llama3.2","stream":true,"messages":[{{"role":"user","content":"Hello"}}]}}'
   curl --cacert {ca} {base}/api/tags   # no key: 401
 
-More keys: corral keys issue --signing-key {signing} --team demo --models 'llama3.2:*' --expires 7d
+More keys: {corral} keys issue --signing-key {signing} --team demo --models 'llama3.2:*' --expires 7d
 
 With the openai Python package (pip install openai):
 

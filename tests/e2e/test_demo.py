@@ -1,6 +1,7 @@
 """`corral demo` prints Python examples; they run as printed."""
 
 import re
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -33,6 +34,24 @@ def test_demo_python_examples_run_as_printed(tmp_path):
             run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
             assert run.returncode == 0, f"{code}\n{run.stderr}"
             assert run.stdout.startswith("The sky is blue"), run.stdout
+
+        # The "More keys" command runs as printed and its key works, narrowed to llama3.2.
+        more = re.search(r"^More keys: (.*)$", text, re.M).group(1)
+        issued = subprocess.run(shlex.split(more), capture_output=True, text=True, timeout=60)
+        assert issued.returncode == 0, issued.stderr
+        key = issued.stdout.strip()
+        ca = re.search(r"--cacert (\S+)", text).group(1)
+        base = f"https://localhost:{port}"
+
+        def status(model):
+            out = subprocess.run(
+                ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", ca,
+                 "-H", f"Authorization: Bearer {key}", f"{base}/api/show", "-d", f'{{"model":"{model}"}}'],
+                capture_output=True, text=True, timeout=60)
+            return out.stdout
+
+        assert status("llama3.2") == "200"
+        assert status("qwen2.5-coder:7b") == "403"
     finally:
         proc.terminate()
         proc.wait()
