@@ -93,12 +93,17 @@ impl Team {
         if is_cloud_model(&key) && !self.cloud {
             return false;
         }
-        let by_key = identity
-            .models
-            .as_ref()
-            .is_none_or(|claim| claim.iter().any(|g| Glob::new(g).matches(&key)));
-        by_key && self.models.iter().any(|g| g.matches(&key))
+        key_allows(identity, model) && self.models.iter().any(|g| g.matches(&key))
     }
+}
+
+/// Whether the key's own `models` claim (if it has one) covers `model`.
+fn key_allows(identity: &Identity, model: &ModelName) -> bool {
+    let key = model.key();
+    identity
+        .models
+        .as_ref()
+        .is_none_or(|claim| claim.iter().any(|g| Glob::new(g).matches(&key)))
 }
 
 /// A model a request names, and the field that named it.
@@ -171,13 +176,21 @@ pub fn authorize(
                     kind.name()
                 )));
             }
-            match models
-                .iter()
-                .find(|m| is_cloud_model(m.name.as_str()) && !team.cloud)
-            {
-                Some(m) => Err(cloud_refused(team, &m.name)),
-                None => Ok(()),
+            // An admin team is not bound by its model globs here (it pulls models nobody uses
+            // yet), but a key issued with a `models` claim is: the claim only ever narrows.
+            for m in models {
+                if is_cloud_model(m.name.as_str()) && !team.cloud {
+                    return Err(cloud_refused(team, &m.name));
+                }
+                if !key_allows(identity, &m.name) {
+                    return Err(GatewayError::Forbidden(format!(
+                        "model `{}` is outside this key's `models` claim; {} with it is refused",
+                        m.name,
+                        kind.name()
+                    )));
+                }
             }
+            Ok(())
         }
         RouteClass::Inference | RouteClass::Info => {
             if kind.class() == RouteClass::Inference && models.is_empty() {
@@ -360,6 +373,26 @@ mod tests {
                 .status(),
             403
         );
+    }
+
+    #[test]
+    fn admin_routes_are_not_bound_by_team_globs_but_by_the_key_claim() {
+        let mut t = team(&["llama3.2:*"]);
+        t.admin = true;
+        let r = |name: &str, field| ModelRef {
+            field,
+            name: m(name),
+        };
+        // The team may pull a model it does not list yet...
+        assert!(authorize(&t, &id(None), RouteKind::Pull, &[r("mistral", "model")]).is_ok());
+        // ...but a key narrowed to llama3.2 may not delete or copy anything else.
+        let narrow = id(Some(&["llama3.2:*"]));
+        assert!(authorize(&t, &narrow, RouteKind::Delete, &[r("llama3.2", "model")]).is_ok());
+        let e = authorize(&t, &narrow, RouteKind::Delete, &[r("mistral", "model")]).unwrap_err();
+        assert_eq!(e.status(), 403);
+        let copy = [r("llama3.2", "source"), r("mistral", "destination")];
+        let e = authorize(&t, &narrow, RouteKind::Copy, &copy).unwrap_err();
+        assert_eq!(e.status(), 403);
     }
 
     #[test]

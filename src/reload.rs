@@ -69,6 +69,7 @@ impl Reloader {
         let keys = access.verifier.key_ids().count();
         let revoked = access.verifier.revoked_count();
         self.access.replace(access);
+        self.metrics.set_config_models(&cfg);
         tracing::info!(teams, verify_keys = keys, revoked, "configuration reloaded");
         let fixed = [
             ("server", self.started.server != cfg.server),

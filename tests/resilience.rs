@@ -94,11 +94,19 @@ async fn oversized_and_malformed_heads_are_refused() {
     let many: String = (0..300).map(|i| format!("X-H{i}: v\r\n")).collect();
     let answer = send(format!("GET /api/tags HTTP/1.1\r\nHost: x\r\n{many}\r\n"));
     assert!(answer.starts_with("HTTP/1.1 4"), "{answer}");
-    // Request smuggling: both framings.
+    // Request smuggling: both framings, with a body that is valid under either (pingora itself
+    // would frame by Transfer-Encoding and drop Content-Length).
+    let chat = r#"{"model":"llama3.2","messages":[]}"#;
     let answer = send(format!(
-        "POST /api/chat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nPOST /api/pull HTTP/1.1\r\nHost: x\r\n\r\n"
+        "POST /api/chat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{chat}\r\n0\r\n\r\n",
+        chat.len() + 5,
+        chat.len(),
     ));
-    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer.starts_with("HTTP/1.1 400")
+            && answer.contains("both Content-Length and Transfer-Encoding"),
+        "{answer}"
+    );
     let answer = send(format!(
         "POST /api/chat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"
     ));

@@ -7,6 +7,7 @@
 
 mod units;
 
+use units::comma_list;
 pub use units::{ByteSize, HumanDuration};
 
 use serde::{Deserialize, Serialize};
@@ -142,6 +143,7 @@ impl Default for UpstreamConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// Ed25519 public keys (PEM) that verify API keys; the file stem is the key id (`kid`).
+    #[serde(deserialize_with = "comma_list")]
     pub verify_keys: Vec<PathBuf>,
     /// Revoked key ids (`jti`), one per line. Empty: no revocation list.
     pub revoked_file: PathBuf,
@@ -151,6 +153,7 @@ pub struct AuthConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct TeamConfig {
     /// Model globs the team may use (`*` matches any run of characters). Empty: none.
+    #[serde(deserialize_with = "comma_list")]
     pub models: Vec<String>,
     /// May call the mutating routes (`/api/pull`, `/api/delete`, ...).
     pub admin: bool,
@@ -168,6 +171,7 @@ pub struct TeamConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct PreloadConfig {
     /// Models loaded at start-up and kept loaded.
+    #[serde(deserialize_with = "comma_list")]
     pub models: Vec<String>,
     /// `keep_alive` sent with the preloads: seconds (negative = forever) or a duration string.
     pub keep_alive: KeepAlive,
@@ -343,6 +347,14 @@ impl Config {
     /// Reads the file (if any), applies `CORRAL__*` overrides, resolves relative paths against the
     /// file's directory and validates the result.
     pub fn load(source: &Source) -> Result<Config, ConfigError> {
+        Config::load_with_env(source, None)
+    }
+
+    /// [`Config::load`] with the environment given (`None`: the process's own).
+    fn load_with_env(
+        source: &Source,
+        env: Option<config::Map<String, String>>,
+    ) -> Result<Config, ConfigError> {
         let fail = |problems| ConfigError {
             source: source.clone(),
             problems,
@@ -366,9 +378,7 @@ impl Config {
                 .prefix_separator("__")
                 .separator("__")
                 .try_parsing(true)
-                .list_separator(",")
-                .with_list_parse_key("auth.verify_keys")
-                .with_list_parse_key("preload.models"),
+                .source(env),
         );
         let mut cfg: Config = builder
             .build()
@@ -642,6 +652,34 @@ mod tests {
         let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
         f.write_all(toml.as_bytes()).unwrap();
         Config::load(&Source::File(f.path().to_path_buf()))
+    }
+
+    #[test]
+    fn env_overrides_take_lists_as_comma_separated_strings() {
+        let env = [
+            ("CORRAL__UPSTREAM__URL", "http://ollama:11434"),
+            (
+                "CORRAL__TEAMS__RESEARCH__MODELS",
+                "llama3.2:*, nomic-embed-text",
+            ),
+            ("CORRAL__TEAMS__OPS__MODELS", "*"),
+            ("CORRAL__TEAMS__OPS__ADMIN", "true"),
+            ("CORRAL__PRELOAD__MODELS", "llama3.2,nomic-embed-text"),
+        ];
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let c = Config::load_with_env(&Source::BuiltIn, Some(env.collect())).unwrap();
+        assert_eq!(c.upstream.url, "http://ollama:11434");
+        assert_eq!(
+            c.teams["research"].models,
+            ["llama3.2:*", "nomic-embed-text"]
+        );
+        assert_eq!(c.teams["ops"].models, ["*"]);
+        assert!(c.teams["ops"].admin);
+        assert_eq!(c.preload.models, ["llama3.2", "nomic-embed-text"]);
+        // A TOML array still works, and a wrong type is still an error.
+        let c = load_str("[teams.a]\nmodels = [\"x\", \"y\"]\n").unwrap();
+        assert_eq!(c.teams["a"].models, ["x", "y"]);
+        assert!(load_str("[teams.a]\nmodels = 3\n").is_err());
     }
 
     fn keys(e: &ConfigError) -> Vec<&str> {

@@ -154,6 +154,32 @@ impl<T: std::str::FromStr<Err = String>> de::Visitor<'_> for TextOrNumber<T> {
     }
 }
 
+/// A list written as a TOML array or as one comma-separated string: environment overrides
+/// (`CORRAL__TEAMS__RESEARCH__MODELS="llama3.2:*,nomic-embed-text"`) can only give strings.
+pub fn comma_list<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + From<String>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrText<T> {
+        List(Vec<T>),
+        Text(String),
+    }
+    match ListOrText::<T>::deserialize(d).map_err(|_| {
+        de::Error::custom("expected a list of strings or one comma-separated string")
+    })? {
+        ListOrText::List(items) => Ok(items),
+        ListOrText::Text(text) => Ok(text
+            .split(',')
+            .map(str::trim)
+            .filter(|item| !item.is_empty())
+            .map(|item| T::from(item.to_string()))
+            .collect()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,7 +25,18 @@ impl Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<(), GatewayError> {
-        check_head(session.req_header(), self.limits.max_header_size)?;
+        // pingora drops `Content-Length` when `Transfer-Encoding` is present (RFC 9112 6.3); the
+        // raw header block still shows whether the client sent both.
+        let both_framings = session
+            .req_header()
+            .headers
+            .contains_key(http::header::TRANSFER_ENCODING)
+            && declares_length(&session.to_h1_raw());
+        check_head(
+            session.req_header(),
+            both_framings,
+            self.limits.max_header_size,
+        )?;
         let req = session.req_header();
         let matched =
             routes::classify(&req.method, req.raw_path()).map_err(|e| route_error(e, req, ctx))?;
@@ -210,7 +221,13 @@ fn route_error(e: RouteError, req: &RequestHeader, ctx: &mut RequestCtx) -> Gate
 }
 
 /// Refuses header blocks over the limit (431) and ambiguous framing (request smuggling).
-fn check_head(req: &RequestHeader, max_header_size: ByteSize) -> Result<(), GatewayError> {
+/// `both_framings`: the client sent `Content-Length` next to `Transfer-Encoding` (see
+/// [`declares_length`]).
+fn check_head(
+    req: &RequestHeader,
+    both_framings: bool,
+    max_header_size: ByteSize,
+) -> Result<(), GatewayError> {
     let size: usize = req.raw_path().len()
         + req
             .headers
@@ -226,7 +243,7 @@ fn check_head(req: &RequestHeader, max_header_size: ByteSize) -> Result<(), Gate
         .iter()
         .collect();
     if !te.is_empty() {
-        if req.headers.contains_key(http::header::CONTENT_LENGTH) {
+        if both_framings || req.headers.contains_key(http::header::CONTENT_LENGTH) {
             return Err(GatewayError::BadRequest(
                 "a request may not carry both Content-Length and Transfer-Encoding".into(),
             ));
@@ -262,6 +279,17 @@ fn check_keep_alive(kind: RouteKind, obj: &JsonObject) -> Result<(), GatewayErro
 
 fn bad_request(e: BodyError) -> GatewayError {
     GatewayError::BadRequest(e.0)
+}
+
+/// Whether a raw HTTP/1 header block has a `Content-Length` line.
+fn declares_length(raw: &[u8]) -> bool {
+    raw.split(|&b| b == b'\n').skip(1).any(|line| {
+        line.iter().position(|&b| b == b':').is_some_and(|colon| {
+            line[..colon]
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"content-length")
+        })
+    })
 }
 
 pub(super) fn declared_length(req: &RequestHeader) -> Option<u64> {
@@ -336,8 +364,8 @@ mod tests {
     #[test]
     fn smuggling_shapes_are_refused() {
         let limit = ByteSize(64 * 1024);
-        assert!(check_head(&req(&[("content-length", "5")]), limit).is_ok());
-        assert!(check_head(&req(&[("transfer-encoding", "chunked")]), limit).is_ok());
+        assert!(check_head(&req(&[("content-length", "5")]), false, limit).is_ok());
+        assert!(check_head(&req(&[("transfer-encoding", "chunked")]), false, limit).is_ok());
         for bad in [
             &[("content-length", "5"), ("transfer-encoding", "chunked")][..],
             &[("transfer-encoding", "gzip, chunked")],
@@ -348,7 +376,7 @@ mod tests {
             &[("transfer-encoding", "xchunked")],
         ] {
             assert_eq!(
-                check_head(&req(bad), limit).unwrap_err().status(),
+                check_head(&req(bad), false, limit).unwrap_err().status(),
                 400,
                 "{bad:?}"
             );
@@ -356,10 +384,21 @@ mod tests {
     }
 
     #[test]
+    fn content_length_hidden_by_pingora_is_still_seen() {
+        let raw = b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-length : 4\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(declares_length(raw));
+        let raw = b"POST /content-length: HTTP/1.1\r\nX-Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(!declares_length(raw));
+        let te = req(&[("transfer-encoding", "chunked")]);
+        let e = check_head(&te, true, ByteSize(64 * 1024)).unwrap_err();
+        assert_eq!(e.status(), 400);
+    }
+
+    #[test]
     fn oversized_headers_are_431() {
         let big = "x".repeat(2000);
         assert_eq!(
-            check_head(&req(&[("x-big", &big)]), ByteSize(1024))
+            check_head(&req(&[("x-big", &big)]), false, ByteSize(1024))
                 .unwrap_err()
                 .status(),
             431

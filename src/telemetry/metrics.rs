@@ -11,7 +11,7 @@ use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::RwLock;
 
 /// Request durations: milliseconds (refusals) to an hour (long generations).
@@ -39,8 +39,35 @@ pub struct Metrics {
     pub preload_duration: GaugeVec,
     pub truncated: IntCounterVec,
     pub reloads: IntCounterVec,
-    known_models: RwLock<HashSet<String>>,
-    static_models: HashSet<String>,
+    known_models: RwLock<KnownModels>,
+}
+
+/// Model names that may be label values, by comparison key (lowercase), with the label each gets:
+/// those the configuration names exactly and those Ollama lists.
+#[derive(Default)]
+struct KnownModels {
+    config: HashMap<String, String>,
+    upstream: HashMap<String, String>,
+}
+
+fn by_key<I: IntoIterator<Item = String>>(names: I) -> HashMap<String, String> {
+    names
+        .into_iter()
+        .filter_map(|m| ModelName::parse(&m))
+        .map(|m| (m.key(), m.to_string()))
+        .collect()
+}
+
+/// Models the configuration names exactly (globs name none).
+fn config_models(cfg: &Config) -> HashMap<String, String> {
+    let teams = cfg.teams.values().flat_map(|t| &t.models);
+    by_key(
+        cfg.preload
+            .models
+            .iter()
+            .chain(teams.filter(|g| !g.contains('*')))
+            .cloned(),
+    )
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -100,24 +127,6 @@ impl Metrics {
         build_info
             .with_label_values(&[crate::VERSION, crate::COMMIT])
             .set(1);
-
-        // Models named in the configuration are known from the start.
-        let mut static_models: HashSet<String> = cfg
-            .preload
-            .models
-            .iter()
-            .filter_map(|m| ModelName::parse(m))
-            .map(|m| m.to_string())
-            .collect();
-        for team in cfg.teams.values() {
-            static_models.extend(
-                team.models
-                    .iter()
-                    .filter(|g| !g.contains('*'))
-                    .filter_map(|m| ModelName::parse(m))
-                    .map(|m| m.to_string()),
-            );
-        }
 
         Metrics {
             requests: counter(
@@ -190,8 +199,10 @@ impl Metrics {
                 "Configuration reloads, by result (ok, error).",
                 &["result"],
             ),
-            known_models: RwLock::new(static_models.clone()),
-            static_models,
+            known_models: RwLock::new(KnownModels {
+                config: config_models(cfg),
+                upstream: HashMap::new(),
+            }),
             registry: r,
         }
     }
@@ -203,33 +214,36 @@ impl Metrics {
         out
     }
 
-    /// The `model` label of a (normalized) model name.
+    /// The `model` label of a (normalized) model name: its known spelling, else `other`.
     pub fn model_label(&self, model: Option<&str>) -> String {
-        match model {
-            None => "none".to_string(),
-            Some(m)
-                if self
-                    .known_models
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .contains(m) =>
-            {
-                m.to_string()
-            }
-            Some(_) => "other".to_string(),
-        }
+        let Some(m) = model else {
+            return "none".to_string();
+        };
+        let key = m.to_ascii_lowercase();
+        let known = self.known_models.read().unwrap_or_else(|e| e.into_inner());
+        known
+            .upstream
+            .get(&key)
+            .or_else(|| known.config.get(&key))
+            .map_or_else(|| "other".to_string(), String::clone)
     }
 
-    /// Models Ollama has (from `/api/tags`), added to those the configuration names.
+    /// Models Ollama has (from `/api/tags`); they replace the previous list.
     pub fn set_upstream_models<I: IntoIterator<Item = String>>(&self, models: I) {
-        let mut known = self.static_models.clone();
-        known.extend(
-            models
-                .into_iter()
-                .filter_map(|m| ModelName::parse(&m))
-                .map(|m| m.to_string()),
-        );
-        *self.known_models.write().unwrap_or_else(|e| e.into_inner()) = known;
+        let upstream = by_key(models);
+        self.known_models
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .upstream = upstream;
+    }
+
+    /// Models a (reloaded) configuration names.
+    pub fn set_config_models(&self, cfg: &Config) {
+        let config = config_models(cfg);
+        self.known_models
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .config = config;
     }
 }
 
@@ -263,6 +277,19 @@ mod tests {
             m.model_label(Some("llama3.2:latest")),
             "llama3.2:latest",
             "config models stay known"
+        );
+        assert_eq!(
+            m.model_label(Some("LLAMA3.2:Latest")),
+            "llama3.2:latest",
+            "one label whatever the case"
+        );
+        assert_eq!(m.model_label(Some("phi4:latest")), "other");
+        cfg.teams.get_mut("t").unwrap().models.push("phi4".into());
+        m.set_config_models(&cfg);
+        assert_eq!(
+            m.model_label(Some("phi4:latest")),
+            "phi4:latest",
+            "a reloaded configuration names it"
         );
     }
 
