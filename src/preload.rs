@@ -48,6 +48,10 @@ impl ModelState {
 pub struct Pins {
     /// Normalized keys (`llama3.2:latest`) of the pinned models.
     keys: HashSet<String>,
+    /// Keys of other names for the pinned models (same digest in `/api/tags`, e.g. made with
+    /// `/api/copy`): Ollama runs one runner per model, so `keep_alive: 0` through any of its
+    /// names unloads it.
+    aliases: RwLock<HashSet<String>>,
     states: RwLock<BTreeMap<String, ModelState>>,
     pub requires_ready: bool,
     /// The `keep_alive` pinned models are loaded with (and that `pin` writes into requests).
@@ -64,6 +68,7 @@ impl Pins {
             .collect();
         Pins {
             keys: names.iter().map(ModelName::key).collect(),
+            aliases: RwLock::default(),
             states: RwLock::new(
                 names
                     .iter()
@@ -77,7 +82,32 @@ impl Pins {
     }
 
     pub fn is_pinned(&self, model: &ModelName) -> bool {
-        self.keys.contains(&model.key())
+        let key = model.key();
+        self.keys.contains(&key)
+            || self
+                .aliases
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&key)
+    }
+
+    /// Learns the other names of the pinned models from Ollama's model list: `(name, digest)`
+    /// pairs from `/api/tags`.
+    pub fn set_aliases<'a>(&self, tags: impl IntoIterator<Item = (&'a str, &'a str)> + Clone) {
+        let key = |name: &str| ModelName::parse(name).map(|n| n.key());
+        let pinned: HashSet<&str> = tags
+            .clone()
+            .into_iter()
+            .filter(|(name, _)| key(name).is_some_and(|k| self.keys.contains(&k)))
+            .map(|(_, digest)| digest)
+            .collect();
+        let aliases = tags
+            .into_iter()
+            .filter(|(_, digest)| pinned.contains(digest))
+            .filter_map(|(name, _)| key(name))
+            .filter(|k| !self.keys.contains(k))
+            .collect();
+        *self.aliases.write().unwrap_or_else(|e| e.into_inner()) = aliases;
     }
 
     /// The `keep_alive` a request for `model` must carry instead of the client's, if any.
@@ -364,6 +394,29 @@ mod tests {
             p.keep_alive_for(&ModelName::parse("llama3.2").unwrap()),
             None
         );
+    }
+
+    #[test]
+    fn other_names_of_a_pinned_model_are_pinned_too() {
+        let p = pins(KeepAlivePolicy::Pin);
+        let alias = ModelName::parse("Team-Llama").unwrap();
+        assert_eq!(p.keep_alive_for(&alias), None);
+        let tags = [
+            ("llama3.2:latest", "d1"),
+            ("team-llama:latest", "d1"),
+            ("llama3.2:1b", "d2"),
+            ("nomic-embed-text:latest", "d3"),
+        ];
+        p.set_aliases(tags.iter().copied());
+        assert_eq!(p.keep_alive_for(&alias), Some(&json!(-1)));
+        assert_eq!(
+            p.keep_alive_for(&ModelName::parse("llama3.2:1b").unwrap()),
+            None,
+            "another model of the family is not"
+        );
+        // The alias is gone from Ollama: no longer pinned.
+        p.set_aliases(tags[..1].iter().copied());
+        assert_eq!(p.keep_alive_for(&alias), None);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The upstream health probe: asks Ollama for `/api/tags` every few seconds, keeping
-//! `corral_upstream_up` true to whether it answers, and the model label set true to what it has.
+//! `corral_upstream_up` true to whether it answers, the model label set true to what it has, and
+//! the other names of the pinned models known.
 
+use crate::preload::Pins;
 use crate::telemetry::metrics::Metrics;
 use crate::upstream_client::UpstreamClient;
 use async_trait::async_trait;
@@ -15,6 +17,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Probe {
     pub client: UpstreamClient,
     pub metrics: Arc<Metrics>,
+    pub pins: Arc<Pins>,
 }
 
 impl Probe {
@@ -26,13 +29,17 @@ impl Probe {
             .await
         {
             Ok(answer) if answer.status == 200 => {
-                let names = answer
+                let models = answer
                     .json()
                     .and_then(|v| v["models"].as_array().cloned())
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter_map(|m| m["name"].as_str().map(str::to_string));
-                self.metrics.set_upstream_models(names);
+                    .unwrap_or_default();
+                let tags = models.iter().filter_map(|m| {
+                    Some((m["name"].as_str()?, m["digest"].as_str().unwrap_or("")))
+                });
+                self.metrics
+                    .set_upstream_models(tags.clone().map(|(name, _)| name.to_string()));
+                self.pins
+                    .set_aliases(tags.filter(|(_, digest)| !digest.is_empty()));
                 true
             }
             Ok(answer) => {

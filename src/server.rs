@@ -224,6 +224,7 @@ pub fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
     if let Some(app) = proxy.app_logic_mut() {
         app.server_options = Some(options);
         app.request_header_timeout = Some(cfg.server.header_timeout.0);
+        app.upstream_request_timeout = Some(cfg.upstream.request_timeout.0);
     }
     if let (Some(addr), Some(certs)) = (cfg.server.listen.0, &certs) {
         proxy.add_listener(
@@ -260,6 +261,7 @@ pub fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
     let probe = Probe {
         client: UpstreamClient::new(upstream.clone()),
         metrics: metrics.clone(),
+        pins: pins.clone(),
     };
     server.add_service(background_service("upstream probe", probe));
     server.add_service(background_service(

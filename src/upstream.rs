@@ -142,8 +142,9 @@ impl Upstream {
         o.connection_timeout = Some(self.connect_timeout);
         o.total_connection_timeout = Some(self.connect_timeout * 2);
         // Each read (the response header included, i.e. a cold model load) may take up to
-        // read_timeout, but never longer than the whole request may.
-        o.read_timeout = Some(self.read_timeout.min(self.request_timeout));
+        // read_timeout; the whole exchange is capped by request_timeout (server.rs sets the cap
+        // on the proxy, a corral patch of pingora-proxy).
+        o.read_timeout = Some(self.read_timeout);
         o.write_timeout = Some(WRITE_TIMEOUT);
         o.idle_timeout = Some(POOL_IDLE_TIMEOUT);
         // Ollama never upgrades a connection; nobody gets a WebSocket tunnel through corral.
@@ -240,8 +241,8 @@ mod tests {
         );
         assert_eq!(
             peer.options.read_timeout,
-            Some(Duration::from_secs(60)),
-            "capped by request_timeout"
+            Some(Duration::from_secs(900)),
+            "per read; the whole exchange is capped separately"
         );
         let named = Upstream::new(&UpstreamConfig {
             url: "http://ollama.invalid:11434".into(),

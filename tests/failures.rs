@@ -99,6 +99,56 @@ async fn a_cold_load_longer_than_read_timeout_is_504() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_timeout_caps_the_whole_exchange_whatever_read_timeout_allows() {
+    // read_timeout would allow an hour of silence; request_timeout ends the request long before.
+    let double = double_with(|c| c.token_delay = Duration::from_millis(20)).await;
+    let mut cfg = test_config(&double.url());
+    cfg.upstream.read_timeout = HumanDuration::secs(3600);
+    cfg.upstream.request_timeout = HumanDuration::secs(2);
+    let corral = Corral::start(cfg);
+
+    // Silent before the first byte: 504 naming the cap.
+    double.set_hang(true);
+    let (status, body, _) = post(&corral, "/api/chat", chat()).await;
+    assert_eq!(status, 504);
+    assert_eq!(
+        body["error"],
+        "the request took longer than the 2s limit of this gateway"
+    );
+    let (status, body, _) = post(&corral, "/v1/chat/completions", chat()).await;
+    assert_eq!(status, 504);
+    assert_eq!(body["error"]["type"], "api_error");
+    double.set_hang(false);
+
+    // A stream that stalls after its first token: ended with an in-band error, and the
+    // generation upstream is cancelled.
+    let before = double.disconnects();
+    let mut resp = corral
+        .client()
+        .post(format!("{}/api/chat", corral.base()))
+        .json(&chat())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    next_chunk(&mut resp).await.unwrap();
+    double.set_token_delay(Duration::from_secs(3600));
+    let (rest, _) = rest_text(&mut resp).await;
+    assert!(!rest.contains("\"done\":true"), "{rest}");
+    let last: Value = serde_json::from_str(rest.trim_end().lines().last().unwrap()).unwrap();
+    assert_eq!(
+        last["error"],
+        "the request took longer than the 2s limit of this gateway"
+    );
+    wait_for_async(
+        Duration::from_secs(10),
+        "the double to see corral leave",
+        || async { (double.disconnects() > before).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ollama_dying_mid_stream_ends_the_stream_with_an_error_the_client_sees() {
     let double = double_with(|c| c.token_delay = Duration::from_millis(300)).await;
     let corral = Corral::start(test_config(&double.url()));

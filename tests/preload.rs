@@ -204,6 +204,57 @@ async fn a_clients_keep_alive_cannot_unload_a_pinned_model_under_pin() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_name_for_a_pinned_model_cannot_unload_it_either() {
+    let double = double().await;
+    let corral = Corral::start(preload_config(&double.url(), &["llama3.2"]));
+    wait_for_async(Duration::from_secs(20), "readiness", || async {
+        (readyz(&corral).await.0 == 200).then_some(())
+    })
+    .await;
+    let client = corral.client();
+    // An admin makes a second name for the pinned model (Ollama: same manifest, same runner).
+    let resp = client
+        .post(format!("{}/api/copy", corral.base()))
+        .json(&json!({"source": "llama3.2", "destination": "team-llama"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // corral learns the new name from /api/tags: wait until its probe has read a list with it
+    // (the second probe after the copy starts only once the first one's answer was handled).
+    let probes = || {
+        double
+            .requests_to("/api/tags")
+            .iter()
+            .filter(|r| {
+                r.header("user-agent")
+                    .is_some_and(|ua| ua.starts_with("corral/"))
+            })
+            .count()
+    };
+    let seen = probes();
+    wait_for(Duration::from_secs(30), "two more upstream probes", || {
+        (probes() >= seen + 2).then_some(())
+    });
+    let resp = client
+        .post(format!("{}/api/generate", corral.base()))
+        .json(&json!({"model": "team-llama", "keep_alive": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        forwarded(&double).last().unwrap().json().unwrap()["keep_alive"],
+        -1,
+        "keep_alive 0 through the other name reached Ollama"
+    );
+    assert!(
+        is_loaded(&double, "llama3.2:latest"),
+        "the pinned model was unloaded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_pass_a_clients_keep_alive_goes_through() {
     let double = double().await;
     let mut cfg = preload_config(&double.url(), &["llama3.2"]);

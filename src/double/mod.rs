@@ -575,14 +575,67 @@ fn method_not_allowed(allow: &str) -> Resp {
 }
 
 /// A streamed response whose frames come from a task (NDJSON or SSE).
-fn streamed(content_type: &str) -> (http_body_util::channel::Sender<Bytes>, Resp) {
+fn streamed(content_type: &str) -> (StreamTx, Resp) {
     let (tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(1);
+    let (gone_tx, gone) = tokio::sync::oneshot::channel();
+    let body = Watched {
+        inner: body,
+        _gone: gone_tx,
+    };
     let mut resp = hyper::Response::new(body.boxed());
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,
         content_type.parse().expect("ascii"),
     );
-    (tx, resp)
+    (StreamTx { tx, gone }, resp)
+}
+
+/// The sending half of a streamed response. Like Ollama (whose request context is cancelled
+/// when the client goes away), it notices a departed client while it waits between tokens, not
+/// only at its next write.
+struct StreamTx {
+    tx: http_body_util::channel::Sender<Bytes>,
+    gone: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl StreamTx {
+    async fn send_data(&mut self, data: Bytes) -> Result<(), ()> {
+        self.tx.send_data(data).await.map_err(|_| ())
+    }
+
+    /// Waits `d`; `Err` if the client went away meanwhile.
+    async fn pause(&mut self, d: Duration) -> Result<(), ()> {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => Ok(()),
+            _ = &mut self.gone => Err(()),
+        }
+    }
+}
+
+/// A response body that tells its [`StreamTx`] when hyper drops it (the client went away).
+struct Watched {
+    inner: http_body_util::channel::Channel<Bytes, Infallible>,
+    _gone: tokio::sync::oneshot::Sender<()>,
+}
+
+impl hyper::body::Body for Watched {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 fn now_rfc3339() -> String {
@@ -647,7 +700,8 @@ pub(crate) struct Metrics {
 /// before it finished (the client went away and Ollama cancels the work).
 pub(crate) struct Run {
     state: Arc<State>,
-    model: String,
+    /// The digest of the model's runner.
+    runner: String,
     started: Instant,
     loaded_at: Instant,
     pub prompt_tokens: u64,
@@ -671,7 +725,7 @@ impl Run {
         let ready_at = state.store().begin(spec, keep_alive, started);
         let mut run = Run {
             state: state.clone(),
-            model: spec.name.clone(),
+            runner: spec.digest.clone(),
             started,
             loaded_at: started,
             prompt_tokens,
@@ -745,7 +799,7 @@ impl Drop for Run {
         if !self.finished {
             self.state.disconnects.fetch_add(1, Ordering::SeqCst);
         }
-        self.state.store().end(&self.model, Instant::now());
+        self.state.store().end(&self.runner, Instant::now());
     }
 }
 
@@ -760,10 +814,10 @@ fn stream_run(
     let sse = content_type == "text/event-stream";
     let (mut tx, resp) = streamed(content_type);
     tokio::spawn(async move {
-        let delay = run.delay();
         for (i, token) in run.tokens.iter().enumerate() {
-            if i > 0 {
-                tokio::time::sleep(delay).await;
+            // The delay is read per token: a test can stall a stream that is under way.
+            if i > 0 && tx.pause(run.delay()).await.is_err() {
+                return;
             }
             if run.fail_after == Some(i) {
                 // The runner died: an in-band error, then the stream ends without its marker.

@@ -15,6 +15,9 @@ pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(5 * 60);
 pub struct ModelSpec {
     /// Normalized name (`llama3.2:latest`).
     pub name: String,
+    /// The manifest digest `/api/tags` reports. `/api/copy` keeps it: the copy is another name
+    /// for the same model, and Ollama runs one runner per model, whatever name loaded it.
+    pub digest: String,
     /// `completion`, `tools`, `embedding`, `thinking`, `vision`, ...
     pub capabilities: Vec<String>,
     pub family: String,
@@ -42,6 +45,10 @@ impl ModelSpec {
                 .next()
                 .unwrap_or("llama")
                 .to_string(),
+            digest: Sha256::digest(name.as_bytes())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
             name,
             capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
             parameter_size: "3.2B".into(),
@@ -84,11 +91,6 @@ impl ModelSpec {
         self.capabilities.iter().any(|c| c == capability)
     }
 
-    pub fn digest(&self) -> String {
-        let hash = Sha256::digest(self.name.as_bytes());
-        hash.iter().map(|b| format!("{b:02x}")).collect()
-    }
-
     pub fn details(&self) -> serde_json::Value {
         serde_json::json!({
             "parent_model": "",
@@ -101,9 +103,11 @@ impl ModelSpec {
     }
 }
 
-/// A loaded model.
+/// A loaded model (a runner).
 #[derive(Clone, Debug)]
 struct Loaded {
+    /// The name it was loaded under (what `/api/ps` shows).
+    name: String,
     ready_at: Instant,
     keep_alive: KeepAlive,
     in_flight: u32,
@@ -131,6 +135,7 @@ pub struct LoadedModel {
 #[derive(Default)]
 pub struct Store {
     catalog: Vec<ModelSpec>,
+    /// Runners by model digest.
     loaded: HashMap<String, Loaded>,
 }
 
@@ -165,7 +170,9 @@ impl Store {
         };
         let before = self.catalog.len();
         self.catalog.retain(|m| m.name.to_ascii_lowercase() != key);
-        self.loaded.remove(&key);
+        let catalog = &self.catalog;
+        self.loaded
+            .retain(|digest, _| catalog.iter().any(|m| m.digest == *digest));
         before != self.catalog.len()
     }
 
@@ -177,13 +184,14 @@ impl Store {
         keep_alive: Option<KeepAlive>,
         now: Instant,
     ) -> Instant {
-        let key = spec.name.to_ascii_lowercase();
+        let key = spec.digest.clone();
         let entry = match self.loaded.get_mut(&key) {
             Some(l) if !l.expired(now) => l,
             _ => {
                 self.loaded.insert(
                     key.clone(),
                     Loaded {
+                        name: spec.name.clone(),
                         ready_at: now + spec.load_time,
                         keep_alive: KeepAlive::For(DEFAULT_KEEP_ALIVE),
                         in_flight: 0,
@@ -201,9 +209,9 @@ impl Store {
         entry.ready_at
     }
 
-    /// Ends a request on a model; the keep-alive timer starts when the last one ends.
-    pub fn end(&mut self, name: &str, now: Instant) {
-        if let Some(l) = self.loaded.get_mut(&name.to_ascii_lowercase()) {
+    /// Ends a request on a model (by digest); the keep-alive timer starts when the last one ends.
+    pub fn end(&mut self, digest: &str, now: Instant) {
+        if let Some(l) = self.loaded.get_mut(digest) {
             l.in_flight = l.in_flight.saturating_sub(1);
             if l.in_flight == 0 {
                 l.idle_since = Some(now);
@@ -212,9 +220,10 @@ impl Store {
         self.expire(now);
     }
 
-    /// `keep_alive: 0` with no prompt: expire without loading (at once if idle).
-    pub fn unload(&mut self, name: &str, now: Instant) {
-        if let Some(l) = self.loaded.get_mut(&name.to_ascii_lowercase()) {
+    /// `keep_alive: 0` with no prompt (by digest, so through any name of the model): expire
+    /// without loading (at once if idle).
+    pub fn unload(&mut self, digest: &str, now: Instant) {
+        if let Some(l) = self.loaded.get_mut(digest) {
             l.keep_alive = KeepAlive::For(Duration::ZERO);
             if l.in_flight == 0 {
                 l.idle_since = Some(now);
@@ -234,12 +243,14 @@ impl Store {
             .loaded
             .iter()
             .filter(|(_, l)| l.ready_at <= now)
-            .filter_map(|(key, l)| {
-                let spec = self
+            .filter_map(|(digest, l)| {
+                let mut spec = self
                     .catalog
                     .iter()
-                    .find(|m| m.name.to_ascii_lowercase() == *key)?
+                    .filter(|m| m.digest == *digest)
+                    .max_by_key(|m| m.name == l.name)?
                     .clone();
+                spec.name = l.name.clone();
                 let expires_in = match (l.keep_alive, l.idle_since) {
                     (KeepAlive::For(d), Some(idle)) => {
                         Some((idle + d).saturating_duration_since(now))
@@ -276,7 +287,7 @@ mod tests {
         assert!(s.loaded(t0).is_empty(), "not listed while loading");
         let t1 = t0 + Duration::from_secs(3);
         assert_eq!(s.loaded(t1)[0].1.expires_in, None, "busy: no expiry");
-        s.end("llama3.2:latest", t1);
+        s.end(&spec.digest, t1);
         assert_eq!(s.loaded(t1)[0].1.expires_in, Some(Duration::from_secs(10)));
         assert!(s.loaded(t1 + Duration::from_secs(11)).is_empty());
     }
@@ -287,15 +298,33 @@ mod tests {
         let mut s = Store::new(vec![spec.clone()]);
         let t0 = Instant::now();
         s.begin(&spec, Some(KeepAlive::Forever), t0);
-        s.end(&spec.name, t0);
+        s.end(&spec.digest, t0);
         let far = t0 + Duration::from_secs(1_000_000);
         assert_eq!(s.loaded(far).len(), 1);
         // A later request without keep_alive keeps "forever".
         s.begin(&spec, None, far);
-        s.end(&spec.name, far);
+        s.end(&spec.digest, far);
         assert_eq!(s.loaded(far)[0].1.keep_alive, KeepAlive::Forever);
-        s.unload(&spec.name, far);
+        s.unload(&spec.digest, far);
         assert!(s.loaded(far).is_empty());
+    }
+
+    #[test]
+    fn a_copy_is_another_name_for_the_same_runner() {
+        let spec = ModelSpec::chat("llama3.2").with_load_time(Duration::ZERO);
+        let mut s = Store::new(vec![spec.clone()]);
+        let mut alias = spec.clone();
+        alias.name = "team-llama:latest".into();
+        s.add(alias.clone());
+        let t0 = Instant::now();
+        s.begin(&spec, Some(KeepAlive::Forever), t0);
+        s.end(&spec.digest, t0);
+        let loaded = s.loaded(t0);
+        assert_eq!(loaded.len(), 1, "one runner");
+        assert_eq!(loaded[0].1.name, "llama3.2:latest");
+        // Unloading through the other name unloads it.
+        s.unload(&alias.digest, t0);
+        assert!(s.loaded(t0).is_empty());
     }
 
     #[test]

@@ -161,7 +161,7 @@ async fn run_text(
     };
     if preload && keep_alive == Some(KeepAlive::For(Duration::ZERO)) {
         // Unload: expire without loading; answered at once, never streamed.
-        r.state.store().unload(&spec.name, Instant::now());
+        r.state.store().unload(&spec.digest, Instant::now());
         let mut v = kind.object(model, "", true);
         v["done_reason"] = json!("unload");
         return json_resp(StatusCode::OK, &v);
@@ -308,7 +308,7 @@ fn model_entry(m: &ModelSpec) -> Value {
     json!({
         "name": m.name, "model": m.name,
         "modified_at": humantime::format_rfc3339_nanos(m.modified_at).to_string(),
-        "size": m.size, "digest": m.digest(), "details": m.details(), "capabilities": m.capabilities,
+        "size": m.size, "digest": m.digest, "details": m.details(), "capabilities": m.capabilities,
     })
 }
 
@@ -336,7 +336,7 @@ pub(super) fn ps(r: &Req<'_>) -> Resp {
                 .checked_add(until)
                 .unwrap_or(SystemTime::UNIX_EPOCH);
             json!({
-                "name": spec.name, "model": spec.name, "size": spec.size, "digest": spec.digest(),
+                "name": spec.name, "model": spec.name, "size": spec.size, "digest": spec.digest,
                 "details": spec.details(),
                 "expires_at": humantime::format_rfc3339_nanos(expires_at).to_string(),
                 "size_vram": spec.size, "context_length": spec.context_length,
@@ -390,8 +390,8 @@ fn progress(r: &Req<'_>, req: &Value, lines: Vec<Value>) -> Resp {
     let delay = r.state.token_delay();
     tokio::spawn(async move {
         for (i, l) in lines.iter().enumerate() {
-            if i > 0 {
-                tokio::time::sleep(delay).await;
+            if i > 0 && tx.pause(delay).await.is_err() {
+                return;
             }
             if tx.send_data(line(l)).await.is_err() {
                 return;
@@ -414,7 +414,7 @@ pub(super) async fn pull(r: &Req<'_>) -> Resp {
     } else {
         ModelSpec::chat(name.as_str())
     };
-    let digest = format!("sha256:{}", spec.digest());
+    let digest = format!("sha256:{}", spec.digest);
     let total = 1_000_000u64;
     let lines = vec![
         json!({"status": "pulling manifest"}),

@@ -42,7 +42,8 @@ pub struct Gateway {
     pub pins: Arc<Pins>,
 }
 
-/// `upstream.request_timeout` passed while the response was streaming.
+/// `upstream.request_timeout` passed: the error the patched pingora-proxy gives when it ends an
+/// exchange with Ollama at the cap (`HttpProxy::upstream_request_timeout`).
 const REQUEST_TIMEOUT: ErrorType = ErrorType::Custom("request_timeout");
 /// The upstream's host name has not resolved (yet).
 const UNRESOLVED: ErrorType = ErrorType::Custom("upstream_unresolved");
@@ -158,9 +159,6 @@ impl ProxyHttp for Gateway {
         response::body_chunk(ctx, body, end_of_stream)?;
         if let Some(chunk) = body.as_ref() {
             ctx.bytes_out += chunk.len() as u64;
-        }
-        if ctx.start.elapsed() > self.upstream.request_timeout {
-            return Error::e_explain(REQUEST_TIMEOUT, "upstream.request_timeout exceeded");
         }
         Ok(None)
     }

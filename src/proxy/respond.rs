@@ -78,7 +78,7 @@ impl Gateway {
         }
         match e.esource() {
             ErrorSource::Upstream => {
-                let read_limit = HumanDuration(up.read_timeout.min(up.request_timeout));
+                let read_limit = HumanDuration(up.read_timeout);
                 let (err, kind) = match etype {
                     ErrorType::ConnectTimedout => (
                         GatewayError::UpstreamTimeout(HumanDuration(up.connect_timeout)),

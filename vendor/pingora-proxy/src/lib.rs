@@ -192,6 +192,11 @@ where
     /// the connection is ready for it (so it also bounds idle keep-alive). pingora's own read
     /// timeout applies per read, which a client trickling bytes never hits. `None`: no limit.
     pub request_header_timeout: Option<std::time::Duration>,
+    /// corral patch: a hard cap on one exchange with an HTTP/1 upstream, from the moment the
+    /// connection is ready to the end of the response. pingora's read timeout applies per read,
+    /// which a stream that keeps trickling never hits. On expiry the exchange fails with
+    /// `ErrorType::Custom("request_timeout")`. `None`: no limit.
+    pub upstream_request_timeout: Option<std::time::Duration>,
     pub downstream_modules: HttpModules,
     #[cfg(feature = "upstream_modules")]
     pub upstream_modules: HttpModules,
@@ -229,6 +234,7 @@ impl<SV> HttpProxy<SV, ()> {
             server_options: None,
             h2_options: None,
             request_header_timeout: None,
+            upstream_request_timeout: None,
             downstream_modules: HttpModules::new(),
             #[cfg(feature = "upstream_modules")]
             upstream_modules: HttpModules::new(),
@@ -265,6 +271,7 @@ where
             shutdown_flag: Arc::new(AtomicBool::new(false)),
             server_options,
             request_header_timeout: None,
+            upstream_request_timeout: None,
             downstream_modules: HttpModules::new(),
             #[cfg(feature = "upstream_modules")]
             upstream_modules: HttpModules::new(),

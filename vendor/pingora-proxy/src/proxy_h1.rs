@@ -226,8 +226,21 @@ where
             return (false, false, Some(e));
         }
 
+        // corral patch: the whole exchange is capped (see `upstream_request_timeout`).
+        let exchange = self.proxy_1to1(session, client_session, peer, ctx);
         let (server_session_reuse, client_session_reuse, error) =
-            self.proxy_1to1(session, client_session, peer, ctx).await;
+            match self.upstream_request_timeout {
+                Some(limit) => tokio::time::timeout(limit, exchange)
+                    .await
+                    .unwrap_or_else(|_| {
+                        let e = Error::explain(
+                            pingora_error::ErrorType::Custom("request_timeout"),
+                            "upstream request timeout",
+                        );
+                        (false, false, Some(e))
+                    }),
+                None => exchange.await,
+            };
 
         // Record upstream response body bytes received (payload only) for logging consumers.
         let upstream_bytes_total = client_session.body_bytes_received();
