@@ -23,6 +23,13 @@ async fn readyz(corral: &Corral) -> (u16, Value) {
     (resp.status().as_u16(), resp.json().await.unwrap())
 }
 
+async fn until_ready(corral: &Corral) {
+    wait_for_async(Duration::from_secs(20), "readiness", || async {
+        (readyz(corral).await.0 == 200).then_some(())
+    })
+    .await;
+}
+
 fn is_loaded(double: &OllamaDouble, model: &str) -> bool {
     double.loaded().iter().any(|m| m.name == model)
 }
@@ -47,10 +54,7 @@ async fn pinned_models_load_at_start_by_the_route_their_capabilities_need() {
         &double.url(),
         &["llama3.2", "nomic-embed-text"],
     ));
-    wait_for_async(Duration::from_secs(20), "readiness", || async {
-        (readyz(&corral).await.0 == 200).then_some(())
-    })
-    .await;
+    until_ready(&corral).await;
 
     assert_eq!(
         own_requests(&double, "/api/generate"),
@@ -133,10 +137,7 @@ async fn a_restarted_ollama_is_preloaded_again() {
     let double = double().await;
     let addr = double.addr();
     let corral = Corral::start(preload_config(&double.url(), &["llama3.2"]));
-    wait_for_async(Duration::from_secs(20), "readiness", || async {
-        (readyz(&corral).await.0 == 200).then_some(())
-    })
-    .await;
+    until_ready(&corral).await;
 
     // Ollama restarts: everything it had loaded is gone.
     double.shutdown().await;
@@ -160,10 +161,7 @@ async fn a_restarted_ollama_is_preloaded_again() {
 async fn a_clients_keep_alive_cannot_unload_a_pinned_model_under_pin() {
     let double = double().await;
     let corral = Corral::start(preload_config(&double.url(), &["llama3.2"]));
-    wait_for_async(Duration::from_secs(20), "readiness", || async {
-        (readyz(&corral).await.0 == 200).then_some(())
-    })
-    .await;
+    until_ready(&corral).await;
     let client = corral.client();
     // The unload request Ollama documents: empty prompt, keep_alive 0.
     let resp = client
@@ -207,10 +205,7 @@ async fn a_clients_keep_alive_cannot_unload_a_pinned_model_under_pin() {
 async fn another_name_for_a_pinned_model_cannot_unload_it_either() {
     let double = double().await;
     let corral = Corral::start(preload_config(&double.url(), &["llama3.2"]));
-    wait_for_async(Duration::from_secs(20), "readiness", || async {
-        (readyz(&corral).await.0 == 200).then_some(())
-    })
-    .await;
+    until_ready(&corral).await;
     let client = corral.client();
     // An admin makes a second name for the pinned model (Ollama: same manifest, same runner).
     let resp = client
@@ -260,10 +255,7 @@ async fn under_pass_a_clients_keep_alive_goes_through() {
     let mut cfg = preload_config(&double.url(), &["llama3.2"]);
     cfg.preload.keep_alive_policy = KeepAlivePolicy::Pass;
     let corral = Corral::start(cfg);
-    wait_for_async(Duration::from_secs(20), "readiness", || async {
-        (readyz(&corral).await.0 == 200).then_some(())
-    })
-    .await;
+    until_ready(&corral).await;
     let resp = corral
         .client()
         .post(format!("{}/api/generate", corral.base()))
