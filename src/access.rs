@@ -12,6 +12,8 @@ use std::sync::{Arc, RwLock};
 pub struct Access {
     pub verifier: Verifier,
     pub teams: HashMap<String, Team>,
+    /// Where the revocation list was read from.
+    pub revoked_file: PathBuf,
 }
 
 impl Access {
@@ -74,6 +76,7 @@ impl Access {
             Access {
                 verifier: Verifier::new(keys, revoked),
                 teams,
+                revoked_file: cfg.auth.revoked_file.clone(),
             },
             warnings,
         ))
@@ -117,6 +120,21 @@ fn read_revoked(path: &std::path::Path) -> Result<HashSet<String>, String> {
             path.display()
         )),
     }
+}
+
+/// Why `next` must not replace `running`: a revocation list that vanished or emptied (deleted,
+/// mis-mounted, caught half-way through a rewrite) would bring every revoked key back to life.
+/// Revocation fails closed; clearing the list on purpose takes a restart.
+pub fn forgets_revocations(running: &Access, next: &Access) -> Option<String> {
+    let had = running.verifier.revoked_count();
+    (next.revoked_file == running.revoked_file && had > 0 && next.verifier.revoked_count() == 0)
+        .then(|| {
+            format!(
+                "auth.revoked_file = \"{}\" is now missing or empty, but {had} key(s) were revoked; \
+                 they stay revoked (restart corral to clear the list on purpose)",
+                running.revoked_file.display()
+            )
+        })
 }
 
 /// The current [`Access`], shared by all requests and replaced on reload.

@@ -219,7 +219,10 @@ impl Verifier {
             }
         };
         // Checked on every use: a cached key still expires and can still be revoked.
-        if identity.expires_at.is_some_and(|exp| now > exp + LEEWAY) {
+        if identity
+            .expires_at
+            .is_some_and(|exp| now > exp.saturating_add(LEEWAY))
+        {
             return Err(AuthFailure::Expired);
         }
         if self.revoked.contains(&identity.key_id) {

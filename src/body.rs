@@ -13,6 +13,11 @@ use serde_json::value::RawValue;
 use std::borrow::Cow;
 use std::fmt;
 
+/// Top-level fields a body may have. Ollama's and OpenAI's requests have a few dozen at most; the
+/// cap keeps a body of millions of tiny fields from costing more than it is worth to inspect.
+const MAX_FIELDS: usize = 256;
+const TOO_MANY_FIELDS: &str = "the request body has more than 256 top-level fields";
+
 /// Why a body was refused (always a 400 in the caller's dialect).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BodyError(pub String);
@@ -35,7 +40,9 @@ impl<'a> JsonObject<'a> {
             return Err(BodyError("missing request body".into()));
         }
         let entries: Entries<'a> = serde_json::from_slice(body).map_err(|e| {
-            if e.is_data() {
+            if e.is_data() && e.to_string().starts_with(TOO_MANY_FIELDS) {
+                BodyError(TOO_MANY_FIELDS.into())
+            } else if e.is_data() {
                 BodyError("the request body must be a JSON object".into())
             } else {
                 BodyError(format!("the request body is not valid JSON: {e}"))
@@ -93,10 +100,10 @@ impl<'a> JsonObject<'a> {
         }
     }
 
-    /// The body re-serialized with `changes` applied: `(name, Some(v))` sets a field (replacing
-    /// the existing one in place, or appending), `(name, None)` removes it. Other fields keep their
-    /// order and exact text.
-    pub fn write_with(&self, changes: &[(&str, Option<&serde_json::Value>)]) -> Vec<u8> {
+    /// The body re-serialized with `changes` applied: `(name, Some(json))` sets a field to the
+    /// JSON text `json` (replacing the field Go would read as `name` in place, or appending),
+    /// `(name, None)` removes it. Other fields keep their order and exact text.
+    pub fn write_with(&self, changes: &[(&str, Option<&str>)]) -> Vec<u8> {
         let size: usize = self
             .entries
             .iter()
@@ -119,7 +126,7 @@ impl<'a> JsonObject<'a> {
                 Some(i) => {
                     applied[i] = true;
                     if let Some(v) = changes[i].1 {
-                        push(&mut out, changes[i].0, &v.to_string());
+                        push(&mut out, changes[i].0, v);
                     }
                 }
                 None => push(&mut out, key, value.get()),
@@ -127,7 +134,7 @@ impl<'a> JsonObject<'a> {
         }
         for (i, (name, value)) in changes.iter().enumerate() {
             if let (false, Some(v)) = (applied[i], value) {
-                push(&mut out, name, &v.to_string());
+                push(&mut out, name, v);
             }
         }
         out.push(b'}');
@@ -190,6 +197,9 @@ impl<'de: 'a, 'a> Deserialize<'de> for Entries<'a> {
             fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Entries<'de>, M::Error> {
                 let mut entries = Vec::new();
                 while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
+                    if entries.len() == MAX_FIELDS {
+                        return Err(de::Error::custom(TOO_MANY_FIELDS));
+                    }
                     let v: &'de RawValue = map.next_value()?;
                     entries.push((k, v));
                 }
@@ -203,7 +213,6 @@ impl<'de: 'a, 'a> Deserialize<'de> for Entries<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     fn parse(s: &str) -> Result<JsonObject<'_>, BodyError> {
         JsonObject::parse(s.as_bytes())
@@ -234,6 +243,18 @@ mod tests {
             let e = parse(body).unwrap_err();
             assert!(e.0.contains("more than once"), "{body}: {e}");
         }
+    }
+
+    #[test]
+    fn a_body_of_countless_fields_is_refused_cheaply() {
+        let fields = |n: usize| {
+            let body: Vec<String> = (0..n).map(|i| format!("\"f{i}\":0")).collect();
+            format!("{{{}}}", body.join(","))
+        };
+        assert!(parse(&fields(MAX_FIELDS)).is_ok());
+        // A megabyte of fields: refused at the cap, not compared pairwise.
+        let e = parse(&fields(100_000)).unwrap_err();
+        assert_eq!(e.0, TOO_MANY_FIELDS);
     }
 
     #[test]
@@ -295,8 +316,8 @@ mod tests {
             r#"{"model":"m","messages":[{"role":"user","content":"hi \u00e9"}],"Keep_Alive":0}"#;
         let o = parse(body).unwrap();
         let out = o.write_with(&[
-            ("keep_alive", Some(&json!(-1))),
-            ("stream_options", Some(&json!({"include_usage": true}))),
+            ("keep_alive", Some("-1")),
+            ("stream_options", Some(r#"{"include_usage":true}"#)),
         ]);
         let out = String::from_utf8(out).unwrap();
         assert_eq!(

@@ -77,7 +77,8 @@ impl Bucket {
 
     /// Time until the level reaches `target`.
     fn wait_for(&self, target: f64, per_minute: f64) -> Duration {
-        Duration::from_secs_f64(((target - self.level).max(0.0) * 60.0 / per_minute).max(0.001))
+        let secs = ((target - self.level).max(0.0) * 60.0 / per_minute).max(0.001);
+        Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX)
     }
 }
 
@@ -174,7 +175,9 @@ impl Limiter {
         let state = teams.entry(team.name.clone()).or_default();
         let bucket = state.tokens.get_or_insert_with(|| Bucket::full(tpm, now));
         bucket.refill(tpm, now);
-        bucket.level -= tokens as f64;
+        // Debt is capped at an hour of the team's budget: one huge answer (or a broken count
+        // from upstream) cannot lock a team out for longer.
+        bucket.level = (bucket.level - tokens as f64).max(-60.0 * tpm);
     }
 }
 
@@ -231,6 +234,17 @@ mod tests {
         );
         assert!(l.admit(&t, true, t0 + Duration::from_secs(29)).is_err());
         assert!(l.admit(&t, true, t0 + Duration::from_secs(31)).is_ok());
+    }
+
+    #[test]
+    fn an_absurd_token_count_locks_a_team_out_for_an_hour_at_most() {
+        let l = Arc::new(Limiter::default());
+        let t = team(0, 600, 0);
+        let t0 = Instant::now();
+        l.charge(&t, u64::MAX, t0);
+        let refused = l.admit(&t, true, t0).err().unwrap();
+        assert!(refused.retry_after <= Duration::from_secs(61 * 60));
+        assert!(l.admit(&t, true, t0 + Duration::from_secs(61 * 60)).is_ok());
     }
 
     #[test]

@@ -62,6 +62,9 @@ impl Reloader {
                 .collect::<Vec<_>>()
         })?;
         let (access, warnings) = Access::from_config(&cfg)?;
+        if let Some(why) = crate::access::forgets_revocations(&self.access.current(), &access) {
+            return Err(vec![why]);
+        }
         for w in warnings {
             tracing::warn!("{w}");
         }

@@ -485,6 +485,25 @@ async fn revocation_and_team_removal_apply_on_reload_without_cutting_streams() {
         "other keys unaffected"
     );
 
+    // The revocation list vanishes (deleted, a volume not mounted): revocation fails closed.
+    let revoked_file = corral.cfg.auth.revoked_file.clone();
+    assert!(revoked_file.is_file(), "{}", revoked_file.display());
+    std::fs::remove_file(&revoked_file).unwrap();
+    wait_for(Duration::from_secs(20), "the refusal in the log", || {
+        corral
+            .stderr_text()
+            .contains("they stay revoked")
+            .then_some(())
+    });
+    assert_eq!(chat_with(&research, false).await.unwrap().status(), 401);
+    // Until the list is back, other reloads are refused too; put it back.
+    let out = std::process::Command::new(corral_bin())
+        .args(["keys", "revoke", &research, "--config"])
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+
     // A team removed from the file: its keys stop working, without a restart.
     let mut stream = chat_with(&ops, true).await.unwrap();
     next_chunk(&mut stream).await.unwrap();
@@ -508,7 +527,7 @@ async fn revocation_and_team_removal_apply_on_reload_without_cutting_streams() {
     wait_for(Duration::from_secs(20), "the refusal in the log", || {
         corral
             .stderr_text()
-            .contains("configuration not reloaded")
+            .contains("teams.x.models")
             .then_some(())
     });
     let fresh = corral.issue("research", None, None);

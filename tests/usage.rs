@@ -252,6 +252,24 @@ async fn hidden_usage_is_taken_out_so_clients_see_what_ollama_sends() {
         let sent = double.requests_to(path).last().unwrap().json().unwrap();
         assert_eq!(sent["stream_options"]["include_usage"], true);
     }
+
+    // A "no" spelled the way only Go folds (LONG S) is replaced, not left next to corral's "yes"
+    // for Ollama to read last; the client's other options stay as sent.
+    let body = json!({"model": "llama3.2", "stream": true, "messages": [{"role": "user", "content": "hi"}],
+                      "stream_options": {"include_u\u{17f}age": false, "other": [1, 2]}});
+    let (id, via_corral) = call(&corral, "/v1/chat/completions", body).await;
+    assert!(!via_corral.contains("\"usage\""), "{via_corral}");
+    assert_eq!(corral.log_line(&id)["completion_tokens"], 12);
+    let sent = double
+        .requests_to("/v1/chat/completions")
+        .last()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(
+        sent["stream_options"],
+        json!({"include_usage": true, "other": [1, 2]})
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -97,8 +97,9 @@ impl Gateway {
                 );
                 check_keep_alive(kind, &obj)?;
                 ctx.model = models.first().map(|m| m.name.to_string());
-                self.authorize(ctx, &access, kind, &models)?;
+                // Every 400 comes before authorize: a malformed request costs no quota.
                 let rewritten = self.rewrite(ctx, kind, &obj, models.first().map(|m| &m.name))?;
+                self.authorize(ctx, &access, kind, &models)?;
                 (models, rewritten)
             }
             None => {
@@ -156,14 +157,16 @@ impl Gateway {
         obj: &JsonObject,
         model: Option<&ModelName>,
     ) -> Result<Option<Vec<u8>>, GatewayError> {
-        let mut changes: Vec<(&str, Option<Value>)> = Vec::new();
+        // Field name → new JSON text.
+        let mut changes: Vec<(&str, Option<String>)> = Vec::new();
         // No client may unload or shorten a pinned model (only the native routes carry keep_alive).
         if let (true, Some(pinned)) = (
             native_keep_alive(kind),
             model.and_then(|m| self.pins.keep_alive_for(m)),
         ) {
-            if obj.get("keep_alive").map(|v| v.get()) != Some(pinned.to_string().as_str()) {
-                changes.push(("keep_alive", Some(pinned.clone())));
+            let pinned = pinned.to_string();
+            if obj.get("keep_alive").map(|v| v.get()) != Some(pinned.as_str()) {
+                changes.push(("keep_alive", Some(pinned)));
             }
         }
         // Usage on /v1 streams is only sent when asked for: ask, and take it out again.
@@ -178,22 +181,23 @@ impl Gateway {
                 .map_err(bad_request)?
                 .flatten();
             if asked != Some(true) {
-                let mut merged = match obj.get("stream_options") {
-                    Some(raw) => serde_json::from_str::<serde_json::Map<String, Value>>(raw.get())
-                        .unwrap_or_default(),
-                    None => serde_json::Map::new(),
+                // The client's other options stay as sent; `include_usage` replaces whichever
+                // spelling of it Go would read (`Include_Usage`, `include_uſage`).
+                let set = [("include_usage", Some("true"))];
+                let merged = match &options {
+                    Some(o) => String::from_utf8(o.write_with(&set))
+                        .expect("rewritten from valid UTF-8 JSON"),
+                    None => r#"{"include_usage":true}"#.to_string(),
                 };
-                merged.retain(|k, _| !k.eq_ignore_ascii_case("include_usage"));
-                merged.insert("include_usage".into(), Value::Bool(true));
-                changes.push(("stream_options", Some(Value::Object(merged))));
+                changes.push(("stream_options", Some(merged)));
                 ctx.strip_usage = true;
             }
         }
         if changes.is_empty() {
             return Ok(None);
         }
-        let refs: Vec<(&str, Option<&Value>)> =
-            changes.iter().map(|(k, v)| (*k, v.as_ref())).collect();
+        let refs: Vec<(&str, Option<&str>)> =
+            changes.iter().map(|(k, v)| (*k, v.as_deref())).collect();
         Ok(Some(obj.write_with(&refs)))
     }
 }

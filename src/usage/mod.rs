@@ -24,7 +24,9 @@ pub struct Usage {
 
 impl Usage {
     pub fn total(&self) -> u64 {
-        self.prompt.unwrap_or(0) + self.completion.unwrap_or(0)
+        self.prompt
+            .unwrap_or(0)
+            .saturating_add(self.completion.unwrap_or(0))
     }
 }
 
