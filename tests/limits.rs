@@ -152,6 +152,32 @@ async fn tpm_charges_the_tokens_actually_used() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_a_stream_before_its_counts_does_not_make_it_free() {
+    let (_double, corral, key) = gateway(TeamConfig {
+        tpm: 20,
+        ..Default::default()
+    })
+    .await;
+    // The client reads two tokens and leaves, before Ollama's final counts.
+    let mut resp = post(&corral, &key, "/api/chat", &chat(true)).await;
+    assert_eq!(resp.status(), 200);
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    next_chunk(&mut resp).await.unwrap();
+    next_chunk(&mut resp).await.unwrap();
+    drop(resp);
+    let line = corral.log_line(&id);
+    assert_eq!(line["prompt_tokens"], Value::Null, "{line}");
+    // It was charged an estimate (the prompt from the body size, a token per line received),
+    // which uses up this team's 20 tokens a minute.
+    assert_eq!(
+        post(&corral, &key, "/api/chat", &chat(false))
+            .await
+            .status(),
+        429
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_concurrent_counts_streams_in_flight() {
     let (_double, corral, key) = gateway(TeamConfig {
         max_concurrent: 1,

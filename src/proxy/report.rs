@@ -13,6 +13,7 @@ impl Gateway {
             .response_written()
             .map_or(499, |r| r.status.as_u16());
         let outcome: Option<Outcome> = ctx.meter.as_mut().map(|m| m.finish());
+        let pieces = ctx.meter.as_ref().map_or(0, |m| m.pieces());
         let streamed = matches!(ctx.response_format, BodyFormat::Ndjson | BodyFormat::Sse);
         let truncated = streamed
             && status == 200
@@ -61,11 +62,15 @@ impl Gateway {
         if let Some(limit) = ctx.rate_limited {
             m.rate_limited.with_label_values(&[team, limit]).inc();
         }
-        // Token limits charge what was actually used, now that it is known.
+        // Token limits charge what was actually used, now that it is known (or, for an answer
+        // cut off before its counts, an estimate: leaving early does not make tokens free).
         if let (Some(identity), Some(access)) = (&ctx.identity, &ctx.access) {
             if let Some(t) = access.teams.get(&identity.team) {
-                self.limiter
-                    .charge(t, usage.total(), std::time::Instant::now());
+                let tokens = match (status, &ctx.meter) {
+                    (200, Some(_)) => usage.charge(pieces, ctx.bytes_in),
+                    _ => usage.total(),
+                };
+                self.limiter.charge(t, tokens, std::time::Instant::now());
             }
         }
 

@@ -23,6 +23,16 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// The tokens to charge against a team's `tpm` for a response that came back with status
+    /// 200: what Ollama reported or, where a count is missing (a stream cut off before its
+    /// final counts, e.g. by a client that leaves just before the end), an estimate: one
+    /// completion token per NDJSON line or SSE event received (Ollama streams a token at a time)
+    /// and one prompt token per 4 bytes of request body.
+    pub fn charge(&self, pieces: u64, request_bytes: u64) -> u64 {
+        let prompt = self.prompt.unwrap_or(request_bytes / 4);
+        prompt.saturating_add(self.completion.unwrap_or(pieces))
+    }
+
     pub fn total(&self) -> u64 {
         self.prompt
             .unwrap_or(0)
@@ -99,6 +109,8 @@ pub struct Meter {
     sse: Sse,
     outcome: Outcome,
     saw_body: bool,
+    /// NDJSON lines or SSE events with data seen so far.
+    pieces: u64,
 }
 
 impl Meter {
@@ -115,6 +127,7 @@ impl Meter {
             },
             outcome: Outcome::default(),
             saw_body: false,
+            pieces: 0,
         }
     }
 
@@ -142,6 +155,7 @@ impl Meter {
                         .feed(body, &mut |path, v| record(outcome, path, v));
                     if ends {
                         self.scanner.reset();
+                        self.pieces += 1;
                     }
                 }
             }
@@ -229,6 +243,9 @@ impl Meter {
 
     fn end_event(&mut self) {
         let sse = &mut self.sse;
+        if !sse.data.is_empty() {
+            self.pieces += 1;
+        }
         if sse.data.starts_with(b"[DONE]") || SSE_END_EVENTS.contains(&sse.event.as_slice()) {
             self.outcome.complete = true;
         }
@@ -238,6 +255,11 @@ impl Meter {
         sse.event.clear();
         sse.data.clear();
         self.scanner.reset();
+    }
+
+    /// NDJSON lines or SSE events with data read so far.
+    pub fn pieces(&self) -> u64 {
+        self.pieces
     }
 
     /// The verdict once the body has ended (or broke off).

@@ -245,3 +245,31 @@ fn several_events_in_one_chunk_and_empty_chunks_are_fine() {
     m.feed(b"");
     assert_eq!(m.finish().usage, counts(26, 282));
 }
+
+#[test]
+fn a_stream_cut_before_its_counts_is_charged_an_estimate() {
+    // Lines and events are counted the same wherever the body is cut.
+    for (body, format, pieces) in [
+        (NATIVE_CHAT, BodyFormat::Ndjson, 3),
+        (OPENAI_CHAT, BodyFormat::Sse, 5),
+        (ANTHROPIC, BodyFormat::Sse, 6),
+    ] {
+        for cut in 0..=body.len() {
+            let mut m = Meter::new(format);
+            m.feed(&body.as_bytes()[..cut]);
+            m.feed(&body.as_bytes()[cut..]);
+            assert_eq!(m.pieces(), pieces, "cut at {cut}");
+        }
+    }
+    // A client leaves after two tokens, before the final counts: two tokens, plus the prompt
+    // estimated from a 400-byte request body.
+    let cut = NATIVE_CHAT.find("\n").unwrap() + 1;
+    let second = cut + NATIVE_CHAT[cut..].find("\n").unwrap() + 1;
+    let mut m = Meter::new(BodyFormat::Ndjson);
+    m.feed(&NATIVE_CHAT.as_bytes()[..second + 10]);
+    let outcome = m.finish();
+    assert_eq!(outcome.usage, Usage::default());
+    assert_eq!(outcome.usage.charge(m.pieces(), 400), 100 + 2);
+    // Reported counts win over the estimate.
+    assert_eq!(counts(26, 282).charge(3, 400), 308);
+}
