@@ -9,7 +9,7 @@
 //! reported in the log and `/readyz` and retried each interval; it never blocks the others.
 
 use crate::config::PreloadConfig;
-use crate::ollama::ModelName;
+use crate::ollama::{KeepAlive, ModelName};
 use crate::telemetry::metrics::Metrics;
 use crate::upstream_client::UpstreamClient;
 use async_trait::async_trait;
@@ -185,43 +185,51 @@ enum Route {
 }
 
 impl Preloader {
-    /// Checks `/api/ps` and loads every pinned model that is not there.
+    /// Checks `/api/ps` and loads every pinned model that is not there, or not held as pinned.
     async fn round(&self) -> Result<(), Unreachable> {
         let ps = self
             .client
             .request("GET", "/api/ps", None, INFO_TIMEOUT)
             .await
             .map_err(Unreachable::Down)?;
-        let loaded: HashSet<String> = ps
+        let forever = matches!(
+            KeepAlive::from_json(Some(&self.pins.keep_alive)),
+            Ok(Some(KeepAlive::Forever))
+        );
+        let listed = ps
             .json()
             .and_then(|v| v["models"].as_array().cloned())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        let key_of = |m: &Value| {
+            m["name"]
+                .as_str()
+                .and_then(ModelName::parse)
+                .map(|n| n.key())
+        };
+        let present: HashSet<String> = listed.iter().filter_map(key_of).collect();
+        let held: HashSet<String> = listed
             .iter()
-            .filter_map(|m| {
-                m["name"]
-                    .as_str()
-                    .and_then(ModelName::parse)
-                    .map(|n| n.key())
-            })
+            .filter(|m| !forever || held_forever(m["expires_at"].as_str().unwrap_or("")))
+            .filter_map(key_of)
             .collect();
         for model in self.pins.names() {
             let key = model.to_ascii_lowercase();
             let gauge = self.metrics.model_loaded.with_label_values(&[&model]);
-            if loaded.contains(&key) {
-                gauge.set(1);
-                if !matches!(
-                    self.pins.read().get(&model),
-                    Some(ModelState::Loaded { .. })
-                ) {
+            let was_loaded = matches!(
+                self.pins.read().get(&model),
+                Some(ModelState::Loaded { .. })
+            );
+            // Loaded by someone else (before corral started, or after Ollama restarted) with a
+            // finite keep_alive, it would be evicted: corral loads it again with its own. With
+            // a finite pinned keep_alive corral cannot tell, so it re-sends its own once at start.
+            gauge.set(present.contains(&key) as i64);
+            if held.contains(&key) && (forever || was_loaded) {
+                if !was_loaded {
                     self.pins.set(&model, ModelState::Loaded { seconds: 0.0 });
                 }
                 continue;
             }
-            gauge.set(0);
-            if matches!(
-                self.pins.read().get(&model),
-                Some(ModelState::Loaded { .. })
-            ) {
+            if was_loaded {
                 self.pins.set(&model, ModelState::Loading);
             }
             match self.load(&model).await? {
@@ -308,6 +316,17 @@ impl Preloader {
                 answer.error_message()
             )))
         }
+    }
+}
+
+/// Whether an `/api/ps` `expires_at` is Ollama's "forever" (about 292 years out; its CLI prints
+/// "Forever" past 20 years).
+fn held_forever(expires_at: &str) -> bool {
+    let year = |s: &str| s.get(..4).and_then(|y| y.parse::<u64>().ok());
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    match (year(expires_at), year(&now)) {
+        (Some(at), Some(now)) => at >= now + 20,
+        _ => false,
     }
 }
 
@@ -438,6 +457,18 @@ mod tests {
             ..pins(KeepAlivePolicy::Pin)
         };
         assert!(relaxed.ready());
+    }
+
+    #[test]
+    fn forever_is_two_decades_out_or_more() {
+        use std::time::SystemTime;
+        assert!(held_forever("2318-03-04T12:00:00.123456789-07:00"));
+        assert!(!held_forever(
+            &humantime::format_rfc3339_nanos(SystemTime::now() + Duration::from_secs(300))
+                .to_string()
+        ));
+        assert!(!held_forever(""));
+        assert!(!held_forever("0001-01-01T00:00:00Z"));
     }
 
     #[test]

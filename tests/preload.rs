@@ -86,6 +86,32 @@ async fn pinned_models_load_at_start_by_the_route_their_capabilities_need() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_someone_else_loaded_for_a_while_is_pinned_for_good() {
+    let double = double().await;
+    // Loaded before corral starts, by a client, for ten minutes.
+    let resp = reqwest::Client::new()
+        .post(format!("{}/api/generate", double.url()))
+        .json(&json!({"model": "llama3.2", "keep_alive": "10m"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(is_loaded(&double, "llama3.2:latest"));
+
+    let corral = Corral::start(preload_config(&double.url(), &["llama3.2"]));
+    until_ready(&corral).await;
+    assert_eq!(
+        own_requests(&double, "/api/generate"),
+        [json!({"model": "llama3.2:latest", "keep_alive": -1})]
+    );
+    let loaded = double
+        .loaded()
+        .into_iter()
+        .find(|l| l.name == "llama3.2:latest");
+    assert_eq!(loaded.unwrap().keep_alive, KeepAlive::Forever);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_waits_for_a_slow_load_then_turns_ready() {
     let double = double().await; // llama3.1:70b takes 3 s to load
     let corral = Corral::start(preload_config(&double.url(), &["llama3.1:70b"]));
