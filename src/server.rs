@@ -216,7 +216,9 @@ pub fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
     let mut proxy =
         pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "corral");
     let mut options = HttpServerOptions::default();
-    options.h2c = true;
+    // No h2c on the cleartext listener: pingora waits for a full HTTP/2 preface with no deadline
+    // before it reads a request, so a client sending one byte would hold a connection forever.
+    options.h2c = false;
     // Idle HTTP/2 connections close like idle HTTP/1.1 ones.
     options.h2_idle_timeout = Some(cfg.server.header_timeout.0);
     // Recycle long-lived connections now and then (as nginx's keepalive_requests does).

@@ -60,6 +60,21 @@ async fn a_slowloris_client_is_cut_off_while_others_are_served() {
         .unwrap();
     assert!(cut, "the slow client was never disconnected");
     assert!(started.elapsed() < Duration::from_secs(19));
+
+    // Clients that send nothing, or one byte, are cut off too (read_all waits at most 20 s;
+    // the connection must end, not time out).
+    for start in [&b""[..], b"G", b"PRI * HTTP/2.0"] {
+        let mut idle = TcpStream::connect(loopback(port)).unwrap();
+        idle.write_all(start).unwrap();
+        let started = Instant::now();
+        let answer = tokio::task::spawn_blocking(move || read_all(idle))
+            .await
+            .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(19),
+            "{start:?}: still open, answer so far {answer:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
