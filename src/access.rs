@@ -111,8 +111,9 @@ fn read_revoked(path: &std::path::Path) -> Result<HashSet<String>, String> {
         return Ok(HashSet::new());
     }
     match std::fs::read_to_string(path) {
+        // Key ids are lowercase hex; an id written by hand in capitals still counts.
         Ok(text) => Ok(crate::keys::read_revoked(&text)
-            .map(str::to_string)
+            .map(str::to_ascii_lowercase)
             .collect()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HashSet::new()),
         Err(e) => Err(format!(

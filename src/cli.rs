@@ -202,6 +202,11 @@ fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {
                     "--team `{team}`: team names are lowercase letters, digits, '-' and '_'"
                 ));
             }
+            if expires.is_some_and(|d| d.0.as_secs() < 60) {
+                return Err(
+                    "--expires: a key must live at least a minute (e.g. 90d, 12h, 30m)".into(),
+                );
+            }
             let request = keys::IssueRequest {
                 team,
                 name,

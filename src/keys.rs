@@ -132,9 +132,13 @@ pub fn read_revoked(text: &str) -> impl Iterator<Item = &str> {
 
 /// Appends a key id to the revocation list (creating it). `Ok(false)` if it was already there.
 pub fn revoke(file: &Path, key_id: &str) -> Result<bool, String> {
-    if key_id.is_empty() || !key_id.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(format!("`{key_id}` is not a key id"));
+    // Key ids are what `keys issue` makes: 32 hex digits (written lowercase).
+    if key_id.len() != 32 || !key_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "`{key_id}` is neither an API key nor a key id (32 hex digits, as `corral keys inspect` shows)"
+        ));
     }
+    let key_id = &key_id.to_ascii_lowercase();
     let existing = match std::fs::read_to_string(file) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -211,15 +215,16 @@ mod tests {
     fn revocation_list_appends_once() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("revoked.txt");
-        assert!(revoke(&file, "abc").unwrap());
-        assert!(!revoke(&file, "abc").unwrap());
-        std::fs::write(&file, "# comment\nabc # first\n\nxyz").unwrap();
-        assert!(revoke(&file, "def").unwrap());
+        let (a, d) = ("a".repeat(32), "d".repeat(32));
+        assert!(revoke(&file, &a).unwrap());
+        assert!(!revoke(&file, &a).unwrap());
+        assert!(!revoke(&file, &a.to_uppercase()).unwrap(), "the same id");
+        std::fs::write(&file, format!("# comment\n{a} # first\n\nxyz")).unwrap();
+        assert!(revoke(&file, &d.to_uppercase()).unwrap());
         let text = std::fs::read_to_string(&file).unwrap();
-        assert_eq!(
-            read_revoked(&text).collect::<Vec<_>>(),
-            ["abc", "xyz", "def"]
-        );
-        assert!(revoke(&file, "has space").is_err());
+        assert_eq!(read_revoked(&text).collect::<Vec<_>>(), [&a, "xyz", &d]);
+        for bad in ["has space", "notakey", "abc", &"g".repeat(32)] {
+            assert!(revoke(&file, bad).is_err(), "{bad}");
+        }
     }
 }

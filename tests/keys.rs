@@ -640,10 +640,43 @@ fn keys_cli_issues_inspects_and_revokes() {
     );
     assert!(text.contains("team:    research"));
 
-    let out = run(&["keys", "revoke", &key, "--config", config.to_str().unwrap()]);
+    // A typo is refused rather than "revoked".
+    let out = run(&[
+        "keys",
+        "revoke",
+        "notakey",
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("neither an API key nor a key id"));
+    // The id in capitals is the same key.
+    let upper = claims.jti.to_uppercase();
+    let out = run(&[
+        "keys",
+        "revoke",
+        &upper,
+        "--config",
+        config.to_str().unwrap(),
+    ]);
     assert!(out.status.success());
     let revoked = std::fs::read_to_string(dir.path().join("revoked.txt")).unwrap();
     assert_eq!(revoked.trim(), claims.jti);
+    let out = run(&["keys", "revoke", &key, "--config", config.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already revoked"));
+    // A key that would be born expired is not issued.
+    let out = run(&[
+        "keys",
+        "issue",
+        "--signing-key",
+        signing.to_str().unwrap(),
+        "--team",
+        "research",
+        "--expires",
+        "0d",
+    ]);
+    assert!(!out.status.success() && out.stdout.is_empty());
     let out = run(&[
         "keys",
         "inspect",
