@@ -130,3 +130,36 @@ async fn a_broken_renewal_keeps_the_old_certificate() {
     );
     assert_eq!(served_certificate(&corral).await, first);
 }
+
+/// A refusal sent before the request body was read reaches HTTP/2 clients that are strict about
+/// stream resets (curl, Node), not only hyper.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_before_the_body_reach_strict_http2_clients() {
+    let double = double().await;
+    let corral = Corral::start(test_config(&double.url()));
+    let ca = corral.dir.path().join("curl-ca.pem");
+    std::fs::write(&ca, &corral.certs.ca_pem).unwrap();
+    let body = corral.dir.path().join("body.json");
+    std::fs::write(&body, format!("{{\"prompt\":\"{}\"}}", "a".repeat(100_000))).unwrap();
+    for (path, status) in [("/api/generate", "401"), ("/api/nope", "404")] {
+        let mut curl = std::process::Command::new("curl");
+        curl.args([
+            "-s",
+            "--http2",
+            "-w",
+            "\n%{http_code} %{http_version}",
+            "--cacert",
+        ])
+        .arg(&ca)
+        .arg("--data-binary")
+        .arg(format!("@{}", body.display()))
+        .arg(format!("{}{path}", corral.base()));
+        let out = tokio::task::spawn_blocking(move || curl.output().expect("curl is installed"))
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{path}: curl failed: {out:?}");
+        assert!(text.ends_with(&format!("{status} 2")), "{path}: {text}");
+        assert!(text.starts_with("{\"error\":"), "{path}: {text}");
+    }
+}

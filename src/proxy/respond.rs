@@ -30,6 +30,7 @@ impl Gateway {
         let _ = resp.insert_header("x-request-id", ctx.request_id.as_str());
         // The request body may be unread: don't reuse the connection.
         session.set_keepalive(None);
+        drain_h2_body(session).await;
         let head_only = session.req_header().method == http::Method::HEAD;
         if session
             .write_response_header(Box::new(resp), head_only)
@@ -117,6 +118,26 @@ impl Gateway {
                 (Some(GatewayError::UpstreamUnavailable), Some("unresolved"))
             }
             ErrorSource::Internal | ErrorSource::Unset => (Some(GatewayError::Internal), None),
+        }
+    }
+}
+
+/// HTTP/2 clients (curl, Node) drop an answer whose stream is reset while they are still sending
+/// the request body, so a refusal sent before the body was read never reaches them. A small body
+/// is read and thrown away first (at most 1 MiB within a second); a larger one still gets the
+/// reset. HTTP/1.1 needs none of this: the connection is closed after the answer.
+async fn drain_h2_body(session: &mut Session) {
+    if !session.as_downstream().is_http2() {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+    let mut budget: usize = 1 << 20;
+    while !session.as_downstream_mut().is_body_done() {
+        match tokio::time::timeout_at(deadline, session.as_downstream_mut().read_request_body())
+            .await
+        {
+            Ok(Ok(Some(chunk))) if chunk.len() <= budget => budget -= chunk.len(),
+            Ok(Ok(Some(_))) | Ok(Ok(None)) | Ok(Err(_)) | Err(_) => return,
         }
     }
 }
