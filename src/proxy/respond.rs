@@ -106,9 +106,11 @@ impl Gateway {
             }
             ErrorSource::Downstream => match etype {
                 ErrorType::ReadTimedout => (Some(GatewayError::RequestTimeout), None),
-                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed => {
-                    (None, None)
-                }
+                // An HTTP/2 client that resets its stream has left, like a closed connection.
+                ErrorType::ReadError
+                | ErrorType::WriteError
+                | ErrorType::ConnectionClosed
+                | ErrorType::H2Error => (None, None),
                 _ => (
                     Some(GatewayError::BadRequest("malformed request".into())),
                     None,
