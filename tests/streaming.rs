@@ -233,6 +233,43 @@ async fn every_request_gets_one_access_log_line() {
     assert_eq!(line["stream"], false);
     assert_eq!(line["client_ip"], "127.0.0.1");
     assert!(line["bytes_in"].as_u64().unwrap() > 0 && line["bytes_out"].as_u64().unwrap() > 0);
+    // A refusal corral answers itself is logged with what it sent.
+    let resp = corral
+        .anonymous_client()
+        .get(format!("{}/api/tags", corral.base()))
+        .send()
+        .await
+        .unwrap();
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let sent = resp.bytes().await.unwrap().len() as u64;
+    let line = corral.log_line(&id);
+    assert_eq!(line["status"], 401);
+    assert_eq!(line["bytes_out"], sent, "{line}");
     let all = corral.stdout_lines().join("\n");
     assert!(!all.contains("a secret prompt"), "prompt logged");
+}
+
+/// A lone surrogate escape (what a JavaScript client sends for an emoji cut in half) is valid
+/// JSON syntax: Ollama's Go decoder reads it as U+FFFD, and corral passes it through untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_surrogate_escape_is_served() {
+    let double = double().await;
+    let corral = Corral::start(test_config(&double.url()));
+    let body = r#"{"model":"llama3.2","stream":false,"messages":[{"role":"user","content":"cut \ud83d"}]}"#;
+    let resp = corral
+        .client()
+        .post(format!("{}/api/chat", corral.base()))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    assert_eq!(status, 200, "{}", resp.text().await.unwrap());
+    let seen = double.requests_to("/api/chat").pop().unwrap();
+    assert_eq!(seen.body, body.as_bytes(), "forwarded untouched");
+    assert_eq!(
+        seen.json().unwrap()["messages"][0]["content"],
+        "cut \u{fffd}"
+    );
 }

@@ -10,6 +10,7 @@
 // Handlers return a finished response as their early-exit error; its size does not matter here.
 #![allow(clippy::result_large_err)]
 
+mod golang;
 mod models;
 mod native;
 mod openai;
@@ -93,8 +94,9 @@ impl Recorded {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
+    /// The body as Ollama's Go decoder reads it.
     pub fn json(&self) -> Option<Value> {
-        serde_json::from_slice(&self.body).ok()
+        golang::value_like_go(&self.body).ok()
     }
 }
 
@@ -373,7 +375,8 @@ impl Req<'_> {
         if self.body.iter().all(u8::is_ascii_whitespace) {
             return Err("missing request body".into());
         }
-        serde_json::from_slice(self.body).map_err(|e| e.to_string())
+        // Go's decoder turns invalid UTF-8 and lone surrogate escapes into U+FFFD.
+        golang::value_like_go(self.body).map_err(|e| e.to_string())
     }
 }
 

@@ -38,7 +38,14 @@ impl Gateway {
             .is_ok()
             && !head_only
         {
-            let _ = session.write_response_body(Some(rendered.body), true).await;
+            let len = rendered.body.len() as u64;
+            if session
+                .write_response_body(Some(rendered.body), true)
+                .await
+                .is_ok()
+            {
+                ctx.bytes_out += len;
+            }
         }
     }
 
@@ -59,9 +66,14 @@ impl Gateway {
             (BodyFormat::Sse, _) => format!("data: {}\n\n", err.json(Dialect::OpenAi)),
             (BodyFormat::Other, _) => return,
         };
-        let _ = session
+        let len = frame.len() as u64;
+        if session
             .write_response_body(Some(Bytes::from(frame)), true)
-            .await;
+            .await
+            .is_ok()
+        {
+            ctx.bytes_out += len;
+        }
     }
 
     /// What the client is told about a pingora failure (`None`: the client is gone), and the
