@@ -66,9 +66,12 @@ impl Gateway {
         // cut off before its counts, an estimate: leaving early does not make tokens free).
         if let (Some(identity), Some(access)) = (&ctx.identity, &ctx.access) {
             if let Some(t) = access.teams.get(&identity.team) {
-                let tokens = match (status, &ctx.meter) {
-                    (200, Some(_)) => usage.charge(pieces, ctx.bytes_in),
-                    _ => usage.total(),
+                // Only the client's own leaving is estimated: a stream Ollama broke off or
+                // corral ended is charged what was counted.
+                let tokens = if streamed && ctx.error == Some("client_closed") {
+                    usage.charge(pieces, ctx.bytes_in)
+                } else {
+                    usage.total()
                 };
                 self.limiter.charge(t, tokens, std::time::Instant::now());
             }

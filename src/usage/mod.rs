@@ -22,14 +22,19 @@ pub struct Usage {
     pub completion: Option<u64>,
 }
 
+/// The most prompt tokens a cut-off stream is charged without a count from Ollama.
+pub const PROMPT_ESTIMATE_CAP: u64 = 4096;
+
 impl Usage {
-    /// The tokens to charge against a team's `tpm` for a response that came back with status
-    /// 200: what Ollama reported or, where a count is missing (a stream cut off before its
-    /// final counts, e.g. by a client that leaves just before the end), an estimate: one
+    /// The tokens to charge against a team's `tpm` for a stream the client cut off before its
+    /// final counts: what Ollama reported, and where a count is missing an estimate: one
     /// completion token per NDJSON line or SSE event received (Ollama streams a token at a time)
-    /// and one prompt token per 4 bytes of request body.
+    /// and one prompt token per 4 bytes of request body, at most [`PROMPT_ESTIMATE_CAP`] (a
+    /// base64 image is large but costs few tokens).
     pub fn charge(&self, pieces: u64, request_bytes: u64) -> u64 {
-        let prompt = self.prompt.unwrap_or(request_bytes / 4);
+        let prompt = self
+            .prompt
+            .unwrap_or((request_bytes / 4).min(PROMPT_ESTIMATE_CAP));
         prompt.saturating_add(self.completion.unwrap_or(pieces))
     }
 

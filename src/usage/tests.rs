@@ -270,6 +270,8 @@ fn a_stream_cut_before_its_counts_is_charged_an_estimate() {
     let outcome = m.finish();
     assert_eq!(outcome.usage, Usage::default());
     assert_eq!(outcome.usage.charge(m.pieces(), 400), 100 + 2);
+    // A 4 MB base64 image is not a million tokens.
+    assert_eq!(Usage::default().charge(1, 4 << 20), PROMPT_ESTIMATE_CAP + 1);
     // Reported counts win over the estimate.
     assert_eq!(counts(26, 282).charge(3, 400), 308);
 }
