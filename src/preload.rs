@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -51,7 +51,7 @@ pub struct Pins {
     /// Keys of other names for the pinned models (same digest in `/api/tags`, e.g. made with
     /// `/api/copy`): Ollama runs one runner per model, so `keep_alive: 0` through any of its
     /// names unloads it.
-    aliases: RwLock<HashSet<String>>,
+    aliases: RwLock<HashMap<String, String>>,
     states: RwLock<BTreeMap<String, ModelState>>,
     pub requires_ready: bool,
     /// The `keep_alive` pinned models are loaded with (and that `pin` writes into requests).
@@ -82,30 +82,33 @@ impl Pins {
     }
 
     pub fn is_pinned(&self, model: &ModelName) -> bool {
-        let key = model.key();
-        self.keys.contains(&key)
-            || self
-                .aliases
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains(&key)
+        self.pinned_key(&model.key()).is_some()
+    }
+
+    /// The pinned model (its key) that a model key names, directly or as another name.
+    fn pinned_key(&self, key: &str) -> Option<String> {
+        if self.keys.contains(key) {
+            return Some(key.to_string());
+        }
+        let aliases = self.aliases.read().unwrap_or_else(|e| e.into_inner());
+        aliases.get(key).cloned()
     }
 
     /// Learns the other names of the pinned models from Ollama's model list: `(name, digest)`
     /// pairs from `/api/tags`.
     pub fn set_aliases<'a>(&self, tags: impl IntoIterator<Item = (&'a str, &'a str)> + Clone) {
         let key = |name: &str| ModelName::parse(name).map(|n| n.key());
-        let pinned: HashSet<&str> = tags
+        // digest → the pinned model with it
+        let pinned: HashMap<&str, String> = tags
             .clone()
             .into_iter()
-            .filter(|(name, _)| key(name).is_some_and(|k| self.keys.contains(&k)))
-            .map(|(_, digest)| digest)
+            .filter_map(|(name, digest)| Some((digest, key(name)?)))
+            .filter(|(_, k)| self.keys.contains(k))
             .collect();
         let aliases = tags
             .into_iter()
-            .filter(|(_, digest)| pinned.contains(digest))
-            .filter_map(|(name, _)| key(name))
-            .filter(|k| !self.keys.contains(k))
+            .filter_map(|(name, digest)| Some((key(name)?, pinned.get(digest)?.clone())))
+            .filter(|(k, _)| !self.keys.contains(k))
             .collect();
         *self.aliases.write().unwrap_or_else(|e| e.into_inner()) = aliases;
     }
@@ -200,11 +203,11 @@ impl Preloader {
             .json()
             .and_then(|v| v["models"].as_array().cloned())
             .unwrap_or_default();
+        // Ollama lists a runner under the name that loaded it, maybe another name of a pinned
+        // model: that counts for the pinned model.
         let key_of = |m: &Value| {
-            m["name"]
-                .as_str()
-                .and_then(ModelName::parse)
-                .map(|n| n.key())
+            let key = m["name"].as_str().and_then(ModelName::parse)?.key();
+            Some(self.pins.pinned_key(&key).unwrap_or(key))
         };
         let present: HashSet<String> = listed.iter().filter_map(key_of).collect();
         let held: HashSet<String> = listed

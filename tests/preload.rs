@@ -273,6 +273,48 @@ async fn another_name_for_a_pinned_model_cannot_unload_it_either() {
         is_loaded(&double, "llama3.2:latest"),
         "the pinned model was unloaded"
     );
+
+    // Ollama restarted (here: the model unloaded behind corral's back) and a client loaded it
+    // through the other name first: /api/ps lists it under that name, and corral counts it.
+    let resp = reqwest::Client::new()
+        .post(format!("{}/api/generate", double.url()))
+        .json(&json!({"model": "llama3.2", "keep_alive": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(!is_loaded(&double, "llama3.2:latest"));
+    let resp = client
+        .post(format!("{}/api/generate", corral.base()))
+        .json(&json!({"model": "team-llama", "prompt": "hi", "stream": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(is_loaded(&double, "team-llama:latest"));
+    // Three watch rounds later: no preload of llama3.2 again, and it counts as loaded.
+    let preloads = own_requests(&double, "/api/generate").len();
+    let rounds = || {
+        double
+            .requests_to("/api/ps")
+            .iter()
+            .filter(|r| {
+                r.header("user-agent")
+                    .is_some_and(|ua| ua.starts_with("corral/"))
+            })
+            .count()
+    };
+    let seen = rounds();
+    wait_for(Duration::from_secs(30), "three more watch rounds", || {
+        (rounds() >= seen + 3).then_some(())
+    });
+    assert_eq!(own_requests(&double, "/api/generate").len(), preloads);
+    assert_eq!(readyz(&corral).await.0, 200);
+    let m = corral.metrics().await;
+    assert_eq!(
+        metric_sum(&m, "corral_model_loaded", &[("model", "llama3.2:latest")]),
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
