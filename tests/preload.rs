@@ -34,17 +34,21 @@ fn is_loaded(double: &OllamaDouble, model: &str) -> bool {
     double.loaded().iter().any(|m| m.name == model)
 }
 
-/// Requests corral itself sent (preloads, probes).
-fn own_requests(double: &OllamaDouble, path: &str) -> Vec<Value> {
+/// Requests to `path` corral itself sent (preloads, probes, watch rounds).
+fn own(double: &OllamaDouble, path: &str) -> Vec<corral::double::Recorded> {
     double
         .requests_to(path)
-        .iter()
+        .into_iter()
         .filter(|r| {
             r.header("user-agent")
                 .is_some_and(|ua| ua.starts_with("corral/"))
         })
-        .filter_map(|r| r.json())
         .collect()
+}
+
+/// The JSON bodies of the requests corral itself sent to `path`.
+fn own_requests(double: &OllamaDouble, path: &str) -> Vec<Value> {
+    own(double, path).iter().filter_map(|r| r.json()).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -243,16 +247,7 @@ async fn another_name_for_a_pinned_model_cannot_unload_it_either() {
     assert_eq!(resp.status(), 200);
     // corral learns the new name from /api/tags: wait until its probe has read a list with it
     // (the second probe after the copy starts only once the first one's answer was handled).
-    let probes = || {
-        double
-            .requests_to("/api/tags")
-            .iter()
-            .filter(|r| {
-                r.header("user-agent")
-                    .is_some_and(|ua| ua.starts_with("corral/"))
-            })
-            .count()
-    };
+    let probes = || own(&double, "/api/tags").len();
     let seen = probes();
     wait_for(Duration::from_secs(30), "two more upstream probes", || {
         (probes() >= seen + 2).then_some(())
@@ -294,16 +289,7 @@ async fn another_name_for_a_pinned_model_cannot_unload_it_either() {
     assert!(is_loaded(&double, "team-llama:latest"));
     // Three watch rounds later: no preload of llama3.2 again, and it counts as loaded.
     let preloads = own_requests(&double, "/api/generate").len();
-    let rounds = || {
-        double
-            .requests_to("/api/ps")
-            .iter()
-            .filter(|r| {
-                r.header("user-agent")
-                    .is_some_and(|ua| ua.starts_with("corral/"))
-            })
-            .count()
-    };
+    let rounds = || own(&double, "/api/ps").len();
     let seen = rounds();
     wait_for(Duration::from_secs(30), "three more watch rounds", || {
         (rounds() >= seen + 3).then_some(())
