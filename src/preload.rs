@@ -56,6 +56,8 @@ pub struct Pins {
     pub requires_ready: bool,
     /// The `keep_alive` pinned models are loaded with (and that `pin` writes into requests).
     pub keep_alive: Value,
+    /// `keep_alive` is "forever" (a negative duration), which `/api/ps` shows as ~292 years out.
+    forever: bool,
     pub pin_requests: bool,
 }
 
@@ -77,12 +79,22 @@ impl Pins {
             ),
             requires_ready: cfg.ready_requires_preload,
             keep_alive: cfg.keep_alive.to_json(),
+            forever: matches!(
+                KeepAlive::from_json(Some(&cfg.keep_alive.to_json())),
+                Ok(Some(KeepAlive::Forever))
+            ),
             pin_requests: cfg.keep_alive_policy == crate::config::KeepAlivePolicy::Pin,
         }
     }
 
     pub fn is_pinned(&self, model: &ModelName) -> bool {
-        self.pinned_key(&model.key()).is_some()
+        let key = model.key();
+        self.keys.contains(&key)
+            || self
+                .aliases
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(&key)
     }
 
     /// The pinned model (its key) that a model key names, directly or as another name.
@@ -195,10 +207,7 @@ impl Preloader {
             .request("GET", "/api/ps", None, INFO_TIMEOUT)
             .await
             .map_err(Unreachable::Down)?;
-        let forever = matches!(
-            KeepAlive::from_json(Some(&self.pins.keep_alive)),
-            Ok(Some(KeepAlive::Forever))
-        );
+        let forever = self.pins.forever;
         let listed = ps
             .json()
             .and_then(|v| v["models"].as_array().cloned())
@@ -222,10 +231,10 @@ impl Preloader {
                 self.pins.read().get(&model),
                 Some(ModelState::Loaded { .. })
             );
+            gauge.set(present.contains(&key) as i64);
             // Loaded by someone else (before corral started, or after Ollama restarted) with a
             // finite keep_alive, it would be evicted: corral loads it again with its own. With
             // a finite pinned keep_alive corral cannot tell, so it re-sends its own once at start.
-            gauge.set(present.contains(&key) as i64);
             if held.contains(&key) && (forever || was_loaded) {
                 if !was_loaded {
                     self.pins.set(&model, ModelState::Loaded { seconds: 0.0 });

@@ -191,6 +191,8 @@ async fn a_client_that_leaves_cancels_the_upstream_generation() {
             .send()
             .await
             .unwrap();
+        assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+        let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
         next_chunk(&mut resp).await.unwrap();
         drop(resp);
         drop(client);
@@ -200,6 +202,8 @@ async fn a_client_that_leaves_cancels_the_upstream_generation() {
             || async { (double.disconnects() > before).then_some(()) },
         )
         .await;
+        // An HTTP/2 stream reset is the client leaving, not a bad request.
+        assert_eq!(corral.log_line(&id)["error"], "client_closed", "{path}");
     }
     assert_eq!(
         double.completed(),

@@ -62,12 +62,11 @@ impl Gateway {
         if let Some(limit) = ctx.rate_limited {
             m.rate_limited.with_label_values(&[team, limit]).inc();
         }
-        // Token limits charge what was actually used, now that it is known (or, for an answer
-        // cut off before its counts, an estimate: leaving early does not make tokens free).
+        // Token limits charge what was actually used, now that it is known.
         if let (Some(identity), Some(access)) = (&ctx.identity, &ctx.access) {
             if let Some(t) = access.teams.get(&identity.team) {
-                // Only the client's own leaving is estimated: a stream Ollama broke off or
-                // corral ended is charged what was counted.
+                // A stream the client left before its counts is charged an estimate (leaving
+                // early does not make tokens free); one Ollama broke off, what was counted.
                 let tokens = if streamed && ctx.error == Some("client_closed") {
                     usage.charge(pieces, ctx.bytes_in)
                 } else {

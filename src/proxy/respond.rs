@@ -151,7 +151,7 @@ async fn drain_h2_body(session: &mut Session) {
             .await
         {
             Ok(Ok(Some(chunk))) if chunk.len() <= budget => budget -= chunk.len(),
-            Ok(Ok(Some(_))) | Ok(Ok(None)) | Ok(Err(_)) | Err(_) => return,
+            _ => return,
         }
     }
 }
