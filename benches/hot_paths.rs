@@ -5,7 +5,7 @@
 
 use corral::auth::{key_from_headers, Verifier};
 use corral::body::JsonObject;
-use corral::policy::referenced_models;
+use corral::policy::referenced;
 use corral::proxy::BodyFormat;
 use corral::routes::{classify, RouteKind};
 use corral::usage::{Meter, UsageStripper};
@@ -91,7 +91,9 @@ fn classification(c: &mut Criterion) {
         g.bench_function(name, |b| {
             b.iter(|| {
                 let obj = JsonObject::parse(black_box(body.as_bytes())).unwrap();
-                let models = referenced_models(RouteKind::Chat, Some(&obj), None).unwrap();
+                let models = referenced(RouteKind::Chat, Some(&obj), None)
+                    .unwrap()
+                    .models;
                 black_box((models, obj.bool("stream").unwrap()))
             })
         });

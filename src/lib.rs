@@ -26,6 +26,7 @@ pub mod body;
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod demo;
 pub mod devcert;
 pub mod double;

@@ -128,8 +128,77 @@ fn field(obj: &JsonObject, name: &'static str) -> Result<Option<String>, Gateway
     obj.string(name).map_err(|e| GatewayError::BadRequest(e.0))
 }
 
-/// Every model a request refers to, read from its body or path as Ollama reads them.
-pub fn referenced_models(
+/// What a request refers to: the models it names, and whether it builds from blobs (model files
+/// uploaded to `/api/blobs`), which name no model and so cannot be checked against a key's
+/// `models` claim.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Refs {
+    pub models: Vec<ModelRef>,
+    /// The field that names blobs (`files`, `adapters`, `modelfile`), if any.
+    pub blobs: Option<&'static str>,
+}
+
+/// Everything a request refers to, read from its body or path as Ollama reads them.
+pub fn referenced(
+    kind: RouteKind,
+    body: Option<&JsonObject>,
+    param: Option<&str>,
+) -> Result<Refs, GatewayError> {
+    let mut refs = Refs {
+        models: referenced_models(kind, body, param)?,
+        blobs: None,
+    };
+    if let (RouteKind::Create, Some(b)) = (kind, body) {
+        for name in ["files", "adapters"] {
+            let given = b
+                .get(name)
+                .is_some_and(|v| !matches!(v.get().trim(), "null" | "{}"));
+            if given {
+                refs.blobs = refs.blobs.or(Some(name));
+            }
+        }
+        if let Some(text) = field(b, "modelfile")? {
+            let (models, blobs) = modelfile_sources(&text);
+            for m in models {
+                refs.models.extend(named("modelfile", Some(m))?);
+            }
+            if blobs {
+                refs.blobs = refs.blobs.or(Some("modelfile"));
+            }
+        }
+    }
+    Ok(refs)
+}
+
+/// The models a Modelfile (the legacy `modelfile` of `/api/create`) builds from, and whether it
+/// also builds from something that is not a model name (a file, a blob, an `ADAPTER`). Read
+/// conservatively: every line whose first word is `FROM` counts, even inside a quoted block, so
+/// nothing Ollama would build from is missed.
+fn modelfile_sources(text: &str) -> (Vec<String>, bool) {
+    let mut models = Vec::new();
+    let mut blobs = false;
+    for line in text.lines() {
+        let line = line.trim_start();
+        let word_end = line
+            .find(|c: char| !c.is_ascii_alphabetic())
+            .unwrap_or(line.len());
+        let (word, arg) = line.split_at(word_end);
+        let arg = arg.trim().trim_matches('"').trim();
+        if word.eq_ignore_ascii_case("adapter") {
+            blobs = true;
+        } else if word.eq_ignore_ascii_case("from") {
+            let path_like = arg.starts_with(['.', '/', '~', '@', '\\']) || arg.contains("sha256");
+            match ModelName::parse(arg) {
+                Some(_) if !path_like => models.push(arg.to_string()),
+                _ => blobs = true,
+            }
+        }
+    }
+    (models, blobs)
+}
+
+/// Every model a request names, read from its body or path as Ollama reads them.
+fn referenced_models(
     kind: RouteKind,
     body: Option<&JsonObject>,
     param: Option<&str>,
@@ -164,8 +233,9 @@ pub fn authorize(
     team: &Team,
     identity: &Identity,
     kind: RouteKind,
-    models: &[ModelRef],
+    refs: &Refs,
 ) -> Result<(), GatewayError> {
+    let models = refs.models.as_slice();
     match kind.class() {
         RouteClass::Public => Ok(()),
         RouteClass::Admin => {
@@ -177,7 +247,15 @@ pub fn authorize(
                 )));
             }
             // An admin team is not bound by its model globs here (it pulls models nobody uses
-            // yet), but a key issued with a `models` claim is: the claim only ever narrows.
+            // yet), but a key issued with a `models` claim is: the claim only ever narrows. What
+            // corral cannot check against the claim (a model built from blobs) is refused.
+            if let (Some(claim), Some(field)) = (&identity.models, refs.blobs) {
+                return Err(GatewayError::Forbidden(format!(
+                    "{} from blobs (\"{field}\") is refused for this key: blobs name no model, so its `models` claim ({}) cannot cover them",
+                    kind.name(),
+                    claim.join(", ")
+                )));
+            }
             for m in models {
                 if is_cloud_model(m.name.as_str()) && !team.cloud {
                     return Err(cloud_refused(team, &m.name));
@@ -284,6 +362,13 @@ mod tests {
         }
     }
 
+    fn only(models: &[ModelRef]) -> Refs {
+        Refs {
+            models: models.to_vec(),
+            blobs: None,
+        }
+    }
+
     fn m(name: &str) -> ModelName {
         ModelName::parse(name).unwrap()
     }
@@ -359,16 +444,16 @@ mod tests {
             field: "model",
             name: m("llama3.2"),
         }];
-        let e = authorize(&t, &id(None), RouteKind::Pull, &refs).unwrap_err();
+        let e = authorize(&t, &id(None), RouteKind::Pull, &only(&refs)).unwrap_err();
         assert_eq!(e.status(), 403);
         t.admin = true;
-        assert!(authorize(&t, &id(None), RouteKind::Pull, &refs).is_ok());
+        assert!(authorize(&t, &id(None), RouteKind::Pull, &only(&refs)).is_ok());
         let cloud = [ModelRef {
             field: "model",
             name: m("x:cloud"),
         }];
         assert_eq!(
-            authorize(&t, &id(None), RouteKind::Pull, &cloud)
+            authorize(&t, &id(None), RouteKind::Pull, &only(&cloud))
                 .unwrap_err()
                 .status(),
             403
@@ -384,22 +469,94 @@ mod tests {
             name: m(name),
         };
         // The team may pull a model it does not list yet...
-        assert!(authorize(&t, &id(None), RouteKind::Pull, &[r("mistral", "model")]).is_ok());
+        assert!(authorize(
+            &t,
+            &id(None),
+            RouteKind::Pull,
+            &only(&[r("mistral", "model")])
+        )
+        .is_ok());
         // ...but a key narrowed to llama3.2 may not delete or copy anything else.
         let narrow = id(Some(&["llama3.2:*"]));
-        assert!(authorize(&t, &narrow, RouteKind::Delete, &[r("llama3.2", "model")]).is_ok());
-        let e = authorize(&t, &narrow, RouteKind::Delete, &[r("mistral", "model")]).unwrap_err();
+        assert!(authorize(
+            &t,
+            &narrow,
+            RouteKind::Delete,
+            &only(&[r("llama3.2", "model")])
+        )
+        .is_ok());
+        let e = authorize(
+            &t,
+            &narrow,
+            RouteKind::Delete,
+            &only(&[r("mistral", "model")]),
+        )
+        .unwrap_err();
         assert_eq!(e.status(), 403);
         let copy = [r("llama3.2", "source"), r("mistral", "destination")];
-        let e = authorize(&t, &narrow, RouteKind::Copy, &copy).unwrap_err();
+        let e = authorize(&t, &narrow, RouteKind::Copy, &only(&copy)).unwrap_err();
         assert_eq!(e.status(), 403);
+    }
+
+    #[test]
+    fn a_narrowed_admin_key_cannot_create_from_what_its_claim_cannot_cover() {
+        let mut t = team(&[]);
+        t.admin = true;
+        let narrow = id(Some(&["llama3.2:*"]));
+        let decide = |who: &Identity, body: &str| {
+            let obj = JsonObject::parse(body.as_bytes()).unwrap();
+            let refs = referenced(RouteKind::Create, Some(&obj), None).unwrap();
+            authorize(&t, who, RouteKind::Create, &refs).map_err(|e| e.status())
+        };
+        // Inside the claim: a model made from a model the key names.
+        assert_eq!(
+            decide(&narrow, r#"{"model":"llama3.2:alias","from":"llama3.2"}"#),
+            Ok(())
+        );
+        assert_eq!(
+            decide(&narrow, r#"{"model":"llama3.2:alias","from":"qwen2.5:7b"}"#),
+            Err(403)
+        );
+        // Blobs name no model: refused for a narrowed key, in every field that can carry them.
+        let digest = format!("sha256:{}", "a".repeat(64));
+        for body in [
+            format!(r#"{{"model":"llama3.2:alias","files":{{"m.gguf":"{digest}"}}}}"#),
+            format!(r#"{{"model":"llama3.2:alias","from":"llama3.2","adapters":{{"a.gguf":"{digest}"}}}}"#),
+            format!(r#"{{"model":"llama3.2:alias","Files":{{"m.gguf":"{digest}"}}}}"#),
+            r#"{"model":"llama3.2:alias","modelfile":"FROM qwen2.5:7b"}"#.to_string(),
+            r#"{"model":"llama3.2:alias","modelfile":"  from \"qwen2.5:7b\"\nSYSTEM hi"}"#.to_string(),
+            r#"{"model":"llama3.2:alias","modelfile":"FROM llama3.2\nADAPTER ./lora.gguf"}"#.to_string(),
+            format!(r#"{{"model":"llama3.2:alias","modelfile":"FROM /root/.ollama/models/blobs/{digest}"}}"#),
+            r#"{"model":"llama3.2:alias","modelfile":"FROM ./model.gguf"}"#.to_string(),
+            r#"{"model":"llama3.2:alias","modelfile":"FROM llama3.2\nTEMPLATE \"\"\"\nFROM qwen2.5\n\"\"\""}"#.to_string(),
+        ] {
+            assert_eq!(decide(&narrow, &body), Err(403), "{body}");
+            // A key without a claim may (its team is admin).
+            assert_eq!(decide(&id(None), &body), Ok(()), "{body}");
+        }
+        // A modelfile whose FROM is a model the claim names is fine.
+        assert_eq!(
+            decide(
+                &narrow,
+                r#"{"model":"llama3.2:alias","modelfile":"FROM llama3.2:1b\nSYSTEM be brief"}"#
+            ),
+            Ok(())
+        );
+        // Empty blob maps name nothing.
+        assert_eq!(
+            decide(
+                &narrow,
+                r#"{"model":"llama3.2:alias","from":"llama3.2","files":{},"adapters":null}"#
+            ),
+            Ok(())
+        );
     }
 
     #[test]
     fn inference_needs_an_allowed_model() {
         let t = team(&["llama3.2:*"]);
         assert_eq!(
-            authorize(&t, &id(None), RouteKind::Chat, &[])
+            authorize(&t, &id(None), RouteKind::Chat, &only(&[]))
                 .unwrap_err()
                 .status(),
             400
@@ -408,18 +565,18 @@ mod tests {
             field: "model",
             name: m("llama3.2"),
         }];
-        assert!(authorize(&t, &id(None), RouteKind::Chat, &ok).is_ok());
+        assert!(authorize(&t, &id(None), RouteKind::Chat, &only(&ok)).is_ok());
         let no = [ModelRef {
             field: "model",
             name: m("mistral"),
         }];
-        let e = authorize(&t, &id(None), RouteKind::ChatCompletions, &no).unwrap_err();
+        let e = authorize(&t, &id(None), RouteKind::ChatCompletions, &only(&no)).unwrap_err();
         assert_eq!(e.status(), 403);
         assert!(e.to_string().contains("mistral:latest"));
         // Info routes with no model name (lists) pass; named ones are checked.
-        assert!(authorize(&t, &id(None), RouteKind::Tags, &[]).is_ok());
+        assert!(authorize(&t, &id(None), RouteKind::Tags, &only(&[])).is_ok());
         assert_eq!(
-            authorize(&t, &id(None), RouteKind::Show, &no)
+            authorize(&t, &id(None), RouteKind::Show, &only(&no))
                 .unwrap_err()
                 .status(),
             403

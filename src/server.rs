@@ -8,6 +8,7 @@
 use crate::access::{Access, AccessHandle};
 use crate::admin::AdminApp;
 use crate::config::{Config, Source};
+use crate::connections::{self, Gate};
 use crate::lifecycle::{Drainer, Lifecycle, Signals};
 use crate::limits::Limiter;
 use crate::preload::{Pins, Preloader};
@@ -228,6 +229,16 @@ pub fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
         app.request_header_timeout = Some(cfg.server.header_timeout.0);
         app.upstream_request_timeout = Some(cfg.upstream.request_timeout.0);
     }
+    proxy.set_connection_gate(Arc::new(Gate {
+        counter: connections::Counter::new(connections::Caps {
+            total: cfg.server.max_connections,
+            per_ip: cfg.server.max_connections_per_ip,
+        }),
+        handshake_timeout: cfg.server.header_timeout.0,
+        open: metrics.connections_open.clone(),
+        refused: metrics.connections_refused.clone(),
+        handshake_failures: metrics.handshake_failures.clone(),
+    }));
     if let (Some(addr), Some(certs)) = (cfg.server.listen.0, &certs) {
         proxy.add_listener(
             ListenerConfig::tcp(addr.to_string())

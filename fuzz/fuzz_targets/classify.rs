@@ -3,7 +3,7 @@
 #![no_main]
 
 use corral::body::JsonObject;
-use corral::policy::referenced_models;
+use corral::policy::referenced;
 use corral::routes::classify;
 use libfuzzer_sys::fuzz_target;
 
@@ -30,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
         );
         assert!(m.path.starts_with('/'));
         if let Ok(obj) = JsonObject::parse(body) {
-            let _ = referenced_models(m.kind, Some(&obj), m.param.as_deref());
+            let _ = referenced(m.kind, Some(&obj), m.param.as_deref());
             let _ = obj.write_with(&[("keep_alive", None)]);
         }
     }

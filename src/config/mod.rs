@@ -88,6 +88,11 @@ pub struct ServerConfig {
     pub header_timeout: HumanDuration,
     /// How long a client may take to send a request body corral reads (408 after).
     pub body_timeout: HumanDuration,
+    /// Client connections open at once, idle ones included; 0 = no cap. Over it, a new
+    /// connection is closed at once.
+    pub max_connections: u32,
+    /// Client connections open at once from one address (IPv6: one /64); 0 = no cap.
+    pub max_connections_per_ip: u32,
     /// PID file written in daemon mode (`corral serve --daemon`).
     pub pid_file: PathBuf,
     /// Unix socket through which a new corral takes over the listening sockets of a running one
@@ -108,6 +113,8 @@ impl Default for ServerConfig {
             max_header_size: ByteSize(64 * 1024),
             header_timeout: HumanDuration::secs(30),
             body_timeout: HumanDuration::secs(300),
+            max_connections: 4096,
+            max_connections_per_ip: 256,
             pid_file: PathBuf::from("/run/corral/corral.pid"),
             upgrade_sock: PathBuf::from("/run/corral/upgrade.sock"),
         }
@@ -484,6 +491,15 @@ impl Config {
             if d.0.is_zero() {
                 problems.push(Problem::new(key, "must be more than 0"));
             }
+        }
+        if s.max_connections > 0 && s.max_connections_per_ip > s.max_connections {
+            problems.push(Problem::new(
+                "server.max_connections_per_ip",
+                format!(
+                    "is more than server.max_connections ({}); lower it, or set 0 for no cap per address",
+                    s.max_connections
+                ),
+            ));
         }
         for (key, p) in [
             ("server.pid_file", &s.pid_file),

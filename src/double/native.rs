@@ -455,6 +455,38 @@ pub(super) async fn create(r: &Req<'_>) -> Resp {
         return native_error(StatusCode::BAD_REQUEST, "invalid model name");
     };
     let from = str_field(&req, "from");
+    // `files` and `adapters` name blobs uploaded to /api/blobs; each must be there.
+    for field in ["files", "adapters"] {
+        let digests = req
+            .get(field)
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten();
+        for (file, digest) in digests {
+            let hex = digest
+                .as_str()
+                .and_then(|d| {
+                    d.strip_prefix("sha256:")
+                        .or_else(|| d.strip_prefix("sha256-"))
+                })
+                .map(str::to_ascii_lowercase)
+                .unwrap_or_default();
+            let known = r
+                .state
+                .blobs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&hex);
+            if !known {
+                return native_error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "{field}: blob for \"{file}\" not found; upload it to /api/blobs first"
+                    ),
+                );
+            }
+        }
+    }
     let mut spec = if from.is_empty() {
         ModelSpec::chat(name.as_str())
     } else {

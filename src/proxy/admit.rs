@@ -9,7 +9,7 @@ use crate::body::{BodyError, JsonObject};
 use crate::config::ByteSize;
 use crate::error::GatewayError;
 use crate::ollama::{KeepAlive, ModelName};
-use crate::policy::{self, ModelRef};
+use crate::policy::{self, Refs};
 use crate::routes::{self, BodyMode, RouteClass, RouteError, RouteKind};
 use bytes::{Bytes, BytesMut};
 use pingora::http::RequestHeader;
@@ -63,15 +63,20 @@ impl Gateway {
 
         let body = match kind.body() {
             BodyMode::None => {
-                let req = session.req_header();
-                if declared_length(req).is_some_and(|n| n > 0)
-                    || req.headers.contains_key(http::header::TRANSFER_ENCODING)
-                {
-                    return Err(GatewayError::BadRequest(format!(
-                        "{} takes no request body",
-                        kind.name()
-                    )));
+                // Whatever the framing says (an HTTP/2 stream may carry DATA frames with no
+                // Content-Length at all), the body is read: a byte of it is refused, and an empty
+                // one (a lone empty DATA frame) is no body. Nothing is ever forwarded.
+                let no_body =
+                    || GatewayError::BadRequest(format!("{} takes no request body", kind.name()));
+                if declares_nonzero_length(session.req_header()) {
+                    return Err(no_body());
                 }
+                let read = expect_no_body(session);
+                tokio::time::timeout(self.limits.body_timeout, read)
+                    .await
+                    .map_err(|_| GatewayError::RequestTimeout)??
+                    .then_some(())
+                    .ok_or_else(no_body)?;
                 None
             }
             BodyMode::Stream => None,
@@ -86,30 +91,31 @@ impl Gateway {
             }
         };
 
-        let (models, rewritten) = match &body {
+        let (refs, rewritten) = match &body {
             Some(raw) => {
                 let obj = JsonObject::parse(raw).map_err(bad_request)?;
-                let models = policy::referenced_models(kind, Some(&obj), param.as_deref())?;
+                let refs = policy::referenced(kind, Some(&obj), param.as_deref())?;
                 ctx.stream = Some(
                     obj.bool("stream")
                         .map_err(bad_request)?
                         .unwrap_or(kind.streams_by_default()),
                 );
                 check_keep_alive(kind, &obj)?;
-                ctx.model = models.first().map(|m| m.name.to_string());
+                ctx.model = refs.models.first().map(|m| m.name.to_string());
                 // Every 400 comes before authorize: a malformed request costs no quota.
-                let rewritten = self.rewrite(ctx, kind, &obj, models.first().map(|m| &m.name))?;
-                self.authorize(ctx, &access, kind, &models)?;
-                (models, rewritten)
+                let rewritten =
+                    self.rewrite(ctx, kind, &obj, refs.models.first().map(|m| &m.name))?;
+                self.authorize(ctx, &access, kind, &refs)?;
+                (refs, rewritten)
             }
             None => {
-                let models = policy::referenced_models(kind, None, param.as_deref())?;
-                ctx.model = models.first().map(|m| m.name.to_string());
-                self.authorize(ctx, &access, kind, &models)?;
-                (models, None)
+                let refs = policy::referenced(kind, None, param.as_deref())?;
+                ctx.model = refs.models.first().map(|m| m.name.to_string());
+                self.authorize(ctx, &access, kind, &refs)?;
+                (refs, None)
             }
         };
-        drop(models);
+        drop(refs);
         ctx.body = rewritten.map(Bytes::from).or(body);
         ctx.access = Some(access);
         let team = ctx.identity.as_ref().map_or("none", |i| i.team.as_str());
@@ -125,7 +131,7 @@ impl Gateway {
         ctx: &mut RequestCtx,
         access: &Access,
         kind: RouteKind,
-        models: &[ModelRef],
+        refs: &Refs,
     ) -> Result<(), GatewayError> {
         let Some(identity) = &ctx.identity else {
             return Ok(());
@@ -133,7 +139,7 @@ impl Gateway {
         let team = access.teams.get(&identity.team).ok_or_else(|| {
             GatewayError::Unauthorized(auth::AuthFailure::UnknownTeam.message().to_string())
         })?;
-        policy::authorize(team, identity, kind, models)?;
+        policy::authorize(team, identity, kind, refs)?;
         match self.limiter.admit(team, kind.runs_model(), Instant::now()) {
             Ok(slot) => {
                 ctx.slot = Some(slot);
@@ -296,11 +302,43 @@ fn declares_length(raw: &[u8]) -> bool {
     })
 }
 
-pub(super) fn declared_length(req: &RequestHeader) -> Option<u64> {
+/// Whether `Content-Length` declares a body: any value but a plain `0` (`5, 5`, which pingora
+/// accepts as 5, included).
+fn declares_nonzero_length(req: &RequestHeader) -> bool {
     req.headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok())
+        .get_all(http::header::CONTENT_LENGTH)
+        .iter()
+        .any(|v| v.as_bytes().trim_ascii() != b"0")
+}
+
+/// Reads what the request's framing carries. `Ok(true)`: nothing (no body, or an empty one).
+async fn expect_no_body(session: &mut Session) -> Result<bool, GatewayError> {
+    loop {
+        match session.read_request_body().await {
+            Ok(None) => return Ok(true),
+            Ok(Some(chunk)) if chunk.is_empty() => {}
+            Ok(Some(_)) => return Ok(false),
+            Err(e) if *e.etype() == ErrorType::ReadTimedout => {
+                return Err(GatewayError::RequestTimeout)
+            }
+            Err(_) => {
+                return Err(GatewayError::BadRequest(
+                    "the request body could not be read".into(),
+                ))
+            }
+        }
+    }
+}
+
+/// The body length `Content-Length` declares (the largest, for a list such as `5, 5`).
+fn declared_length(req: &RequestHeader) -> Option<u64> {
+    let mut longest = None;
+    for value in req.headers.get_all(http::header::CONTENT_LENGTH) {
+        for n in value.to_str().ok()?.split(',') {
+            longest = longest.max(Some(n.trim().parse::<u64>().ok()?));
+        }
+    }
+    longest
 }
 
 /// A compressed body cannot be inspected, so it is refused rather than waved through.

@@ -18,6 +18,7 @@ use crate::access::AccessHandle;
 use crate::lifecycle::Lifecycle;
 use crate::limits::Limiter;
 use crate::preload::Pins;
+use crate::routes::BodyMode;
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::Upstream;
@@ -108,11 +109,30 @@ impl ProxyHttp for Gateway {
                 .map_err(|_| Error::new(ErrorType::InternalError))?;
             upstream_request.set_uri(uri);
         }
-        if let Some(body) = &ctx.body {
+        // corral frames every body it holds itself, with its exact length, and sends routes that
+        // take none without any framing (admission made sure they carried nothing). Only blob
+        // uploads are streamed as the client framed them (see `upstream_reusable`).
+        let held = match (&ctx.body, ctx.route.as_ref().map(|m| m.kind.body())) {
+            (Some(body), _) => Some(body.len()),
+            (None, Some(BodyMode::None)) => Some(0),
+            _ => None,
+        };
+        if let Some(len) = held {
             upstream_request.remove_header(&http::header::TRANSFER_ENCODING);
-            upstream_request.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+            upstream_request.remove_header(&http::header::CONTENT_LENGTH);
+            if len > 0 {
+                upstream_request.insert_header(http::header::CONTENT_LENGTH, len.to_string())?;
+            }
         }
         Ok(())
+    }
+
+    fn upstream_reusable(&self, _session: &Session, ctx: &RequestCtx) -> bool {
+        // A body streamed through keeps the client's framing, which corral does not vouch for:
+        // that upstream connection is closed after the exchange, never handed to another client.
+        ctx.route
+            .as_ref()
+            .is_none_or(|m| m.kind.body() != BodyMode::Stream)
     }
 
     async fn request_body_filter(
@@ -210,6 +230,15 @@ impl ProxyHttp for Gateway {
             error_code: err.status(),
             can_reuse_downstream: false,
         }
+    }
+
+    fn request_refused(
+        &self,
+        session: &pingora::protocols::http::ServerSession,
+        error: Option<&Error>,
+        status: u16,
+    ) -> Option<(ResponseHeader, Bytes)> {
+        self.refused_unread(session, error, status)
     }
 
     fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, _error: &Error) -> bool {

@@ -1,8 +1,12 @@
 //! The end of every request: one access-log line and its metrics.
 
 use super::{BodyFormat, Gateway, RequestCtx};
+use crate::error::GatewayError;
+use crate::routes::Dialect;
 use crate::telemetry::access_log::{self, AccessRecord};
 use crate::usage::Outcome;
+use pingora::http::ResponseHeader;
+use pingora::protocols::http::ServerSession as HttpSession;
 use pingora::proxy::Session;
 
 impl Gateway {
@@ -89,8 +93,8 @@ impl Gateway {
             team: ctx.identity.as_ref().map(|i| i.team.as_str()),
             key_id: ctx.identity.as_ref().map(|i| i.key_id.as_str()),
             client_ip: ctx.client_ip.map(|ip| ip.to_string()),
-            method: req.method.as_str(),
-            path: &path,
+            method: Some(req.method.as_str()),
+            path: Some(&path),
             route: ctx.route.as_ref().map(|r| r.kind.name()),
             model: ctx.model.as_deref(),
             stream: ctx.stream,
@@ -105,3 +109,77 @@ impl Gateway {
         });
     }
 }
+
+impl Gateway {
+    /// A request pingora refused while reading it (malformed header, conflicting
+    /// `Content-Length`s, a target that is not a path, CONNECT): logged and counted like any
+    /// other, and answered in corral's JSON. Nothing about it reached a hook or Ollama. The
+    /// error's own text is never logged: it holds the raw request, keys included.
+    pub(super) fn refused_unread(
+        &self,
+        session: &HttpSession,
+        error: Option<&pingora::Error>,
+        status: u16,
+    ) -> Option<(ResponseHeader, bytes::Bytes)> {
+        let request_id = super::headers::new_request_id();
+        let too_large = error.is_some_and(|e| {
+            e.context
+                .as_ref()
+                .is_some_and(|c| c.as_str().contains("header larger than"))
+        });
+        let err = match (status, too_large) {
+            (405, _) => GatewayError::MethodNotAllowed {
+                allow: "GET, HEAD, POST, DELETE".into(),
+            },
+            (_, true) => GatewayError::HeadersTooLarge,
+            _ => GatewayError::BadRequest(
+                "the request is not valid HTTP (a malformed header, conflicting Content-Length, or a target that is not a path); it was not forwarded".into(),
+            ),
+        };
+        let rendered = err.render(Dialect::Ollama);
+        let client_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_string());
+        // CONNECT was read: its method is known. A malformed request's is not.
+        let parsed = error.is_none().then(|| session.req_header());
+        let path = parsed.map(|r| {
+            String::from_utf8_lossy(&r.raw_path()[..r.raw_path().len().min(512)]).into_owned()
+        });
+        let label = match err {
+            GatewayError::BadRequest(_) => "malformed_request",
+            _ => err.label(),
+        };
+        let route = if parsed.is_some() {
+            "unmatched"
+        } else {
+            MALFORMED_ROUTE
+        };
+        self.metrics
+            .requests
+            .with_label_values(&["none", "none", route, &rendered.status.to_string()])
+            .inc();
+        self.access_log.write(&AccessRecord {
+            ts: access_log::timestamp(),
+            request_id: &request_id,
+            client_ip,
+            method: parsed.map(|r| r.method.as_str()),
+            path: path.as_deref(),
+            status: rendered.status,
+            bytes_out: rendered.body.len() as u64,
+            error: Some(label),
+            ..Default::default()
+        });
+        let mut resp =
+            ResponseHeader::build(rendered.status, Some(rendered.headers.len() + 1)).ok()?;
+        for (k, v) in &rendered.headers {
+            resp.insert_header(*k, v.as_str()).ok()?;
+        }
+        resp.insert_header("x-request-id", request_id.as_str())
+            .ok()?;
+        Some((resp, rendered.body))
+    }
+}
+
+/// The `route` label of requests that could not be read as HTTP.
+const MALFORMED_ROUTE: &str = "malformed";

@@ -24,10 +24,10 @@ pub(super) fn prepare(ctx: &mut RequestCtx, resp: &mut ResponseHeader, head_only
     let Some(kind) = ctx.route.as_ref().map(|m| m.kind) else {
         return;
     };
-    if head_only || resp.status != 200 {
+    if resp.status != 200 {
         return;
     }
-    if kind.runs_model() {
+    if kind.runs_model() && !head_only {
         ctx.meter = Some(Meter::new(ctx.response_format));
         if ctx.strip_usage && ctx.response_format == BodyFormat::Sse {
             ctx.stripper = Some(UsageStripper::default());
@@ -35,9 +35,12 @@ pub(super) fn prepare(ctx: &mut RequestCtx, resp: &mut ResponseHeader, head_only
     } else if matches!(kind, RouteKind::Tags | RouteKind::Ps | RouteKind::Models)
         && ctx.identity.is_some()
     {
-        // The list is cut down for the team, so its length changes.
+        // The list is cut down for the team, so its length changes; the whole list's length
+        // would tell a HEAD request what the team may not see.
         resp.remove_header(&http::header::CONTENT_LENGTH);
-        ctx.list_body = Some(BytesMut::new());
+        if !head_only {
+            ctx.list_body = Some(BytesMut::new());
+        }
     }
 }
 

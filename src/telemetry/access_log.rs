@@ -18,8 +18,9 @@ pub struct AccessRecord<'a> {
     pub team: Option<&'a str>,
     pub key_id: Option<&'a str>,
     pub client_ip: Option<String>,
-    pub method: &'a str,
-    pub path: &'a str,
+    /// `None` when the request could not be read.
+    pub method: Option<&'a str>,
+    pub path: Option<&'a str>,
     pub route: Option<&'static str>,
     pub model: Option<&'a str>,
     pub stream: Option<bool>,
@@ -37,7 +38,11 @@ impl AccessRecord<'_> {
     fn pretty(&self) -> String {
         let mut line = format!(
             "{} {} {} {} {}ms",
-            self.ts, self.status, self.method, self.path, self.duration_ms
+            self.ts,
+            self.status,
+            self.method.unwrap_or("-"),
+            self.path.unwrap_or("-"),
+            self.duration_ms
         );
         let mut field = |k: &str, v: Option<String>| {
             if let Some(v) = v {
@@ -142,8 +147,8 @@ mod tests {
         log.write(&AccessRecord {
             ts: timestamp(),
             request_id: "abc",
-            method: "POST",
-            path: "/api/chat",
+            method: Some("POST"),
+            path: Some("/api/chat"),
             status: 200,
             ..Default::default()
         });
@@ -181,8 +186,8 @@ mod tests {
         let rec = AccessRecord {
             ts: "T".into(),
             request_id: "id1",
-            method: "GET",
-            path: "/api/tags",
+            method: Some("GET"),
+            path: Some("/api/tags"),
             status: 401,
             duration_ms: 3,
             error: Some("unauthorized"),

@@ -39,6 +39,9 @@ pub struct Metrics {
     pub preload_duration: GaugeVec,
     pub truncated: IntCounterVec,
     pub reloads: IntCounterVec,
+    pub connections_open: IntGauge,
+    pub connections_refused: IntCounterVec,
+    pub handshake_failures: IntCounterVec,
     known_models: RwLock<KnownModels>,
 }
 
@@ -127,6 +130,13 @@ impl Metrics {
         build_info
             .with_label_values(&[crate::VERSION, crate::COMMIT])
             .set(1);
+        let connections_open = IntGauge::new(
+            "corral_connections_open",
+            "Client connections open now (TLS handshakes and idle keep-alive included).",
+        )
+        .expect("valid");
+        r.register(Box::new(connections_open.clone()))
+            .expect("registered once");
 
         Metrics {
             requests: counter(
@@ -198,6 +208,19 @@ impl Metrics {
                 "corral_config_reloads_total",
                 "Configuration reloads, by result (ok, error).",
                 &["result"],
+            ),
+            connections_open,
+            connections_refused: counter(
+                &r,
+                "corral_connections_refused_total",
+                "Client connections closed at once because a cap was reached (max_connections, max_connections_per_ip).",
+                &["reason"],
+            ),
+            handshake_failures: counter(
+                &r,
+                "corral_tls_handshake_failures_total",
+                "TLS handshakes that failed (error) or missed server.header_timeout (timeout).",
+                &["reason"],
             ),
             known_models: RwLock::new(KnownModels {
                 config: config_models(cfg),

@@ -15,6 +15,9 @@ const MAX_EVENT: usize = 1 << 20;
 #[derive(Default)]
 pub struct UsageStripper {
     pending: BytesMut,
+    /// How much of `pending` has been searched for an event's end already: each byte is looked
+    /// at once, however finely the stream is cut.
+    scanned: usize,
 }
 
 impl UsageStripper {
@@ -22,25 +25,28 @@ impl UsageStripper {
     pub fn process(&mut self, chunk: &[u8], end_of_stream: bool) -> Bytes {
         self.pending.extend_from_slice(chunk);
         let mut out = BytesMut::new();
-        while let Some(end) = find_event_end(&self.pending) {
+        while let Some(end) = find_event_end(&self.pending, self.scanned) {
             let event = self.pending.split_to(end);
             out.extend_from_slice(&rewrite(&event));
+            self.scanned = 0;
         }
+        self.scanned = self.pending.len();
         if end_of_stream || self.pending.len() > MAX_EVENT {
             out.extend_from_slice(&self.pending.split());
+            self.scanned = 0;
         }
         out.freeze()
     }
 }
 
-/// Index just past the blank line that ends the first complete event.
-fn find_event_end(buf: &[u8]) -> Option<usize> {
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
+/// Index just past the blank line that ends the first complete event (`\n\n`, `\r\n\r\n`),
+/// searching from `from` on (the bytes before it were searched already).
+fn find_event_end(buf: &[u8], from: usize) -> Option<usize> {
+    (from.max(1)..buf.len())
+        .find(|&i| {
+            buf[i] == b'\n' && (buf[i - 1] == b'\n' || (i >= 2 && buf[i - 2..i] == *b"\n\r"))
+        })
+        .map(|i| i + 1)
 }
 
 fn rewrite(event: &[u8]) -> Vec<u8> {

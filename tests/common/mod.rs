@@ -3,6 +3,8 @@
 //! throwaway CA.
 #![allow(dead_code, unused_imports)]
 
+pub mod raw;
+
 use corral::config::{Config, HumanDuration, ListenAddr, LogFormat, TeamConfig};
 use corral::devcert::DevCa;
 use std::io::{BufRead, BufReader};

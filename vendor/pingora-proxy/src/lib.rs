@@ -332,6 +332,21 @@ where
         .await;
     }
 
+    /// corral patch: answers a request refused before any hook ran, with the response
+    /// [`ProxyHttp::request_refused`] gives, else a bare `status`.
+    async fn refuse(&self, session: &mut HttpSession, error: Option<&Error>, status: u16)
+    where
+        SV: ProxyHttp + Send + Sync,
+    {
+        let written = match self.inner.request_refused(session, error, status) {
+            Some((header, body)) => session.write_error_response(header, body).await,
+            None => session.respond_error(status).await,
+        };
+        if let Err(e) = written {
+            debug!("failed to send error response to downstream: {e}");
+        }
+    }
+
     async fn handle_new_request(
         &self,
         mut downstream_session: Box<HttpSession>,
@@ -382,15 +397,13 @@ where
                         "Fail to proxy: {e}, downstream session type: {}",
                         downstream_session.session_type()
                     );
-                    downstream_session
-                        .respond_error(400)
-                        .await
-                        .unwrap_or_else(|e| {
-                            error!("failed to send error response to downstream: {e}");
-                        });
+                    // corral patch: the proxy may answer (and log) the refusal itself.
+                    self.refuse(&mut downstream_session, Some(&e), 400).await;
                 } else {
-                    // otherwise the connection must be broken, no need to send anything
-                    error!(
+                    // otherwise the connection must be broken, no need to send anything.
+                    // corral patch: a client that goes away mid-header is ordinary: debug, not
+                    // error.
+                    debug!(
                         "Fail to proxy: {e}, downstream session type: {}",
                         downstream_session.session_type()
                     );
@@ -415,12 +428,7 @@ where
             .is_some_and(|opts| opts.allow_connect_method_proxying)
             && downstream_session.req_header().method == Method::CONNECT
         {
-            downstream_session
-                .respond_error(405)
-                .await
-                .unwrap_or_else(|e| {
-                    error!("failed to send error response to downstream: {e}");
-                });
+            self.refuse(&mut downstream_session, None, 405).await;
             downstream_session.shutdown().await;
             return None;
         }
@@ -450,7 +458,9 @@ where
                         let (server_reused, client_reuse, error) = self
                             .proxy_to_h1_upstream(session, &mut h1, client_reused, &peer, ctx)
                             .await;
-                        if client_reuse {
+                        // corral patch: the proxy may keep a connection out of the pool (see
+                        // `ProxyHttp::upstream_reusable`).
+                        if client_reuse && self.inner.upstream_reusable(session, ctx) {
                             let session = ClientSession::H1(h1);
                             self.client_upstream
                                 .release_http_session(session, &*peer, peer.idle_timeout())

@@ -1100,7 +1100,12 @@ pub(crate) async fn send_body_to1(
         match task {
             HttpTask::Body(data, end) => {
                 body_done = end;
-                if let Some(d) = data {
+                // corral patch (cloudflare/pingora#935, PR #936): a zero-length write is no data.
+                // In chunked mode it would be encoded as `0\r\n\r\n`, the terminator, which
+                // `finish_body` then writes again; the stray second one poisons the pooled
+                // connection for the next request. An HTTP/2 client ending its body with an empty
+                // DATA frame (END_STREAM) produces exactly such a write.
+                if let Some(d) = data.filter(|d| !d.is_empty()) {
                     let m = client_session.write_body(&d).await;
                     match m {
                         Ok(m) => match m {

@@ -543,6 +543,29 @@ pub trait ProxyHttp {
     ) {
     }
 
+    /// corral patch: whether the HTTP/1 upstream connection this request used may go back to
+    /// the pool once the exchange ended cleanly. `false` closes it instead, for exchanges whose
+    /// framing the proxy cannot vouch for (a body streamed through as the client framed it), so
+    /// a framing bug can never leave stray bytes on a connection another client gets next.
+    fn upstream_reusable(&self, _session: &Session, _ctx: &Self::CTX) -> bool {
+        true
+    }
+
+    /// corral patch: the proxy refuses a request before any other hook runs, because its header
+    /// could not be read as valid HTTP (`error`: a control byte in a header, conflicting
+    /// `Content-Length`s, an unparsable target, ...) or because it uses CONNECT (`error` is
+    /// `None`). pingora answers `status` with an empty body unless this returns a response to
+    /// send instead; either way the connection is closed afterwards. Stock pingora gives such
+    /// requests no hook at all, so they would reach neither the access log nor any metric.
+    fn request_refused(
+        &self,
+        _session: &HttpSession,
+        _error: Option<&Error>,
+        _status: u16,
+    ) -> Option<(ResponseHeader, Bytes)> {
+        None
+    }
+
     /// A value of true means that the log message will be suppressed. The default value is false.
     ///
     /// See also: [`Self::suppress_proxy_warn_log`].

@@ -1,0 +1,161 @@
+//! Connections are bounded (issue 12, F3): a server-wide cap and a per-address cap refuse new
+//! connections at once and count them, and a connection that never completes its TLS handshake,
+//! or never sends a request after it, is closed after `server.header_timeout` (pingora's own
+//! handshake deadline is 60 s). What an idle connection costs in memory is measured by
+//! `cargo bench --bench connections`, not here.
+
+mod common;
+
+use common::raw::tls_connect;
+use common::*;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// `n` TCP connections to `port` from the loopback address `from`, sending nothing.
+async fn open_from(port: u16, from: Ipv4Addr, n: usize) -> Vec<TcpStream> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind((from, 0).into()).unwrap();
+        out.push(socket.connect(loopback(port)).await.unwrap());
+    }
+    out
+}
+
+/// Whether the server closed the connection (EOF or reset) within `wait`.
+async fn closed_within(stream: &mut TcpStream, wait: Duration) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(
+        tokio::time::timeout(wait, stream.read(&mut byte)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+/// Waits `wait` on all of `streams` at once; how many the server closed meanwhile.
+async fn count_closed(streams: Vec<TcpStream>, wait: Duration) -> (Vec<TcpStream>, usize) {
+    let tasks: Vec<_> = streams
+        .into_iter()
+        .map(|mut s| tokio::spawn(async move { (closed_within(&mut s, wait).await, s) }))
+        .collect();
+    let mut out = Vec::new();
+    let mut closed = 0;
+    for t in tasks {
+        let (c, s) = t.await.unwrap();
+        closed += c as usize;
+        out.push(s);
+    }
+    (out, closed)
+}
+
+async fn metric(corral: &Corral, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metric_sum(&corral.metrics().await, name, labels)
+}
+
+async fn wait_metric(corral: &Corral, name: &str, labels: &[(&str, &str)], want: f64) {
+    wait_for_async(Duration::from_secs(40), name, || async {
+        (metric(corral, name, labels).await == want).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_total_and_per_address_caps_refuse_new_connections_at_once() {
+    let double = double().await;
+    let mut cfg = test_config(&double.url());
+    cfg.server.max_connections = 1500;
+    cfg.server.max_connections_per_ip = 1000;
+    // Long enough that no admitted connection is closed by its deadline during the test.
+    cfg.server.header_timeout = corral::config::HumanDuration::secs(600);
+    let corral = Corral::start(cfg);
+
+    let first = Ipv4Addr::new(127, 0, 0, 1);
+    let second = Ipv4Addr::new(127, 0, 0, 2);
+    let one = open_from(corral.port, first, 1100).await;
+    wait_metric(
+        &corral,
+        "corral_connections_refused_total",
+        &[("reason", "max_connections_per_ip")],
+        100.0,
+    )
+    .await;
+    let two = open_from(corral.port, second, 600).await;
+    wait_metric(
+        &corral,
+        "corral_connections_refused_total",
+        &[("reason", "max_connections")],
+        100.0,
+    )
+    .await;
+    assert_eq!(
+        metric(&corral, "corral_connections_open", &[]).await,
+        1500.0
+    );
+
+    // The refused ones are closed at once; the admitted ones stay open.
+    let (one, closed_one) = count_closed(one, Duration::from_secs(2)).await;
+    let (two, closed_two) = count_closed(two, Duration::from_secs(2)).await;
+    assert_eq!(closed_one + closed_two, 200);
+
+    // Places come back when connections close, and a client under its cap still gets in.
+    drop(one);
+    wait_metric(&corral, "corral_connections_open", &[], 500.0).await;
+    let resp = corral
+        .client()
+        .get(format!("{}/api/tags", corral.base()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    drop(two);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_stall_before_or_after_the_handshake_are_closed_at_the_deadline() {
+    let double = double().await;
+    let mut cfg = test_config(&double.url());
+    cfg.server.header_timeout = corral::config::HumanDuration::secs(2);
+    cfg.server.max_connections_per_ip = 0;
+    let corral = Corral::start(cfg);
+
+    // Silent TCP connections, and some that send half a ClientHello.
+    let mut silent = open_from(corral.port, Ipv4Addr::LOCALHOST, 1000).await;
+    let mut partial = open_from(corral.port, Ipv4Addr::LOCALHOST, 20).await;
+    for s in &mut partial {
+        s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+            .await
+            .unwrap();
+    }
+    // Finished handshakes that never send a request.
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        idle.push(tls_connect(corral.port, &corral.certs.ca_pem, b"http/1.1").await);
+    }
+
+    // pingora alone would hold the unfinished handshakes for 60 s.
+    wait_metric(
+        &corral,
+        "corral_tls_handshake_failures_total",
+        &[("reason", "timeout")],
+        1020.0,
+    )
+    .await;
+    wait_metric(&corral, "corral_connections_open", &[], 0.0).await;
+    silent.append(&mut partial);
+    let (_, closed) = count_closed(silent, Duration::from_secs(5)).await;
+    assert_eq!(closed, 1020);
+    for t in &mut idle {
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), t.read_to_end(&mut buf)).await;
+        assert!(read.is_ok(), "an idle TLS connection is still open");
+    }
+    // And corral still serves.
+    let resp = corral
+        .client()
+        .get(format!("{}/api/version", corral.base()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
