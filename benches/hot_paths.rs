@@ -154,6 +154,41 @@ fn usage(c: &mut Criterion) {
         })
     });
     g.finish();
+
+    // The worst chunking a network (or an attacker upstream) can produce: one byte at a time.
+    // The work must stay linear in the bytes: one big event, and many small ones.
+    let big_event = format!(
+        "data: {{\"choices\":[{{\"delta\":{{\"content\":\"{}\"}}}}]}}\n\n",
+        "x".repeat(64 * 1024)
+    );
+    let mut g = c.benchmark_group("one byte per chunk");
+    for (name, body) in [
+        ("SSE, one 64 KiB event", &big_event),
+        ("SSE, 200 frames", &sse),
+    ] {
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_function(format!("{name}, usage stripped"), |b| {
+            b.iter(|| {
+                let mut s = UsageStripper::default();
+                let mut n = 0;
+                let bytes = body.as_bytes();
+                for (i, byte) in bytes.chunks(1).enumerate() {
+                    n += s.process(black_box(byte), i + 1 == bytes.len()).len();
+                }
+                black_box(n)
+            })
+        });
+        g.bench_function(format!("{name}, metered"), |b| {
+            b.iter(|| {
+                let mut m = Meter::new(BodyFormat::Sse);
+                for byte in body.as_bytes().chunks(1) {
+                    m.feed(black_box(byte));
+                }
+                black_box(m.finish())
+            })
+        });
+    }
+    g.finish();
 }
 
 criterion_group!(benches, keys, classification, usage);

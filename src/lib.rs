@@ -34,6 +34,7 @@ pub mod error;
 pub mod keys;
 pub mod lifecycle;
 pub mod limits;
+pub mod memory;
 pub mod ollama;
 pub mod policy;
 pub mod preload;

@@ -93,12 +93,12 @@ pub fn prepare(source: Source, cfg: Config) -> Result<Prepared, StartError> {
     }
 }
 
-/// Socket buffers of a client connection. pingora reads 64 KiB at a time by default, a buffer
-/// every open connection keeps (and, allocated zeroed, keeps resident): most of the memory of an
-/// open stream. One TLS record (16 KiB and its framing) per read costs a few more system calls
-/// on large uploads and saves 48 KiB per connection.
-fn client_buffers() -> L4BufferSettings {
-    L4BufferSettings::default().read(16 * 1024 + 512)
+/// Socket buffers of a client connection. pingora puts a 64 KiB read buffer under every
+/// connection by default, which it keeps (resident) for the connection's life. Under TLS it is
+/// pure waste: rustls reads whole records into its own buffer. On the cleartext listener one
+/// TLS-record-sized buffer saves a few system calls on large uploads.
+fn client_buffers(tls: bool) -> L4BufferSettings {
+    L4BufferSettings::default().read(if tls { 0 } else { 16 * 1024 + 512 })
 }
 
 /// Listeners by config key, for checks and messages.
@@ -243,11 +243,11 @@ pub fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
         proxy.add_listener(
             ListenerConfig::tcp(addr.to_string())
                 .tls(certs.tls_settings())
-                .l4_buffer(client_buffers()),
+                .l4_buffer(client_buffers(true)),
         );
     }
     if let Some(addr) = cfg.server.plain_listen.0 {
-        proxy.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(client_buffers()));
+        proxy.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(client_buffers(false)));
     }
     server.add_service(proxy).add_dependency(&bootstrap);
 
@@ -298,6 +298,7 @@ pub fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
         server.add_service(background_service("preload", preloader));
     }
     server.add_service(background_service("config reload", reloader));
+    server.add_service(background_service("memory trim", crate::memory::Trimmer));
     if let Some(certs) = certs.filter(|c| c.watches_files()) {
         server.add_service(background_service("tls reload", CertWatcher(certs)));
     }

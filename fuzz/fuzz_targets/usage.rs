@@ -25,4 +25,19 @@ fuzz_target!(|data: &[u8]| {
     let mut b = split.process(&body[..cut], false).to_vec();
     b.extend_from_slice(&split.process(&body[cut..], true));
     assert_eq!(a.as_ref(), b.as_slice());
+    // The finest cut there is: one byte per chunk, as a hostile upstream might send.
+    let mut bytewise = UsageStripper::default();
+    let mut c = Vec::new();
+    for (i, byte) in body.chunks(1).enumerate() {
+        c.extend_from_slice(&bytewise.process(byte, i + 1 == body.len()));
+    }
+    if body.is_empty() {
+        c.extend_from_slice(&bytewise.process(&[], true));
+    }
+    assert_eq!(a.as_ref(), c.as_slice());
+    let mut meter = Meter::new(BodyFormat::Sse);
+    body.chunks(1).for_each(|byte| meter.feed(byte));
+    let mut once = Meter::new(BodyFormat::Sse);
+    once.feed(body);
+    assert_eq!(meter.finish(), once.finish());
 });

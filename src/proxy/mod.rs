@@ -5,6 +5,7 @@
 
 mod admit;
 mod ctx;
+pub mod framing;
 mod headers;
 mod report;
 mod respond;

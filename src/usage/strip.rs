@@ -114,6 +114,17 @@ mod tests {
     }
 
     #[test]
+    fn one_byte_at_a_time_gives_the_same_stream() {
+        let expected = strip_all(CHAT, &[]);
+        let cuts: Vec<usize> = (1..CHAT.len()).collect();
+        assert_eq!(strip_all(CHAT, &cuts), expected);
+        let crlf = CHAT.replace("\n", "\r\n");
+        let cuts: Vec<usize> = (1..crlf.len()).collect();
+        assert_eq!(strip_all(&crlf, &cuts), strip_all(&crlf, &[]));
+        assert!(!strip_all(&crlf, &cuts).contains("\"choices\":[],"));
+    }
+
+    #[test]
     fn removes_the_zero_usage_of_completions_chunks() {
         let with = "data: {\"id\":\"cmpl-1\",\"choices\":[{\"text\":\"Hi\",\"index\":0,\"finish_reason\":null}],\"usage\":{\"prompt_tokens\":0,\"completion_tokens\":0,\"total_tokens\":0}}\n\n";
         let without = "data: {\"id\":\"cmpl-1\",\"choices\":[{\"text\":\"Hi\",\"index\":0,\"finish_reason\":null}]}\n\n";

@@ -1632,7 +1632,11 @@ where
                 .on_connection_reuse(&mut session, &mut ctx, prev_ctx);
         }
 
-        self.process_request(session, ctx).await
+        // corral patch: the request's processing is boxed apart from the wait for its header, so
+        // a connection idling between requests holds only what reading a header needs (the
+        // whole proxy state machine is several KiB more), and the box lives only as long as the
+        // request.
+        Box::pin(self.process_request(session, ctx)).await
     }
 
     async fn http_cleanup(&self) {

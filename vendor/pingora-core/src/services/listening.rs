@@ -279,7 +279,10 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
                         let _permit = permit;
                         // corral patch: handshake failures are ordinary on a public port
                         // (scanners, clients that distrust the certificate): debug, not error.
-                        match timeout(handshake_timeout, io.handshake()).await {
+                        // corral patch: the handshake's state (rustls's included) is boxed, so it
+                        // is freed once the handshake is done instead of sizing the task for the
+                        // connection's whole life.
+                        match Box::pin(timeout(handshake_timeout, io.handshake())).await {
                             Ok(Ok(io)) => Self::handle_event(io, app, shutdown).await,
                             Ok(Err(e)) => {
                                 debug!("Downstream handshake error from {peer_addr:?}: {e}");
