@@ -6,6 +6,7 @@
 //! pingora (patched, see `vendor/pingora-core/PATCHED.md`) asks the [`Gate`] about every accepted
 //! connection and holds the permit it returns until the connection closes.
 
+use crate::telemetry::metrics::Metrics;
 use pingora::services::listening::{ConnectionGate, ConnectionPermit};
 use prometheus::{IntCounterVec, IntGauge};
 use std::collections::HashMap;
@@ -21,6 +22,8 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    const ALL: [Refusal; 2] = [Refusal::MaxConnections, Refusal::MaxConnectionsPerIp];
+
     pub fn label(self) -> &'static str {
         match self {
             Refusal::MaxConnections => "max_connections",
@@ -122,11 +125,41 @@ impl Counter {
 
 /// The gate pingora asks: the [`Counter`] plus metrics and the handshake deadline.
 pub struct Gate {
-    pub counter: Arc<Counter>,
-    pub handshake_timeout: Duration,
-    pub open: IntGauge,
-    pub refused: IntCounterVec,
-    pub handshake_failures: IntCounterVec,
+    counter: Arc<Counter>,
+    handshake_timeout: Duration,
+    open: IntGauge,
+    refused: IntCounterVec,
+    handshake_failures: IntCounterVec,
+}
+
+impl Gate {
+    pub fn new(caps: Caps, handshake_timeout: Duration, metrics: &Metrics) -> Gate {
+        let gate = Gate {
+            counter: Counter::new(caps),
+            handshake_timeout,
+            open: metrics.connections_open.clone(),
+            refused: metrics.connections_refused.clone(),
+            handshake_failures: metrics.handshake_failures.clone(),
+        };
+        // Every reason is exported from the start (as 0), so a rate over it is never missing.
+        for refusal in Refusal::ALL {
+            gate.refused.with_label_values(&[refusal.label()]);
+        }
+        for timed_out in [false, true] {
+            gate.handshake_failures
+                .with_label_values(&[handshake_failure(timed_out)]);
+        }
+        gate
+    }
+}
+
+/// The `reason` of `corral_tls_handshake_failures_total`.
+fn handshake_failure(timed_out: bool) -> &'static str {
+    if timed_out {
+        "timeout"
+    } else {
+        "error"
+    }
 }
 
 /// Keeps `corral_connections_open` true while a connection lives.
@@ -163,8 +196,9 @@ impl ConnectionGate for Gate {
     }
 
     fn handshake_failed(&self, _peer: Option<SocketAddr>, timed_out: bool) {
-        let reason = if timed_out { "timeout" } else { "error" };
-        self.handshake_failures.with_label_values(&[reason]).inc();
+        self.handshake_failures
+            .with_label_values(&[handshake_failure(timed_out)])
+            .inc();
     }
 }
 

@@ -8,7 +8,7 @@
 use crate::access::{Access, AccessHandle};
 use crate::admin::AdminApp;
 use crate::config::{Config, Source};
-use crate::connections::{self, Gate};
+use crate::connections::{Caps, Gate};
 use crate::lifecycle::{Drainer, Lifecycle, Signals};
 use crate::limits::Limiter;
 use crate::preload::{Pins, Preloader};
@@ -229,16 +229,13 @@ pub fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
         app.request_header_timeout = Some(cfg.server.header_timeout.0);
         app.upstream_request_timeout = Some(cfg.upstream.request_timeout.0);
     }
-    proxy.set_connection_gate(Arc::new(Gate {
-        counter: connections::Counter::new(connections::Caps {
-            total: cfg.server.max_connections,
-            per_ip: cfg.server.max_connections_per_ip,
-        }),
-        handshake_timeout: cfg.server.header_timeout.0,
-        open: metrics.connections_open.clone(),
-        refused: metrics.connections_refused.clone(),
-        handshake_failures: metrics.handshake_failures.clone(),
-    }));
+    // The TLS handshake gets the same deadline as the request header that follows it.
+    let caps = Caps {
+        total: cfg.server.max_connections,
+        per_ip: cfg.server.max_connections_per_ip,
+    };
+    let gate = Gate::new(caps, cfg.server.header_timeout.0, &metrics);
+    proxy.set_connection_gate(Arc::new(gate));
     if let (Some(addr), Some(certs)) = (cfg.server.listen.0, &certs) {
         proxy.add_listener(
             ListenerConfig::tcp(addr.to_string())

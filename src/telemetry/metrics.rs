@@ -138,6 +138,19 @@ impl Metrics {
         r.register(Box::new(connections_open.clone()))
             .expect("registered once");
 
+        let connections_refused = counter(
+            &r,
+            "corral_connections_refused_total",
+            "Client connections closed at once because a cap was reached (max_connections, max_connections_per_ip).",
+            &["reason"],
+        );
+        let handshake_failures = counter(
+            &r,
+            "corral_tls_handshake_failures_total",
+            "TLS handshakes that failed (error) or missed server.header_timeout (timeout).",
+            &["reason"],
+        );
+
         Metrics {
             requests: counter(
                 &r,
@@ -210,18 +223,8 @@ impl Metrics {
                 &["result"],
             ),
             connections_open,
-            connections_refused: counter(
-                &r,
-                "corral_connections_refused_total",
-                "Client connections closed at once because a cap was reached (max_connections, max_connections_per_ip).",
-                &["reason"],
-            ),
-            handshake_failures: counter(
-                &r,
-                "corral_tls_handshake_failures_total",
-                "TLS handshakes that failed (error) or missed server.header_timeout (timeout).",
-                &["reason"],
-            ),
+            connections_refused,
+            handshake_failures,
             known_models: RwLock::new(KnownModels {
                 config: config_models(cfg),
                 upstream: HashMap::new(),
