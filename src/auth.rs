@@ -63,7 +63,7 @@ pub enum AuthFailure {
     /// Not EdDSA (`none`, HS256, RS256, ...).
     WrongAlgorithm,
     /// Signed by a key this gateway does not trust (unknown or missing `kid`).
-    UnknownSigner,
+    UnknownKid,
     BadSignature,
     Expired,
     NotYetValid,
@@ -80,7 +80,7 @@ impl AuthFailure {
             AuthFailure::Ambiguous => "ambiguous",
             AuthFailure::Malformed => "malformed",
             AuthFailure::WrongAlgorithm => "wrong_algorithm",
-            AuthFailure::UnknownSigner => "unknown_signer",
+            AuthFailure::UnknownKid => "unknown_kid",
             AuthFailure::BadSignature => "bad_signature",
             AuthFailure::Expired => "expired",
             AuthFailure::NotYetValid => "not_yet_valid",
@@ -98,7 +98,7 @@ impl AuthFailure {
             AuthFailure::Malformed | AuthFailure::WrongAlgorithm | AuthFailure::BadSignature => {
                 "the API key is not valid; check that it was copied whole"
             }
-            AuthFailure::UnknownSigner => "the API key was signed by a key this gateway does not trust; ask for a new key",
+            AuthFailure::UnknownKid => "the API key was signed by a key this gateway does not trust; ask for a new key",
             AuthFailure::Expired => "the API key has expired; ask for a new key",
             AuthFailure::NotYetValid => "the API key is not valid yet",
             AuthFailure::Revoked => "the API key has been revoked",
@@ -185,10 +185,6 @@ impl Verifier {
         self.revoked.len()
     }
 
-    pub fn is_revoked(&self, key_id: &str) -> bool {
-        self.revoked.contains(key_id)
-    }
-
     /// How many keys had their signature checked (cache misses).
     pub fn signature_checks(&self) -> u64 {
         self.signature_checks.load(Ordering::Relaxed)
@@ -238,18 +234,17 @@ impl Verifier {
         if header.alg != Algorithm::EdDSA {
             return Err(AuthFailure::WrongAlgorithm);
         }
-        let kid = header.kid.ok_or(AuthFailure::UnknownSigner)?;
-        let key = self.keys.get(&kid).ok_or(AuthFailure::UnknownSigner)?;
-        let data =
-            jsonwebtoken::decode::<Claims>(token, key, &self.validation).map_err(|e| {
-                match e.kind() {
-                    ErrorKind::InvalidSignature => AuthFailure::BadSignature,
-                    ErrorKind::ExpiredSignature => AuthFailure::Expired,
-                    ErrorKind::ImmatureSignature => AuthFailure::NotYetValid,
-                    ErrorKind::InvalidAlgorithm => AuthFailure::WrongAlgorithm,
-                    _ => AuthFailure::Malformed,
-                }
-            })?;
+        let kid = header.kid.ok_or(AuthFailure::UnknownKid)?;
+        let key = self.keys.get(&kid).ok_or(AuthFailure::UnknownKid)?;
+        let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation).map_err(|e| {
+            match e.kind() {
+                ErrorKind::InvalidSignature => AuthFailure::BadSignature,
+                ErrorKind::ExpiredSignature => AuthFailure::Expired,
+                ErrorKind::ImmatureSignature => AuthFailure::NotYetValid,
+                // The header's `alg` was checked above, so no other error is an algorithm's.
+                _ => AuthFailure::Malformed,
+            }
+        })?;
         let c = data.claims;
         if c.sub.is_empty() || c.jti.is_empty() {
             return Err(AuthFailure::Malformed);
@@ -262,6 +257,38 @@ impl Verifier {
             expires_at: c.exp,
         })
     }
+}
+
+/// What the access log may say about a refused key: its id (`jti`) whenever the key parses, and
+/// its team when the refusal came after its signature checked out (revoked, expired, not yet
+/// valid, unknown team), so an operator can find who still uses it. Never the key itself. Ids
+/// and team names that are not plain (1-64 of `[A-Za-z0-9._-]`) are left out: an unverified key
+/// could carry anything, and the log line must stay readable.
+pub fn refused_key(token: &str, failure: AuthFailure) -> (Option<String>, Option<String>) {
+    if token.len() > MAX_KEY_LEN || !token.is_ascii() {
+        return (None, None);
+    }
+    let Ok(data) = jsonwebtoken::dangerous::insecure_decode::<serde_json::Value>(token) else {
+        return (None, None);
+    };
+    let plain = |v: &serde_json::Value| {
+        v.as_str()
+            .filter(|s| {
+                (1..=64).contains(&s.len())
+                    && s.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            })
+            .map(str::to_string)
+    };
+    let signed = matches!(
+        failure,
+        AuthFailure::Revoked
+            | AuthFailure::Expired
+            | AuthFailure::NotYetValid
+            | AuthFailure::UnknownTeam
+    );
+    let team = signed.then(|| plain(&data.claims["sub"])).flatten();
+    (plain(&data.claims["jti"]), team)
 }
 
 pub fn unix_now() -> u64 {
@@ -391,6 +418,123 @@ mod tests {
             Err(AuthFailure::Malformed)
         );
         assert_eq!(v.verify("not.a.jwt", now), Err(AuthFailure::Malformed));
+    }
+
+    /// Signs arbitrary claims with the test key `k1` (what an attacker holding a leaked signing
+    /// key, or a buggy issuer, could make).
+    fn sign(dir: &tempfile::TempDir, claims: serde_json::Value) -> String {
+        let pem = std::fs::read(dir.path().join("k1.key.pem")).unwrap();
+        let key = jsonwebtoken::EncodingKey::from_ed_pem(&pem).unwrap();
+        let mut header = jsonwebtoken::Header::new(Algorithm::EdDSA);
+        header.kid = Some("k1".into());
+        jsonwebtoken::encode(&header, &claims, &key).unwrap()
+    }
+
+    #[test]
+    fn a_cached_key_expires_exactly_at_its_expiry_plus_leeway() {
+        let (dir, v) = verifier_with_key(&[]);
+        let now = unix_now();
+        let (token, _) = issue(&dir, Some(3600), now);
+        let exp = now + 3600;
+        assert!(v.verify(&token, now).is_ok());
+        assert!(
+            v.verify(&token, exp + LEEWAY).is_ok(),
+            "the last valid second"
+        );
+        assert_eq!(
+            v.verify(&token, exp + LEEWAY + 1),
+            Err(AuthFailure::Expired)
+        );
+    }
+
+    #[test]
+    fn expired_and_premature_keys_are_told_apart_on_first_sight() {
+        let (dir, v) = verifier_with_key(&[]);
+        let now = unix_now();
+        let old = sign(
+            &dir,
+            serde_json::json!({"sub": "t", "jti": "a", "iat": now - 7200, "exp": now - 3600}),
+        );
+        assert_eq!(v.verify(&old, now), Err(AuthFailure::Expired));
+        let early = sign(
+            &dir,
+            serde_json::json!({"sub": "t", "jti": "b", "iat": now, "nbf": now + 3600}),
+        );
+        assert_eq!(v.verify(&early, now), Err(AuthFailure::NotYetValid));
+        for claims in [
+            serde_json::json!({"sub": "t", "jti": "", "iat": now}),
+            serde_json::json!({"sub": "", "jti": "c", "iat": now}),
+        ] {
+            assert_eq!(
+                v.verify(&sign(&dir, claims.clone()), now),
+                Err(AuthFailure::Malformed),
+                "{claims}"
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_and_non_ascii_keys_are_refused_before_any_signature_check() {
+        let (_dir, v) = verifier_with_key(&[]);
+        let now = unix_now();
+        assert_eq!(
+            v.verify(&"x".repeat(MAX_KEY_LEN + 1), now),
+            Err(AuthFailure::Malformed)
+        );
+        assert_eq!(v.verify("clé.clé.clé", now), Err(AuthFailure::Malformed));
+        assert_eq!(v.signature_checks(), 0);
+        // A key of exactly the longest length is looked at.
+        assert_eq!(
+            v.verify(&"x".repeat(MAX_KEY_LEN), now),
+            Err(AuthFailure::Malformed)
+        );
+        assert_eq!(v.signature_checks(), 1);
+    }
+
+    #[test]
+    fn many_keys_stay_cached_side_by_side() {
+        let (dir, v) = verifier_with_key(&[]);
+        let now = unix_now();
+        let (a, _) = issue(&dir, None, now);
+        let (b, _) = issue(&dir, None, now);
+        for _ in 0..3 {
+            assert!(v.verify(&a, now).is_ok() && v.verify(&b, now).is_ok());
+        }
+        assert_eq!(v.signature_checks(), 2);
+        assert_eq!(v.key_ids().collect::<Vec<_>>(), ["k1"]);
+        assert_eq!(v.revoked_count(), 0);
+        let (_, revoking) = verifier_with_key(&["r1", "r2"]);
+        assert_eq!(revoking.revoked_count(), 2);
+    }
+
+    #[test]
+    fn every_refusal_has_its_own_reason_and_a_message() {
+        use AuthFailure::*;
+        let all = [
+            Missing,
+            Ambiguous,
+            Malformed,
+            WrongAlgorithm,
+            UnknownKid,
+            BadSignature,
+            Expired,
+            NotYetValid,
+            Revoked,
+            UnknownTeam,
+        ];
+        let reasons: HashSet<&str> = all.iter().map(|f| f.reason()).collect();
+        assert_eq!(reasons.len(), all.len(), "reasons are distinct");
+        assert!(reasons
+            .iter()
+            .all(|r| r.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')));
+        assert_eq!(Revoked.reason(), "revoked");
+        assert_eq!(Expired.reason(), "expired");
+        for f in all {
+            assert!(f.message().len() > 20, "{f:?}: {}", f.message());
+        }
+        assert!(Revoked.message().contains("revoked"));
+        assert!(Missing.message().contains("Authorization: Bearer"));
+        assert!(UnknownTeam.message().contains("team"));
     }
 
     #[test]

@@ -308,6 +308,19 @@ mod tests {
         assert_eq!(so.bool("include_usage").unwrap(), Some(true));
         let o = parse(r#"{"stream_options":[1]}"#).unwrap();
         assert!(o.object("stream_options").is_err());
+        let o = parse(r#"{"stream_options":null}"#).unwrap();
+        assert!(
+            o.object("stream_options").unwrap().is_none(),
+            "null is no object"
+        );
+        assert!(o.object("absent").unwrap().is_none());
+    }
+
+    #[test]
+    fn errors_read_as_their_message() {
+        let e = parse("[]").unwrap_err();
+        assert_eq!(e.to_string(), e.0);
+        assert_eq!(e.to_string(), "the request body must be a JSON object");
     }
 
     #[test]
@@ -329,5 +342,9 @@ mod tests {
             String::from_utf8(out).unwrap(),
             r#"{"model":"m","messages":[{"role":"user","content":"hi \u00e9"}]}"#
         );
+        // The smallest fields, and none at all.
+        let tiny = parse(r#"{"a":1}"#).unwrap();
+        assert_eq!(tiny.write_with(&[("b", Some("2"))]), br#"{"a":1,"b":2}"#);
+        assert_eq!(parse("{}").unwrap().write_with(&[]), b"{}");
     }
 }

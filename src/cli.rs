@@ -98,6 +98,10 @@ enum KeysCommand {
         /// Expire after this long, e.g. 90d, 12h. Default: never.
         #[arg(long)]
         expires: Option<HumanDuration>,
+        /// The gateway's configuration, to check that the team exists (else $CORRAL_CONFIG,
+        /// else ./config/corral.toml; without any, the team is not checked).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
     /// Show a key's claims and whether the configuration accepts it (and why not).
     /// Give the key as an argument, or `-` to read it from stdin.
@@ -106,12 +110,24 @@ enum KeysCommand {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Add a key (or a key id) to the revocation list named by auth.revoked_file.
-    /// Running gateways pick it up within a second.
+    /// Add a key (or a key id) to a revocation list: the one auth.revoked_file names, or
+    /// --file. Gateways reading that file refuse the key within a second; in Kubernetes the list
+    /// reaches them through a ConfigMap (--kubernetes).
     Revoke {
         key_or_id: String,
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// The revocation list to add to, instead of the configuration's auth.revoked_file (for
+        /// example config/revoked.txt, which the Kubernetes ConfigMap is made from).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// The kustomize overlay whose ConfigMap carries the list (e.g.
+        /// deploy/kubernetes/overlays/production): prints how to apply the change.
+        #[arg(long, value_name = "OVERLAY")]
+        kubernetes: Option<PathBuf>,
+        /// With --kubernetes: run `kubectl apply -k OVERLAY` now.
+        #[arg(long, requires = "kubernetes")]
+        apply: bool,
     },
 }
 
@@ -196,12 +212,14 @@ fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {
             name,
             models,
             expires,
+            config,
         } => {
             if !crate::config::valid_team_name(&team) {
                 return Err(format!(
                     "--team `{team}`: team names are lowercase letters, digits, '-' and '_'"
                 ));
             }
+            check_team(&team, config.as_deref())?;
             if expires.is_some_and(|d| d.0.as_secs() < 60) {
                 return Err(
                     "--expires: a key must live at least a minute (e.g. 90d, 12h, 30m)".into(),
@@ -268,30 +286,102 @@ fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {
                 }
             }
         }
-        KeysCommand::Revoke { key_or_id, config } => {
+        KeysCommand::Revoke {
+            key_or_id,
+            config,
+            file,
+            kubernetes,
+            apply,
+        } => {
             let arg = read_key_arg(key_or_id)?;
             let id = if arg.matches('.').count() == 2 {
                 keys::peek(&arg)?.1.jti
             } else {
                 arg
             };
-            let source = Source::locate(config.as_deref());
-            let cfg = Config::load(&source).map_err(|e| e.to_string())?;
-            if cfg.auth.revoked_file.as_os_str().is_empty() {
-                return Err(format!(
-                    "{}: auth.revoked_file is not set; set it to revoke keys",
-                    source.describe()
-                ));
-            }
-            let file = cfg.auth.revoked_file.display();
-            if keys::revoke(&cfg.auth.revoked_file, &id)? {
-                eprintln!("revoked key {id} in {file}; running gateways refuse it within a second");
+            let list = match file {
+                Some(f) => f,
+                None => {
+                    let source = Source::locate(config.as_deref());
+                    let cfg = Config::load(&source).map_err(|e| e.to_string())?;
+                    if cfg.auth.revoked_file.as_os_str().is_empty() {
+                        return Err(format!(
+                            "{}: auth.revoked_file is not set; set it (or give --file) to revoke keys",
+                            source.describe()
+                        ));
+                    }
+                    let list = cfg.auth.revoked_file;
+                    if list.parent().is_some_and(|d| !d.is_dir()) {
+                        return Err(format!(
+                            "{}: auth.revoked_file = \"{}\" is where the gateway reads its list, and that folder is not on this machine.\n\
+                             If the gateway runs in Kubernetes, revoke into the list its ConfigMap is made from:\n\
+                             corral keys revoke {id} --file config/revoked.txt --kubernetes deploy/kubernetes/overlays/production",
+                            source.describe(),
+                            list.display()
+                        ));
+                    }
+                    list
+                }
+            };
+            let shown = list.display();
+            if keys::revoke(&list, &id)? {
+                eprintln!("revoked key {id} in {shown}");
             } else {
-                eprintln!("key {id} was already revoked in {file}");
+                eprintln!("key {id} was already revoked in {shown}");
+            }
+            match kubernetes {
+                None => eprintln!(
+                    "gateways that read {shown} (their auth.revoked_file) refuse the key within a second"
+                ),
+                Some(overlay) if apply => {
+                    let status = std::process::Command::new("kubectl")
+                        .arg("apply")
+                        .arg("-k")
+                        .arg(&overlay)
+                        .status()
+                        .map_err(|e| format!("cannot run kubectl: {e}"))?;
+                    if !status.success() {
+                        return Err(format!("kubectl apply -k {} failed ({status})", overlay.display()));
+                    }
+                    eprintln!("{KUBELET_DELAY}");
+                }
+                Some(overlay) => eprintln!(
+                    "to apply it, run: kubectl apply -k {}\n{KUBELET_DELAY}",
+                    overlay.display()
+                ),
             }
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// What happens after a revocation list's ConfigMap changes.
+const KUBELET_DELAY: &str = "the kubelet updates the file in every corral pod within about a minute \
+(its sync period plus its ConfigMap cache); each gateway refuses the key within a second after that";
+
+/// Refuses a team the gateway's configuration does not have (a key for it would be refused).
+fn check_team(team: &str, config: Option<&std::path::Path>) -> Result<(), String> {
+    let source = Source::locate(config);
+    if source == Source::BuiltIn {
+        eprintln!(
+            "note: no configuration found (--config, $CORRAL_CONFIG, ./config/corral.toml): team `{team}` is not checked"
+        );
+        return Ok(());
+    }
+    let cfg = Config::load(&source).map_err(|e| e.to_string())?;
+    if cfg.teams.contains_key(team) {
+        return Ok(());
+    }
+    let known: Vec<&str> = cfg.teams.keys().map(String::as_str).collect();
+    Err(format!(
+        "--team `{team}`: {} has no [teams.{team}], so gateways would refuse the key; its teams: {}",
+        source.describe(),
+        if known.is_empty() {
+            "none".to_string()
+        } else {
+            known.join(", ")
+        }
+    ))
 }
 
 /// A key from the command line, or from stdin for `-` (keeps keys out of shell history).

@@ -152,34 +152,49 @@ Requests are logged below, one line each.
 }
 
 pub fn run(opts: DemoOptions) -> Result<(), String> {
+    // A folder of its own is deleted when the demo ends (its signing key included); one the
+    // user named with --dir is theirs to keep.
     let dir = opts.dir.unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("corral-demo-{}", std::process::id()))
+        let dir = std::env::temp_dir().join(format!("corral-demo-{}", std::process::id()));
+        crate::lifecycle::remove_on_exit(dir.clone());
+        dir
     });
+    let result = serve(opts.listen, opts.metrics_listen, opts.token_delay, &dir);
+    crate::lifecycle::clean_up();
+    result
+}
+
+fn serve(
+    listen: SocketAddr,
+    metrics_listen: SocketAddr,
+    token_delay: Duration,
+    dir: &Path,
+) -> Result<(), String> {
     let double = OllamaDouble::spawn(
         SocketAddr::from(([127, 0, 0, 1], 0)),
         DoubleConfig {
-            token_delay: opts.token_delay,
+            token_delay,
             ..DoubleConfig::default()
         },
     )
     .map_err(|e| format!("cannot start the Ollama double: {e}"))?;
-    let files = prepare(&dir, opts.listen, opts.metrics_listen, &double.url())?;
+    let files = prepare(dir, listen, metrics_listen, &double.url())?;
     let source = Source::File(files.config.clone());
     let cfg = Config::load(&source).map_err(|e| e.to_string())?;
     crate::telemetry::init_logging(&cfg.log);
     let prepared = crate::server::prepare(source, cfg).map_err(|e| e.to_string())?;
     crate::server::check_binds(&prepared.cfg)
         .map_err(|e| format!("{e}\n(pick other ports with --listen and --metrics-listen)"))?;
-    let host = if opts.listen.ip().is_loopback() && opts.listen.is_ipv4() {
+    let host = if listen.ip().is_loopback() && listen.is_ipv4() {
         "localhost".to_string()
     } else {
-        opts.listen.ip().to_string()
+        listen.ip().to_string()
     };
     println!(
         "{}",
         examples(
-            &format!("https://{host}:{}", opts.listen.port()),
-            opts.metrics_listen,
+            &format!("https://{host}:{}", listen.port()),
+            metrics_listen,
             &files
         )
     );

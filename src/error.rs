@@ -38,8 +38,20 @@ pub enum GatewayError {
     UpstreamTimeout(HumanDuration),
     #[error("the request took longer than the {0} limit of this gateway")]
     RequestTooLong(HumanDuration),
+    /// Ollama answered with a server error; its own body (file paths, internals) is not shown.
+    #[error("{}", upstream_failed_message(*.0))]
+    UpstreamFailed(u16),
     #[error("internal error in the gateway; the request id identifies it in the log")]
     Internal,
+}
+
+fn upstream_failed_message(status: u16) -> String {
+    match status {
+        503 => "the model server is busy (its queue is full); try again shortly".into(),
+        _ => format!(
+            "the model server failed to answer (HTTP {status}); the request id identifies the details in the gateway log"
+        ),
+    }
 }
 
 /// An error response ready to write: status, headers, body.
@@ -66,6 +78,7 @@ impl GatewayError {
             GatewayError::Internal => 500,
             GatewayError::UpstreamUnavailable => 502,
             GatewayError::UpstreamTimeout(_) | GatewayError::RequestTooLong(_) => 504,
+            GatewayError::UpstreamFailed(status) => *status,
         }
     }
 
@@ -86,6 +99,7 @@ impl GatewayError {
             GatewayError::UpstreamUnavailable => "upstream_unavailable",
             GatewayError::UpstreamTimeout(_) => "upstream_timeout",
             GatewayError::RequestTooLong(_) => "request_too_long",
+            GatewayError::UpstreamFailed(_) => "upstream_failed",
         }
     }
 

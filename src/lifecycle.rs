@@ -18,6 +18,25 @@ use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::broadcast;
 
+/// Folders to delete when the process exits (`corral demo`'s temporary files).
+static REMOVE_ON_EXIT: Mutex<Vec<std::path::PathBuf>> = Mutex::new(Vec::new());
+
+/// Deletes `dir` when the process exits, whichever way it stops.
+pub fn remove_on_exit(dir: std::path::PathBuf) {
+    REMOVE_ON_EXIT
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(dir);
+}
+
+/// Deletes what [`remove_on_exit`] named; called on every way out.
+pub fn clean_up() {
+    let dirs = std::mem::take(&mut *REMOVE_ON_EXIT.lock().unwrap_or_else(|e| e.into_inner()));
+    for dir in dirs {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 #[derive(Default)]
 pub struct Lifecycle {
     in_flight: AtomicUsize,
@@ -63,6 +82,7 @@ impl Lifecycle {
                 tracing::info!("all requests finished; exiting");
                 access_log.flush();
                 crate::telemetry::flush();
+                clean_up();
                 std::process::exit(0);
             }
         }

@@ -433,8 +433,15 @@ mod tests {
     fn cloud_models_need_the_cloud_flag() {
         let mut t = team(&["*"]);
         assert!(!t.allows(&id(None), &m("gpt-oss:120b-cloud")));
+        let cloud = [ModelRef {
+            field: "model",
+            name: m("gpt-oss:120b-cloud"),
+        }];
+        let e = authorize(&t, &id(None), RouteKind::Chat, &only(&cloud)).unwrap_err();
+        assert!(e.to_string().contains("runs on ollama.com"), "{e}");
         t.cloud = true;
         assert!(t.allows(&id(None), &m("gpt-oss:120b-cloud")));
+        assert!(authorize(&t, &id(None), RouteKind::Chat, &only(&cloud)).is_ok());
     }
 
     #[test]
@@ -542,6 +549,13 @@ mod tests {
             ),
             Ok(())
         );
+        // A blob digest where a model name should be: refused even for a key whose claim
+        // matches every name.
+        let everything = id(Some(&["*"]));
+        for from in [digest.as_str(), &digest.replace(':', "-")] {
+            let body = format!(r#"{{"model":"x","modelfile":"FROM {from}"}}"#);
+            assert_eq!(decide(&everything, &body), Err(403), "{body}");
+        }
         // Empty blob maps name nothing.
         assert_eq!(
             decide(

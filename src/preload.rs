@@ -7,11 +7,16 @@
 //! model that is gone (Ollama restarted, the model was evicted), and keeps `corral_model_loaded`
 //! true to what Ollama reports. A model that cannot be loaded (not pulled, wrong capability) is
 //! reported in the log and `/readyz` and retried each interval; it never blocks the others.
+//!
+//! With `preload.pull_missing`, a pinned model Ollama does not have is pulled first
+//! (`/api/pull`), its progress shown in `/readyz` ("pulling 42%"), the log and
+//! `corral_model_pull_bytes`; a pull that fails is retried with backoff (10 s, doubling, at most
+//! 10 minutes) and reported, and never stops corral or the other models.
 
 use crate::config::PreloadConfig;
 use crate::ollama::{KeepAlive, ModelName};
 use crate::telemetry::metrics::Metrics;
-use crate::upstream_client::UpstreamClient;
+use crate::upstream_client::{Answer, UpstreamClient};
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
@@ -26,11 +31,22 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// `/api/show` and `/api/ps` answer at once; a load may take minutes (the upstream read timeout).
 const INFO_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Backoff between pulls of a model that failed: 10 s, doubling, at most 10 minutes.
+const PULL_BACKOFF_START: Duration = Duration::from_secs(10);
+const PULL_BACKOFF_MAX: Duration = Duration::from_secs(600);
+
 /// Where a pinned model stands.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelState {
     Loading,
-    Loaded { seconds: f64 },
+    /// Being pulled: bytes of its layers done so far and in all (as far as announced).
+    Pulling {
+        completed: u64,
+        total: u64,
+    },
+    Loaded {
+        seconds: f64,
+    },
     Failed(String),
 }
 
@@ -38,9 +54,59 @@ impl ModelState {
     fn describe(&self) -> String {
         match self {
             ModelState::Loading => "loading".into(),
+            ModelState::Pulling { completed, total } if *total > 0 => {
+                format!("pulling {}%", completed.saturating_mul(100) / total)
+            }
+            ModelState::Pulling { .. } => "pulling".into(),
             ModelState::Loaded { .. } => "loaded".into(),
             ModelState::Failed(why) => format!("failed: {why}"),
         }
+    }
+}
+
+/// A pull that failed, and when it is tried again.
+#[derive(Debug, Clone)]
+pub struct PullRetry {
+    at: Instant,
+    backoff: Duration,
+    why: String,
+}
+
+/// Progress of one pull, from Ollama's NDJSON lines (one per layer update).
+#[derive(Debug, Default)]
+struct PullProgress {
+    /// digest → (completed, total)
+    layers: BTreeMap<String, (u64, u64)>,
+    error: Option<String>,
+    success: bool,
+}
+
+impl PullProgress {
+    fn line(&mut self, line: &[u8]) {
+        let Ok(v) = serde_json::from_slice::<Value>(line) else {
+            return;
+        };
+        if let Some(e) = v.get("error").and_then(Value::as_str) {
+            self.error = Some(e.to_string());
+        }
+        if v.get("status").and_then(Value::as_str) == Some("success") {
+            self.success = true;
+        }
+        if let (Some(digest), Some(total)) = (
+            v.get("digest").and_then(Value::as_str),
+            v.get("total").and_then(Value::as_u64),
+        ) {
+            let completed = v.get("completed").and_then(Value::as_u64).unwrap_or(0);
+            self.layers
+                .insert(digest.to_string(), (completed.min(total), total));
+        }
+    }
+
+    /// (completed, total) over every layer announced so far.
+    fn bytes(&self) -> (u64, u64) {
+        self.layers
+            .values()
+            .fold((0, 0), |(c, t), (lc, lt)| (c + lc, t + lt))
     }
 }
 
@@ -168,6 +234,7 @@ impl Pins {
                     model,
                     "pinned model is not loaded in Ollama; loading it again"
                 ),
+                ModelState::Pulling { .. } => {}
             }
         }
     }
@@ -190,6 +257,10 @@ pub struct Preloader {
     pub metrics: Arc<Metrics>,
     pub watch_interval: Duration,
     pub load_timeout: Duration,
+    /// Pull pinned models Ollama does not have (`preload.pull_missing`).
+    pub pull_missing: bool,
+    /// Models whose last pull failed: when to try again, the backoff, and why it failed.
+    pub pull_backoff: std::sync::Mutex<HashMap<String, PullRetry>>,
 }
 
 /// How a model is loaded, from its capabilities.
@@ -259,10 +330,8 @@ impl Preloader {
         Ok(())
     }
 
-    /// Loads one model. Outer error: Ollama unreachable; inner: this model cannot be loaded.
-    async fn load(&self, model: &str) -> Result<Result<f64, String>, Unreachable> {
-        let show = self
-            .client
+    async fn show(&self, model: &str) -> Result<Answer, Unreachable> {
+        self.client
             .request(
                 "POST",
                 "/api/show",
@@ -270,7 +339,140 @@ impl Preloader {
                 INFO_TIMEOUT,
             )
             .await
-            .map_err(Unreachable::Down)?;
+            .map_err(Unreachable::Down)
+    }
+
+    /// Pulls a model, following its progress. Outer error: Ollama unreachable (or the download
+    /// stalled past the read timeout); inner: the pull failed.
+    async fn pull(&self, model: &str) -> Result<Result<(), String>, Unreachable> {
+        {
+            let backoff = self.pull_backoff.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(retry) = backoff.get(model).filter(|r| Instant::now() < r.at) {
+                let wait = retry.at.saturating_duration_since(Instant::now());
+                return Ok(Err(format!(
+                    "{} (pulling again in {}s)",
+                    retry.why,
+                    wait.as_secs() + 1
+                )));
+            }
+        }
+        tracing::info!(model, "pinned model missing from Ollama; pulling it");
+        // After a failure, /readyz keeps saying why until the new attempt makes progress.
+        let retrying = matches!(self.pins.read().get(model), Some(ModelState::Failed(_)));
+        if !retrying {
+            self.pins.set(
+                model,
+                ModelState::Pulling {
+                    completed: 0,
+                    total: 0,
+                },
+            );
+        }
+        let gauge = |kind: &str| {
+            self.metrics
+                .model_pull_bytes
+                .with_label_values(&[model, kind])
+        };
+        let mut progress = PullProgress::default();
+        let mut last_logged = 0;
+        let started = Instant::now();
+        let status = self
+            .client
+            .lines(
+                "POST",
+                "/api/pull",
+                Some(&json!({ "model": model, "stream": true })),
+                self.load_timeout,
+                |line| {
+                    progress.line(line);
+                    let (completed, total) = progress.bytes();
+                    if total == 0 {
+                        return;
+                    }
+                    gauge("completed").set(completed as i64);
+                    gauge("total").set(total as i64);
+                    self.pins
+                        .set(model, ModelState::Pulling { completed, total });
+                    let percent = completed
+                        .saturating_mul(100)
+                        .checked_div(total)
+                        .unwrap_or(0);
+                    if percent >= last_logged + 10 {
+                        last_logged = percent - percent % 10;
+                        tracing::info!(
+                            model,
+                            percent,
+                            completed_bytes = completed,
+                            total_bytes = total,
+                            "pulling"
+                        );
+                    }
+                },
+            )
+            .await;
+        let outcome = match status {
+            Err(e) => {
+                // A pull that stalls or loses Ollama halfway is retried like a failed one.
+                let why = format!("pull broke off: {e}");
+                self.pins.set(model, ModelState::Loading);
+                self.back_off(model, &why);
+                return Err(Unreachable::Down(format!("pulling {model}: {why}")));
+            }
+            Ok(200) if progress.success && progress.error.is_none() => Ok(()),
+            Ok(status) => Err(format!(
+                "pull failed: {}",
+                progress
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| format!("/api/pull answered {status}"))
+            )),
+        };
+        match &outcome {
+            Ok(()) => {
+                self.pull_backoff
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(model);
+                let (_, total) = progress.bytes();
+                tracing::info!(
+                    model,
+                    seconds = started.elapsed().as_secs_f64(),
+                    total_bytes = total,
+                    "pulled"
+                );
+            }
+            Err(why) => {
+                let retry_in = self.back_off(model, why);
+                tracing::error!(model, reason = %why, retry_in = ?retry_in, "pinned model could not be pulled");
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Schedules the next pull of a model after a failure; returns the wait.
+    fn back_off(&self, model: &str, why: &str) -> Duration {
+        let mut backoff = self.pull_backoff.lock().unwrap_or_else(|e| e.into_inner());
+        let delay = backoff.get(model).map_or(PULL_BACKOFF_START, |r| {
+            (r.backoff * 2).min(PULL_BACKOFF_MAX)
+        });
+        let retry = PullRetry {
+            at: Instant::now() + delay,
+            backoff: delay,
+            why: why.to_string(),
+        };
+        backoff.insert(model.to_string(), retry);
+        delay
+    }
+
+    /// Loads one model. Outer error: Ollama unreachable; inner: this model cannot be loaded.
+    async fn load(&self, model: &str) -> Result<Result<f64, String>, Unreachable> {
+        let mut show = self.show(model).await?;
+        if show.status == 404 && self.pull_missing {
+            if let Err(why) = self.pull(model).await? {
+                return Ok(Err(why));
+            }
+            show = self.show(model).await?;
+        }
         let route = match show.status {
             200 => {
                 let caps: Vec<String> = show
@@ -292,7 +494,7 @@ impl Preloader {
             }
             404 => {
                 return Ok(Err(format!(
-                    "Ollama does not have it; pull it first (ollama pull {model})"
+                    "Ollama does not have it; pull it first (ollama pull {model}), or set preload.pull_missing"
                 )))
             }
             status => {

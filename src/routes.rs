@@ -418,6 +418,60 @@ mod tests {
     }
 
     #[test]
+    fn each_route_has_its_body_mode_name_and_stream_default() {
+        for k in [Root, Version, Tags, Ps, Models, Model] {
+            assert_eq!(k.body(), BodyMode::None, "{k:?}");
+        }
+        assert_eq!(Blobs.body(), BodyMode::Stream);
+        for k in [
+            Generate,
+            Chat,
+            ChatCompletions,
+            Show,
+            Pull,
+            Create,
+            Copy,
+            Delete,
+        ] {
+            assert_eq!(k.body(), BodyMode::Json, "{k:?}");
+        }
+        assert_eq!(Blobs.name(), "/api/blobs/{digest}");
+        assert_eq!(Tags.name(), "/api/tags");
+        for k in [Generate, Chat, Pull, Push, Create] {
+            assert!(k.streams_by_default(), "{k:?}");
+        }
+        for k in [
+            Embed,
+            ChatCompletions,
+            Completions,
+            Responses,
+            Messages,
+            Show,
+            Copy,
+        ] {
+            assert!(!k.streams_by_default(), "{k:?}");
+        }
+        for k in [
+            Generate,
+            Chat,
+            Embed,
+            Embeddings,
+            ChatCompletions,
+            Completions,
+            OpenAiEmbeddings,
+            Responses,
+            Messages,
+        ] {
+            assert!(k.runs_model(), "{k:?}");
+        }
+        for k in [
+            Root, Version, Tags, Ps, Show, Models, Model, Pull, Create, Blobs,
+        ] {
+            assert!(!k.runs_model(), "{k:?}");
+        }
+    }
+
+    #[test]
     fn dialects_follow_the_path() {
         assert_eq!(Chat.dialect(), Dialect::Ollama);
         assert_eq!(ChatCompletions.dialect(), Dialect::OpenAi);

@@ -291,6 +291,8 @@ pub fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
             metrics: metrics.clone(),
             watch_interval: cfg.preload.watch_interval.0,
             load_timeout: upstream.read_timeout,
+            pull_missing: cfg.preload.pull_missing,
+            pull_backoff: Default::default(),
         };
         server.add_service(background_service("preload", preloader));
     }

@@ -58,6 +58,70 @@ impl UpstreamClient {
         body: Option<&serde_json::Value>,
         read_timeout: Duration,
     ) -> Result<Answer, String> {
+        let mut answer = BytesMut::new();
+        let status = self
+            .exchange(method, path, body, read_timeout, |chunk| {
+                if answer.len() + chunk.len() > MAX_ANSWER {
+                    return Err("the answer is too large".to_string());
+                }
+                answer.extend_from_slice(chunk);
+                Ok(())
+            })
+            .await?;
+        Ok(Answer {
+            status,
+            body: answer.freeze(),
+        })
+    }
+
+    /// Sends one request and hands each line of the answer (Ollama's NDJSON progress) to
+    /// `on_line` as it arrives. Returns the status. Lines over 64 KiB are skipped.
+    pub async fn lines(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        read_timeout: Duration,
+        mut on_line: impl FnMut(&[u8]),
+    ) -> Result<u16, String> {
+        const MAX_LINE: usize = 64 << 10;
+        let mut partial = Vec::new();
+        let status = self
+            .exchange(method, path, body, read_timeout, |chunk| {
+                for piece in chunk.split_inclusive(|&b| b == b'\n') {
+                    match piece.strip_suffix(b"\n") {
+                        Some(end) => {
+                            if partial.len() + end.len() <= MAX_LINE {
+                                partial.extend_from_slice(end);
+                                on_line(&partial);
+                            }
+                            partial.clear();
+                        }
+                        None if partial.len() + piece.len() <= MAX_LINE => {
+                            partial.extend_from_slice(piece)
+                        }
+                        // Too long to be a progress line: skipped to its end.
+                        None => partial.resize(MAX_LINE + 1, 0),
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+        if !partial.is_empty() && partial.len() <= MAX_LINE {
+            on_line(&partial);
+        }
+        Ok(status)
+    }
+
+    /// One exchange: sends the request, then each piece of the answer's body to `on_body`.
+    async fn exchange(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        read_timeout: Duration,
+        mut on_body: impl FnMut(&[u8]) -> Result<(), String>,
+    ) -> Result<u16, String> {
         if self.upstream.addr().is_none() {
             self.upstream
                 .resolve()
@@ -105,23 +169,16 @@ impl UpstreamClient {
             .await
             .map_err(|e| fail("waiting for the answer", e))?;
         let status = session.response_header().map_or(0, |h| h.status.as_u16());
-        let mut answer = BytesMut::new();
         while let Some(chunk) = session
             .read_response_body()
             .await
             .map_err(|e| fail("reading the answer", e))?
         {
-            if answer.len() + chunk.len() > MAX_ANSWER {
-                return Err("the answer is too large".into());
-            }
-            answer.extend_from_slice(&chunk);
+            on_body(&chunk)?;
         }
         self.connector
             .release_http_session(session, &peer, None)
             .await;
-        Ok(Answer {
-            status,
-            body: answer.freeze(),
-        })
+        Ok(status)
     }
 }

@@ -102,3 +102,41 @@ fn the_demo_serves_and_its_curl_examples_work_as_printed() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// Without --dir the demo writes into a temporary folder of its own (its signing key among the
+/// files) and deletes it when it stops, on SIGTERM and on Ctrl-C alike.
+#[test]
+fn the_demo_removes_its_own_files_when_it_stops() {
+    for signal in ["TERM", "INT"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (port, metrics) = (reserve_port(), reserve_port());
+        let mut child = Command::new(corral_bin())
+            .args([
+                "demo",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--metrics-listen",
+                &format!("127.0.0.1:{metrics}"),
+            ])
+            .env("TMPDIR", tmp.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let own = tmp.path().join(format!("corral-demo-{}", child.id()));
+        wait_for(Duration::from_secs(30), "the demo to listen", || {
+            TcpStream::connect(loopback(port)).is_ok().then_some(())
+        });
+        assert!(own.join("keys/demo.key.pem").exists(), "{signal}");
+        let sent = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        wait_for(Duration::from_secs(30), "the demo to stop", || {
+            child.try_wait().unwrap()
+        });
+        assert!(!own.exists(), "{signal}: {} is left behind", own.display());
+    }
+}

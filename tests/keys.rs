@@ -232,6 +232,152 @@ async fn every_bad_key_is_refused_and_never_reaches_ollama() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refused_key_is_logged_with_its_reason_and_its_id() {
+    let (double, corral) = gateway().await;
+    let now = corral::auth::unix_now();
+    let jti = |key: &str| corral::keys::peek(key).unwrap().1.jti;
+    let good = corral.issue("research", None, None);
+    let revoked = corral.issue("research", None, None);
+    std::fs::write(
+        &corral.cfg.auth.revoked_file,
+        format!("{}\n", jti(&revoked)),
+    )
+    .unwrap();
+    wait_for(Duration::from_secs(10), "the revocation to load", || {
+        corral.stderr_text().contains("\"revoked\":1").then_some(())
+    });
+    let expired = {
+        let req = corral::keys::IssueRequest {
+            team: "research".into(),
+            expires_in: Some(Duration::from_secs(60)),
+            ..Default::default()
+        };
+        corral::keys::issue(&corral.signing_key, &req, now - 3600)
+            .unwrap()
+            .0
+    };
+    let mut future = claims("research");
+    future["nbf"] = json!(now + 3600);
+    let not_yet_valid = sign(&corral, &eddsa(), &future);
+    let rogue_dir = tempfile::tempdir().unwrap();
+    let (rogue, _) = corral::keys::init(rogue_dir.path(), "rogue").unwrap();
+    let unknown_kid = issue_with(&rogue, "research", None, None);
+    let parts: Vec<&str> = good.split('.').collect();
+    let mut sig = parts[2].as_bytes().to_vec();
+    sig[10] = if sig[10] == b'A' { b'B' } else { b'A' };
+    let bad_signature = format!(
+        "{}.{}.{}",
+        parts[0],
+        parts[1],
+        String::from_utf8(sig).unwrap()
+    );
+    // An unverified key can claim any id; one that is not plain is not logged.
+    let mut odd = claims("research");
+    odd["jti"] = json!("a\"b\nfake log line");
+    let mut rogue_header = eddsa();
+    rogue_header.kid = Some("rogue".into());
+    let odd_id = jsonwebtoken::encode(
+        &rogue_header,
+        &odd,
+        &EncodingKey::from_ed_pem(&std::fs::read(&rogue).unwrap()).unwrap(),
+    )
+    .unwrap();
+    let ghosts = corral.issue("ghosts", None, None);
+
+    /// What is sent, and what the log must say.
+    type Case<'a> = (&'a str, Option<String>, &'a str, Option<String>, Option<&'a str>);
+    // (what, Authorization header, reason, key id logged, team logged)
+    let cases: Vec<Case> = vec![
+        ("no key", None, "missing", None, None),
+        ("garbage", Some("hello".into()), "malformed", None, None),
+        (
+            "bad signature",
+            Some(bad_signature),
+            "bad_signature",
+            Some(jti(&good)),
+            None,
+        ),
+        (
+            "unknown kid",
+            Some(unknown_kid.clone()),
+            "unknown_kid",
+            Some(jti(&unknown_kid)),
+            None,
+        ),
+        (
+            "expired",
+            Some(expired.clone()),
+            "expired",
+            Some(jti(&expired)),
+            Some("research"),
+        ),
+        (
+            "not yet valid",
+            Some(not_yet_valid.clone()),
+            "not_yet_valid",
+            Some(future["jti"].as_str().unwrap().into()),
+            Some("research"),
+        ),
+        (
+            "revoked",
+            Some(revoked.clone()),
+            "revoked",
+            Some(jti(&revoked)),
+            Some("research"),
+        ),
+        (
+            "unknown team",
+            Some(ghosts.clone()),
+            "unknown_team",
+            Some(jti(&ghosts)),
+            Some("ghosts"),
+        ),
+        (
+            "an id that is not plain",
+            Some(odd_id),
+            "unknown_kid",
+            None,
+            None,
+        ),
+    ];
+    let client = corral.anonymous_client();
+    for (i, (what, key, reason, key_id, team)) in cases.iter().enumerate() {
+        let id = format!("refused-{i}");
+        let mut req = client
+            .post(format!("{}/api/chat", corral.base()))
+            .header("x-request-id", &id)
+            .json(&chat());
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 401, "{what}");
+        let line = corral.log_line(&id);
+        assert_eq!(line["auth_failure"], *reason, "{what}: {line}");
+        assert_eq!(line["error"], "unauthorized", "{what}");
+        assert_eq!(line["key_id"].as_str(), key_id.as_deref(), "{what}: {line}");
+        assert_eq!(line["team"].as_str(), *team, "{what}: {line}");
+    }
+    // Two different keys at once.
+    let resp = client
+        .post(format!("{}/api/chat", corral.base()))
+        .header("x-request-id", "refused-two")
+        .bearer_auth(&good)
+        .header("x-api-key", &revoked)
+        .json(&chat())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(corral.log_line("refused-two")["auth_failure"], "ambiguous");
+    let out = corral.stdout_lines().join("\n") + &corral.stderr_text();
+    for key in [&good, &revoked, &expired, &ghosts] {
+        assert!(!out.contains(&key[key.len() - 40..]), "a key was logged");
+    }
+    assert!(forwarded(&double).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_models_claim_narrows_the_team_and_never_widens_it() {
     let (double, corral) = gateway().await;
     let wide = corral.issue("research", Some(&["*"]), None);
@@ -705,4 +851,168 @@ fn keys_cli_issues_inspects_and_revokes() {
         "ops-1",
     ]);
     assert!(!out.status.success(), "init overwrote a key");
+}
+
+#[test]
+fn keys_cli_checks_the_team_and_says_truthfully_how_a_revocation_lands() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str], path: Option<&str>| {
+        let mut cmd = std::process::Command::new(corral_bin());
+        cmd.args(args)
+            .current_dir(dir.path())
+            .env_remove("CORRAL_CONFIG");
+        if let Some(p) = path {
+            cmd.env("PATH", p);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (signing, public) = corral::keys::init(&dir.path().join("keys"), "ops-1").unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[auth]\nverify_keys = [\"{}\"]\n[teams.research]\nmodels = [\"*\"]\n[teams.ops]\nadmin = true\n",
+            public.display()
+        ),
+    )
+    .unwrap();
+    let (signing, config) = (signing.to_str().unwrap(), config.to_str().unwrap());
+
+    // A team the gateway does not have: refused, with the teams it has.
+    let (ok, stdout, stderr) = run(
+        &[
+            "keys",
+            "issue",
+            "--signing-key",
+            signing,
+            "--team",
+            "nosuchteam",
+            "--config",
+            config,
+        ],
+        None,
+    );
+    assert!(!ok && stdout.is_empty(), "{stderr}");
+    assert!(
+        stderr.contains("no [teams.nosuchteam]") && stderr.contains("ops, research"),
+        "{stderr}"
+    );
+    let (ok, stdout, _) = run(
+        &[
+            "keys",
+            "issue",
+            "--signing-key",
+            signing,
+            "--team",
+            "research",
+            "--config",
+            config,
+        ],
+        None,
+    );
+    assert!(ok && stdout.trim().matches('.').count() == 2);
+    // With no configuration anywhere, the team cannot be checked, and the key is issued.
+    let (ok, stdout, stderr) = run(
+        &[
+            "keys",
+            "issue",
+            "--signing-key",
+            signing,
+            "--team",
+            "anyone",
+        ],
+        None,
+    );
+    assert!(ok && !stdout.is_empty(), "{stderr}");
+    assert!(stderr.contains("is not checked"), "{stderr}");
+    let key = stdout.trim().to_string();
+    let id = corral::keys::peek(&key).unwrap().1.jti;
+
+    // The Kubernetes configuration names a list that lives in a pod: the command says what to
+    // do instead of failing to write it.
+    let k8s = concat!(env!("CARGO_MANIFEST_DIR"), "/config/kubernetes.toml");
+    let (ok, _, stderr) = run(&["keys", "revoke", &key, "--config", k8s], None);
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains("not on this machine")
+            && stderr.contains("--file config/revoked.txt --kubernetes"),
+        "{stderr}"
+    );
+
+    // Into the list the ConfigMap is made from, with the way to apply it and how long it takes.
+    let list = dir.path().join("revoked.txt");
+    let list = list.to_str().unwrap();
+    let overlay = "deploy/kubernetes/overlays/production";
+    let (ok, _, stderr) = run(
+        &[
+            "keys",
+            "revoke",
+            &key,
+            "--file",
+            list,
+            "--kubernetes",
+            overlay,
+        ],
+        None,
+    );
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains(&format!("kubectl apply -k {overlay}")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("within about a minute"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(list).unwrap().trim(), id);
+
+    // --apply runs kubectl (a stand-in here that records its arguments).
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let record = dir.path().join("kubectl-args");
+    std::fs::write(
+        bin.join("kubectl"),
+        format!("#!/bin/sh\necho \"$@\" > {}\n", record.display()),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(bin.join("kubectl"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let other = corral::keys::new_key_id();
+    let (ok, _, stderr) = run(
+        &[
+            "keys",
+            "revoke",
+            &other,
+            "--file",
+            list,
+            "--kubernetes",
+            overlay,
+            "--apply",
+        ],
+        Some(&path),
+    );
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(&record).unwrap().trim(),
+        format!("apply -k {overlay}")
+    );
+    // A plain list on this machine: gateways reading it refuse the key within a second.
+    let (ok, _, stderr) = run(
+        &[
+            "keys",
+            "revoke",
+            &corral::keys::new_key_id(),
+            "--file",
+            list,
+        ],
+        None,
+    );
+    assert!(ok && stderr.contains("within a second"), "{stderr}");
 }

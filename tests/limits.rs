@@ -166,9 +166,11 @@ async fn leaving_a_stream_before_its_counts_does_not_make_it_free() {
     next_chunk(&mut resp).await.unwrap();
     drop(resp);
     let line = corral.log_line(&id);
-    assert_eq!(line["prompt_tokens"], Value::Null, "{line}");
     // It was charged an estimate (the prompt from the body size, a token per line received),
-    // which uses up this team's 20 tokens a minute.
+    // logged as such, which uses up this team's 20 tokens a minute.
+    assert_eq!(line["tokens_estimated"], true, "{line}");
+    assert_eq!(line["prompt_tokens"], line["bytes_in"].as_u64().unwrap() / 4, "{line}");
+    assert_eq!(line["completion_tokens"], 2, "{line}");
     assert_eq!(
         post(&corral, &key, "/api/chat", &chat(false))
             .await

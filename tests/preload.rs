@@ -381,3 +381,134 @@ async fn a_missing_model_is_reported_and_does_not_block_the_others() {
         "{report}"
     );
 }
+
+fn pull_progress(corral: &Corral) -> Vec<String> {
+    corral
+        .stderr_text()
+        .lines()
+        .filter(|l| l.contains("\"pulling\"") || l.contains("\"pulled\""))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_pinned_models_are_pulled_with_progress_then_loaded() {
+    // Ollama starts with nothing pulled; each progress line takes 200 ms.
+    let double = double_with(|c| {
+        c.models = vec![];
+        c.token_delay = Duration::from_millis(200);
+    })
+    .await;
+    let mut cfg = preload_config(&double.url(), &["llama3.2", "nomic-embed-text"]);
+    cfg.preload.pull_missing = true;
+    let corral = Corral::start(cfg);
+
+    // While it pulls, /readyz says how far along it is.
+    let seen = wait_for_async(Duration::from_secs(20), "a pull in progress", || async {
+        let (status, body) = readyz(&corral).await;
+        let state = body["models"]["llama3.2:latest"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        (status == 503 && state.starts_with("pulling ")).then_some(state)
+    })
+    .await;
+    assert!(seen.ends_with('%'), "{seen}");
+    until_ready(&corral).await;
+    assert!(is_loaded(&double, "llama3.2:latest"));
+    assert!(is_loaded(&double, "nomic-embed-text:latest"));
+    let pulls = own_requests(&double, "/api/pull");
+    assert_eq!(
+        pulls,
+        [
+            json!({"model": "llama3.2:latest", "stream": true}),
+            json!({"model": "nomic-embed-text:latest", "stream": true})
+        ]
+    );
+    // The embedding model was loaded through /api/embed once pulled.
+    assert_eq!(own_requests(&double, "/api/embed").len(), 1);
+    let metrics = corral.metrics().await;
+    let bytes = |kind| {
+        metric_sum(
+            &metrics,
+            "corral_model_pull_bytes",
+            &[("model", "llama3.2:latest"), ("kind", kind)],
+        )
+    };
+    assert!(bytes("total") > 1e9, "{metrics}");
+    assert_eq!(bytes("completed"), bytes("total"));
+    let log = pull_progress(&corral);
+    assert!(log.iter().any(|l| l.contains("\"percent\":50")), "{log:?}");
+    assert!(log.iter().any(|l| l.contains("\"pulled\"")), "{log:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_pull_is_reported_and_retried_and_never_stops_the_gateway() {
+    let double = double_with(|c| {
+        c.models = vec![];
+        c.failing_pulls = 1;
+        c.unpullable = vec!["nosuch-model".into()];
+    })
+    .await;
+    let mut cfg = preload_config(&double.url(), &["llama3.2", "nosuch-model"]);
+    cfg.preload.pull_missing = true;
+    let corral = Corral::start(cfg);
+
+    // The first pull of llama3.2 breaks off: reported, then pulled again after its backoff.
+    let first = wait_for_async(Duration::from_secs(20), "the failed pull", || async {
+        let (_, body) = readyz(&corral).await;
+        let state = body["models"]["llama3.2:latest"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        state.starts_with("failed: pull failed").then_some(state)
+    })
+    .await;
+    assert!(first.contains("connection reset"), "{first}");
+    wait_for_async(
+        Duration::from_secs(60),
+        "llama3.2 pulled on a retry",
+        || async {
+            let (_, body) = readyz(&corral).await;
+            (body["models"]["llama3.2:latest"] == "loaded").then_some(())
+        },
+    )
+    .await;
+    // A model the registry does not have stays failed, with Ollama's reason, and the gateway
+    // keeps serving (not ready, since a pinned model is missing).
+    let (status, body) = readyz(&corral).await;
+    assert_eq!(status, 503);
+    let state = body["models"]["nosuch-model:latest"].as_str().unwrap();
+    assert!(state.contains("file does not exist"), "{state}");
+    let resp = corral
+        .client()
+        .post(format!("{}/api/chat", corral.base()))
+        .json(&json!({"model": "llama3.2", "stream": false, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(corral
+        .stderr_text()
+        .contains("pinned model could not be pulled"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kubernetes_config_becomes_ready_from_an_empty_model_store() {
+    let double = double_with(|c| {
+        c.models = vec![];
+        c.token_delay = Duration::from_millis(5);
+    })
+    .await;
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/kubernetes.toml");
+    let setup = Setup::new(test_config(&double.url()));
+    let mut corral = setup.spawn_file(&file, &[]);
+    corral.wait_ready();
+    until_ready(&corral).await;
+    let (_, body) = readyz(&corral).await;
+    assert_eq!(
+        body["models"],
+        json!({"llama3.2:latest": "loaded", "nomic-embed-text:latest": "loaded"})
+    );
+    assert_eq!(own_requests(&double, "/api/pull").len(), 2);
+}

@@ -102,4 +102,75 @@ async fn five_hundred_concurrent_streams_all_complete_and_correct() {
         STREAMS as f64
     );
     assert_eq!(metric_sum(&m, "corral_truncated_streams_total", &[]), 0.0);
+    assert_eq!(errors_logged(&corral), Vec::<String>::new());
+}
+
+/// Lines corral logged at ERROR.
+fn errors_logged(corral: &Corral) -> Vec<String> {
+    corral
+        .stderr_text()
+        .lines()
+        .filter(|l| l.contains("\"level\":\"ERROR\""))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Normal traffic, however bursty, logs nothing at ERROR (log-based alerting must not fire):
+/// keep-alive clients hammering small requests through the upstream pool, clients that leave
+/// in the middle of streams and right after their last byte, refused requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_ordinary_traffic_logs_nothing_at_error() {
+    let double = double_with(|c| c.token_delay = Duration::from_millis(5)).await;
+    let mut cfg = test_config(&double.url());
+    cfg.server.max_connections_per_ip = 0;
+    let corral = Arc::new(Corral::start(cfg));
+    let client = corral.client_builder().http1_only().build().unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..48 {
+        let (client, corral) = (client.clone(), corral.clone());
+        tasks.push(tokio::spawn(async move {
+            for j in 0..20 {
+                let base = corral.base();
+                match (i + j) % 4 {
+                    0 | 1 => {
+                        let resp = client
+                            .post(format!("{base}/api/show"))
+                            .json(&json!({"model": "llama3.2"}))
+                            .send()
+                            .await
+                            .unwrap();
+                        assert_eq!(resp.status(), 200);
+                        resp.bytes().await.unwrap();
+                    }
+                    2 => {
+                        // A stream left after its first token.
+                        let mut resp = client
+                            .post(format!("{base}/api/chat"))
+                            .json(&json!({"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}))
+                            .send()
+                            .await
+                            .unwrap();
+                        next_chunk(&mut resp).await;
+                        drop(resp);
+                    }
+                    _ => {
+                        let resp = client
+                            .get(format!("{base}/api/nothing-here"))
+                            .send()
+                            .await
+                            .unwrap();
+                        assert_eq!(resp.status(), 404);
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    wait_for_async(Duration::from_secs(10), "every access-log line", || async {
+        (corral.access_log().len() >= 48 * 20).then_some(())
+    })
+    .await;
+    assert_eq!(errors_logged(&corral), Vec::<String>::new());
 }

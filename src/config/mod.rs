@@ -187,6 +187,8 @@ pub struct PreloadConfig {
     /// `/readyz` is 503 until every preload succeeded.
     pub ready_requires_preload: bool,
     pub keep_alive_policy: KeepAlivePolicy,
+    /// A pinned model Ollama does not have is pulled (`/api/pull`) before it is loaded.
+    pub pull_missing: bool,
 }
 
 impl Default for PreloadConfig {
@@ -197,6 +199,7 @@ impl Default for PreloadConfig {
             watch_interval: HumanDuration::secs(30),
             ready_requires_preload: true,
             keep_alive_policy: KeepAlivePolicy::Pin,
+            pull_missing: false,
         }
     }
 }

@@ -51,6 +51,10 @@ pub struct DoubleConfig {
     pub response_tokens: usize,
     /// Refuse non-local `Host` headers with an empty 403, as a loopback-bound Ollama does.
     pub host_guard: bool,
+    /// Names the "registry" does not have: pulling them fails (`file does not exist`).
+    pub unpullable: Vec<String>,
+    /// This many pulls (any model) break off halfway with an error, before pulls work.
+    pub failing_pulls: u32,
 }
 
 impl Default for DoubleConfig {
@@ -60,6 +64,8 @@ impl Default for DoubleConfig {
             token_delay: Duration::from_millis(20),
             response_tokens: 12,
             host_guard: true,
+            unpullable: Vec::new(),
+            failing_pulls: 0,
         }
     }
 }
@@ -110,6 +116,9 @@ pub(crate) struct State {
     hang: AtomicBool,
     response_tokens: usize,
     host_guard: bool,
+    unpullable: Vec<String>,
+    failing_pulls: std::sync::atomic::AtomicU32,
+    pulls: AtomicU64,
     counter: AtomicU64,
 }
 
@@ -178,6 +187,9 @@ impl OllamaDouble {
             hang: AtomicBool::new(false),
             response_tokens: cfg.response_tokens,
             host_guard: cfg.host_guard,
+            unpullable: cfg.unpullable,
+            failing_pulls: std::sync::atomic::AtomicU32::new(cfg.failing_pulls),
+            pulls: AtomicU64::new(0),
             counter: AtomicU64::new(1),
         });
         let (stop, stop_rx) = watch::channel(false);
@@ -243,6 +255,11 @@ impl OllamaDouble {
     /// Model runs that ended early because the client went away (Ollama cancels them).
     pub fn disconnects(&self) -> u64 {
         self.state.disconnects.load(Ordering::SeqCst)
+    }
+
+    /// Pulls started (failed ones included).
+    pub fn pulls(&self) -> u64 {
+        self.state.pulls.load(Ordering::SeqCst)
     }
 
     /// Model runs that completed.

@@ -32,6 +32,9 @@ pub struct ModelSpec {
     /// Streams break off after this many tokens with an in-band error, as when Ollama's runner
     /// crashes mid-generation.
     pub fail_after: Option<usize>,
+    /// The runner cannot start: every run answers 500 with Ollama's message (which names files
+    /// on the server), as when a model does not fit in memory.
+    pub load_error: Option<String>,
 }
 
 impl ModelSpec {
@@ -59,6 +62,7 @@ impl ModelSpec {
             embedding_length: 8,
             modified_at: SystemTime::now(),
             fail_after: None,
+            load_error: None,
         }
     }
 
@@ -78,6 +82,15 @@ impl ModelSpec {
 
     pub fn with_load_time(mut self, d: Duration) -> ModelSpec {
         self.load_time = d;
+        self
+    }
+
+    /// A model whose runner fails to start (500, Ollama's message with server paths).
+    pub fn failing_to_load(mut self) -> ModelSpec {
+        self.load_error = Some(format!(
+            "llama runner process has terminated: error loading model: /usr/share/ollama/.ollama/models/blobs/sha256-{}: cudaMalloc failed: out of memory",
+            self.digest
+        ));
         self
     }
 

@@ -8,6 +8,7 @@ use crate::ollama::{KeepAlive, ModelName};
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 const NDJSON: &str = "application/x-ndjson";
@@ -171,6 +172,9 @@ async fn run_text(
             StatusCode::BAD_REQUEST,
             format!("\"{model}\" does not support {}", kind.verb()),
         );
+    }
+    if let Some(e) = &spec.load_error {
+        return native_error(StatusCode::INTERNAL_SERVER_ERROR, e.clone());
     }
     let stream = match stream_flag(req, true) {
         Ok(s) => s,
@@ -384,7 +388,14 @@ fn progress(r: &Req<'_>, req: &Value, lines: Vec<Value>) -> Resp {
         Err(resp) => return resp,
     };
     if !stream {
-        return json_resp(StatusCode::OK, lines.last().expect("at least one line"));
+        // Ollama's waitForStream: the last object, or a 500 with the error.
+        let last = lines.last().expect("at least one line");
+        let status = if last.get("error").is_some() {
+            StatusCode::INTERNAL_SERVER_ERROR
+        } else {
+            StatusCode::OK
+        };
+        return json_resp(status, last);
     }
     let (mut tx, resp) = streamed(NDJSON);
     let delay = r.state.token_delay();
@@ -409,22 +420,59 @@ pub(super) async fn pull(r: &Req<'_>) -> Resp {
     let Some(name) = ModelName::parse(model_or_name(&req)) else {
         return native_error(StatusCode::BAD_REQUEST, "invalid model name");
     };
+    r.state.pulls.fetch_add(1, Ordering::SeqCst);
+    let unknown = r
+        .state
+        .unpullable
+        .iter()
+        .any(|u| ModelName::parse(u).is_some_and(|u| u.key() == name.key()));
+    if unknown {
+        let lines = vec![
+            json!({"status": "pulling manifest"}),
+            json!({"error": "pull model manifest: file does not exist"}),
+        ];
+        return progress(r, &req, lines);
+    }
     let spec = if name.as_str().contains("embed") {
         ModelSpec::embedding(name.as_str())
     } else {
         ModelSpec::chat(name.as_str())
     };
     let digest = format!("sha256:{}", spec.digest);
-    let total = 1_000_000u64;
-    let lines = vec![
+    let (layer, config) = (spec.size, 485u64);
+    let config_digest = format!("sha256:{}", "c".repeat(64));
+    let pulling = |d: &str, total: u64, completed: Option<u64>| {
+        let mut line =
+            json!({"status": format!("pulling {}", &d[7..19]), "digest": d, "total": total});
+        if let Some(c) = completed {
+            line["completed"] = json!(c);
+        }
+        line
+    };
+    let mut lines = vec![
         json!({"status": "pulling manifest"}),
-        json!({"status": format!("pulling {}", &digest[7..19]), "digest": digest, "total": total}),
-        json!({"status": format!("pulling {}", &digest[7..19]), "digest": digest, "total": total, "completed": total / 2}),
-        json!({"status": format!("pulling {}", &digest[7..19]), "digest": digest, "total": total, "completed": total}),
+        pulling(&digest, layer, None),
+        pulling(&digest, layer, Some(layer / 4)),
+        pulling(&digest, layer, Some(layer / 2)),
+    ];
+    let breaks = r
+        .state
+        .failing_pulls
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok();
+    if breaks {
+        // The download broke off (Ollama keeps the partial layer and resumes next time).
+        lines.push(json!({"error": "max retries exceeded: read tcp: connection reset by peer"}));
+        return progress(r, &req, lines);
+    }
+    lines.extend([
+        pulling(&digest, layer, Some(layer * 3 / 4)),
+        pulling(&digest, layer, Some(layer)),
+        pulling(&config_digest, config, Some(config)),
         json!({"status": "verifying sha256 digest"}),
         json!({"status": "writing manifest"}),
         json!({"status": "success"}),
-    ];
+    ]);
     r.state.store().add(spec);
     progress(r, &req, lines)
 }

@@ -75,6 +75,9 @@ fn parse(r: &Req<'_>, err: fn(StatusCode, String) -> Resp) -> Result<Parsed, Res
         .find(&model)
         .cloned()
         .ok_or_else(|| err(StatusCode::NOT_FOUND, format!("model '{model}' not found")))?;
+    if let Some(e) = &spec.load_error {
+        return Err(err(StatusCode::INTERNAL_SERVER_ERROR, e.clone()));
+    }
     Ok(Parsed {
         req,
         spec,

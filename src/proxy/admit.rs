@@ -5,7 +5,7 @@
 use super::framing::{self, Framing};
 use super::{ctx::GaugeGuard, Gateway, RequestCtx};
 use crate::access::Access;
-use crate::auth;
+use crate::auth::{self, AuthFailure};
 use crate::body::{BodyError, JsonObject};
 use crate::config::ByteSize;
 use crate::error::GatewayError;
@@ -39,16 +39,16 @@ impl Gateway {
         // Who is calling, before reading any body: a 401 costs nothing.
         let access = self.access.current();
         if kind.class() != RouteClass::Public {
-            let identity = auth::key_from_headers(&session.req_header().headers)
-                .and_then(|key| {
-                    access
-                        .authenticate(&key, auth::unix_now())
-                        .map(|(id, _)| id)
-                })
-                .map_err(|failure| {
-                    ctx.auth_failure = Some(failure.reason());
-                    GatewayError::Unauthorized(failure.message().to_string())
-                })?;
+            let refuse = |ctx: &mut RequestCtx, failure: AuthFailure, key: Option<&str>| {
+                ctx.auth_failure = Some(failure.reason());
+                ctx.refused_key = key.map(|k| auth::refused_key(k, failure));
+                GatewayError::Unauthorized(failure.message().to_string())
+            };
+            let key = auth::key_from_headers(&session.req_header().headers)
+                .map_err(|failure| refuse(ctx, failure, None))?;
+            let (identity, _) = access
+                .authenticate(&key, auth::unix_now())
+                .map_err(|failure| refuse(ctx, failure, Some(&key)))?;
             ctx.identity = Some(identity);
         }
 

@@ -47,6 +47,8 @@ pub struct RequestCtx {
     pub access: Option<Arc<Access>>,
     /// Why the key was refused (`corral_auth_failures_total{reason}`).
     pub auth_failure: Option<&'static str>,
+    /// A refused key's id and (when its signature held) team, for the log: never the key.
+    pub refused_key: Option<(Option<String>, Option<String>)>,
     /// The model the request names, normalized.
     pub model: Option<String>,
     pub stream: Option<bool>,
@@ -66,6 +68,10 @@ pub struct RequestCtx {
     pub stripper: Option<UsageStripper>,
     /// What went wrong talking to Ollama (`corral_upstream_errors_total{kind}`).
     pub upstream_error: Option<&'static str>,
+    /// The status Ollama answered with.
+    pub status_from_upstream: u16,
+    /// Ollama answered 5xx: the start of its body, for the log (the client gets corral's error).
+    pub upstream_failure: Option<BytesMut>,
     /// Counts this request in `corral_inflight_requests{team}` while it lives.
     pub team_in_flight: Option<GaugeGuard>,
     /// The team's concurrency slot, held while the request lives.
@@ -88,6 +94,7 @@ impl RequestCtx {
             identity: None,
             access: None,
             auth_failure: None,
+            refused_key: None,
             model: None,
             stream: None,
             body: None,
@@ -100,6 +107,8 @@ impl RequestCtx {
             strip_usage: false,
             stripper: None,
             upstream_error: None,
+            status_from_upstream: 0,
+            upstream_failure: None,
             team_in_flight: None,
             slot: None,
             rate_limited: None,

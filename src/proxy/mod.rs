@@ -211,6 +211,22 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         let (err, upstream_kind) = self.failure(e);
+        // The body's end marker already passed (`[DONE]`, `"done":true`, a closed document):
+        // the client has the whole answer, whatever the connection does now (a client that
+        // closes as soon as it has `[DONE]`, an upstream that drops the connection instead of
+        // ending the body). Nothing is appended, and the request is not a failure.
+        if session.response_written().is_some() && ctx.meter.as_ref().is_some_and(|m| m.complete())
+        {
+            if err.is_some() {
+                // Ollama's side ended untidily: end the body properly for the client.
+                let _ = session.write_response_body(None, true).await;
+            }
+            tracing::debug!(request_id = %ctx.request_id, error = %e, "connection ended after a complete answer");
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        }
         ctx.upstream_error = upstream_kind;
         let Some(err) = err else {
             ctx.error = Some("client_closed");

@@ -31,7 +31,19 @@ impl Gateway {
             };
             ctx.error = ctx.error.or(Some(why));
         }
-        let usage = outcome.map(|o| o.usage).unwrap_or_default();
+        let reported = outcome.map(|o| o.usage).unwrap_or_default();
+        // A stream with no counts of its own is charged an estimate: one the client left
+        // before Ollama's final counts (leaving early does not make tokens free), or one that
+        // ended properly but never reported usage (a server that sends none). A stream Ollama
+        // broke off is charged only what was counted.
+        let left_early = ctx.error == Some("client_closed");
+        let silent = outcome.is_some_and(|o| o.complete) && reported.is_unknown();
+        let estimated = streamed && status == 200 && (left_early || silent);
+        let usage = if estimated {
+            reported.estimated(pieces, ctx.bytes_in)
+        } else {
+            reported
+        };
 
         let m = &self.metrics;
         let team = ctx.identity.as_ref().map_or("none", |i| i.team.as_str());
@@ -49,9 +61,12 @@ impl Gateway {
                 .with_label_values(&[team, &model])
                 .observe(first.as_secs_f64());
         }
+        let source = if estimated { "estimated" } else { "reported" };
         for (kind, n) in [("prompt", usage.prompt), ("completion", usage.completion)] {
             if let Some(n) = n.filter(|n| *n > 0) {
-                m.tokens.with_label_values(&[team, &model, kind]).inc_by(n);
+                m.tokens
+                    .with_label_values(&[team, &model, kind, source])
+                    .inc_by(n);
             }
         }
         if truncated {
@@ -69,14 +84,8 @@ impl Gateway {
         // Token limits charge what was actually used, now that it is known.
         if let (Some(identity), Some(access)) = (&ctx.identity, &ctx.access) {
             if let Some(t) = access.teams.get(&identity.team) {
-                // A stream the client left before its counts is charged an estimate (leaving
-                // early does not make tokens free); one Ollama broke off, what was counted.
-                let tokens = if streamed && ctx.error == Some("client_closed") {
-                    usage.charge(pieces, ctx.bytes_in)
-                } else {
-                    usage.total()
-                };
-                self.limiter.charge(t, tokens, std::time::Instant::now());
+                self.limiter
+                    .charge(t, usage.total(), std::time::Instant::now());
             }
         }
 
@@ -87,11 +96,20 @@ impl Gateway {
             .unwrap_or(raw.len())
             .min(512);
         let path = String::from_utf8_lossy(&raw[..path_end]);
+        let refused = ctx.refused_key.as_ref();
         self.access_log.write(&AccessRecord {
             ts: access_log::timestamp(),
             request_id: &ctx.request_id,
-            team: ctx.identity.as_ref().map(|i| i.team.as_str()),
-            key_id: ctx.identity.as_ref().map(|i| i.key_id.as_str()),
+            team: ctx
+                .identity
+                .as_ref()
+                .map(|i| i.team.as_str())
+                .or(refused.and_then(|(_, team)| team.as_deref())),
+            key_id: ctx
+                .identity
+                .as_ref()
+                .map(|i| i.key_id.as_str())
+                .or(refused.and_then(|(id, _)| id.as_deref())),
             client_ip: ctx.client_ip.map(|ip| ip.to_string()),
             method: Some(req.method.as_str()),
             path: Some(&path),
@@ -103,9 +121,11 @@ impl Gateway {
             ttft_ms: ctx.first_byte.map(|d| d.as_millis() as u64),
             prompt_tokens: usage.prompt,
             completion_tokens: usage.completion,
+            tokens_estimated: estimated,
             bytes_in: ctx.bytes_in,
             bytes_out: ctx.bytes_out,
             error: ctx.error,
+            auth_failure: ctx.auth_failure,
         });
     }
 }

@@ -3,6 +3,7 @@
 //! collected whole before it is filtered.
 
 use super::{BodyFormat, RequestCtx};
+use crate::error::GatewayError;
 use crate::policy;
 use crate::routes::RouteKind;
 use crate::usage::{Meter, UsageStripper};
@@ -15,6 +16,7 @@ const MAX_LIST_BODY: usize = 16 << 20;
 
 /// Decides, from the response header, what the body needs.
 pub(super) fn prepare(ctx: &mut RequestCtx, resp: &mut ResponseHeader, head_only: bool) {
+    ctx.status_from_upstream = resp.status.as_u16();
     ctx.response_format = resp
         .headers
         .get(http::header::CONTENT_TYPE)
@@ -24,6 +26,24 @@ pub(super) fn prepare(ctx: &mut RequestCtx, resp: &mut ResponseHeader, head_only
     let Some(kind) = ctx.route.as_ref().map(|m| m.kind) else {
         return;
     };
+    if resp.status.is_server_error() {
+        // Ollama's own 5xx bodies can carry its file paths and internals: the client gets
+        // corral's error in its dialect instead (same status), and the log gets the original.
+        for h in [
+            http::header::CONTENT_LENGTH,
+            http::header::CONTENT_ENCODING,
+            http::header::CONTENT_TYPE,
+        ] {
+            resp.remove_header(&h);
+        }
+        let _ = resp.insert_header(
+            http::header::CONTENT_TYPE,
+            "application/json; charset=utf-8",
+        );
+        ctx.upstream_failure = Some(BytesMut::new());
+        ctx.upstream_error = Some("server_error");
+        return;
+    }
     if resp.status != 200 {
         return;
     }
@@ -44,12 +64,33 @@ pub(super) fn prepare(ctx: &mut RequestCtx, resp: &mut ResponseHeader, head_only
     }
 }
 
+/// The most of Ollama's error body the log keeps.
+const MAX_LOGGED_FAILURE: usize = 1024;
+
 /// Reads (and where needed rewrites) one piece of the body.
 pub(super) fn body_chunk(
     ctx: &mut RequestCtx,
     body: &mut Option<Bytes>,
     end_of_stream: bool,
 ) -> Result<()> {
+    if let Some(original) = ctx.upstream_failure.as_mut() {
+        if let Some(chunk) = body.take() {
+            let room = MAX_LOGGED_FAILURE.saturating_sub(original.len());
+            original.extend_from_slice(&chunk[..room.min(chunk.len())]);
+        }
+        if end_of_stream {
+            let err = GatewayError::UpstreamFailed(ctx.status_from_upstream);
+            tracing::warn!(
+                request_id = %ctx.request_id,
+                status = ctx.status_from_upstream,
+                body = %String::from_utf8_lossy(original),
+                "Ollama answered with a server error; the client got corral's error instead"
+            );
+            ctx.error = Some(err.label());
+            *body = Some(err.render(ctx.dialect).body);
+        }
+        return Ok(());
+    }
     if let Some(meter) = ctx.meter.as_mut() {
         if let Some(chunk) = body.as_ref() {
             meter.feed(chunk);

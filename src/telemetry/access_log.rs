@@ -29,9 +29,13 @@ pub struct AccessRecord<'a> {
     pub ttft_ms: Option<u64>,
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
+    /// The token counts are corral's estimate: the stream ended without Ollama's counts.
+    pub tokens_estimated: bool,
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub error: Option<&'a str>,
+    /// Why an API key was refused (`revoked`, `expired`, `unknown_kid`, `bad_signature`, ...).
+    pub auth_failure: Option<&'a str>,
 }
 
 impl AccessRecord<'_> {
@@ -56,10 +60,16 @@ impl AccessRecord<'_> {
             "tokens",
             match (self.prompt_tokens, self.completion_tokens) {
                 (None, None) => None,
-                (p, c) => Some(format!("{}/{}", p.unwrap_or(0), c.unwrap_or(0))),
+                (p, c) => Some(format!(
+                    "{}{}/{}",
+                    if self.tokens_estimated { "~" } else { "" },
+                    p.unwrap_or(0),
+                    c.unwrap_or(0)
+                )),
             },
         );
         field("error", self.error.map(str::to_string));
+        field("key_refused", self.auth_failure.map(str::to_string));
         field("client", self.client_ip.clone());
         field("id", Some(self.request_id.to_string()));
         line
@@ -173,9 +183,11 @@ mod tests {
             "ttft_ms",
             "prompt_tokens",
             "completion_tokens",
+            "tokens_estimated",
             "bytes_in",
             "bytes_out",
             "error",
+            "auth_failure",
         ] {
             assert!(v.get(f).is_some(), "missing {f}");
         }

@@ -37,6 +37,7 @@ pub struct Metrics {
     pub upstream_up: IntGauge,
     pub model_loaded: IntGaugeVec,
     pub preload_duration: GaugeVec,
+    pub model_pull_bytes: IntGaugeVec,
     pub truncated: IntCounterVec,
     pub reloads: IntCounterVec,
     pub connections_open: IntGauge,
@@ -175,8 +176,8 @@ impl Metrics {
             tokens: counter(
                 &r,
                 "corral_tokens_total",
-                "Tokens processed, as Ollama reported them (kind: prompt or completion).",
-                &["team", "model", "kind"],
+                "Tokens processed (kind: prompt or completion), as Ollama reported them (source: reported) or as corral estimated them for streams that ended without counts (source: estimated).",
+                &["team", "model", "kind", "source"],
             ),
             in_flight: gauge(
                 &r,
@@ -210,6 +211,12 @@ impl Metrics {
                 &["model"],
             ),
             preload_duration,
+            model_pull_bytes: gauge(
+                &r,
+                "corral_model_pull_bytes",
+                "Progress of corral's pull of a pinned model Ollama lacked (preload.pull_missing): bytes completed and in total.",
+                &["model", "kind"],
+            ),
             truncated: counter(
                 &r,
                 "corral_truncated_streams_total",

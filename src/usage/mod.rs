@@ -26,16 +26,24 @@ pub struct Usage {
 pub const PROMPT_ESTIMATE_CAP: u64 = 4096;
 
 impl Usage {
-    /// The tokens to charge against a team's `tpm` for a stream the client cut off before its
-    /// final counts: what Ollama reported, and where a count is missing an estimate: one
-    /// completion token per NDJSON line or SSE event received (Ollama streams a token at a time)
-    /// and one prompt token per 4 bytes of request body, at most [`PROMPT_ESTIMATE_CAP`] (a
-    /// base64 image is large but costs few tokens).
-    pub fn charge(&self, pieces: u64, request_bytes: u64) -> u64 {
-        let prompt = self
-            .prompt
-            .unwrap_or((request_bytes / 4).min(PROMPT_ESTIMATE_CAP));
-        prompt.saturating_add(self.completion.unwrap_or(pieces))
+    /// This usage with every missing count estimated, for streams that end without Ollama's
+    /// counts (the client left first, or the server never reports usage): one completion token
+    /// per NDJSON line or SSE event received (Ollama streams a token at a time) and one prompt
+    /// token per 4 bytes of request body, at most [`PROMPT_ESTIMATE_CAP`] (a base64 image is
+    /// large but costs few tokens).
+    pub fn estimated(&self, pieces: u64, request_bytes: u64) -> Usage {
+        Usage {
+            prompt: Some(
+                self.prompt
+                    .unwrap_or((request_bytes / 4).min(PROMPT_ESTIMATE_CAP)),
+            ),
+            completion: Some(self.completion.unwrap_or(pieces)),
+        }
+    }
+
+    /// Whether the response reported no count at all.
+    pub fn is_unknown(&self) -> bool {
+        self.prompt.is_none() && self.completion.is_none()
     }
 
     pub fn total(&self) -> u64 {
@@ -248,7 +256,8 @@ impl Meter {
 
     fn end_event(&mut self) {
         let sse = &mut self.sse;
-        if !sse.data.is_empty() {
+        // Every event with data is a piece (about a token), but the `[DONE]` marker.
+        if !sse.data.is_empty() && !sse.data.starts_with(b"[DONE]") {
             self.pieces += 1;
         }
         if sse.data.starts_with(b"[DONE]") || SSE_END_EVENTS.contains(&sse.event.as_slice()) {
@@ -260,6 +269,12 @@ impl Meter {
         sse.event.clear();
         sse.data.clear();
         self.scanner.reset();
+    }
+
+    /// Whether the body's end marker has been read (a document that closed, for bodies that
+    /// are not streams): whatever happens to the connection afterwards, the client has it all.
+    pub fn complete(&self) -> bool {
+        self.outcome.complete || (self.format == BodyFormat::Other && self.scanner.complete())
     }
 
     /// NDJSON lines or SSE events with data read so far.

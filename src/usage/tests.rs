@@ -251,7 +251,7 @@ fn a_stream_cut_before_its_counts_is_charged_an_estimate() {
     // Lines and events are counted the same wherever the body is cut.
     for (body, format, pieces) in [
         (NATIVE_CHAT, BodyFormat::Ndjson, 3),
-        (OPENAI_CHAT, BodyFormat::Sse, 5),
+        (OPENAI_CHAT, BodyFormat::Sse, 4),
         (ANTHROPIC, BodyFormat::Sse, 6),
     ] {
         for cut in 0..=body.len() {
@@ -269,9 +269,35 @@ fn a_stream_cut_before_its_counts_is_charged_an_estimate() {
     m.feed(&NATIVE_CHAT.as_bytes()[..second + 10]);
     let outcome = m.finish();
     assert_eq!(outcome.usage, Usage::default());
-    assert_eq!(outcome.usage.charge(m.pieces(), 400), 100 + 2);
+    assert!(outcome.usage.is_unknown() && !m.complete());
+    assert_eq!(outcome.usage.estimated(m.pieces(), 400), counts(100, 2));
     // A 4 MB base64 image is not a million tokens.
-    assert_eq!(Usage::default().charge(1, 4 << 20), PROMPT_ESTIMATE_CAP + 1);
-    // Reported counts win over the estimate.
-    assert_eq!(counts(26, 282).charge(3, 400), 308);
+    assert_eq!(
+        Usage::default().estimated(1, 4 << 20),
+        counts(PROMPT_ESTIMATE_CAP, 1)
+    );
+    // Reported counts win over the estimate, one by one.
+    assert_eq!(counts(26, 282).estimated(3, 400), counts(26, 282));
+    let only_prompt = Usage {
+        prompt: Some(26),
+        completion: None,
+    };
+    assert!(!only_prompt.is_unknown());
+    assert_eq!(only_prompt.estimated(3, 400), counts(26, 3));
+}
+
+#[test]
+fn a_body_is_complete_once_its_end_marker_has_passed() {
+    for (body, format) in [
+        (NATIVE_CHAT, BodyFormat::Ndjson),
+        (OPENAI_CHAT, BodyFormat::Sse),
+        (CHAT_JSON, BodyFormat::Other),
+    ] {
+        let mut m = Meter::new(format);
+        let (most, last) = body.split_at(body.len() - 3);
+        m.feed(most.as_bytes());
+        assert!(!m.complete() || format == BodyFormat::Ndjson, "{body}");
+        m.feed(last.as_bytes());
+        assert!(m.complete(), "{body}");
+    }
 }

@@ -199,8 +199,49 @@ impl Setup {
     /// Starts the process without waiting (for start-up failures), with extra environment.
     pub fn spawn(self, env: &[(&str, &str)]) -> Corral {
         let path = self.write();
+        self.spawn_with(&path, env)
+    }
+
+    /// Starts corral with another configuration file (e.g. one shipped in `config/`), its
+    /// listeners, files and upstream overridden from the environment to this setup's.
+    pub fn spawn_file(self, file: &Path, extra_env: &[(&str, &str)]) -> Corral {
+        let c = &self.cfg;
+        let addr = |a: corral::config::ListenAddr| a.0.map(|a| a.to_string()).unwrap_or_default();
+        let verify_keys: Vec<String> = c
+            .auth
+            .verify_keys
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        let owned = [
+            ("CORRAL__SERVER__LISTEN", addr(c.server.listen)),
+            (
+                "CORRAL__SERVER__METRICS_LISTEN",
+                addr(c.server.metrics_listen),
+            ),
+            (
+                "CORRAL__SERVER__TLS_CERT",
+                c.server.tls_cert.display().to_string(),
+            ),
+            (
+                "CORRAL__SERVER__TLS_KEY",
+                c.server.tls_key.display().to_string(),
+            ),
+            ("CORRAL__UPSTREAM__URL", c.upstream.url.clone()),
+            ("CORRAL__AUTH__VERIFY_KEYS", verify_keys.join(",")),
+            (
+                "CORRAL__AUTH__REVOKED_FILE",
+                c.auth.revoked_file.display().to_string(),
+            ),
+        ];
+        let mut env: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        env.extend_from_slice(extra_env);
+        self.spawn_with(file, &env)
+    }
+
+    fn spawn_with(self, path: &Path, env: &[(&str, &str)]) -> Corral {
         let mut cmd = Command::new(corral_bin());
-        cmd.arg("serve").arg("--config").arg(&path);
+        cmd.arg("serve").arg("--config").arg(path);
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         cmd.env_remove("CORRAL_CONFIG").env_remove("RUST_LOG");
         for (k, v) in env {

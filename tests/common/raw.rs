@@ -334,3 +334,65 @@ pub async fn h2_request(
     }
     (status, Bytes::from(out))
 }
+
+/// One step of a scripted upstream's answer.
+#[derive(Clone, Debug)]
+pub enum Step {
+    /// Write these bytes.
+    Write(Vec<u8>),
+    /// Wait.
+    Pause(std::time::Duration),
+    /// Close the connection (whatever framing was promised).
+    Close,
+}
+
+/// An upstream that answers every request (after reading its header and `Content-Length`
+/// body) with the same scripted bytes, pauses and closes: for edges no real server produces on
+/// purpose, such as a stream whose connection drops right after its last event.
+pub async fn scripted_upstream(steps: Vec<Step>) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let steps = steps.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let Some(head_end) = fill_until(&mut sock, &mut buf, 0, b"\r\n\r\n").await else {
+                    return;
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                if !fill(&mut sock, &mut buf, head_end + 4 + length).await {
+                    return;
+                }
+                for step in steps {
+                    match step {
+                        Step::Write(bytes) => {
+                            if sock.write_all(&bytes).await.is_err() {
+                                return;
+                            }
+                        }
+                        Step::Pause(d) => tokio::time::sleep(d).await,
+                        Step::Close => return,
+                    }
+                }
+                // Script done without a Close: keep the connection until the peer leaves.
+                let mut rest = [0u8; 64];
+                while matches!(sock.read(&mut rest).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A chunk of a chunked body.
+pub fn chunk(data: &str) -> Vec<u8> {
+    format!("{:x}\r\n{data}\r\n", data.len()).into_bytes()
+}

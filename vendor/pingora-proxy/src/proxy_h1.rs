@@ -858,7 +858,9 @@ where
                     debug!("finished sending body to downstream");
                 }
                 Err(e) => {
-                    error!("Error finish sending body to downstream: {}", e);
+                    // corral patch: a client that leaves right after the last byte (before the
+                    // chunk terminator) is ordinary: debug, not error.
+                    debug!("Error finish sending body to downstream: {}", e);
                     reuse_downstream = false;
                 }
             }
