@@ -123,7 +123,7 @@ Try it with curl:
        -d '{{"model":"llama3.2","stream":true,"messages":[{{"role":"user","content":"Hello"}}]}}'
   curl --cacert {ca} {base}/api/tags   # no key: 401
 
-More keys: {corral} keys issue --signing-key {signing} --team demo --models 'llama3.2:*' --expires 7d
+More keys: {corral} keys issue --signing-key {signing} --config {config} --team demo --models 'llama3.2:*' --expires 7d
 
 With the openai Python package (pip install openai):
 
@@ -148,6 +148,7 @@ Requests are logged below, one line each.
 "#,
         dir = files.dir.display(),
         signing = files.signing_key.display(),
+        config = files.config.display(),
     )
 }
 

@@ -285,7 +285,13 @@ async fn every_refused_key_is_logged_with_its_reason_and_its_id() {
     let ghosts = corral.issue("ghosts", None, None);
 
     /// What is sent, and what the log must say.
-    type Case<'a> = (&'a str, Option<String>, &'a str, Option<String>, Option<&'a str>);
+    type Case<'a> = (
+        &'a str,
+        Option<String>,
+        &'a str,
+        Option<String>,
+        Option<&'a str>,
+    );
     // (what, Authorization header, reason, key id logged, team logged)
     let cases: Vec<Case> = vec![
         ("no key", None, "missing", None, None),

@@ -169,7 +169,11 @@ async fn leaving_a_stream_before_its_counts_does_not_make_it_free() {
     // It was charged an estimate (the prompt from the body size, a token per line received),
     // logged as such, which uses up this team's 20 tokens a minute.
     assert_eq!(line["tokens_estimated"], true, "{line}");
-    assert_eq!(line["prompt_tokens"], line["bytes_in"].as_u64().unwrap() / 4, "{line}");
+    assert_eq!(
+        line["prompt_tokens"],
+        line["bytes_in"].as_u64().unwrap() / 4,
+        "{line}"
+    );
     assert_eq!(line["completion_tokens"], 2, "{line}");
     assert_eq!(
         post(&corral, &key, "/api/chat", &chat(false))

@@ -66,15 +66,23 @@ async fn a_new_corral_takes_over_the_sockets_while_the_old_one_finishes_its_stre
         .args(["serve", "--upgrade", "--config"])
         .arg(&config_path)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let new_log = Arc::new(Mutex::new(Vec::<String>::new()));
+    let new_stderr = Arc::new(Mutex::new(Vec::<String>::new()));
     {
         let out = new.stdout.take().unwrap();
         let log = new_log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
+                log.lock().unwrap().push(line);
+            }
+        });
+        let err = new.stderr.take().unwrap();
+        let log = new_stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
                 log.lock().unwrap().push(line);
             }
         });
@@ -111,6 +119,23 @@ async fn a_new_corral_takes_over_the_sockets_while_the_old_one_finishes_its_stre
         "too little traffic to mean anything"
     );
     assert_eq!(new.try_wait().unwrap(), None, "the new corral died");
+    // A hand-over is routine: neither side logs anything at ERROR (the new one waits for the
+    // sockets, and says so at INFO).
+    let errors: Vec<String> = new_stderr
+        .lock()
+        .unwrap()
+        .iter()
+        .chain(
+            old.stderr_text()
+                .lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+                .iter(),
+        )
+        .filter(|l| l.contains("\"level\":\"ERROR\""))
+        .cloned()
+        .collect();
+    assert_eq!(errors, Vec::<String>::new());
     let resp = old
         .client()
         .get(format!("{}/api/version", old.base()))

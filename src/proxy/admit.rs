@@ -259,6 +259,15 @@ fn bad_request(e: BodyError) -> GatewayError {
     GatewayError::BadRequest(e.0)
 }
 
+/// What the client is told when its body could not be read.
+fn body_read_error(e: &pingora::Error) -> GatewayError {
+    if *e.etype() == ErrorType::ReadTimedout {
+        GatewayError::RequestTimeout
+    } else {
+        GatewayError::BadRequest("the request body could not be read".into())
+    }
+}
+
 /// Reads what the request's framing carries. `Ok(true)`: nothing (no body, or an empty one).
 async fn expect_no_body(session: &mut Session) -> Result<bool, GatewayError> {
     loop {
@@ -266,14 +275,7 @@ async fn expect_no_body(session: &mut Session) -> Result<bool, GatewayError> {
             Ok(None) => return Ok(true),
             Ok(Some(chunk)) if chunk.is_empty() => {}
             Ok(Some(_)) => return Ok(false),
-            Err(e) if *e.etype() == ErrorType::ReadTimedout => {
-                return Err(GatewayError::RequestTimeout)
-            }
-            Err(_) => {
-                return Err(GatewayError::BadRequest(
-                    "the request body could not be read".into(),
-                ))
-            }
+            Err(e) => return Err(body_read_error(&e)),
         }
     }
 }
@@ -320,14 +322,7 @@ async fn read_body(
                 body.extend_from_slice(&chunk);
             }
             Ok(None) => return Ok(body.freeze()),
-            Err(e) if *e.etype() == ErrorType::ReadTimedout => {
-                return Err(GatewayError::RequestTimeout)
-            }
-            Err(_) => {
-                return Err(GatewayError::BadRequest(
-                    "the request body could not be read".into(),
-                ))
-            }
+            Err(e) => return Err(body_read_error(&e)),
         }
     }
 }

@@ -81,11 +81,6 @@ def gateway(tmp_path_factory, double_url):
     ca.cert_pem.write_to_path(str(dir / "ca.pem"))
     corral("keys", "init", "--dir", str(dir / "keys"), "--id", "e2e")
     signing = str(dir / "keys" / "e2e.key.pem")
-    keys = {
-        "research": corral("keys", "issue", "--signing-key", signing, "--team", "research").strip(),
-        "ops": corral("keys", "issue", "--signing-key", signing, "--team", "ops").strip(),
-        "tiny": corral("keys", "issue", "--signing-key", signing, "--team", "tiny").strip(),
-    }
     port, metrics = free_port(), free_port()
     (dir / "corral.toml").write_text(
         f"""
@@ -114,6 +109,10 @@ models = ["llama3.2:*"]
 rpm = 1
 """
     )
+    # Issued as an operator would: against the gateway's configuration, which checks the team.
+    config = str(dir / "corral.toml")
+    keys = {t: corral("keys", "issue", "--signing-key", signing, "--team", t, "--config", config).strip()
+            for t in ("research", "ops", "tiny")}
     proc = subprocess.Popen(
         [CORRAL, "serve", "--config", str(dir / "corral.toml")],
         stdout=subprocess.DEVNULL,

@@ -48,7 +48,6 @@ def stack(tmp_path_factory):
     ca.cert_pem.write_to_path(str(dir / "ca.pem"))
     corral("keys", "init", "--dir", str(dir / "keys"), "--id", "obs")
     signing = str(dir / "keys" / "obs.key.pem")
-    keys = {t: corral("keys", "issue", "--signing-key", signing, "--team", t).strip() for t in ("research", "ops", "tiny")}
     config = f"""
 [server]
 listen = "127.0.0.1:{port}"
@@ -69,10 +68,14 @@ admin = true
 models = ["llama3.2"]
 rpm = 1
 [preload]
-models = ["llama3.2", "nomic-embed-text"]
+# qwen2.5:0.5b is not in the double: corral pulls it first (the dashboard's pull panel).
+models = ["llama3.2", "nomic-embed-text", "qwen2.5:0.5b"]
 watch_interval = "1s"
+pull_missing = true
 """
     (dir / "corral.toml").write_text(config)
+    keys = {t: corral("keys", "issue", "--signing-key", signing, "--team", t, "--config", str(dir / "corral.toml")).strip()
+            for t in ("research", "ops", "tiny")}
     procs["corral"] = subprocess.Popen([CORRAL, "serve", "--config", str(dir / "corral.toml")],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_port(port, procs["corral"])
