@@ -9,7 +9,7 @@
 //! drives all three and direct access with the same load generator, interleaved, over several
 //! rounds, and prints one table of medians with every figure also as a ratio to direct and nginx.
 
-use corral::devcert::DevCa;
+use corral::dev::devcert::DevCa;
 use serde_json::{json, Value};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -149,12 +149,13 @@ fn start(oha_ok: bool) -> Stack {
     let (cert, key_pem) = ca.issue("localhost", &["localhost", "127.0.0.1"]).unwrap();
     std::fs::write(dir.join("tls.crt"), cert).unwrap();
     std::fs::write(dir.join("tls.key"), key_pem).unwrap();
-    let (signing, public) = corral::keys::init(&dir.join("keys"), "bench").unwrap();
-    let req = corral::keys::IssueRequest {
+    let (signing, public) = corral::access::keys::init(&dir.join("keys"), "bench").unwrap();
+    let req = corral::access::keys::IssueRequest {
         team: "bench".into(),
         ..Default::default()
     };
-    let (key, _) = corral::keys::issue(&signing, &req, corral::auth::unix_now()).unwrap();
+    let (key, _) =
+        corral::access::keys::issue(&signing, &req, corral::access::auth::unix_now()).unwrap();
 
     // The double in "fast mode": no load time, 20 ms per token, 400 tokens unless limited.
     let double_port = free_port();

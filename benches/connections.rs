@@ -9,7 +9,7 @@
 //! TLS handshakes that never send a request (what an idle keep-alive client costs); and every
 //! second after all of them closed, until it is back within 30 MiB of idle. Prints the figures.
 
-use corral::devcert::DevCa;
+use corral::dev::devcert::DevCa;
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;

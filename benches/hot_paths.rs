@@ -3,11 +3,11 @@
 //!
 //!   cargo bench --bench hot_paths
 
-use corral::auth::{key_from_headers, Verifier};
-use corral::body::JsonObject;
-use corral::policy::referenced;
+use corral::access::auth::{key_from_headers, Verifier};
+use corral::access::policy::referenced;
+use corral::api::routes::{classify, RouteKind};
+use corral::ollama::json::JsonObject;
 use corral::proxy::BodyFormat;
-use corral::routes::{classify, RouteKind};
 use corral::usage::{Meter, UsageStripper};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use std::collections::{HashMap, HashSet};
@@ -16,14 +16,14 @@ use std::hint::black_box;
 fn keys(c: &mut Criterion) {
     let dir = std::env::temp_dir().join(format!("corral-bench-keys-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let (signing, public) = corral::keys::init(&dir, "bench").unwrap();
-    let request = corral::keys::IssueRequest {
+    let (signing, public) = corral::access::keys::init(&dir, "bench").unwrap();
+    let request = corral::access::keys::IssueRequest {
         team: "research".into(),
         ..Default::default()
     };
-    let now = corral::auth::unix_now();
-    let (token, _) = corral::keys::issue(&signing, &request, now).unwrap();
-    let key = corral::keys::load_verify_key(&public).unwrap();
+    let now = corral::access::auth::unix_now();
+    let (token, _) = corral::access::keys::issue(&signing, &request, now).unwrap();
+    let key = corral::access::keys::load_verify_key(&public).unwrap();
     let keys: HashMap<String, _> = [("bench".to_string(), key)].into();
 
     let mut g = c.benchmark_group("key verification");

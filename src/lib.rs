@@ -20,33 +20,15 @@
 //! - [`ollama`]: protocol facts shared by corral and the double
 
 pub mod access;
-pub mod admin;
-pub mod auth;
-pub mod body;
-pub mod check;
+pub mod api;
 pub mod cli;
 pub mod config;
-pub mod connections;
-pub mod demo;
-pub mod devcert;
-pub mod double;
-pub mod error;
-pub mod keys;
-pub mod lifecycle;
-pub mod limits;
-pub mod memory;
+pub mod dev;
 pub mod ollama;
-pub mod policy;
-pub mod preload;
-pub mod probe;
 pub mod proxy;
-pub mod reload;
-pub mod routes;
-pub mod server;
+pub mod runtime;
 pub mod telemetry;
-pub mod tls;
 pub mod upstream;
-pub mod upstream_client;
 pub mod usage;
 
 /// The release version.

@@ -5,7 +5,7 @@ mod common;
 
 use base64::Engine;
 use common::*;
-use corral::auth::Claims;
+use corral::access::auth::Claims;
 use corral::config::TeamConfig;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
@@ -46,8 +46,8 @@ fn sign(corral: &Corral, header: &Header, claims: &Value) -> String {
 }
 
 fn claims(team: &str) -> Value {
-    let now = corral::auth::unix_now();
-    json!({"sub": team, "jti": corral::keys::new_key_id(), "iat": now})
+    let now = corral::access::auth::unix_now();
+    json!({"sub": team, "jti": corral::access::keys::new_key_id(), "iat": now})
 }
 
 fn eddsa() -> Header {
@@ -62,7 +62,7 @@ async fn every_bad_key_is_refused_and_never_reaches_ollama() {
     let good = corral.issue("research", None, None);
     let parts: Vec<&str> = good.split('.').collect();
     let public_pem = std::fs::read(&corral.cfg.auth.verify_keys[0]).unwrap();
-    let now = corral::auth::unix_now();
+    let now = corral::access::auth::unix_now();
 
     // A payload for another team under the original signature.
     let mut payload: Value = serde_json::from_slice(
@@ -105,8 +105,9 @@ async fn every_bad_key_is_refused_and_never_reaches_ollama() {
 
     // Signed by a key the gateway does not trust, once under an unknown kid and once under ours.
     let rogue_dir = tempfile::tempdir().unwrap();
-    let (rogue_unknown, _) = corral::keys::init(rogue_dir.path(), "rogue").unwrap();
-    let (rogue_same_kid, _) = corral::keys::init(&rogue_dir.path().join("x"), "test-2026").unwrap();
+    let (rogue_unknown, _) = corral::access::keys::init(rogue_dir.path(), "rogue").unwrap();
+    let (rogue_same_kid, _) =
+        corral::access::keys::init(&rogue_dir.path().join("x"), "test-2026").unwrap();
     let unknown_kid = issue_with(&rogue_unknown, "research", None, None);
     let forged_same_kid = issue_with(&rogue_same_kid, "research", None, None);
     let mut no_kid_header = Header::new(Algorithm::EdDSA);
@@ -114,12 +115,12 @@ async fn every_bad_key_is_refused_and_never_reaches_ollama() {
     let no_kid = sign(&corral, &no_kid_header, &claims("research"));
 
     let expired = {
-        let req = corral::keys::IssueRequest {
+        let req = corral::access::keys::IssueRequest {
             team: "research".into(),
             expires_in: Some(Duration::from_secs(60)),
             ..Default::default()
         };
-        corral::keys::issue(&corral.signing_key, &req, now - 3600)
+        corral::access::keys::issue(&corral.signing_key, &req, now - 3600)
             .unwrap()
             .0
     };
@@ -234,8 +235,8 @@ async fn every_bad_key_is_refused_and_never_reaches_ollama() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_refused_key_is_logged_with_its_reason_and_its_id() {
     let (double, corral) = gateway().await;
-    let now = corral::auth::unix_now();
-    let jti = |key: &str| corral::keys::peek(key).unwrap().1.jti;
+    let now = corral::access::auth::unix_now();
+    let jti = |key: &str| corral::access::keys::peek(key).unwrap().1.jti;
     let good = corral.issue("research", None, None);
     let revoked = corral.issue("research", None, None);
     std::fs::write(
@@ -247,12 +248,12 @@ async fn every_refused_key_is_logged_with_its_reason_and_its_id() {
         corral.stderr_text().contains("\"revoked\":1").then_some(())
     });
     let expired = {
-        let req = corral::keys::IssueRequest {
+        let req = corral::access::keys::IssueRequest {
             team: "research".into(),
             expires_in: Some(Duration::from_secs(60)),
             ..Default::default()
         };
-        corral::keys::issue(&corral.signing_key, &req, now - 3600)
+        corral::access::keys::issue(&corral.signing_key, &req, now - 3600)
             .unwrap()
             .0
     };
@@ -260,7 +261,7 @@ async fn every_refused_key_is_logged_with_its_reason_and_its_id() {
     future["nbf"] = json!(now + 3600);
     let not_yet_valid = sign(&corral, &eddsa(), &future);
     let rogue_dir = tempfile::tempdir().unwrap();
-    let (rogue, _) = corral::keys::init(rogue_dir.path(), "rogue").unwrap();
+    let (rogue, _) = corral::access::keys::init(rogue_dir.path(), "rogue").unwrap();
     let unknown_kid = issue_with(&rogue, "research", None, None);
     let parts: Vec<&str> = good.split('.').collect();
     let mut sig = parts[2].as_bytes().to_vec();
@@ -695,7 +696,7 @@ async fn sighup_reloads_and_a_new_verification_key_rotates_in() {
 
     // A new signing key pair; its key is refused until the gateway trusts its public half.
     let (new_signing, new_public) =
-        corral::keys::init(&corral.dir.path().join("keys"), "test-2027").unwrap();
+        corral::access::keys::init(&corral.dir.path().join("keys"), "test-2027").unwrap();
     let new_key = issue_with(&new_signing, "test", None, None);
     let client = corral.anonymous_client();
     let tags = |key: String| {
@@ -770,7 +771,7 @@ fn keys_cli_issues_inspects_and_revokes() {
         "only the key on stdout: {stdout}"
     );
     let key = stdout.trim().to_string();
-    let (header, claims): (_, Claims) = corral::keys::peek(&key).unwrap();
+    let (header, claims): (_, Claims) = corral::access::keys::peek(&key).unwrap();
     assert_eq!(header.kid.as_deref(), Some("ops-1"));
     assert_eq!(claims.models.unwrap(), ["llama3.2:*", "nomic-embed-text"]);
     assert!(claims.exp.unwrap() - claims.iat == 90 * 86400);
@@ -877,7 +878,7 @@ fn keys_cli_checks_the_team_and_says_truthfully_how_a_revocation_lands() {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
-    let (signing, public) = corral::keys::init(&dir.path().join("keys"), "ops-1").unwrap();
+    let (signing, public) = corral::access::keys::init(&dir.path().join("keys"), "ops-1").unwrap();
     let config = dir.path().join("gateway.toml");
     std::fs::write(
         &config,
@@ -937,7 +938,7 @@ fn keys_cli_checks_the_team_and_says_truthfully_how_a_revocation_lands() {
     assert!(ok && !stdout.is_empty(), "{stderr}");
     assert!(stderr.contains("is not checked"), "{stderr}");
     let key = stdout.trim().to_string();
-    let id = corral::keys::peek(&key).unwrap().1.jti;
+    let id = corral::access::keys::peek(&key).unwrap().1.jti;
 
     // The Kubernetes configuration names a list that lives in a pod: the command says what to
     // do instead of failing to write it.
@@ -990,7 +991,7 @@ fn keys_cli_checks_the_team_and_says_truthfully_how_a_revocation_lands() {
         bin.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let other = corral::keys::new_key_id();
+    let other = corral::access::keys::new_key_id();
     let (ok, _, stderr) = run(
         &[
             "keys",
@@ -1014,7 +1015,7 @@ fn keys_cli_checks_the_team_and_says_truthfully_how_a_revocation_lands() {
         &[
             "keys",
             "revoke",
-            &corral::keys::new_key_id(),
+            &corral::access::keys::new_key_id(),
             "--file",
             list,
         ],

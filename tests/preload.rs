@@ -35,7 +35,7 @@ fn is_loaded(double: &OllamaDouble, model: &str) -> bool {
 }
 
 /// Requests to `path` corral itself sent (preloads, probes, watch rounds).
-fn own(double: &OllamaDouble, path: &str) -> Vec<corral::double::Recorded> {
+fn own(double: &OllamaDouble, path: &str) -> Vec<corral::dev::double::Recorded> {
     double
         .requests_to(path)
         .into_iter()

@@ -2,9 +2,9 @@
 //! a path corral accepts must be exactly a route it serves.
 #![no_main]
 
-use corral::body::JsonObject;
-use corral::policy::referenced;
-use corral::routes::classify;
+use corral::ollama::json::JsonObject;
+use corral::access::policy::referenced;
+use corral::api::routes::classify;
 use libfuzzer_sys::fuzz_target;
 
 const METHODS: [http::Method; 5] = [

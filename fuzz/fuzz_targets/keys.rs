@@ -2,7 +2,7 @@
 //! trusted key verifies.
 #![no_main]
 
-use corral::auth::{key_from_headers, Verifier};
+use corral::access::auth::{key_from_headers, Verifier};
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
 
@@ -10,8 +10,8 @@ fn verifier() -> &'static Verifier {
     static V: OnceLock<(tempfile_dir::Dir, Verifier)> = OnceLock::new();
     &V.get_or_init(|| {
         let dir = tempfile_dir::Dir::new();
-        let (_, public) = corral::keys::init(&dir.0, "fuzz").unwrap();
-        let key = corral::keys::load_verify_key(&public).unwrap();
+        let (_, public) = corral::access::keys::init(&dir.0, "fuzz").unwrap();
+        let key = corral::access::keys::load_verify_key(&public).unwrap();
         (
             dir,
             Verifier::new([("fuzz".to_string(), key)].into(), Default::default()),
@@ -46,5 +46,5 @@ fuzz_target!(|data: &[u8]| {
         assert!(verifier().verify(&key, 0).is_err());
     }
     let _ = verifier().verify(&text, 0);
-    let _ = corral::keys::peek(&text);
+    let _ = corral::access::keys::peek(&text);
 });

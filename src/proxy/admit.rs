@@ -4,14 +4,14 @@
 
 use super::framing::{self, Framing};
 use super::{ctx::GaugeGuard, Gateway, RequestCtx};
+use crate::access::auth::{self, AuthFailure};
+use crate::access::policy::{self, Refs};
 use crate::access::Access;
-use crate::auth::{self, AuthFailure};
-use crate::body::{BodyError, JsonObject};
+use crate::api::error::GatewayError;
+use crate::api::routes::{self, BodyMode, RouteClass, RouteError, RouteKind};
 use crate::config::ByteSize;
-use crate::error::GatewayError;
+use crate::ollama::json::{BodyError, JsonObject};
 use crate::ollama::{KeepAlive, ModelName};
-use crate::policy::{self, Refs};
-use crate::routes::{self, BodyMode, RouteClass, RouteError, RouteKind};
 use bytes::{Bytes, BytesMut};
 use pingora::http::RequestHeader;
 use pingora::proxy::Session;

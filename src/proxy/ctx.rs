@@ -1,9 +1,9 @@
 //! Per-request state carried through pingora's hooks.
 
+use crate::access::auth::Identity;
 use crate::access::Access;
-use crate::auth::Identity;
-use crate::lifecycle::InFlight;
-use crate::routes::{Dialect, Matched};
+use crate::api::routes::{Dialect, Matched};
+use crate::runtime::lifecycle::InFlight;
 use crate::usage::{Meter, UsageStripper};
 use bytes::{Bytes, BytesMut};
 use std::net::IpAddr;
@@ -75,7 +75,7 @@ pub struct RequestCtx {
     /// Counts this request in `corral_inflight_requests{team}` while it lives.
     pub team_in_flight: Option<GaugeGuard>,
     /// The team's concurrency slot, held while the request lives.
-    pub slot: Option<crate::limits::Slot>,
+    pub slot: Option<crate::access::limits::Slot>,
     /// Which limit refused the request (`corral_rate_limited_total{limit}`).
     pub rate_limited: Option<&'static str>,
     /// A short label of what went wrong, for the log.

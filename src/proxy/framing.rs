@@ -3,7 +3,7 @@
 //! follow). Anything two parsers could read differently (request smuggling) is refused. Pure, and
 //! fuzzed (`fuzz/fuzz_targets/framing.rs`).
 
-use crate::error::GatewayError;
+use crate::api::error::GatewayError;
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use pingora::http::RequestHeader;
 

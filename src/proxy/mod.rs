@@ -15,13 +15,13 @@ pub use admit::ClientLimits;
 pub use ctx::{BodyFormat, RequestCtx};
 pub use headers::new_request_id;
 
+use crate::access::limits::Limiter;
 use crate::access::AccessHandle;
-use crate::lifecycle::Lifecycle;
-use crate::limits::Limiter;
-use crate::preload::Pins;
-use crate::routes::BodyMode;
+use crate::api::routes::BodyMode;
+use crate::runtime::lifecycle::Lifecycle;
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::metrics::Metrics;
+use crate::upstream::preload::Pins;
 use crate::upstream::Upstream;
 use async_trait::async_trait;
 use bytes::Bytes;

@@ -1,8 +1,8 @@
 //! The end of every request: one access-log line and its metrics.
 
 use super::{BodyFormat, Gateway, RequestCtx};
-use crate::error::GatewayError;
-use crate::routes::Dialect;
+use crate::api::error::GatewayError;
+use crate::api::routes::Dialect;
 use crate::telemetry::access_log::{self, AccessRecord};
 use crate::usage::Outcome;
 use pingora::http::ResponseHeader;

@@ -2,9 +2,9 @@
 //! caller's dialect; a failure mid-stream ends the stream with an in-band error.
 
 use super::{BodyFormat, Gateway, RequestCtx, REQUEST_TIMEOUT, UNRESOLVED};
+use crate::api::error::GatewayError;
+use crate::api::routes::Dialect;
 use crate::config::HumanDuration;
-use crate::error::GatewayError;
-use crate::routes::Dialect;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;

@@ -3,9 +3,9 @@
 //! collected whole before it is filtered.
 
 use super::{BodyFormat, RequestCtx};
-use crate::error::GatewayError;
-use crate::policy;
-use crate::routes::RouteKind;
+use crate::access::policy;
+use crate::api::error::GatewayError;
+use crate::api::routes::RouteKind;
 use crate::usage::{Meter, UsageStripper};
 use bytes::{Bytes, BytesMut};
 use pingora::http::ResponseHeader;

@@ -6,7 +6,7 @@
 pub mod raw;
 
 use corral::config::{Config, HumanDuration, ListenAddr, LogFormat, TeamConfig};
-use corral::devcert::DevCa;
+use corral::dev::devcert::DevCa;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub use corral::double::{DoubleConfig, ModelSpec, OllamaDouble};
+pub use corral::dev::double::{DoubleConfig, ModelSpec, OllamaDouble};
 
 /// The name the test certificate is issued for (besides localhost); clients resolve it to
 /// 127.0.0.1, so requests carry a non-local `Host` that Ollama would refuse.
@@ -160,7 +160,7 @@ impl Setup {
             cfg.server.tls_key = certs.key.clone();
         }
         let (signing_key, verify_key) =
-            corral::keys::init(&dir.path().join("keys"), "test-2026").unwrap();
+            corral::access::keys::init(&dir.path().join("keys"), "test-2026").unwrap();
         if cfg.auth.verify_keys.is_empty() {
             cfg.auth.verify_keys = vec![verify_key];
         }
@@ -285,13 +285,13 @@ pub fn issue_with(
     models: Option<&[&str]>,
     expires_in: Option<Duration>,
 ) -> String {
-    let request = corral::keys::IssueRequest {
+    let request = corral::access::keys::IssueRequest {
         team: team.into(),
         name: Some("test".into()),
         models: models.map(|m| m.iter().map(|s| s.to_string()).collect()),
         expires_in,
     };
-    corral::keys::issue(signing_key, &request, corral::auth::unix_now())
+    corral::access::keys::issue(signing_key, &request, corral::access::auth::unix_now())
         .unwrap()
         .0
 }
@@ -459,7 +459,7 @@ pub async fn rest_text(resp: &mut reqwest::Response) -> (String, bool) {
 
 /// Requests that reached the double on behalf of clients (corral's own health probe and
 /// preloads, which say `User-Agent: corral/...`, are left out).
-pub fn forwarded(double: &OllamaDouble) -> Vec<corral::double::Recorded> {
+pub fn forwarded(double: &OllamaDouble) -> Vec<corral::dev::double::Recorded> {
     double
         .requests()
         .into_iter()

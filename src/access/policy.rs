@@ -5,12 +5,12 @@
 //! a model must match both. Names are normalized as Ollama does (`llama3.2` is `llama3.2:latest`)
 //! and compared case-insensitively.
 
-use crate::auth::Identity;
-use crate::body::JsonObject;
+use crate::access::auth::Identity;
+use crate::api::error::GatewayError;
+use crate::api::routes::{RouteClass, RouteKind};
 use crate::config::TeamConfig;
-use crate::error::GatewayError;
+use crate::ollama::json::JsonObject;
 use crate::ollama::{is_cloud_model, ModelName};
-use crate::routes::{RouteClass, RouteKind};
 use serde_json::Value;
 
 /// A model-name pattern: `*` matches any run of characters.

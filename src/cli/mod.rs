@@ -1,5 +1,8 @@
 //! The `corral` command line.
 
+pub mod check;
+pub mod demo;
+
 use crate::config::{Config, HumanDuration, Source};
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
@@ -138,18 +141,19 @@ pub fn main() -> ExitCode {
             config,
             daemon,
             upgrade,
-        } => serve(config, crate::server::RunMode { daemon, upgrade }),
+        } => serve(config, crate::runtime::server::RunMode { daemon, upgrade }),
         Command::Check {
             config,
             skip_upstream,
         } => {
-            let findings = crate::check::run(&Source::locate(config.as_deref()), !skip_upstream);
+            let findings =
+                crate::cli::check::run(&Source::locate(config.as_deref()), !skip_upstream);
             for f in &findings {
                 println!("{f}");
             }
             if findings
                 .iter()
-                .any(|f| matches!(f, crate::check::Finding::Error(_)))
+                .any(|f| matches!(f, crate::cli::check::Finding::Error(_)))
             {
                 ExitCode::FAILURE
             } else {
@@ -162,13 +166,13 @@ pub fn main() -> ExitCode {
             dir,
             token_delay,
         } => {
-            let opts = crate::demo::DemoOptions {
+            let opts = crate::cli::demo::DemoOptions {
                 listen,
                 metrics_listen,
                 dir,
                 token_delay: token_delay.0,
             };
-            match crate::demo::run(opts) {
+            match crate::cli::demo::run(opts) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&e),
             }
@@ -187,7 +191,7 @@ pub fn main() -> ExitCode {
 }
 
 fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {
-    use crate::keys;
+    use crate::access::keys;
     match cmd {
         KeysCommand::Init { dir, id } => {
             let id = id.unwrap_or_else(|| format!("corral-{}", current_year()));
@@ -231,7 +235,8 @@ fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {
                 models,
                 expires_in: expires.map(|d| d.0),
             };
-            let (key, claims) = keys::issue(&signing_key, &request, crate::auth::unix_now())?;
+            let (key, claims) =
+                keys::issue(&signing_key, &request, crate::access::auth::unix_now())?;
             println!("{key}");
             let expiry = claims.exp.map_or("never expires".to_string(), |e| {
                 format!("expires at {}", rfc3339(e))
@@ -265,7 +270,7 @@ fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {
             let source = Source::locate(config.as_deref());
             let cfg = Config::load(&source).map_err(|e| e.to_string())?;
             let (access, _) = crate::access::Access::from_config(&cfg).map_err(|p| p.join("\n"))?;
-            match access.authenticate(&key, crate::auth::unix_now()) {
+            match access.authenticate(&key, crate::access::auth::unix_now()) {
                 Ok((_, team)) => {
                     let globs = cfg.teams[&team.name].models.join(", ");
                     println!(
@@ -402,7 +407,7 @@ fn rfc3339(unix: u64) -> String {
 }
 
 fn current_year() -> String {
-    rfc3339(crate::auth::unix_now())[..4].to_string()
+    rfc3339(crate::access::auth::unix_now())[..4].to_string()
 }
 
 fn fail(message: &str) -> ExitCode {
@@ -412,7 +417,7 @@ fn fail(message: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn serve(config: Option<PathBuf>, mode: crate::server::RunMode) -> ExitCode {
+fn serve(config: Option<PathBuf>, mode: crate::runtime::server::RunMode) -> ExitCode {
     let source = Source::locate(config.as_deref());
     let cfg = match Config::load(&source) {
         Ok(cfg) => cfg,
@@ -430,11 +435,11 @@ fn serve(config: Option<PathBuf>, mode: crate::server::RunMode) -> ExitCode {
             cfg.server.metrics_listen.0.map(|a| a.to_string()).unwrap_or_default(),
         );
     }
-    let prepared = match crate::server::prepare(source, cfg) {
+    let prepared = match crate::runtime::server::prepare(source, cfg) {
         Ok(p) => p,
         Err(e) => return fail(&e.to_string()),
     };
-    match crate::server::run(prepared, mode) {
+    match crate::runtime::server::run(prepared, mode) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e.to_string()),
     }
@@ -446,14 +451,14 @@ fn double(
     tokens: usize,
     failing_model: Option<String>,
 ) -> ExitCode {
-    let mut cfg = crate::double::DoubleConfig {
+    let mut cfg = crate::dev::double::DoubleConfig {
         token_delay: token_delay.0,
         response_tokens: tokens,
         ..Default::default()
     };
     if let Some(name) = failing_model {
         cfg.models
-            .push(crate::double::ModelSpec::chat(&name).failing_after(3));
+            .push(crate::dev::double::ModelSpec::chat(&name).failing_after(3));
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -463,7 +468,7 @@ fn double(
         Err(e) => return fail(&e.to_string()),
     };
     runtime.block_on(async {
-        let double = match crate::double::OllamaDouble::start_on(listen, cfg).await {
+        let double = match crate::dev::double::OllamaDouble::start_on(listen, cfg).await {
             Ok(d) => d,
             Err(e) => return fail(&format!("cannot listen on {listen}: {e}")),
         };

@@ -5,8 +5,8 @@
 
 use crate::access::{Access, AccessHandle};
 use crate::config::{Config, Source};
+use crate::runtime::tls::CertStore;
 use crate::telemetry::metrics::Metrics;
-use crate::tls::CertStore;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;

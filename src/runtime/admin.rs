@@ -1,9 +1,9 @@
 //! The operator listener (`server.metrics_listen`): `/livez`, `/readyz` and `/metrics`. It is
 //! separate from the public listener and carries no API routes.
 
-use crate::lifecycle::Lifecycle;
-use crate::preload::Pins;
+use crate::runtime::lifecycle::Lifecycle;
 use crate::telemetry::metrics::Metrics;
+use crate::upstream::preload::Pins;
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;

@@ -5,7 +5,7 @@
 //! admitted while the team's token bucket is above zero and charged, when its response ends, the
 //! tokens Ollama reports, so the bucket can go below zero after a long answer and the team waits.
 
-use crate::policy::Team;
+use crate::access::policy::Team;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

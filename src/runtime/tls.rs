@@ -232,7 +232,7 @@ impl BackgroundService for CertWatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devcert::DevCa;
+    use crate::dev::devcert::DevCa;
 
     #[test]
     fn loads_a_matching_pair_and_names_the_file_at_fault() {

@@ -3,8 +3,8 @@
 //! (so it can be read and reused), and prints `curl` and Python examples that work as printed.
 
 use crate::config::{Config, ListenAddr, LogFormat, Source, TeamConfig};
-use crate::devcert::{DevCa, LOCAL_NAMES};
-use crate::double::{DoubleConfig, OllamaDouble};
+use crate::dev::devcert::{DevCa, LOCAL_NAMES};
+use crate::dev::double::{DoubleConfig, OllamaDouble};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -44,13 +44,14 @@ pub fn prepare(
         .map_err(|e| e.to_string())?;
     let keys = dir.join("keys");
     let _ = std::fs::remove_dir_all(&keys);
-    let (signing_key, verify_key) = crate::keys::init(&keys, "demo")?;
-    let request = crate::keys::IssueRequest {
+    let (signing_key, verify_key) = crate::access::keys::init(&keys, "demo")?;
+    let request = crate::access::keys::IssueRequest {
         team: "demo".into(),
         name: Some("corral demo".into()),
         ..Default::default()
     };
-    let (api_key, _) = crate::keys::issue(&signing_key, &request, crate::auth::unix_now())?;
+    let (api_key, _) =
+        crate::access::keys::issue(&signing_key, &request, crate::access::auth::unix_now())?;
     let files = DemoFiles {
         dir: dir.to_path_buf(),
         ca: dir.join("ca.pem"),
@@ -157,11 +158,11 @@ pub fn run(opts: DemoOptions) -> Result<(), String> {
     // user named with --dir is theirs to keep.
     let dir = opts.dir.unwrap_or_else(|| {
         let dir = std::env::temp_dir().join(format!("corral-demo-{}", std::process::id()));
-        crate::lifecycle::remove_on_exit(dir.clone());
+        crate::runtime::lifecycle::remove_on_exit(dir.clone());
         dir
     });
     let result = serve(opts.listen, opts.metrics_listen, opts.token_delay, &dir);
-    crate::lifecycle::clean_up();
+    crate::runtime::lifecycle::clean_up();
     result
 }
 
@@ -183,8 +184,8 @@ fn serve(
     let source = Source::File(files.config.clone());
     let cfg = Config::load(&source).map_err(|e| e.to_string())?;
     crate::telemetry::init_logging(&cfg.log);
-    let prepared = crate::server::prepare(source, cfg).map_err(|e| e.to_string())?;
-    crate::server::check_binds(&prepared.cfg)
+    let prepared = crate::runtime::server::prepare(source, cfg).map_err(|e| e.to_string())?;
+    crate::runtime::server::check_binds(&prepared.cfg)
         .map_err(|e| format!("{e}\n(pick other ports with --listen and --metrics-listen)"))?;
     let host = if listen.ip().is_loopback() && listen.is_ipv4() {
         "localhost".to_string()
@@ -199,7 +200,7 @@ fn serve(
             &files
         )
     );
-    crate::server::run(prepared, Default::default()).map_err(|e| e.to_string())?;
+    crate::runtime::server::run(prepared, Default::default()).map_err(|e| e.to_string())?;
     drop(double);
     Ok(())
 }

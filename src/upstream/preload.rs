@@ -16,7 +16,7 @@
 use crate::config::PreloadConfig;
 use crate::ollama::{KeepAlive, ModelName};
 use crate::telemetry::metrics::Metrics;
-use crate::upstream_client::{Answer, UpstreamClient};
+use crate::upstream::client::{Answer, UpstreamClient};
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;

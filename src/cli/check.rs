@@ -2,8 +2,8 @@
 //! answers, printing each finding with the file and key at fault.
 
 use crate::config::{Config, Source};
+use crate::upstream::client::UpstreamClient;
 use crate::upstream::Upstream;
-use crate::upstream_client::UpstreamClient;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,7 +47,7 @@ pub fn run(source: &Source, upstream: bool) -> Vec<Finding> {
             crate::config::DEFAULT_CONFIG_PATH
         )));
     }
-    match crate::server::prepare(source.clone(), cfg.clone()) {
+    match crate::runtime::server::prepare(source.clone(), cfg.clone()) {
         Ok(p) => {
             if p.certs.is_some() && cfg.server.tls_cert.as_os_str().is_empty() {
                 out.push(Finding::Warning(

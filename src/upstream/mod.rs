@@ -1,6 +1,10 @@
 //! The Ollama server corral forwards to: its URL, its resolved address, and the pingora peer
 //! (with corral's timeouts) for each request.
 
+pub mod client;
+pub mod preload;
+pub mod probe;
+
 use crate::config::UpstreamConfig;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;

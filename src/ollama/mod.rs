@@ -2,6 +2,8 @@
 //! normalized, which names are cloud models, how `keep_alive` values are read.
 //! (Source: `reference/ollama-protocol.md`.)
 
+pub mod json;
+
 use std::time::Duration;
 
 const DEFAULT_HOST: &str = "registry.ollama.ai";

@@ -2,9 +2,14 @@
 //! Built whole from a [`Config`] and swapped whole on reload, so a request sees one consistent
 //! version and a bad new configuration never half-applies.
 
-use crate::auth::{AuthFailure, Identity, Verifier};
+pub mod auth;
+pub mod keys;
+pub mod limits;
+pub mod policy;
+
+use crate::access::auth::{AuthFailure, Identity, Verifier};
+use crate::access::policy::Team;
 use crate::config::Config;
-use crate::policy::Team;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -24,13 +29,13 @@ impl Access {
         let mut keys = HashMap::new();
         for (i, path) in cfg.auth.verify_keys.iter().enumerate() {
             let at = format!("auth.verify_keys[{i}] = \"{}\"", path.display());
-            let Some(kid) = crate::keys::kid_of(path) else {
+            let Some(kid) = crate::access::keys::kid_of(path) else {
                 problems.push(format!(
                     "{at}: the file name must give the key id (ID.pub.pem)"
                 ));
                 continue;
             };
-            match crate::keys::load_verify_key(path) {
+            match crate::access::keys::load_verify_key(path) {
                 Ok(key) => {
                     if keys.insert(kid.clone(), key).is_some() {
                         problems.push(format!("{at}: a second key with the id `{kid}`"));
@@ -112,7 +117,7 @@ fn read_revoked(path: &std::path::Path) -> Result<HashSet<String>, String> {
     }
     match std::fs::read_to_string(path) {
         // Key ids are lowercase hex; an id written by hand in capitals still counts.
-        Ok(text) => Ok(crate::keys::read_revoked(&text)
+        Ok(text) => Ok(crate::access::keys::read_revoked(&text)
             .map(str::to_ascii_lowercase)
             .collect()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HashSet::new()),

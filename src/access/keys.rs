@@ -1,7 +1,7 @@
 //! Key management: Ed25519 signing key pairs, issuing API keys, reading them back, revoking them.
 //! The signing key stays with the operator; gateways get only the public half.
 
-use crate::auth::Claims;
+use crate::access::auth::Claims;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -196,7 +196,7 @@ mod tests {
             models: Some(vec!["llama3.2:*".into()]),
             ..Default::default()
         };
-        let (token, claims) = issue(&private, &req, crate::auth::unix_now()).unwrap();
+        let (token, claims) = issue(&private, &req, crate::access::auth::unix_now()).unwrap();
         assert_eq!(claims.sub, "research");
         assert_eq!(claims.jti.len(), 32);
         let (header, peeked) = peek(&token).unwrap();
@@ -204,9 +204,13 @@ mod tests {
         assert_eq!(peeked, claims);
 
         let key = load_verify_key(&public).unwrap();
-        let verifier =
-            crate::auth::Verifier::new([("test-1".to_string(), key)].into(), Default::default());
-        let id = verifier.verify(&token, crate::auth::unix_now()).unwrap();
+        let verifier = crate::access::auth::Verifier::new(
+            [("test-1".to_string(), key)].into(),
+            Default::default(),
+        );
+        let id = verifier
+            .verify(&token, crate::access::auth::unix_now())
+            .unwrap();
         assert_eq!(id.team, "research");
         assert_eq!(id.key_id, claims.jti);
     }

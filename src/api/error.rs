@@ -2,8 +2,8 @@
 //! label, and how to render itself in the caller's dialect, so `openai` raises the right exception
 //! class and `ollama` raises `ResponseError` with the status.
 
+use crate::api::routes::Dialect;
 use crate::config::{ByteSize, HumanDuration};
-use crate::routes::Dialect;
 use bytes::Bytes;
 use serde_json::json;
 

@@ -345,8 +345,8 @@ mod tests {
 
     fn verifier_with_key(revoked: &[&str]) -> (tempfile::TempDir, Verifier) {
         let dir = tempfile::tempdir().unwrap();
-        let (_, public) = crate::keys::init(dir.path(), "k1").unwrap();
-        let key = crate::keys::load_verify_key(&public).unwrap();
+        let (_, public) = crate::access::keys::init(dir.path(), "k1").unwrap();
+        let key = crate::access::keys::load_verify_key(&public).unwrap();
         let revoked = revoked.iter().map(|s| s.to_string()).collect();
         (
             dir,
@@ -355,12 +355,12 @@ mod tests {
     }
 
     fn issue(dir: &tempfile::TempDir, expires_in: Option<u64>, now: u64) -> (String, Claims) {
-        let req = crate::keys::IssueRequest {
+        let req = crate::access::keys::IssueRequest {
             team: "t".into(),
             expires_in: expires_in.map(std::time::Duration::from_secs),
             ..Default::default()
         };
-        crate::keys::issue(&dir.path().join("k1.key.pem"), &req, now).unwrap()
+        crate::access::keys::issue(&dir.path().join("k1.key.pem"), &req, now).unwrap()
     }
 
     #[test]
@@ -387,15 +387,15 @@ mod tests {
     #[test]
     fn revoked_and_failed_keys_are_refused_every_time() {
         let dir = tempfile::tempdir().unwrap();
-        let (_, public) = crate::keys::init(dir.path(), "k1").unwrap();
+        let (_, public) = crate::access::keys::init(dir.path(), "k1").unwrap();
         let now = unix_now();
-        let req = crate::keys::IssueRequest {
+        let req = crate::access::keys::IssueRequest {
             team: "t".into(),
             ..Default::default()
         };
         let (token, claims) =
-            crate::keys::issue(&dir.path().join("k1.key.pem"), &req, now).unwrap();
-        let key = crate::keys::load_verify_key(&public).unwrap();
+            crate::access::keys::issue(&dir.path().join("k1.key.pem"), &req, now).unwrap();
+        let key = crate::access::keys::load_verify_key(&public).unwrap();
         let v = Verifier::new(
             [("k1".to_string(), key)].into(),
             [claims.jti.clone()].into(),

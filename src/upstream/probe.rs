@@ -2,9 +2,9 @@
 //! `corral_upstream_up` true to whether it answers, the model label set true to what it has, and
 //! the other names of the pinned models known.
 
-use crate::preload::Pins;
 use crate::telemetry::metrics::Metrics;
-use crate::upstream_client::UpstreamClient;
+use crate::upstream::client::UpstreamClient;
+use crate::upstream::preload::Pins;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;

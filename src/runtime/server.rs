@@ -5,21 +5,21 @@
 //! bad PEM or only log a failed bind): certificate files, the upstream URL, and every listening
 //! address. Each problem names the key at fault.
 
+use crate::access::limits::Limiter;
 use crate::access::{Access, AccessHandle};
-use crate::admin::AdminApp;
 use crate::config::{Config, Source};
-use crate::connections::{Caps, Gate};
-use crate::lifecycle::{Drainer, Lifecycle, Signals};
-use crate::limits::Limiter;
-use crate::preload::{Pins, Preloader};
-use crate::probe::Probe;
 use crate::proxy::{ClientLimits, Gateway};
-use crate::reload::Reloader;
+use crate::runtime::admin::AdminApp;
+use crate::runtime::connections::{Caps, Gate};
+use crate::runtime::lifecycle::{Drainer, Lifecycle, Signals};
+use crate::runtime::reload::Reloader;
+use crate::runtime::tls::{CertStore, CertWatcher};
 use crate::telemetry::access_log::{AccessLog, AccessLogFlusher};
 use crate::telemetry::metrics::Metrics;
-use crate::tls::{CertStore, CertWatcher};
+use crate::upstream::client::UpstreamClient;
+use crate::upstream::preload::{Pins, Preloader};
+use crate::upstream::probe::Probe;
 use crate::upstream::{Resolver, Upstream};
-use crate::upstream_client::UpstreamClient;
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::{Opt, ServerConf};
@@ -155,7 +155,7 @@ pub fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
         check_binds(&prepared.cfg)?;
     }
     if !mode.daemon {
-        crate::reload::claim_sighup();
+        crate::runtime::reload::claim_sighup();
     }
     let Prepared {
         source,
@@ -297,7 +297,10 @@ pub fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
         server.add_service(background_service("preload", preloader));
     }
     server.add_service(background_service("config reload", reloader));
-    server.add_service(background_service("memory trim", crate::memory::Trimmer));
+    server.add_service(background_service(
+        "memory trim",
+        crate::runtime::memory::Trimmer,
+    ));
     if let Some(certs) = certs.filter(|c| c.watches_files()) {
         server.add_service(background_service("tls reload", CertWatcher(certs)));
     }

@@ -1,0 +1,5 @@
+//! For development, tests, benchmarks and `corral demo`: a throwaway certificate authority and the
+//! Ollama double. Not on the request path.
+
+pub mod devcert;
+pub mod double;
