@@ -362,7 +362,14 @@ async fn every_refused_key_is_logged_with_its_reason_and_its_id() {
         let line = corral.log_line(&id);
         assert_eq!(line["auth_failure"], *reason, "{what}: {line}");
         assert_eq!(line["error"], "unauthorized", "{what}");
-        assert_eq!(line["key_id"].as_str(), key_id.as_deref(), "{what}: {line}");
+        // An id whose signature held is the key's; any other is only what the key claims.
+        let (verified, claimed) = if team.is_some() {
+            (key_id.as_deref(), None)
+        } else {
+            (None, key_id.as_deref())
+        };
+        assert_eq!(line["key_id"].as_str(), verified, "{what}: {line}");
+        assert_eq!(line["claimed_key_id"].as_str(), claimed, "{what}: {line}");
         assert_eq!(line["team"].as_str(), *team, "{what}: {line}");
     }
     // Two different keys at once.
@@ -649,7 +656,19 @@ async fn revocation_and_team_removal_apply_on_reload_without_cutting_streams() {
             .then_some(())
     });
     assert_eq!(chat_with(&research, false).await.unwrap().status(), 401);
-    // Until the list is back, other reloads are refused too; put it back.
+    // A list rewritten with some ids lost (another id only): the lost ones stay revoked too.
+    std::fs::write(
+        &revoked_file,
+        format!("{}\n", corral::access::keys::new_key_id()),
+    )
+    .unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        "the rewritten list to load",
+        || (corral.stderr_text().matches("they stay revoked").count() >= 2).then_some(()),
+    );
+    assert_eq!(chat_with(&research, false).await.unwrap().status(), 401);
+    // Put it back as it was.
     let out = std::process::Command::new(corral_bin())
         .args(["keys", "revoke", &research, "--config"])
         .arg(&config_path)
@@ -979,9 +998,13 @@ fn keys_cli_checks_the_team_and_says_truthfully_how_a_revocation_lands() {
     let bin = dir.path().join("bin");
     std::fs::create_dir(&bin).unwrap();
     let record = dir.path().join("kubectl-args");
+    // `kubectl kustomize` renders the list (as the shipped overlays do); `apply` is recorded.
     std::fs::write(
         bin.join("kubectl"),
-        format!("#!/bin/sh\necho \"$@\" > {}\n", record.display()),
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = kustomize ]; then cat {list}; exit 0; fi\necho \"$@\" > {}\n",
+            record.display()
+        ),
     )
     .unwrap();
     use std::os::unix::fs::PermissionsExt;
@@ -1010,6 +1033,27 @@ fn keys_cli_checks_the_team_and_says_truthfully_how_a_revocation_lands() {
         std::fs::read_to_string(&record).unwrap().trim(),
         format!("apply -k {overlay}")
     );
+    // A list the overlay does not carry is not applied: the key would stay valid.
+    std::fs::remove_file(&record).unwrap();
+    let elsewhere = dir.path().join("elsewhere.txt");
+    let elsewhere = elsewhere.to_str().unwrap();
+    let new_id = corral::access::keys::new_key_id();
+    let args = [
+        "keys",
+        "revoke",
+        &new_id,
+        "--file",
+        elsewhere,
+        "--kubernetes",
+        overlay,
+        "--apply",
+    ];
+    let (ok, _, stderr) = run(&args, Some(&path));
+    assert!(!ok && stderr.contains("nothing applied"), "{stderr}");
+    assert!(!record.exists());
+    // --kubernetes says which list to change: it needs --file.
+    let (ok, _, stderr) = run(&["keys", "revoke", &key, "--kubernetes", overlay], None);
+    assert!(!ok && stderr.contains("--file"), "{stderr}");
     // A plain list on this machine: gateways reading it refuse the key within a second.
     let (ok, _, stderr) = run(
         &[

@@ -437,9 +437,20 @@ async fn missing_pinned_models_are_pulled_with_progress_then_loaded() {
     };
     assert!(bytes("total") > 1e9, "{metrics}");
     assert_eq!(bytes("completed"), bytes("total"));
-    let log = pull_progress(&corral);
-    assert!(log.iter().any(|l| l.contains("\"percent\":50")), "{log:?}");
-    assert!(log.iter().any(|l| l.contains("\"pulled\"")), "{log:?}");
+    // The log reports every 10% of each pull, and its end.
+    let log = wait_for(Duration::from_secs(10), "both pulls in the log", || {
+        let log = pull_progress(&corral);
+        (log.iter().filter(|l| l.contains("\"pulled\"")).count() == 2).then_some(log)
+    });
+    let percents: Vec<&String> = log
+        .iter()
+        .filter(|l| l.contains("llama3.2") && l.contains("\"percent\""))
+        .collect();
+    assert!(percents.len() >= 3, "{log:?}");
+    assert!(
+        percents.last().unwrap().contains("\"percent\":100"),
+        "{log:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -511,4 +522,33 @@ async fn the_kubernetes_config_becomes_ready_from_an_empty_model_store() {
         json!({"llama3.2:latest": "loaded", "nomic-embed-text:latest": "loaded"})
     );
     assert_eq!(own_requests(&double, "/api/pull").len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_pull_does_not_hold_up_the_other_pinned_models() {
+    // llama3.2 must be pulled, slowly (half a second per progress line); nomic-embed-text is there.
+    let double = double_with(|c| {
+        c.models = vec![ModelSpec::embedding("nomic-embed-text")];
+        c.token_delay = Duration::from_millis(500);
+    })
+    .await;
+    let mut cfg = preload_config(&double.url(), &["llama3.2", "nomic-embed-text"]);
+    cfg.preload.pull_missing = true;
+    let corral = Corral::start(cfg);
+    let models = wait_for_async(
+        Duration::from_secs(20),
+        "the present model loaded",
+        || async {
+            let (_, body) = readyz(&corral).await;
+            (body["models"]["nomic-embed-text:latest"] == "loaded")
+                .then_some(body["models"].clone())
+        },
+    )
+    .await;
+    let llama = models["llama3.2:latest"].as_str().unwrap();
+    assert!(
+        llama.starts_with("pulling"),
+        "loaded while the other pulls: {models}"
+    );
+    until_ready(&corral).await;
 }

@@ -185,6 +185,13 @@ impl Verifier {
         self.revoked.len()
     }
 
+    /// Keeps revoked every key `earlier` revoked; returns how many this list had dropped.
+    pub fn keep_revoked(&mut self, earlier: &Verifier) -> usize {
+        let before = self.revoked.len();
+        self.revoked.extend(earlier.revoked.iter().cloned());
+        self.revoked.len() - before
+    }
+
     /// How many keys had their signature checked (cache misses).
     pub fn signature_checks(&self) -> u64 {
         self.signature_checks.load(Ordering::Relaxed)
@@ -259,17 +266,30 @@ impl Verifier {
     }
 }
 
-/// What the access log may say about a refused key: its id (`jti`) whenever the key parses, and
-/// its team when the refusal came after its signature checked out (revoked, expired, not yet
-/// valid, unknown team), so an operator can find who still uses it. Never the key itself. Ids
-/// and team names that are not plain (1-64 of `[A-Za-z0-9._-]`) are left out: an unverified key
-/// could carry anything, and the log line must stay readable.
-pub fn refused_key(token: &str, failure: AuthFailure) -> (Option<String>, Option<String>) {
+/// What the access log may say about a refused key (never the key itself): its id (`jti`)
+/// whenever the key parses, and whether its signature held (a revoked, expired, premature or
+/// unknown-team key), in which case its id and team are the issuer's. Otherwise the id is only
+/// what the key claims: anyone can write any id into an unsigned key. Ids and team names that
+/// are not plain (1-64 of `[A-Za-z0-9._-]`) are left out, so the log line stays readable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedKey {
+    pub key_id: Option<String>,
+    pub team: Option<String>,
+    /// The signature held: `key_id` and `team` are the issuer's, not just claimed.
+    pub signed: bool,
+}
+
+pub fn refused_key(token: &str, failure: AuthFailure) -> RefusedKey {
+    let unknown = RefusedKey {
+        key_id: None,
+        team: None,
+        signed: false,
+    };
     if token.len() > MAX_KEY_LEN || !token.is_ascii() {
-        return (None, None);
+        return unknown;
     }
     let Ok(data) = jsonwebtoken::dangerous::insecure_decode::<serde_json::Value>(token) else {
-        return (None, None);
+        return unknown;
     };
     let plain = |v: &serde_json::Value| {
         v.as_str()
@@ -287,8 +307,11 @@ pub fn refused_key(token: &str, failure: AuthFailure) -> (Option<String>, Option
             | AuthFailure::NotYetValid
             | AuthFailure::UnknownTeam
     );
-    let team = signed.then(|| plain(&data.claims["sub"])).flatten();
-    (plain(&data.claims["jti"]), team)
+    RefusedKey {
+        key_id: plain(&data.claims["jti"]),
+        team: signed.then(|| plain(&data.claims["sub"])).flatten(),
+        signed,
+    }
 }
 
 pub fn unix_now() -> u64 {
@@ -535,6 +558,86 @@ mod tests {
         assert!(Revoked.message().contains("revoked"));
         assert!(Missing.message().contains("Authorization: Bearer"));
         assert!(UnknownTeam.message().contains("team"));
+    }
+
+    #[test]
+    fn a_refused_key_tells_its_id_and_its_team_only_when_signed() {
+        let (dir, _) = verifier_with_key(&[]);
+        let now = unix_now();
+        let key = |jti: &str| {
+            sign(
+                &dir,
+                serde_json::json!({"sub": "research", "jti": jti, "iat": now}),
+            )
+        };
+        let r = refused_key(&key("a1.b_c-2"), AuthFailure::Revoked);
+        assert_eq!(
+            r,
+            RefusedKey {
+                key_id: Some("a1.b_c-2".into()),
+                team: Some("research".into()),
+                signed: true
+            }
+        );
+        let r = refused_key(&key("a1"), AuthFailure::BadSignature);
+        assert_eq!(
+            (r.key_id.as_deref(), r.team, r.signed),
+            (Some("a1"), None, false)
+        );
+        for odd in ["", "has space", "new\nline", "quote\"", &"x".repeat(65)] {
+            assert_eq!(
+                refused_key(&key(odd), AuthFailure::Expired).key_id,
+                None,
+                "{odd:?}"
+            );
+        }
+        assert_eq!(
+            refused_key(&"x".repeat(64), AuthFailure::Revoked).key_id,
+            None,
+            "not a JWT"
+        );
+        // The longest key corral reads is still read; one byte more is not.
+        let pem = std::fs::read(dir.path().join("k1.key.pem")).unwrap();
+        let signing = jsonwebtoken::EncodingKey::from_ed_pem(&pem).unwrap();
+        let token = |pad: usize, cty: Option<&str>| {
+            let mut header = jsonwebtoken::Header::new(Algorithm::EdDSA);
+            header.cty = cty.map(str::to_string);
+            let claims =
+                serde_json::json!({"sub": "t", "jti": "a1", "iat": now, "pad": "p".repeat(pad)});
+            jsonwebtoken::encode(&header, &claims, &signing).unwrap()
+        };
+        // Base64 grows 4 characters per 3 bytes: start from the estimate, and try the header
+        // with and without one more field (some lengths cannot be hit otherwise).
+        let estimate = (MAX_KEY_LEN - token(0, None).len()) * 3 / 4;
+        let longest = (estimate.saturating_sub(8)..estimate + 8)
+            .flat_map(|pad| [token(pad, None), token(pad, Some("x"))])
+            .find(|t| t.len() == MAX_KEY_LEN)
+            .expect("a key of exactly the longest length");
+        assert_eq!(
+            refused_key(&longest, AuthFailure::Revoked)
+                .key_id
+                .as_deref(),
+            Some("a1")
+        );
+        let long = format!("{}{}", key("a1"), "x".repeat(MAX_KEY_LEN));
+        assert_eq!(refused_key(&long, AuthFailure::Revoked).key_id, None);
+        assert_eq!(
+            refused_key("ключ.ключ.ключ", AuthFailure::Malformed).key_id,
+            None
+        );
+        for (failure, signed) in [
+            (AuthFailure::Expired, true),
+            (AuthFailure::NotYetValid, true),
+            (AuthFailure::UnknownTeam, true),
+            (AuthFailure::UnknownKid, false),
+            (AuthFailure::WrongAlgorithm, false),
+        ] {
+            assert_eq!(
+                refused_key(&key("a1"), failure).signed,
+                signed,
+                "{failure:?}"
+            );
+        }
     }
 
     #[test]

@@ -128,19 +128,21 @@ fn read_revoked(path: &std::path::Path) -> Result<HashSet<String>, String> {
     }
 }
 
-/// Why `next` must not replace `running`: a revocation list that vanished or emptied (deleted,
-/// mis-mounted, caught half-way through a rewrite) would bring every revoked key back to life.
-/// Revocation fails closed; clearing the list on purpose takes a restart.
-pub fn forgets_revocations(running: &Access, next: &Access) -> Option<String> {
-    let had = running.verifier.revoked_count();
-    (next.revoked_file == running.revoked_file && had > 0 && next.verifier.revoked_count() == 0)
-        .then(|| {
-            format!(
-                "auth.revoked_file = \"{}\" is now missing or empty, but {had} key(s) were revoked; \
-                 they stay revoked (restart corral to clear the list on purpose)",
-                running.revoked_file.display()
-            )
-        })
+/// Revocation only grows while corral runs: a list that lost ids (deleted, mis-mounted, caught
+/// half-way through a rewrite, edited by mistake) would otherwise bring those keys back to life.
+/// `next` keeps every id `running` had revoked; the warning says how many its file dropped.
+/// Clearing a revocation on purpose takes a restart.
+pub fn keep_revocations(running: &Access, next: &mut Access) -> Option<String> {
+    if next.revoked_file != running.revoked_file {
+        return None;
+    }
+    let dropped = next.verifier.keep_revoked(&running.verifier);
+    (dropped > 0).then(|| {
+        format!(
+            "auth.revoked_file = \"{}\" no longer lists {dropped} revoked key id(s); they stay revoked (restart corral to lift a revocation on purpose)",
+            running.revoked_file.display()
+        )
+    })
 }
 
 /// The current [`Access`], shared by all requests and replaced on reload.

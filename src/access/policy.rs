@@ -128,15 +128,38 @@ fn field(obj: &JsonObject, name: &'static str) -> Result<Option<String>, Gateway
     obj.string(name).map_err(|e| GatewayError::BadRequest(e.0))
 }
 
-/// What a request refers to: the models it names, and whether it builds from blobs (model files
-/// uploaded to `/api/blobs`), which name no model and so cannot be checked against a key's
-/// `models` claim.
+/// What a request refers to: the models it names, and the first field that refers to something
+/// no model name covers (blobs uploaded to `/api/blobs`, a remote host, a field corral does not
+/// know), which a key's `models` claim therefore cannot allow.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Refs {
     pub models: Vec<ModelRef>,
-    /// The field that names blobs (`files`, `adapters`, `modelfile`), if any.
-    pub blobs: Option<&'static str>,
+    /// The field that refers to something else than a named model, if any.
+    pub unprovable: Option<String>,
+    /// The request makes a model that Ollama serves from another host (`/api/create` with a
+    /// `remote_host`): its prompts would leave like a cloud model's.
+    pub remote: bool,
 }
+
+/// The fields of `/api/create` that build only from what the request names as models (checked
+/// against the claim) or from text: `model`/`name` and `from` name models, `modelfile` is read
+/// for its `FROM` lines; the rest shape the new model. Any other field (`files`, `adapters`,
+/// `draft_files`, `remote_host`, one added by a later Ollama) is refused to a narrowed key.
+const CREATE_FIELDS: &[&str] = &[
+    "model",
+    "name",
+    "from",
+    "modelfile",
+    "template",
+    "renderer",
+    "parser",
+    "license",
+    "system",
+    "parameters",
+    "messages",
+    "stream",
+    "quantize",
+];
 
 /// Everything a request refers to, read from its body or path as Ollama reads them.
 pub fn referenced(
@@ -146,24 +169,25 @@ pub fn referenced(
 ) -> Result<Refs, GatewayError> {
     let mut refs = Refs {
         models: referenced_models(kind, body, param)?,
-        blobs: None,
+        unprovable: None,
+        remote: false,
     };
     if let (RouteKind::Create, Some(b)) = (kind, body) {
-        for name in ["files", "adapters"] {
-            let given = b
-                .get(name)
-                .is_some_and(|v| !matches!(v.get().trim(), "null" | "{}"));
-            if given {
-                refs.blobs = refs.blobs.or(Some(name));
-            }
-        }
+        refs.remote = field(b, "remote_host")?.is_some_and(|h| !h.is_empty());
+        refs.unprovable = b
+            .fields()
+            .find(|(name, value)| {
+                !CREATE_FIELDS.contains(&name.as_str())
+                    && !matches!(value.get().trim(), "null" | "{}" | "[]" | "\"\"")
+            })
+            .map(|(name, _)| name);
         if let Some(text) = field(b, "modelfile")? {
             let (models, blobs) = modelfile_sources(&text);
             for m in models {
                 refs.models.extend(named("modelfile", Some(m))?);
             }
             if blobs {
-                refs.blobs = refs.blobs.or(Some("modelfile"));
+                refs.unprovable = refs.unprovable.or(Some("modelfile".into()));
             }
         }
     }
@@ -177,8 +201,11 @@ pub fn referenced(
 fn modelfile_sources(text: &str) -> (Vec<String>, bool) {
     let mut models = Vec::new();
     let mut blobs = false;
-    for line in text.lines() {
-        let line = line.trim_start();
+    // Ollama's parser ends a line at `\r` as well as `\n`, and skips a byte-order mark and
+    // anything unprintable before a command: so does this, and more (every leading character
+    // that is not a letter), so a command it reads is never missed here.
+    for line in text.split(['\n', '\r']) {
+        let line = line.trim_start_matches(|c: char| !c.is_ascii_alphabetic());
         let word_end = line
             .find(|c: char| !c.is_ascii_alphabetic())
             .unwrap_or(line.len());
@@ -246,12 +273,26 @@ pub fn authorize(
                     kind.name()
                 )));
             }
+            // A model served from another host sends its prompts there, as a cloud model does.
+            if refs.remote && !team.cloud {
+                return Err(GatewayError::Forbidden(format!(
+                    "team `{}` may not create a model served from another host (\"remote_host\"): its prompts would leave this server; set cloud = true for the team",
+                    team.name
+                )));
+            }
             // An admin team is not bound by its model globs here (it pulls models nobody uses
             // yet), but a key issued with a `models` claim is: the claim only ever narrows. What
-            // corral cannot check against the claim (a model built from blobs) is refused.
-            if let (Some(claim), Some(field)) = (&identity.models, refs.blobs) {
+            // corral cannot check against the claim (a model built from blobs) is refused, and
+            // so is uploading blobs, which nothing such a key may create can use.
+            if let (Some(claim), true) = (&identity.models, kind == RouteKind::Blobs) {
                 return Err(GatewayError::Forbidden(format!(
-                    "{} from blobs (\"{field}\") is refused for this key: blobs name no model, so its `models` claim ({}) cannot cover them",
+                    "this key may only use the models its `models` claim names ({}); blobs name no model, so it may not upload them",
+                    claim.join(", ")
+                )));
+            }
+            if let (Some(claim), Some(field)) = (&identity.models, &refs.unprovable) {
+                return Err(GatewayError::Forbidden(format!(
+                    "{} with \"{field}\" is refused for this key: it builds from something no model name covers (blobs, another host), so the key's `models` claim ({}) cannot allow it",
                     kind.name(),
                     claim.join(", ")
                 )));
@@ -365,7 +406,8 @@ mod tests {
     fn only(models: &[ModelRef]) -> Refs {
         Refs {
             models: models.to_vec(),
-            blobs: None,
+            unprovable: None,
+            remote: false,
         }
     }
 
@@ -524,10 +566,13 @@ mod tests {
             decide(&narrow, r#"{"model":"llama3.2:alias","from":"qwen2.5:7b"}"#),
             Err(403)
         );
-        // Blobs name no model: refused for a narrowed key, in every field that can carry them.
+        // Blobs name no model: refused for a narrowed key, in every field that can carry them,
+        // and so is any field corral does not know.
         let digest = format!("sha256:{}", "a".repeat(64));
         for body in [
             format!(r#"{{"model":"llama3.2:alias","files":{{"m.gguf":"{digest}"}}}}"#),
+            format!(r#"{{"model":"llama3.2:alias","from":"llama3.2","draft_files":{{"d.gguf":"{digest}"}}}}"#),
+            r#"{"model":"llama3.2:alias","from":"llama3.2","something_new":1}"#.to_string(),
             format!(r#"{{"model":"llama3.2:alias","from":"llama3.2","adapters":{{"a.gguf":"{digest}"}}}}"#),
             format!(r#"{{"model":"llama3.2:alias","Files":{{"m.gguf":"{digest}"}}}}"#),
             r#"{"model":"llama3.2:alias","modelfile":"FROM qwen2.5:7b"}"#.to_string(),
@@ -541,6 +586,33 @@ mod tests {
             // A key without a claim may (its team is admin).
             assert_eq!(decide(&id(None), &body), Ok(()), "{body}");
         }
+        // Ollama's parser also ends lines at \r, and skips a byte-order mark or anything
+        // unprintable before a command.
+        for body in [
+            r#"{"model":"llama3.2:alias","modelfile":"SYSTEM hi\rFROM /etc/passwd"}"#,
+            r#"{"model":"llama3.2:alias","modelfile":"FROM llama3.2\n# c\rADAPTER /x.gguf"}"#,
+            "{\"model\":\"llama3.2:alias\",\"modelfile\":\"\u{feff}FROM /x.gguf\"}",
+            r#"{"model":"llama3.2:alias","modelfile":"FROM llama3.2\n\u0000ADAPTER /x"}"#,
+            r#"{"model":"llama3.2:alias","from":"llama3.2","path":"/tmp/Modelfile"}"#,
+        ] {
+            assert_eq!(decide(&narrow, body), Err(403), "{body}");
+        }
+        // A model served from another host needs the cloud flag, whatever the key.
+        let remote =
+            r#"{"model":"llama3.2:x","from":"llama3.2","remote_host":"https://ollama.com"}"#;
+        assert_eq!(decide(&id(None), remote), Err(403));
+        let mut cloudy = t.clone();
+        cloudy.cloud = true;
+        let obj = JsonObject::parse(remote.as_bytes()).unwrap();
+        let refs = referenced(RouteKind::Create, Some(&obj), None).unwrap();
+        assert!(authorize(&cloudy, &id(None), RouteKind::Create, &refs).is_ok());
+        // A narrowed key may not upload blobs; another admin key may.
+        let blob = Refs::default();
+        assert_eq!(
+            authorize(&t, &narrow, RouteKind::Blobs, &blob).map_err(|e| e.status()),
+            Err(403)
+        );
+        assert!(authorize(&t, &id(None), RouteKind::Blobs, &blob).is_ok());
         // A modelfile whose FROM is a model the claim names is fine.
         assert_eq!(
             decide(

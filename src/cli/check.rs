@@ -3,6 +3,7 @@
 
 use crate::config::{Config, Source};
 use crate::upstream::client::UpstreamClient;
+use crate::upstream::show::{show, Shown};
 use crate::upstream::Upstream;
 use std::sync::Arc;
 use std::time::Duration;
@@ -104,34 +105,20 @@ fn check_upstream(cfg: &Config) -> Vec<Finding> {
     // Every pinned model must exist, and be loadable.
     for (i, model) in cfg.preload.models.iter().enumerate() {
         let key = format!("preload.models[{i}] = \"{model}\"");
-        let body = serde_json::json!({ "model": model });
-        out.push(
-            match runtime.block_on(client.request("POST", "/api/show", Some(&body), timeout)) {
-                Ok(a) if a.status == 200 => {
-                    let caps = a
-                        .json()
-                        .and_then(|v| v["capabilities"].as_array().cloned())
-                        .unwrap_or_default();
-                    let has = |c: &str| caps.iter().any(|x| x == c);
-                    if has("completion") || has("embedding") {
-                        Finding::Ok(format!("{key}: Ollama has it"))
-                    } else {
-                        Finding::Error(format!(
-                            "{key}: it can neither generate nor embed, so it cannot be preloaded"
-                        ))
-                    }
-                }
-                Ok(a) if a.status == 404 => Finding::Error(format!(
-                    "{key}: Ollama does not have it; pull it first (ollama pull {model})"
-                )),
-                Ok(a) => Finding::Error(format!(
-                    "{key}: /api/show answered {}: {}",
-                    a.status,
-                    a.error_message()
-                )),
-                Err(e) => Finding::Error(format!("{key}: {e}")),
-            },
-        );
+        out.push(match runtime.block_on(show(&client, model)) {
+            Ok(Shown::Loadable(_)) => Finding::Ok(format!("{key}: Ollama has it")),
+            Ok(Shown::Missing) if cfg.preload.pull_missing => Finding::Warning(format!(
+                "{key}: Ollama does not have it yet; corral will pull it (preload.pull_missing)"
+            )),
+            Ok(Shown::Missing) => Finding::Error(format!(
+                "{key}: Ollama does not have it; pull it first (ollama pull {model}), or set preload.pull_missing"
+            )),
+            Ok(Shown::NotLoadable(why)) => {
+                Finding::Error(format!("{key}: {why}, so it cannot be preloaded"))
+            }
+            Ok(Shown::Refused(why)) => Finding::Error(format!("{key}: {why}")),
+            Err(e) => Finding::Error(format!("{key}: {e}")),
+        });
     }
     out
 }

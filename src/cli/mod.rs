@@ -124,9 +124,9 @@ enum KeysCommand {
         /// example config/revoked.txt, which the Kubernetes ConfigMap is made from).
         #[arg(long)]
         file: Option<PathBuf>,
-        /// The kustomize overlay whose ConfigMap carries the list (e.g.
+        /// The kustomize overlay whose ConfigMap carries the list given with --file (e.g.
         /// deploy/kubernetes/overlays/production): prints how to apply the change.
-        #[arg(long, value_name = "OVERLAY")]
+        #[arg(long, value_name = "OVERLAY", requires = "file")]
         kubernetes: Option<PathBuf>,
         /// With --kubernetes: run `kubectl apply -k OVERLAY` now.
         #[arg(long, requires = "kubernetes")]
@@ -339,6 +339,21 @@ fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {
                     "gateways that read {shown} (their auth.revoked_file) refuse the key within a second"
                 ),
                 Some(overlay) if apply => {
+                    // The overlay must really carry this list: apply nothing that would not
+                    // revoke the key.
+                    let rendered = std::process::Command::new("kubectl")
+                        .arg("kustomize")
+                        .arg(&overlay)
+                        .output()
+                        .map_err(|e| format!("cannot run kubectl: {e}"))?;
+                    if !rendered.status.success()
+                        || !String::from_utf8_lossy(&rendered.stdout).contains(&id.to_ascii_lowercase())
+                    {
+                        return Err(format!(
+                            "{} does not carry {shown} (the rendered overlay has no {id}); nothing applied. Give the list the overlay's ConfigMap is made from (config/revoked.txt for the shipped overlays) with --file",
+                            overlay.display()
+                        ));
+                    }
                     let status = std::process::Command::new("kubectl")
                         .arg("apply")
                         .arg("-k")

@@ -61,6 +61,11 @@ impl<'a> JsonObject<'a> {
         Ok(JsonObject { entries: entries.0 })
     }
 
+    /// The fields' names as Go matches them (folded: `"Files"` is `files`), with their raw values.
+    pub fn fields(&self) -> impl Iterator<Item = (String, &'a RawValue)> + '_ {
+        self.entries.iter().map(|(k, v)| (fold(k), *v))
+    }
+
     /// The value of a field, matched as Go matches it (`name` is lowercase ASCII).
     pub fn get(&self, name: &str) -> Option<&'a RawValue> {
         self.entries

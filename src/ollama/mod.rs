@@ -9,6 +9,7 @@ use std::time::Duration;
 const DEFAULT_HOST: &str = "registry.ollama.ai";
 const DEFAULT_NAMESPACE: &str = "library";
 const DEFAULT_TAG: &str = "latest";
+const LOCAL_SUFFIX: &str = ":local";
 
 /// A model name normalized as Ollama displays it: `llama3.2` → `llama3.2:latest`,
 /// `library/llama3.2` → `llama3.2:latest`, `hf.co/user/model:Q4` unchanged.
@@ -23,6 +24,18 @@ impl ModelName {
     /// Ollama refuses as invalid.
     pub fn parse(name: &str) -> Option<ModelName> {
         let name = name.split_once('@').map_or(name, |(n, _)| n);
+        // `:local` (any case) only forces a local model: `llama3.2:local` is `llama3.2:latest`,
+        // `llama3.2:3b:local` is `llama3.2:3b` (Ollama's modelref).
+        let name = match name.len().checked_sub(LOCAL_SUFFIX.len()) {
+            Some(at)
+                if at > 0
+                    && name.is_char_boundary(at)
+                    && name[at..].eq_ignore_ascii_case(LOCAL_SUFFIX) =>
+            {
+                &name[..at]
+            }
+            _ => name,
+        };
         if name.is_empty() || name.len() > 350 {
             return None;
         }
@@ -194,6 +207,12 @@ mod tests {
             ModelName::parse("Llama3.2").unwrap().key(),
             "llama3.2:latest"
         );
+        // `:local` only forces a local model: the same model.
+        assert_eq!(norm("llama3.2:local").as_deref(), Some("llama3.2:latest"));
+        assert_eq!(norm("llama3.2:3b:LOCAL").as_deref(), Some("llama3.2:3b"));
+        assert_eq!(norm("myorg/m:local").as_deref(), Some("myorg/m:latest"));
+        assert_eq!(norm("local").as_deref(), Some("local:latest"));
+        assert_eq!(norm(":local"), None);
     }
 
     #[test]

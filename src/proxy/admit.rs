@@ -62,8 +62,10 @@ impl Gateway {
                 if framing.promises_bytes() {
                     return Err(no_body());
                 }
+                // Header time, not body time: a route without a body is only waiting for the
+                // end of its (empty) framing, and may be reached without a key.
                 let read = expect_no_body(session);
-                tokio::time::timeout(self.limits.body_timeout, read)
+                tokio::time::timeout(self.limits.header_timeout, read)
                     .await
                     .map_err(|_| GatewayError::RequestTimeout)??
                     .then_some(())
@@ -205,6 +207,7 @@ pub struct ClientLimits {
     pub max_body: ByteSize,
     pub max_header_size: ByteSize,
     pub body_timeout: Duration,
+    pub header_timeout: Duration,
 }
 
 fn route_error(e: RouteError, req: &RequestHeader, ctx: &mut RequestCtx) -> GatewayError {

@@ -47,8 +47,8 @@ pub struct RequestCtx {
     pub access: Option<Arc<Access>>,
     /// Why the key was refused (`corral_auth_failures_total{reason}`).
     pub auth_failure: Option<&'static str>,
-    /// A refused key's id and (when its signature held) team, for the log: never the key.
-    pub refused_key: Option<(Option<String>, Option<String>)>,
+    /// What the log may say about a refused key: never the key itself.
+    pub refused_key: Option<crate::access::auth::RefusedKey>,
     /// The model the request names, normalized.
     pub model: Option<String>,
     pub stream: Option<bool>,
@@ -63,6 +63,8 @@ pub struct RequestCtx {
     pub list_body: Option<BytesMut>,
     /// Reads usage and completeness from an inference response.
     pub meter: Option<Meter>,
+    /// How many body bytes carry the answer up to its end marker, once the meter has seen it.
+    pub complete_at: Option<u64>,
     /// corral asked Ollama for usage the client did not ask for; it is taken out again.
     pub strip_usage: bool,
     pub stripper: Option<UsageStripper>,
@@ -104,6 +106,7 @@ impl RequestCtx {
             response_format: BodyFormat::Other,
             list_body: None,
             meter: None,
+            complete_at: None,
             strip_usage: false,
             stripper: None,
             upstream_error: None,

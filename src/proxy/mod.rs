@@ -21,7 +21,7 @@ use crate::api::routes::BodyMode;
 use crate::runtime::lifecycle::Lifecycle;
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::metrics::Metrics;
-use crate::upstream::preload::Pins;
+use crate::upstream::pins::Pins;
 use crate::upstream::Upstream;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -181,6 +181,11 @@ impl ProxyHttp for Gateway {
         if let Some(chunk) = body.as_ref() {
             ctx.bytes_out += chunk.len() as u64;
         }
+        // Where the end marker is in what the client gets: once that many bytes are sent, the
+        // client has the whole answer.
+        if ctx.complete_at.is_none() && ctx.meter.as_ref().is_some_and(|m| m.complete()) {
+            ctx.complete_at = Some(ctx.bytes_out);
+        }
         Ok(None)
     }
 
@@ -211,12 +216,14 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         let (err, upstream_kind) = self.failure(e);
-        // The body's end marker already passed (`[DONE]`, `"done":true`, a closed document):
-        // the client has the whole answer, whatever the connection does now (a client that
+        // The body's end marker (`[DONE]`, `"done":true`, a closed document) was written to the
+        // client: it has the whole answer, whatever the connection does now (a client that
         // closes as soon as it has `[DONE]`, an upstream that drops the connection instead of
         // ending the body). Nothing is appended, and the request is not a failure.
-        if session.response_written().is_some() && ctx.meter.as_ref().is_some_and(|m| m.complete())
-        {
+        let delivered = ctx
+            .complete_at
+            .is_some_and(|at| session.as_downstream().body_bytes_sent() as u64 >= at);
+        if session.response_written().is_some() && delivered {
             if err.is_some() {
                 // Ollama's side ended untidily: end the body properly for the client.
                 let _ = session.write_response_body(None, true).await;

@@ -89,13 +89,7 @@ impl Gateway {
             }
         }
 
-        let raw = req.raw_path();
-        let path_end = raw
-            .iter()
-            .position(|&b| b == b'?')
-            .unwrap_or(raw.len())
-            .min(512);
-        let path = String::from_utf8_lossy(&raw[..path_end]);
+        let path = logged_path(req.raw_path(), ctx.route.is_some());
         let refused = ctx.refused_key.as_ref();
         self.access_log.write(&AccessRecord {
             ts: access_log::timestamp(),
@@ -104,14 +98,15 @@ impl Gateway {
                 .identity
                 .as_ref()
                 .map(|i| i.team.as_str())
-                .or(refused.and_then(|(_, team)| team.as_deref())),
-            key_id: ctx
-                .identity
-                .as_ref()
-                .map(|i| i.key_id.as_str())
-                .or(refused.and_then(|(id, _)| id.as_deref())),
+                .or(refused.and_then(|r| r.team.as_deref())),
+            key_id: ctx.identity.as_ref().map(|i| i.key_id.as_str()).or(refused
+                .filter(|r| r.signed)
+                .and_then(|r| r.key_id.as_deref())),
+            claimed_key_id: refused
+                .filter(|r| !r.signed)
+                .and_then(|r| r.key_id.as_deref()),
             client_ip: ctx.client_ip.map(|ip| ip.to_string()),
-            method: Some(req.method.as_str()),
+            method: Some(logged_method(&req.method)),
             path: Some(&path),
             route: ctx.route.as_ref().map(|r| r.kind.name()),
             model: ctx.model.as_deref(),
@@ -203,3 +198,40 @@ impl Gateway {
 
 /// The `route` label of requests that could not be read as HTTP.
 const MALFORMED_ROUTE: &str = "malformed";
+
+/// The method as the log shows it: a standard one, or `OTHER` (a method is whatever token the
+/// client sends, 70 KB of it included).
+fn logged_method(method: &http::Method) -> &'static str {
+    const STANDARD: &[&str] = &[
+        "GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "CONNECT", "TRACE",
+    ];
+    STANDARD
+        .iter()
+        .find(|m| **m == method.as_str())
+        .copied()
+        .unwrap_or("OTHER")
+}
+
+/// The path as the log shows it, without its query: a route's path whole, any other cut to
+/// 100 bytes (it is whatever the client sent, a key pasted into it included).
+fn logged_path(raw: &[u8], routed: bool) -> String {
+    let end = raw.iter().position(|&b| b == b'?').unwrap_or(raw.len());
+    let end = end.min(if routed { 512 } else { 100 });
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logged_methods_and_paths_are_bounded() {
+        assert_eq!(logged_method(&http::Method::POST), "POST");
+        let odd = http::Method::from_bytes(&[b'X'; 1000]).unwrap();
+        assert_eq!(logged_method(&odd), "OTHER");
+        assert_eq!(logged_path(b"/api/chat?key=secret", true), "/api/chat");
+        let long = format!("/{}", "k".repeat(400));
+        assert_eq!(logged_path(long.as_bytes(), false).len(), 100);
+        assert_eq!(logged_path(long.as_bytes(), true).len(), 401);
+    }
+}

@@ -40,8 +40,15 @@ pub(super) fn prepare(ctx: &mut RequestCtx, resp: &mut ResponseHeader, head_only
             http::header::CONTENT_TYPE,
             "application/json; charset=utf-8",
         );
-        ctx.upstream_failure = Some(BytesMut::new());
         ctx.upstream_error = Some("server_error");
+        if head_only {
+            // No body will pass: what is known is logged now.
+            let err = GatewayError::UpstreamFailed(ctx.status_from_upstream);
+            tracing::warn!(request_id = %ctx.request_id, status = ctx.status_from_upstream, "Ollama answered a HEAD request with a server error");
+            ctx.error = Some(err.label());
+        } else {
+            ctx.upstream_failure = Some(BytesMut::new());
+        }
         return;
     }
     if resp.status != 200 {

@@ -3,7 +3,7 @@
 
 use crate::runtime::lifecycle::Lifecycle;
 use crate::telemetry::metrics::Metrics;
-use crate::upstream::preload::Pins;
+use crate::upstream::pins::Pins;
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;

@@ -14,10 +14,29 @@ pub const TRIM_INTERVAL: Duration = Duration::from_secs(5);
 const TRIM_ABOVE: usize = 8 << 20;
 
 /// Free bytes the allocator holds and could return.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn free_in_arenas() -> usize {
     // SAFETY: mallinfo2 only reads the allocator's statistics.
     unsafe { libc::mallinfo2() }.fordblks
 }
+
+/// Hands the allocator's free pages back to the system.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn trim() {
+    // SAFETY: malloc_trim only hands free pages back to the system; thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+// Other allocators (musl, other systems) manage this themselves, or offer no such call.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn free_in_arenas() -> usize {
+    0
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim() {}
 
 pub struct Trimmer;
 
@@ -30,10 +49,7 @@ impl BackgroundService for Trimmer {
                 _ = shutdown.changed() => return,
             }
             if free_in_arenas() > TRIM_ABOVE {
-                // SAFETY: malloc_trim only hands free pages back to the system; thread-safe.
-                unsafe {
-                    libc::malloc_trim(0);
-                }
+                trim();
             }
         }
     }

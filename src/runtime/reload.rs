@@ -61,9 +61,9 @@ impl Reloader {
                 .map(str::to_string)
                 .collect::<Vec<_>>()
         })?;
-        let (access, warnings) = Access::from_config(&cfg)?;
-        if let Some(why) = crate::access::forgets_revocations(&self.access.current(), &access) {
-            return Err(vec![why]);
+        let (mut access, warnings) = Access::from_config(&cfg)?;
+        if let Some(why) = crate::access::keep_revocations(&self.access.current(), &mut access) {
+            tracing::warn!("{why}");
         }
         for w in warnings {
             tracing::warn!("{w}");

@@ -17,7 +17,8 @@ use crate::runtime::tls::{CertStore, CertWatcher};
 use crate::telemetry::access_log::{AccessLog, AccessLogFlusher};
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::client::UpstreamClient;
-use crate::upstream::preload::{Pins, Preloader};
+use crate::upstream::pins::Pins;
+use crate::upstream::preload::Preloader;
 use crate::upstream::probe::Probe;
 use crate::upstream::{Resolver, Upstream};
 use pingora::apps::HttpServerOptions;
@@ -209,6 +210,7 @@ pub fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
             max_body: cfg.server.max_body,
             max_header_size: cfg.server.max_header_size,
             body_timeout: cfg.server.body_timeout.0,
+            header_timeout: cfg.server.header_timeout.0,
         },
         limiter: Arc::new(Limiter::default()),
         lifecycle: lifecycle.clone(),
@@ -285,15 +287,7 @@ pub fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
     };
     server.add_service(background_service("drain", drainer));
     if !cfg.preload.models.is_empty() {
-        let preloader = Preloader {
-            client: UpstreamClient::new(upstream.clone()),
-            pins,
-            metrics: metrics.clone(),
-            watch_interval: cfg.preload.watch_interval.0,
-            load_timeout: upstream.read_timeout,
-            pull_missing: cfg.preload.pull_missing,
-            pull_backoff: Default::default(),
-        };
+        let preloader = Preloader::new(upstream.clone(), pins, metrics.clone(), &cfg.preload);
         server.add_service(background_service("preload", preloader));
     }
     server.add_service(background_service("config reload", reloader));

@@ -36,6 +36,9 @@ pub struct AccessRecord<'a> {
     pub error: Option<&'a str>,
     /// Why an API key was refused (`revoked`, `expired`, `unknown_kid`, `bad_signature`, ...).
     pub auth_failure: Option<&'a str>,
+    /// The id a refused key claims when its signature did not hold (anyone can write any id
+    /// into an unsigned key); `key_id` holds ids whose signature held.
+    pub claimed_key_id: Option<&'a str>,
 }
 
 impl AccessRecord<'_> {
@@ -188,6 +191,7 @@ mod tests {
             "bytes_out",
             "error",
             "auth_failure",
+            "claimed_key_id",
         ] {
             assert!(v.get(f).is_some(), "missing {f}");
         }

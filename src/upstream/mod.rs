@@ -2,8 +2,11 @@
 //! (with corral's timeouts) for each request.
 
 pub mod client;
+pub mod pins;
 pub mod preload;
 pub mod probe;
+pub mod pull;
+pub mod show;
 
 use crate::config::UpstreamConfig;
 use async_trait::async_trait;

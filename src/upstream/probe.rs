@@ -4,7 +4,7 @@
 
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::client::UpstreamClient;
-use crate::upstream::preload::Pins;
+use crate::upstream::pins::Pins;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;

@@ -1,0 +1,255 @@
+//! The pinned models (`preload.models`) and where each stands, shared by the preloader (which
+//! loads them), `/readyz` (which reports them) and the request path (whose keep-alive policy
+//! protects them).
+
+use crate::config::PreloadConfig;
+use crate::ollama::{KeepAlive, ModelName};
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::RwLock;
+
+/// Where a pinned model stands.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelState {
+    Loading,
+    /// Being pulled: bytes of its layers done so far and in all (as far as announced).
+    Pulling {
+        completed: u64,
+        total: u64,
+    },
+    Loaded {
+        seconds: f64,
+    },
+    Failed(String),
+}
+
+impl ModelState {
+    fn describe(&self) -> String {
+        match self {
+            ModelState::Loading => "loading".into(),
+            ModelState::Pulling { completed, total } if *total > 0 => {
+                format!("pulling {}%", completed.saturating_mul(100) / total)
+            }
+            ModelState::Pulling { .. } => "pulling".into(),
+            ModelState::Loaded { .. } => "loaded".into(),
+            ModelState::Failed(why) => format!("failed: {why}"),
+        }
+    }
+}
+
+/// The pinned models and their states, shared with `/readyz` and the keep-alive policy.
+pub struct Pins {
+    /// Normalized keys (`llama3.2:latest`) of the pinned models.
+    keys: HashSet<String>,
+    /// Keys of other names for the pinned models (same digest in `/api/tags`, e.g. made with
+    /// `/api/copy`): Ollama runs one runner per model, so `keep_alive: 0` through any of its
+    /// names unloads it.
+    aliases: RwLock<HashMap<String, String>>,
+    states: RwLock<BTreeMap<String, ModelState>>,
+    pub requires_ready: bool,
+    /// The `keep_alive` pinned models are loaded with (and that `pin` writes into requests).
+    pub keep_alive: Value,
+    /// `keep_alive` is "forever" (a negative duration), which `/api/ps` shows as ~292 years out.
+    pub(super) forever: bool,
+    pub pin_requests: bool,
+}
+
+impl Pins {
+    pub fn new(cfg: &PreloadConfig) -> Pins {
+        let names: Vec<ModelName> = cfg
+            .models
+            .iter()
+            .filter_map(|m| ModelName::parse(m))
+            .collect();
+        Pins {
+            keys: names.iter().map(ModelName::key).collect(),
+            aliases: RwLock::default(),
+            states: RwLock::new(
+                names
+                    .iter()
+                    .map(|n| (n.to_string(), ModelState::Loading))
+                    .collect(),
+            ),
+            requires_ready: cfg.ready_requires_preload,
+            keep_alive: cfg.keep_alive.to_json(),
+            forever: matches!(
+                KeepAlive::from_json(Some(&cfg.keep_alive.to_json())),
+                Ok(Some(KeepAlive::Forever))
+            ),
+            pin_requests: cfg.keep_alive_policy == crate::config::KeepAlivePolicy::Pin,
+        }
+    }
+
+    pub fn is_pinned(&self, model: &ModelName) -> bool {
+        let key = model.key();
+        self.keys.contains(&key)
+            || self
+                .aliases
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(&key)
+    }
+
+    /// The pinned model (its key) that a model key names, directly or as another name.
+    pub(super) fn pinned_key(&self, key: &str) -> Option<String> {
+        if self.keys.contains(key) {
+            return Some(key.to_string());
+        }
+        let aliases = self.aliases.read().unwrap_or_else(|e| e.into_inner());
+        aliases.get(key).cloned()
+    }
+
+    /// Learns the other names of the pinned models from Ollama's model list: `(name, digest)`
+    /// pairs from `/api/tags`.
+    pub fn set_aliases<'a>(&self, tags: impl IntoIterator<Item = (&'a str, &'a str)> + Clone) {
+        let key = |name: &str| ModelName::parse(name).map(|n| n.key());
+        // digest → the pinned model with it
+        let pinned: HashMap<&str, String> = tags
+            .clone()
+            .into_iter()
+            .filter_map(|(name, digest)| Some((digest, key(name)?)))
+            .filter(|(_, k)| self.keys.contains(k))
+            .collect();
+        let aliases = tags
+            .into_iter()
+            .filter_map(|(name, digest)| Some((key(name)?, pinned.get(digest)?.clone())))
+            .filter(|(k, _)| !self.keys.contains(k))
+            .collect();
+        *self.aliases.write().unwrap_or_else(|e| e.into_inner()) = aliases;
+    }
+
+    /// The `keep_alive` a request for `model` must carry instead of the client's, if any.
+    pub fn keep_alive_for(&self, model: &ModelName) -> Option<&Value> {
+        (self.pin_requests && self.is_pinned(model)).then_some(&self.keep_alive)
+    }
+
+    /// Ready when every pinned model is loaded (or readiness does not wait for them).
+    pub fn ready(&self) -> bool {
+        !self.requires_ready
+            || self
+                .read()
+                .values()
+                .all(|s| matches!(s, ModelState::Loaded { .. }))
+    }
+
+    /// Model → state, for `/readyz`.
+    pub fn report(&self) -> Value {
+        Value::Object(
+            self.read()
+                .iter()
+                .map(|(m, s)| (m.clone(), Value::String(s.describe())))
+                .collect(),
+        )
+    }
+
+    pub(super) fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, ModelState>> {
+        self.states.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn set(&self, model: &str, state: ModelState) {
+        let mut states = self.states.write().unwrap_or_else(|e| e.into_inner());
+        let old = states.insert(model.to_string(), state.clone());
+        if old.as_ref() != Some(&state) {
+            match &state {
+                ModelState::Loaded { seconds } => {
+                    tracing::info!(model, seconds, "pinned model loaded")
+                }
+                ModelState::Failed(why) => {
+                    tracing::error!(model, reason = %why, "pinned model cannot be loaded; retrying")
+                }
+                ModelState::Loading => tracing::warn!(
+                    model,
+                    "pinned model is not loaded in Ollama; loading it again"
+                ),
+                ModelState::Pulling { .. } => {}
+            }
+        }
+    }
+
+    pub(super) fn names(&self) -> Vec<String> {
+        self.read().keys().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{KeepAlive, KeepAlivePolicy};
+    use serde_json::json;
+
+    fn pins(policy: KeepAlivePolicy) -> Pins {
+        Pins::new(&PreloadConfig {
+            models: vec!["llama3.2".into(), "nomic-embed-text".into()],
+            keep_alive: KeepAlive::Seconds(-1.0),
+            keep_alive_policy: policy,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn pinned_models_get_the_pinned_keep_alive_under_pin_only() {
+        let p = pins(KeepAlivePolicy::Pin);
+        assert_eq!(
+            p.keep_alive_for(&ModelName::parse("llama3.2:latest").unwrap()),
+            Some(&json!(-1))
+        );
+        assert_eq!(
+            p.keep_alive_for(&ModelName::parse("LLAMA3.2").unwrap()),
+            Some(&json!(-1))
+        );
+        assert_eq!(
+            p.keep_alive_for(&ModelName::parse("llama3.2:1b").unwrap()),
+            None,
+            "other tags are not pinned"
+        );
+        let p = pins(KeepAlivePolicy::Pass);
+        assert_eq!(
+            p.keep_alive_for(&ModelName::parse("llama3.2").unwrap()),
+            None
+        );
+    }
+
+    #[test]
+    fn other_names_of_a_pinned_model_are_pinned_too() {
+        let p = pins(KeepAlivePolicy::Pin);
+        let alias = ModelName::parse("Team-Llama").unwrap();
+        assert_eq!(p.keep_alive_for(&alias), None);
+        let tags = [
+            ("llama3.2:latest", "d1"),
+            ("team-llama:latest", "d1"),
+            ("llama3.2:1b", "d2"),
+            ("nomic-embed-text:latest", "d3"),
+        ];
+        p.set_aliases(tags.iter().copied());
+        assert_eq!(p.keep_alive_for(&alias), Some(&json!(-1)));
+        assert_eq!(
+            p.keep_alive_for(&ModelName::parse("llama3.2:1b").unwrap()),
+            None,
+            "another model of the family is not"
+        );
+        // The alias is gone from Ollama: no longer pinned.
+        p.set_aliases(tags[..1].iter().copied());
+        assert_eq!(p.keep_alive_for(&alias), None);
+    }
+
+    #[test]
+    fn ready_once_every_pin_is_loaded() {
+        let p = pins(KeepAlivePolicy::Pin);
+        assert!(!p.ready());
+        p.set("llama3.2:latest", ModelState::Loaded { seconds: 1.0 });
+        assert!(!p.ready());
+        p.set("nomic-embed-text:latest", ModelState::Failed("x".into()));
+        assert!(!p.ready());
+        assert_eq!(p.report()["nomic-embed-text:latest"], "failed: x");
+        p.set(
+            "nomic-embed-text:latest",
+            ModelState::Loaded { seconds: 0.5 },
+        );
+        assert!(p.ready());
+        let relaxed = Pins {
+            requires_ready: false,
+            ..pins(KeepAlivePolicy::Pin)
+        };
+        assert!(relaxed.ready());
+    }
+}
