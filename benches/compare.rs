@@ -184,6 +184,9 @@ listen = "127.0.0.1:{corral_port}"
 tls_cert = "tls.crt"
 tls_key = "tls.key"
 metrics_listen = "127.0.0.1:{metrics_port}"
+# One loopback client stands for many: no per-address caps.
+max_connections_per_ip = 0
+max_requests_per_ip = 0
 [upstream]
 url = "http://127.0.0.1:{double_port}"
 [auth]

@@ -110,7 +110,7 @@ fn main() {
         format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\ntls_cert = \"tls.crt\"\ntls_key = \"tls.key\"\n\
              metrics_listen = \"127.0.0.1:{metrics_port}\"\nheader_timeout = \"10m\"\n\
-             max_connections = 0\nmax_connections_per_ip = 0\n\
+             max_connections = 0\nmax_connections_per_ip = 0\nmax_requests = 0\nmax_requests_per_ip = 0\n\
              [upstream]\nurl = \"http://127.0.0.1:{double_port}\"\n[log]\nlevel = \"warn\"\n"
         ),
     )

@@ -1,12 +1,13 @@
-//! Connections are bounded (issue 12, F3): a server-wide cap and a per-address cap refuse new
-//! connections at once and count them, and a connection that never completes its TLS handshake,
-//! or never sends a request after it, is closed after `server.header_timeout` (pingora's own
-//! handshake deadline is 60 s). What an idle connection costs in memory is measured by
-//! `cargo bench --bench connections`, not here.
+//! Connections and what they hold are bounded (issue 12, F3): a server-wide cap and a per-address
+//! cap refuse new connections at once and count them, and a connection that never completes its
+//! TLS handshake, or never sends a request after it, is closed after `server.header_timeout`
+//! (pingora's own handshake deadline is 60 s). Requests in flight (HTTP/2 streams included) and
+//! the request bodies held in memory have caps of their own. What an idle connection costs in
+//! memory is measured by `cargo bench --bench connections`, not here.
 
 mod common;
 
-use common::raw::tls_connect;
+use common::raw::{h2_connect, h2_open, h2_response, tls_connect};
 use common::*;
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -158,4 +159,166 @@ async fn connections_that_stall_before_or_after_the_handshake_are_closed_at_the_
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+}
+
+type Answer = (usize, (u16, http::HeaderMap, bytes::Bytes));
+
+async fn next_answer(answered: &mut tokio::sync::mpsc::UnboundedReceiver<Answer>) -> Answer {
+    tokio::time::timeout(Duration::from_secs(30), answered.recv())
+        .await
+        .expect("an answer")
+        .unwrap()
+}
+
+/// Opens twelve streams on one HTTP/2 connection, on a public route that takes no body, and
+/// ends none of them: a request cap of eight holds eight waiting and answers the other four 503
+/// at once. Then ends the held ones, which are answered normally.
+async fn streams_past_a_request_cap(edit: impl FnOnce(&mut corral::config::Config), reason: &str) {
+    let double = double().await;
+    let mut cfg = test_config(&double.url());
+    edit(&mut cfg);
+    let corral = Corral::start(cfg);
+    let mut h2 = h2_connect(corral.port, &corral.certs.ca_pem).await;
+    let uri = format!("https://localhost:{}/api/version", corral.port);
+    let (answered_tx, mut answered) = tokio::sync::mpsc::unbounded_channel();
+    let mut streams = Vec::new();
+    for i in 0..12 {
+        let (response, stream) = h2_open(&mut h2, "GET", &uri, &[]).await;
+        let answered_tx = answered_tx.clone();
+        tokio::spawn(async move {
+            let _ = answered_tx.send((i, h2_response(response).await));
+        });
+        streams.push(stream);
+    }
+    let mut refused = Vec::new();
+    for _ in 0..4 {
+        let (i, (status, headers, body)) = next_answer(&mut answered).await;
+        assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+        assert_eq!(headers["retry-after"], "1");
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert!(
+            body["error"].as_str().unwrap().contains("try again"),
+            "{body}"
+        );
+        refused.push(i);
+    }
+    assert_eq!(
+        metric(
+            &corral,
+            "corral_requests_refused_total",
+            &[("reason", reason)]
+        )
+        .await,
+        4.0
+    );
+    for (i, stream) in streams.iter_mut().enumerate() {
+        if !refused.contains(&i) {
+            stream.send_data(bytes::Bytes::new(), true).unwrap();
+        }
+    }
+    for _ in 0..8 {
+        let (i, (status, _, _)) = next_answer(&mut answered).await;
+        assert_eq!(
+            status, 200,
+            "stream {i}, held under the cap, is served once it ends"
+        );
+    }
+    // The places came back with the answers.
+    let resp = corral
+        .anonymous_client()
+        .get(format!("{}/api/version", corral.base()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_past_the_per_address_cap_are_refused_at_once() {
+    streams_past_a_request_cap(
+        |cfg| cfg.server.max_requests_per_ip = 8,
+        "max_requests_per_ip",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_past_the_total_cap_are_refused_at_once() {
+    streams_past_a_request_cap(
+        |cfg| {
+            cfg.server.max_requests = 8;
+            cfg.server.max_requests_per_ip = 0;
+        },
+        "max_requests",
+    )
+    .await;
+}
+
+/// Request bodies held in memory share `server.max_body_memory`: a body that does not fit is
+/// refused at once (whoever sends it), and the memory comes back when the holder goes away or is
+/// answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_past_the_memory_budget_are_503_until_the_memory_comes_back() {
+    let double = double().await;
+    let mut cfg = test_config(&double.url());
+    cfg.server.max_body = corral::config::ByteSize::mib(1);
+    cfg.server.max_body_memory = corral::config::ByteSize::mib(1);
+    let corral = Corral::start(cfg);
+    let held_gauge = "corral_request_body_memory_bytes";
+
+    // One client declares a body as large as the whole budget and sends only its start.
+    let mut h2 = h2_connect(corral.port, &corral.certs.ca_pem).await;
+    let auth = format!("Bearer {}", corral.key);
+    let uri = format!("https://localhost:{}/api/chat", corral.port);
+    let (response, mut stream) = h2_open(
+        &mut h2,
+        "POST",
+        &uri,
+        &[("authorization", &auth), ("content-length", "1048576")],
+    )
+    .await;
+    stream
+        .send_data(bytes::Bytes::from_static(b"{\"model\":"), false)
+        .unwrap();
+    wait_metric(&corral, held_gauge, &[], 1048576.0).await;
+
+    // Anyone else's body is refused in its own dialect, and Ollama sees nothing of it.
+    let chat =
+        serde_json::json!({"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]});
+    let resp = corral
+        .client()
+        .post(format!("{}/v1/chat/completions", corral.base()))
+        .json(&chat)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "overloaded", "{body}");
+    assert!(forwarded(&double).is_empty());
+    assert_eq!(
+        metric(
+            &corral,
+            "corral_requests_refused_total",
+            &[("reason", "body_memory")]
+        )
+        .await,
+        1.0
+    );
+
+    // The holder gives up: its memory comes back, and the next body is read.
+    drop((response, stream));
+    wait_metric(&corral, held_gauge, &[], 0.0).await;
+    let resp = corral
+        .client()
+        .post(format!("{}/v1/chat/completions", corral.base()))
+        .json(&chat)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // A body is let go once Ollama answers, not kept for the rest of the exchange.
+    assert_eq!(metric(&corral, held_gauge, &[]).await, 0.0);
+    drop(h2);
 }

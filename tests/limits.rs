@@ -212,3 +212,72 @@ async fn max_concurrent_counts_streams_in_flight() {
         1.0
     );
 }
+
+/// A team over its limit is refused as soon as its header is in: corral does not wait for (or
+/// hold) a body it will refuse anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_team_over_its_limit_is_refused_before_its_body_is_sent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_double, corral, key) = gateway(TeamConfig {
+        rpm: 1,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(
+        post(&corral, &key, "/api/chat", &chat(false))
+            .await
+            .status(),
+        200
+    );
+    let mut tls = common::raw::tls_connect(corral.port, &corral.certs.ca_pem, b"http/1.1").await;
+    let head = format!(
+        "POST /api/chat HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {key}\r\n\
+         content-type: application/json\r\ncontent-length: 100000\r\n\r\n"
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tls.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed without an answer");
+            got.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .expect("answered without the body");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 429"), "{text}");
+}
+
+/// A request refused before it reaches Ollama (a malformed body, a model the key may not use)
+/// costs its team nothing, although the limit is checked before the body is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_requests_cost_the_team_nothing() {
+    let (_double, corral, key) = gateway(TeamConfig {
+        rpm: 2,
+        ..Default::default()
+    })
+    .await;
+    let narrow = corral.issue("limited", Some(&["qwen2.5"]), None);
+    for _ in 0..5 {
+        let resp = corral
+            .anonymous_client()
+            .post(format!("{}/api/chat", corral.base()))
+            .bearer_auth(&key)
+            .body("{\"model\": ")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400);
+        let resp = post(&corral, &narrow, "/api/chat", &chat(false)).await;
+        assert_eq!(resp.status(), 403);
+    }
+    for _ in 0..2 {
+        let resp = post(&corral, &key, "/api/chat", &chat(false)).await;
+        assert_eq!(resp.status(), 200);
+    }
+    let resp = post(&corral, &key, "/api/chat", &chat(false)).await;
+    assert_eq!(resp.status(), 429, "the minute's two requests were used");
+}

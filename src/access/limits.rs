@@ -98,11 +98,31 @@ pub struct Limiter {
 pub struct Slot {
     limiter: Option<Arc<Limiter>>,
     team: String,
+    /// The team's rpm, when the request was charged one request of it.
+    rpm: Option<u32>,
+    /// Whether the request holds one of the team's concurrent places.
+    concurrent: bool,
+}
+
+impl Slot {
+    /// Gives back what the request was charged: it was refused before reaching Ollama (a bad
+    /// body, a model the key may not use), and a refused request costs nothing.
+    pub fn refund(self) {
+        let (Some(limiter), Some(rpm)) = (&self.limiter, self.rpm) else {
+            return;
+        };
+        let mut teams = limiter.teams.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(bucket) = teams.get_mut(&self.team).and_then(|t| t.requests.as_mut()) {
+            bucket.level = (bucket.level + 1.0).min(f64::from(rpm));
+        }
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let Some(limiter) = &self.limiter else { return };
+        let Some(limiter) = self.limiter.as_ref().filter(|_| self.concurrent) else {
+            return;
+        };
         let mut teams = limiter.teams.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = teams.get_mut(&self.team) {
             t.in_flight = t.in_flight.saturating_sub(1);
@@ -152,16 +172,23 @@ impl Limiter {
             }
             bucket.level -= 1.0;
         }
-        if !inference {
+        let rpm = (team.rpm > 0).then_some(team.rpm);
+        if !inference && rpm.is_none() {
             return Ok(Slot {
                 limiter: None,
                 team: String::new(),
+                rpm: None,
+                concurrent: false,
             });
         }
-        state.in_flight += 1;
+        if inference {
+            state.in_flight += 1;
+        }
         Ok(Slot {
             limiter: Some(self.clone()),
             team: team.name.clone(),
+            rpm,
+            concurrent: inference,
         })
     }
 
@@ -299,5 +326,37 @@ mod tests {
         for _ in 0..1000 {
             drop(l.admit(&unlimited, true, now).unwrap());
         }
+    }
+
+    #[test]
+    fn a_refund_gives_back_the_request_and_the_place() {
+        let l = Arc::new(Limiter::default());
+        let t = team(2, 0, 1);
+        let now = Instant::now();
+        let slot = l.admit(&t, true, now).unwrap();
+        assert_eq!(
+            l.admit(&t, true, now).err().unwrap().limit,
+            Limit::Concurrency
+        );
+        slot.refund();
+        // The minute's two requests are there again, and the place is free.
+        drop(l.admit(&t, true, now).unwrap());
+        drop(l.admit(&t, false, now).unwrap());
+        assert_eq!(l.admit(&t, false, now).err().unwrap().limit, Limit::Rpm);
+    }
+
+    #[test]
+    fn a_refund_never_lifts_a_bucket_over_a_minutes_allowance() {
+        let l = Arc::new(Limiter::default());
+        let t = team(2, 0, 0);
+        let t0 = Instant::now();
+        let a = l.admit(&t, false, t0).unwrap();
+        let later = t0 + Duration::from_secs(60);
+        let b = l.admit(&t, false, later).unwrap(); // refilled to 2, then 1
+        a.refund();
+        b.refund();
+        drop(l.admit(&t, false, later).unwrap());
+        drop(l.admit(&t, false, later).unwrap());
+        assert!(l.admit(&t, false, later).is_err(), "two, not three");
     }
 }

@@ -3,6 +3,7 @@
 //! version and a bad new configuration never half-applies.
 
 pub mod auth;
+pub mod caps;
 pub mod keys;
 pub mod limits;
 pub mod policy;

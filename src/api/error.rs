@@ -32,6 +32,12 @@ pub enum GatewayError {
     },
     #[error("request headers are too large")]
     HeadersTooLarge,
+    /// The gateway holds as much as it may at once (requests in flight, body memory).
+    #[error("{message}")]
+    Overloaded {
+        message: String,
+        retry_after_secs: u64,
+    },
     #[error("the model server is not reachable right now; try again shortly")]
     UpstreamUnavailable,
     #[error("the model server did not answer within {0}")]
@@ -77,6 +83,7 @@ impl GatewayError {
             GatewayError::HeadersTooLarge => 431,
             GatewayError::Internal => 500,
             GatewayError::UpstreamUnavailable => 502,
+            GatewayError::Overloaded { .. } => 503,
             GatewayError::UpstreamTimeout(_) | GatewayError::RequestTooLong(_) => 504,
             GatewayError::UpstreamFailed(status) => *status,
         }
@@ -96,6 +103,7 @@ impl GatewayError {
             GatewayError::RateLimited { .. } => "rate_limited",
             GatewayError::HeadersTooLarge => "headers_too_large",
             GatewayError::Internal => "internal",
+            GatewayError::Overloaded { .. } => "overloaded",
             GatewayError::UpstreamUnavailable => "upstream_unavailable",
             GatewayError::UpstreamTimeout(_) => "upstream_timeout",
             GatewayError::RequestTooLong(_) => "request_too_long",
@@ -163,6 +171,9 @@ impl GatewayError {
             }
             GatewayError::MethodNotAllowed { allow } => headers.push(("allow", allow.clone())),
             GatewayError::RateLimited {
+                retry_after_secs, ..
+            }
+            | GatewayError::Overloaded {
                 retry_after_secs, ..
             } => headers.push(("retry-after", retry_after_secs.max(&1).to_string())),
             _ => {}
@@ -249,6 +260,13 @@ mod tests {
         }
         .render(Dialect::OpenAi);
         assert!(r.headers.contains(&("retry-after", "7".into())));
+        let r = GatewayError::Overloaded {
+            message: "full".into(),
+            retry_after_secs: 0,
+        }
+        .render(Dialect::Anthropic);
+        assert_eq!(r.status, 503);
+        assert!(r.headers.contains(&("retry-after", "1".into())));
         let r = GatewayError::Unauthorized("no key".into()).render(Dialect::Ollama);
         assert!(r.headers.iter().any(|(k, _)| *k == "www-authenticate"));
         let r = GatewayError::MethodNotAllowed {

@@ -93,6 +93,15 @@ pub struct ServerConfig {
     pub max_connections: u32,
     /// Client connections open at once from one address (IPv6: one /64); 0 = no cap.
     pub max_connections_per_ip: u32,
+    /// Requests in flight at once (HTTP/2 streams included); 0 = no cap. Over it, a request is
+    /// answered 503 with `Retry-After` before anything else is done for it.
+    pub max_requests: u32,
+    /// Requests in flight at once from one address (IPv6: one /64); 0 = no cap.
+    pub max_requests_per_ip: u32,
+    /// Request bodies held in memory at once, all requests together (corral reads JSON bodies
+    /// whole and keeps each until Ollama answers); 0 = no cap. A body that does not fit is
+    /// answered 503 with `Retry-After`.
+    pub max_body_memory: ByteSize,
     /// PID file written in daemon mode (`corral serve --daemon`).
     pub pid_file: PathBuf,
     /// Unix socket through which a new corral takes over the listening sockets of a running one
@@ -115,6 +124,9 @@ impl Default for ServerConfig {
             body_timeout: HumanDuration::secs(300),
             max_connections: 4096,
             max_connections_per_ip: 256,
+            max_requests: 4096,
+            max_requests_per_ip: 256,
+            max_body_memory: ByteSize::mib(256),
             pid_file: PathBuf::from("/run/corral/corral.pid"),
             upgrade_sock: PathBuf::from("/run/corral/upgrade.sock"),
         }
@@ -495,12 +507,35 @@ impl Config {
                 problems.push(Problem::new(key, "must be more than 0"));
             }
         }
-        if s.max_connections > 0 && s.max_connections_per_ip > s.max_connections {
-            problems.push(Problem::new(
+        for (key, per_ip, total, total_key) in [
+            (
                 "server.max_connections_per_ip",
+                s.max_connections_per_ip,
+                s.max_connections,
+                "server.max_connections",
+            ),
+            (
+                "server.max_requests_per_ip",
+                s.max_requests_per_ip,
+                s.max_requests,
+                "server.max_requests",
+            ),
+        ] {
+            if total > 0 && per_ip > total {
+                problems.push(Problem::new(
+                    key,
+                    format!(
+                        "is more than {total_key} ({total}); lower it, or set 0 for no cap per address"
+                    ),
+                ));
+            }
+        }
+        if s.max_body_memory.0 > 0 && s.max_body_memory.0 < s.max_body.0 {
+            problems.push(Problem::new(
+                "server.max_body_memory",
                 format!(
-                    "is more than server.max_connections ({}); lower it, or set 0 for no cap per address",
-                    s.max_connections
+                    "is less than server.max_body ({}): a body of the largest allowed size could never be read; raise it, or set 0 for no cap",
+                    s.max_body
                 ),
             ));
         }
@@ -753,6 +788,27 @@ mod tests {
         ] {
             assert!(k.contains(&expected), "{expected} missing from {k:?}");
         }
+    }
+
+    #[test]
+    fn caps_must_fit_together() {
+        let e = load_str(
+            "[server]\nmax_connections = 10\nmax_connections_per_ip = 11\n\
+             max_requests = 10\nmax_requests_per_ip = 11\n\
+             max_body = \"2MiB\"\nmax_body_memory = \"1MiB\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            keys(&e),
+            [
+                "server.max_connections_per_ip",
+                "server.max_requests_per_ip",
+                "server.max_body_memory"
+            ]
+        );
+        // 0 is no cap, and fits anything.
+        load_str("[server]\nmax_requests = 0\nmax_requests_per_ip = 11\nmax_body_memory = 0\n")
+            .unwrap();
     }
 
     #[test]

@@ -2,11 +2,13 @@
 //! body, policy, rate limits, and the rewrites corral makes to the body (pinned `keep_alive`, usage
 //! on `/v1` streams).
 
+use super::ctx::{GaugeGuard, HeldBody};
 use super::framing::{self, Framing};
-use super::{ctx::GaugeGuard, Gateway, RequestCtx};
+use super::{Gateway, RequestCtx};
 use crate::access::auth::{self, AuthFailure};
-use crate::access::policy::{self, Refs};
-use crate::access::Access;
+use crate::access::caps::{Over, Share};
+use crate::access::limits::Slot;
+use crate::access::policy::{self, Team};
 use crate::api::error::GatewayError;
 use crate::api::routes::{self, BodyMode, RouteClass, RouteError, RouteKind};
 use crate::config::ByteSize;
@@ -20,12 +22,36 @@ use serde_json::Value;
 use std::time::{Duration, Instant};
 
 impl Gateway {
-    /// Decides whether the request goes upstream. `Err` is answered by corral.
+    /// Decides whether the request goes upstream. `Err` is answered by corral, and a request
+    /// refused here costs its team nothing.
     pub(super) async fn admit(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<(), GatewayError> {
+        let admitted = self.decide(session, ctx).await;
+        if admitted.is_err() {
+            if let Some(slot) = ctx.slot.take() {
+                slot.refund();
+            }
+        }
+        admitted
+    }
+
+    async fn decide(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<(), GatewayError> {
+        // A place among the requests in flight before anything else: a flood of requests (HTTP/2
+        // streams cost a client almost nothing to open) is refused before any of them is read.
+        let place = self.requests.admit(ctx.client_ip).map_err(|over| {
+            self.full(match over {
+                Over::Total => Full::Requests,
+                Over::PerClient => Full::RequestsPerIp,
+            })
+        })?;
+        ctx.place = Some(place);
         check_header_size(session.req_header(), self.limits.max_header_size)?;
         let framing = framing::of(session.req_header(), || session.to_h1_raw())?;
         let req = session.req_header();
@@ -38,6 +64,7 @@ impl Gateway {
 
         // Who is calling, before reading any body: a 401 costs nothing.
         let access = self.access.current();
+        let mut team = None;
         if kind.class() != RouteClass::Public {
             let refuse = |ctx: &mut RequestCtx, failure: AuthFailure, key: Option<&str>| {
                 ctx.auth_failure = Some(failure.reason());
@@ -49,7 +76,14 @@ impl Gateway {
             let (identity, _) = access
                 .authenticate(&key, auth::unix_now())
                 .map_err(|failure| refuse(ctx, failure, Some(&key)))?;
+            let found = access.teams.get(&identity.team).ok_or_else(|| {
+                GatewayError::Unauthorized(AuthFailure::UnknownTeam.message().to_string())
+            })?;
             ctx.identity = Some(identity);
+            // The team's limits, before its body is read: a team over them makes corral hold
+            // nothing. The charge is refunded if the request is refused below.
+            ctx.slot = Some(self.limit(ctx, found, kind)?);
+            team = Some(found);
         }
 
         let body = match kind.body() {
@@ -75,18 +109,23 @@ impl Gateway {
             BodyMode::Stream => None,
             BodyMode::Json => {
                 refuse_encoded(session.req_header())?;
-                let read = read_body(session, framing, self.limits.max_body);
-                let body = tokio::time::timeout(self.limits.body_timeout, read)
+                let mut memory = self.body_memory.share();
+                let read = read_body(session, framing, self.limits.max_body, &mut memory);
+                let bytes = tokio::time::timeout(self.limits.body_timeout, read)
                     .await
-                    .map_err(|_| GatewayError::RequestTimeout)??;
-                ctx.bytes_in = body.len() as u64;
-                Some(body)
+                    .map_err(|_| GatewayError::RequestTimeout)?
+                    .map_err(|e| match e {
+                        ReadError::NoMemory => self.full(Full::BodyMemory),
+                        ReadError::Refused(e) => e,
+                    })?;
+                ctx.bytes_in = bytes.len() as u64;
+                Some(HeldBody { bytes, memory })
             }
         };
 
         let (refs, rewritten) = match &body {
-            Some(raw) => {
-                let obj = JsonObject::parse(raw).map_err(bad_request)?;
+            Some(held) => {
+                let obj = JsonObject::parse(&held.bytes).map_err(bad_request)?;
                 let refs = policy::referenced(kind, Some(&obj), param.as_deref())?;
                 ctx.stream = Some(
                     obj.bool("stream")
@@ -95,21 +134,28 @@ impl Gateway {
                 );
                 check_keep_alive(kind, &obj)?;
                 ctx.model = refs.models.first().map(|m| m.name.to_string());
-                // Every 400 comes before authorize: a malformed request costs no quota.
                 let rewritten =
                     self.rewrite(ctx, kind, &obj, refs.models.first().map(|m| &m.name))?;
-                self.authorize(ctx, &access, kind, &refs)?;
                 (refs, rewritten)
             }
             None => {
                 let refs = policy::referenced(kind, None, param.as_deref())?;
                 ctx.model = refs.models.first().map(|m| m.name.to_string());
-                self.authorize(ctx, &access, kind, &refs)?;
                 (refs, None)
             }
         };
+        if let (Some(team), Some(identity)) = (team, &ctx.identity) {
+            policy::authorize(team, identity, kind, &refs)?;
+        }
         drop(refs);
-        ctx.body = rewritten.map(Bytes::from).or(body);
+        ctx.body = match (body, rewritten) {
+            (Some(mut held), Some(new)) => {
+                held.memory.set(new.len() as u64);
+                held.bytes = Bytes::from(new);
+                Some(held)
+            }
+            (body, _) => body,
+        };
         ctx.access = Some(access);
         let team = ctx.identity.as_ref().map_or("none", |i| i.team.as_str());
         ctx.team_in_flight = Some(GaugeGuard::new(
@@ -118,33 +164,33 @@ impl Gateway {
         Ok(())
     }
 
-    /// Policy, then rate limits (a request refused by policy costs no quota).
-    fn authorize(
+    /// The team's rate and concurrency limits.
+    fn limit(
         &self,
         ctx: &mut RequestCtx,
-        access: &Access,
+        team: &Team,
         kind: RouteKind,
-        refs: &Refs,
-    ) -> Result<(), GatewayError> {
-        let Some(identity) = &ctx.identity else {
-            return Ok(());
-        };
-        let team = access.teams.get(&identity.team).ok_or_else(|| {
-            GatewayError::Unauthorized(auth::AuthFailure::UnknownTeam.message().to_string())
-        })?;
-        policy::authorize(team, identity, kind, refs)?;
-        match self.limiter.admit(team, kind.runs_model(), Instant::now()) {
-            Ok(slot) => {
-                ctx.slot = Some(slot);
-                Ok(())
-            }
-            Err(refused) => {
+    ) -> Result<Slot, GatewayError> {
+        self.limiter
+            .admit(team, kind.runs_model(), Instant::now())
+            .map_err(|refused| {
                 ctx.rate_limited = Some(refused.limit.label());
-                Err(GatewayError::RateLimited {
+                GatewayError::RateLimited {
                     message: refused.message(team),
                     retry_after_secs: refused.retry_after.as_secs_f64().ceil() as u64,
-                })
-            }
+                }
+            })
+    }
+
+    /// The gateway holds as much as it may: 503, counted by reason.
+    fn full(&self, full: Full) -> GatewayError {
+        self.metrics
+            .requests_refused
+            .with_label_values(&[full.label()])
+            .inc();
+        GatewayError::Overloaded {
+            message: full.message().to_string(),
+            retry_after_secs: 1,
         }
     }
 
@@ -208,6 +254,40 @@ pub struct ClientLimits {
     pub max_header_size: ByteSize,
     pub body_timeout: Duration,
     pub header_timeout: Duration,
+}
+
+/// What the gateway is full of (`corral_requests_refused_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    Requests,
+    RequestsPerIp,
+    BodyMemory,
+}
+
+impl Full {
+    pub const ALL: [Full; 3] = [Full::Requests, Full::RequestsPerIp, Full::BodyMemory];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Full::Requests => "max_requests",
+            Full::RequestsPerIp => "max_requests_per_ip",
+            Full::BodyMemory => "body_memory",
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            Full::Requests => {
+                "the gateway is serving as many requests as it may at once; try again shortly"
+            }
+            Full::RequestsPerIp => {
+                "too many requests from your address are in flight at once; try again when one finishes"
+            }
+            Full::BodyMemory => {
+                "the gateway holds as many request bodies as it may at once; try again shortly"
+            }
+        }
+    }
 }
 
 fn route_error(e: RouteError, req: &RequestHeader, ctx: &mut RequestCtx) -> GatewayError {
@@ -294,15 +374,40 @@ fn refuse_encoded(req: &RequestHeader) -> Result<(), GatewayError> {
     }
 }
 
-/// Reads the whole request body, refusing it as soon as it passes `limit`.
+/// Why a body was not read.
+enum ReadError {
+    /// The body memory budget has no room for it.
+    NoMemory,
+    Refused(GatewayError),
+}
+
+impl From<GatewayError> for ReadError {
+    fn from(e: GatewayError) -> ReadError {
+        ReadError::Refused(e)
+    }
+}
+
+/// Reads the whole request body, refusing it as soon as it passes `limit`. Every byte of buffer
+/// is taken from `memory` before it is allocated.
 async fn read_body(
     session: &mut Session,
     framing: Framing,
     limit: ByteSize,
-) -> Result<Bytes, GatewayError> {
+    memory: &mut Share,
+) -> Result<Bytes, ReadError> {
     let too_large = GatewayError::PayloadTooLarge { limit };
-    if matches!(framing, Framing::Length(n) if n > limit.0) {
-        return Err(too_large);
+    let mut body = BytesMut::new();
+    match framing {
+        Framing::Length(n) if n > limit.0 => return Err(too_large.into()),
+        // The whole declared length, at once: a body that cannot fit is refused before a byte
+        // of it is read (or a 100 Continue invites it).
+        Framing::Length(n) => {
+            if !memory.grow(n) {
+                return Err(ReadError::NoMemory);
+            }
+            body.reserve(n as usize);
+        }
+        _ => {}
     }
     let expects_continue = session
         .req_header()
@@ -315,17 +420,25 @@ async fn read_body(
             .await
             .map_err(|_| GatewayError::BadRequest("client went away".into()))?;
     }
-    let mut body = BytesMut::new();
     loop {
         match session.read_request_body().await {
             Ok(Some(chunk)) => {
-                if (body.len() + chunk.len()) as u64 > limit.0 {
-                    return Err(too_large);
+                let need = (body.len() + chunk.len()) as u64;
+                if need > limit.0 {
+                    return Err(too_large.into());
+                }
+                if need > memory.bytes() {
+                    // Grown as the buffer grows (doubling), so what is taken is what is allocated.
+                    let target = need.max(memory.bytes() * 2).min(limit.0);
+                    if !memory.grow(target - memory.bytes()) {
+                        return Err(ReadError::NoMemory);
+                    }
+                    body.reserve((target - body.len() as u64) as usize);
                 }
                 body.extend_from_slice(&chunk);
             }
             Ok(None) => return Ok(body.freeze()),
-            Err(e) => return Err(body_read_error(&e)),
+            Err(e) => return Err(body_read_error(&e).into()),
         }
     }
 }

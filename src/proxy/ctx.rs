@@ -1,6 +1,7 @@
 //! Per-request state carried through pingora's hooks.
 
 use crate::access::auth::Identity;
+use crate::access::caps::{Held, Share};
 use crate::access::Access;
 use crate::api::routes::{Dialect, Matched};
 use crate::runtime::lifecycle::InFlight;
@@ -34,8 +35,16 @@ impl BodyFormat {
     }
 }
 
+/// A request body read whole, with its part of `server.max_body_memory`.
+pub struct HeldBody {
+    pub bytes: Bytes,
+    pub memory: Share,
+}
+
 pub struct RequestCtx {
     pub start: Instant,
+    /// The request's place against `server.max_requests` and `server.max_requests_per_ip`.
+    pub place: Option<Held>,
     pub request_id: String,
     pub client_ip: Option<IpAddr>,
     pub route: Option<Matched>,
@@ -53,7 +62,7 @@ pub struct RequestCtx {
     pub model: Option<String>,
     pub stream: Option<bool>,
     /// The request body, read whole before forwarding; sent upstream as is.
-    pub body: Option<Bytes>,
+    pub body: Option<HeldBody>,
     pub bytes_in: u64,
     pub bytes_out: u64,
     /// Time from the request's start to the first response body byte.
@@ -89,6 +98,7 @@ impl RequestCtx {
     pub fn new(in_flight: InFlight) -> RequestCtx {
         RequestCtx {
             start: Instant::now(),
+            place: None,
             request_id: String::new(),
             client_ip: None,
             route: None,

@@ -11,10 +11,11 @@ mod report;
 mod respond;
 mod response;
 
-pub use admit::ClientLimits;
-pub use ctx::{BodyFormat, RequestCtx};
+pub use admit::{ClientLimits, Full};
+pub use ctx::{BodyFormat, HeldBody, RequestCtx};
 pub use headers::new_request_id;
 
+use crate::access::caps::{Budget, Counter};
 use crate::access::limits::Limiter;
 use crate::access::AccessHandle;
 use crate::api::routes::BodyMode;
@@ -38,6 +39,10 @@ pub struct Gateway {
     pub access: Arc<AccessHandle>,
     pub limits: ClientLimits,
     pub limiter: Arc<Limiter>,
+    /// Requests in flight (`server.max_requests`, `server.max_requests_per_ip`).
+    pub requests: Arc<Counter>,
+    /// Request bodies held in memory (`server.max_body_memory`).
+    pub body_memory: Arc<Budget>,
     pub lifecycle: Arc<Lifecycle>,
     pub access_log: Arc<AccessLog>,
     pub metrics: Arc<Metrics>,
@@ -114,7 +119,7 @@ impl ProxyHttp for Gateway {
         // take none without any framing (admission made sure they carried nothing). Only blob
         // uploads are streamed as the client framed them (see `upstream_reusable`).
         let held = match (&ctx.body, ctx.route.as_ref().map(|m| m.kind.body())) {
-            (Some(body), _) => Some(body.len()),
+            (Some(body), _) => Some(body.bytes.len()),
             (None, Some(BodyMode::None)) => Some(0),
             _ => None,
         };
@@ -145,7 +150,7 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         match (&ctx.body, body.as_ref()) {
             // The body was read before forwarding: send it now (again on a retry).
-            (Some(held), None) if end_of_stream => *body = Some(held.clone()),
+            (Some(held), None) if end_of_stream => *body = Some(held.bytes.clone()),
             (None, Some(chunk)) => ctx.bytes_in += chunk.len() as u64,
             _ => {}
         }

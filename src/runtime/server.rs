@@ -5,12 +5,13 @@
 //! bad PEM or only log a failed bind): certificate files, the upstream URL, and every listening
 //! address. Each problem names the key at fault.
 
+use crate::access::caps::{Budget, Caps, Counter};
 use crate::access::limits::Limiter;
 use crate::access::{Access, AccessHandle};
 use crate::config::{Config, Source};
-use crate::proxy::{ClientLimits, Gateway};
+use crate::proxy::{ClientLimits, Full, Gateway};
 use crate::runtime::admin::AdminApp;
-use crate::runtime::connections::{Caps, Gate};
+use crate::runtime::connections::Gate;
 use crate::runtime::lifecycle::{Drainer, Lifecycle, Signals};
 use crate::runtime::reload::Reloader;
 use crate::runtime::tls::{CertStore, CertWatcher};
@@ -201,6 +202,10 @@ pub fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
     let metrics = Arc::new(Metrics::new(&cfg));
     let pins = Arc::new(Pins::new(&cfg.preload));
     let access_log = Arc::new(AccessLog::stdout(cfg.log.format));
+    // Every reason is exported from the start (as 0), so a rate over it is never missing.
+    for full in Full::ALL {
+        metrics.requests_refused.with_label_values(&[full.label()]);
+    }
     let gateway = Gateway {
         pins: pins.clone(),
         metrics: metrics.clone(),
@@ -213,6 +218,14 @@ pub fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
             header_timeout: cfg.server.header_timeout.0,
         },
         limiter: Arc::new(Limiter::default()),
+        requests: Counter::new(Caps {
+            total: cfg.server.max_requests,
+            per_ip: cfg.server.max_requests_per_ip,
+        }),
+        body_memory: Budget::new(
+            cfg.server.max_body_memory.0,
+            Some(metrics.body_memory.clone()),
+        ),
         lifecycle: lifecycle.clone(),
         access_log: access_log.clone(),
     };

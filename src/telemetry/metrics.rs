@@ -43,6 +43,8 @@ pub struct Metrics {
     pub connections_open: IntGauge,
     pub connections_refused: IntCounterVec,
     pub handshake_failures: IntCounterVec,
+    pub requests_refused: IntCounterVec,
+    pub body_memory: IntGauge,
     known_models: RwLock<KnownModels>,
 }
 
@@ -151,6 +153,19 @@ impl Metrics {
             "TLS handshakes that failed (error) or missed server.header_timeout (timeout).",
             &["reason"],
         );
+        let requests_refused = counter(
+            &r,
+            "corral_requests_refused_total",
+            "Requests answered 503 because the gateway was full (max_requests, max_requests_per_ip, body_memory).",
+            &["reason"],
+        );
+        let body_memory = IntGauge::new(
+            "corral_request_body_memory_bytes",
+            "Request body bytes held in memory now (capped by server.max_body_memory).",
+        )
+        .expect("valid");
+        r.register(Box::new(body_memory.clone()))
+            .expect("registered once");
 
         Metrics {
             requests: counter(
@@ -232,6 +247,8 @@ impl Metrics {
             connections_open,
             connections_refused,
             handshake_failures,
+            requests_refused,
+            body_memory,
             known_models: RwLock::new(KnownModels {
                 config: config_models(cfg),
                 upstream: HashMap::new(),

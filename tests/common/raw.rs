@@ -313,18 +313,35 @@ pub async fn h2_request(
     headers: &[(&str, &str)],
     data: &[&[u8]],
 ) -> (u16, Bytes) {
+    let (response, mut stream) = h2_open(send, method, uri, headers).await;
+    for d in data {
+        stream.send_data(Bytes::copy_from_slice(d), false).unwrap();
+    }
+    stream.send_data(Bytes::new(), true).unwrap();
+    let (status, _, body) = h2_response(response).await;
+    (status, body)
+}
+
+/// Opens a request stream and leaves it open: the server has the header and waits for the rest.
+pub async fn h2_open(
+    send: &mut h2::client::SendRequest<Bytes>,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
     let mut req = http::Request::builder().method(method).uri(uri);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
     let mut ready = send.clone().ready().await.unwrap();
-    let (response, mut stream) = ready.send_request(req.body(()).unwrap(), false).unwrap();
-    for d in data {
-        stream.send_data(Bytes::copy_from_slice(d), false).unwrap();
-    }
-    stream.send_data(Bytes::new(), true).unwrap();
+    ready.send_request(req.body(()).unwrap(), false).unwrap()
+}
+
+/// Status, headers and whole body of an HTTP/2 response.
+pub async fn h2_response(response: h2::client::ResponseFuture) -> (u16, http::HeaderMap, Bytes) {
     let response = response.await.unwrap();
     let status = response.status().as_u16();
+    let headers = response.headers().clone();
     let mut body = response.into_body();
     let mut out = Vec::new();
     while let Some(chunk) = body.data().await {
@@ -332,7 +349,7 @@ pub async fn h2_request(
         let _ = body.flow_control().release_capacity(chunk.len());
         out.extend_from_slice(&chunk);
     }
-    (status, Bytes::from(out))
+    (status, headers, Bytes::from(out))
 }
 
 /// One step of a scripted upstream's answer.
