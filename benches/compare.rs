@@ -154,8 +154,7 @@ fn start(oha_ok: bool) -> Stack {
         team: "bench".into(),
         ..Default::default()
     };
-    let (key, _) =
-        corral::access::keys::issue(&signing, &req, corral::access::auth::unix_now()).unwrap();
+    let (key, _) = corral::access::keys::issue(&signing, &req, corral::clock::unix_now()).unwrap();
 
     // The double in "fast mode": no load time, 20 ms per token, 400 tokens unless limited.
     let double_port = free_port();

@@ -7,7 +7,7 @@ use corral::access::auth::{key_from_headers, Verifier};
 use corral::access::policy::referenced;
 use corral::api::routes::{classify, RouteKind};
 use corral::ollama::json::JsonObject;
-use corral::proxy::BodyFormat;
+use corral::usage::BodyFormat;
 use corral::usage::{Meter, UsageStripper};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use std::collections::{HashMap, HashSet};
@@ -21,7 +21,7 @@ fn keys(c: &mut Criterion) {
         team: "research".into(),
         ..Default::default()
     };
-    let now = corral::access::auth::unix_now();
+    let now = corral::clock::unix_now();
     let (token, _) = corral::access::keys::issue(&signing, &request, now).unwrap();
     let key = corral::access::keys::load_verify_key(&public).unwrap();
     let keys: HashMap<String, _> = [("bench".to_string(), key)].into();

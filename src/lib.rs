@@ -22,6 +22,7 @@
 pub mod access;
 pub mod api;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod dev;
 pub mod ollama;

@@ -46,7 +46,7 @@ fn sign(corral: &Corral, header: &Header, claims: &Value) -> String {
 }
 
 fn claims(team: &str) -> Value {
-    let now = corral::access::auth::unix_now();
+    let now = corral::clock::unix_now();
     json!({"sub": team, "jti": corral::access::keys::new_key_id(), "iat": now})
 }
 
@@ -62,7 +62,7 @@ async fn every_bad_key_is_refused_and_never_reaches_ollama() {
     let good = corral.issue("research", None, None);
     let parts: Vec<&str> = good.split('.').collect();
     let public_pem = std::fs::read(&corral.cfg.auth.verify_keys[0]).unwrap();
-    let now = corral::access::auth::unix_now();
+    let now = corral::clock::unix_now();
 
     // A payload for another team under the original signature.
     let mut payload: Value = serde_json::from_slice(
@@ -235,7 +235,7 @@ async fn every_bad_key_is_refused_and_never_reaches_ollama() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_refused_key_is_logged_with_its_reason_and_its_id() {
     let (double, corral) = gateway().await;
-    let now = corral::access::auth::unix_now();
+    let now = corral::clock::unix_now();
     let jti = |key: &str| corral::access::keys::peek(key).unwrap().1.jti;
     let good = corral.issue("research", None, None);
     let revoked = corral.issue("research", None, None);

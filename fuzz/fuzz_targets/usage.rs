@@ -2,7 +2,7 @@
 //! the result never depends on where the stream was cut.
 #![no_main]
 
-use corral::proxy::BodyFormat;
+use corral::usage::BodyFormat;
 use corral::usage::{Meter, UsageStripper};
 use libfuzzer_sys::fuzz_target;
 

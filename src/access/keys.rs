@@ -196,7 +196,7 @@ mod tests {
             models: Some(vec!["llama3.2:*".into()]),
             ..Default::default()
         };
-        let (token, claims) = issue(&private, &req, crate::access::auth::unix_now()).unwrap();
+        let (token, claims) = issue(&private, &req, crate::clock::unix_now()).unwrap();
         assert_eq!(claims.sub, "research");
         assert_eq!(claims.jti.len(), 32);
         let (header, peeked) = peek(&token).unwrap();
@@ -208,9 +208,7 @@ mod tests {
             [("test-1".to_string(), key)].into(),
             Default::default(),
         );
-        let id = verifier
-            .verify(&token, crate::access::auth::unix_now())
-            .unwrap();
+        let id = verifier.verify(&token, crate::clock::unix_now()).unwrap();
         assert_eq!(id.team, "research");
         assert_eq!(id.key_id, claims.jti);
     }

@@ -1,6 +1,9 @@
-//! Who may do what, as loaded from the configuration: verification keys, revocation list, teams.
-//! Built whole from a [`Config`] and swapped whole on reload, so a request sees one consistent
-//! version and a bad new configuration never half-applies.
+//! Who may do what, and how much: verification keys, revocation list, teams and their policy,
+//! per-team limits, and the caps on what the gateway holds at once. Uses `api`, `config`,
+//! `ollama` and `clock`; knows nothing of pingora.
+//!
+//! [`Access`] is built whole from a [`Config`] and swapped whole on reload, so a request sees one
+//! consistent version and a bad new configuration never half-applies.
 
 pub mod auth;
 pub mod caps;
@@ -17,7 +20,7 @@ use std::sync::{Arc, RwLock};
 
 pub struct Access {
     pub verifier: Verifier,
-    pub teams: HashMap<String, Team>,
+    pub teams: HashMap<String, Arc<Team>>,
     /// Where the revocation list was read from.
     pub revoked_file: PathBuf,
 }
@@ -76,7 +79,7 @@ impl Access {
         let teams = cfg
             .teams
             .iter()
-            .map(|(name, t)| (name.clone(), Team::new(name, t)))
+            .map(|(name, t)| (name.clone(), Arc::new(Team::new(name, t))))
             .collect();
         Ok((
             Access {
@@ -93,13 +96,13 @@ impl Access {
         &self,
         token: &str,
         now: u64,
-    ) -> Result<(Arc<Identity>, &Team), AuthFailure> {
+    ) -> Result<(Arc<Identity>, Arc<Team>), AuthFailure> {
         let identity = self.verifier.verify(token, now)?;
         let team = self
             .teams
             .get(&identity.team)
             .ok_or(AuthFailure::UnknownTeam)?;
-        Ok((identity, team))
+        Ok((identity, team.clone()))
     }
 
     /// The files whose change means "reload".

@@ -3,8 +3,9 @@
 //! (so it can be read and reused), and prints `curl` and Python examples that work as printed.
 
 use crate::config::{Config, ListenAddr, LogFormat, Source, TeamConfig};
-use crate::dev::devcert::{DevCa, LOCAL_NAMES};
+use crate::dev::devcert::DevCa;
 use crate::dev::double::{DoubleConfig, OllamaDouble};
+use crate::runtime::tls::LOOPBACK_NAMES;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -40,7 +41,7 @@ pub fn prepare(
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let ca = DevCa::new("corral demo CA").map_err(|e| e.to_string())?;
     let (cert, key) = ca
-        .issue("localhost", LOCAL_NAMES)
+        .issue("localhost", LOOPBACK_NAMES)
         .map_err(|e| e.to_string())?;
     let keys = dir.join("keys");
     let _ = std::fs::remove_dir_all(&keys);
@@ -51,7 +52,7 @@ pub fn prepare(
         ..Default::default()
     };
     let (api_key, _) =
-        crate::access::keys::issue(&signing_key, &request, crate::access::auth::unix_now())?;
+        crate::access::keys::issue(&signing_key, &request, crate::clock::unix_now())?;
     let files = DemoFiles {
         dir: dir.to_path_buf(),
         ca: dir.join("ca.pem"),
@@ -158,11 +159,11 @@ pub fn run(opts: DemoOptions) -> Result<(), String> {
     // user named with --dir is theirs to keep.
     let dir = opts.dir.unwrap_or_else(|| {
         let dir = std::env::temp_dir().join(format!("corral-demo-{}", std::process::id()));
-        crate::runtime::lifecycle::remove_on_exit(dir.clone());
+        crate::runtime::shutdown::remove_on_exit(dir.clone());
         dir
     });
     let result = serve(opts.listen, opts.metrics_listen, opts.token_delay, &dir);
-    crate::runtime::lifecycle::clean_up();
+    crate::runtime::shutdown::clean_up();
     result
 }
 

@@ -1,4 +1,5 @@
-//! The `corral` command line.
+//! The `corral` command line: arguments, and one file per command that needs more than a few
+//! lines (`check`, `demo`). The top layer: uses every layer below it.
 
 pub mod check;
 pub mod demo;
@@ -235,8 +236,7 @@ fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {
                 models,
                 expires_in: expires.map(|d| d.0),
             };
-            let (key, claims) =
-                keys::issue(&signing_key, &request, crate::access::auth::unix_now())?;
+            let (key, claims) = keys::issue(&signing_key, &request, crate::clock::unix_now())?;
             println!("{key}");
             let expiry = claims.exp.map_or("never expires".to_string(), |e| {
                 format!("expires at {}", rfc3339(e))
@@ -270,7 +270,7 @@ fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {
             let source = Source::locate(config.as_deref());
             let cfg = Config::load(&source).map_err(|e| e.to_string())?;
             let (access, _) = crate::access::Access::from_config(&cfg).map_err(|p| p.join("\n"))?;
-            match access.authenticate(&key, crate::access::auth::unix_now()) {
+            match access.authenticate(&key, crate::clock::unix_now()) {
                 Ok((_, team)) => {
                     let globs = cfg.teams[&team.name].models.join(", ");
                     println!(
@@ -422,7 +422,7 @@ fn rfc3339(unix: u64) -> String {
 }
 
 fn current_year() -> String {
-    rfc3339(crate::access::auth::unix_now())[..4].to_string()
+    rfc3339(crate::clock::unix_now())[..4].to_string()
 }
 
 fn fail(message: &str) -> ExitCode {

@@ -43,6 +43,3 @@ impl DevCa {
         Ok((cert.pem(), key.serialize_pem()))
     }
 }
-
-/// The names a loopback development server answers to.
-pub const LOCAL_NAMES: &[&str] = &["localhost", "127.0.0.1", "::1"];

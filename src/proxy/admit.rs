@@ -2,7 +2,7 @@
 //! body, policy, rate limits, and the rewrites corral makes to the body (pinned `keep_alive`, usage
 //! on `/v1` streams).
 
-use super::ctx::{GaugeGuard, HeldBody};
+use super::ctx::{Caller, GaugeGuard, HeldBody};
 use super::framing::{self, Framing};
 use super::{Gateway, RequestCtx};
 use crate::access::auth::{self, AuthFailure};
@@ -31,7 +31,7 @@ impl Gateway {
     ) -> Result<(), GatewayError> {
         let admitted = self.decide(session, ctx).await;
         if admitted.is_err() {
-            if let Some(slot) = ctx.slot.take() {
+            if let Some(slot) = ctx.admission.slot.take() {
                 slot.refund();
             }
         }
@@ -51,7 +51,7 @@ impl Gateway {
                 Over::PerClient => Full::RequestsPerIp,
             })
         })?;
-        ctx.place = Some(place);
+        ctx.admission.place = Some(place);
         check_header_size(session.req_header(), self.limits.max_header_size)?;
         let framing = framing::of(session.req_header(), || session.to_h1_raw())?;
         let req = session.req_header();
@@ -60,30 +60,26 @@ impl Gateway {
         ctx.dialect = matched.kind.dialect();
         let kind = matched.kind;
         let param = matched.param.clone();
-        ctx.route = Some(matched);
+        ctx.admission.route = Some(matched);
 
         // Who is calling, before reading any body: a 401 costs nothing.
         let access = self.access.current();
-        let mut team = None;
         if kind.class() != RouteClass::Public {
             let refuse = |ctx: &mut RequestCtx, failure: AuthFailure, key: Option<&str>| {
-                ctx.auth_failure = Some(failure.reason());
-                ctx.refused_key = key.map(|k| auth::refused_key(k, failure));
+                ctx.outcome.auth_failure = Some(failure);
+                ctx.outcome.refused_key = key.map(|k| auth::refused_key(k, failure));
                 GatewayError::Unauthorized(failure.message().to_string())
             };
             let key = auth::key_from_headers(&session.req_header().headers)
                 .map_err(|failure| refuse(ctx, failure, None))?;
-            let (identity, _) = access
-                .authenticate(&key, auth::unix_now())
+            let (identity, team) = access
+                .authenticate(&key, crate::clock::unix_now())
                 .map_err(|failure| refuse(ctx, failure, Some(&key)))?;
-            let found = access.teams.get(&identity.team).ok_or_else(|| {
-                GatewayError::Unauthorized(AuthFailure::UnknownTeam.message().to_string())
-            })?;
-            ctx.identity = Some(identity);
             // The team's limits, before its body is read: a team over them makes corral hold
             // nothing. The charge is refunded if the request is refused below.
-            ctx.slot = Some(self.limit(ctx, found, kind)?);
-            team = Some(found);
+            let slot = self.limit(ctx, &team, kind);
+            ctx.admission.caller = Some(Caller { identity, team });
+            ctx.admission.slot = Some(slot?);
         }
 
         let body = match kind.body() {
@@ -118,7 +114,7 @@ impl Gateway {
                         ReadError::NoMemory => self.full(Full::BodyMemory),
                         ReadError::Refused(e) => e,
                     })?;
-                ctx.bytes_in = bytes.len() as u64;
+                ctx.outcome.bytes_in = bytes.len() as u64;
                 Some(HeldBody { bytes, memory })
             }
         };
@@ -127,28 +123,28 @@ impl Gateway {
             Some(held) => {
                 let obj = JsonObject::parse(&held.bytes).map_err(bad_request)?;
                 let refs = policy::referenced(kind, Some(&obj), param.as_deref())?;
-                ctx.stream = Some(
+                ctx.admission.stream = Some(
                     obj.bool("stream")
                         .map_err(bad_request)?
                         .unwrap_or(kind.streams_by_default()),
                 );
                 check_keep_alive(kind, &obj)?;
-                ctx.model = refs.models.first().map(|m| m.name.to_string());
+                ctx.admission.model = refs.models.first().map(|m| m.name.to_string());
                 let rewritten =
                     self.rewrite(ctx, kind, &obj, refs.models.first().map(|m| &m.name))?;
                 (refs, rewritten)
             }
             None => {
                 let refs = policy::referenced(kind, None, param.as_deref())?;
-                ctx.model = refs.models.first().map(|m| m.name.to_string());
+                ctx.admission.model = refs.models.first().map(|m| m.name.to_string());
                 (refs, None)
             }
         };
-        if let (Some(team), Some(identity)) = (team, &ctx.identity) {
-            policy::authorize(team, identity, kind, &refs)?;
+        if let Some(caller) = &ctx.admission.caller {
+            policy::authorize(&caller.team, &caller.identity, kind, &refs)?;
         }
         drop(refs);
-        ctx.body = match (body, rewritten) {
+        ctx.admission.body = match (body, rewritten) {
             (Some(mut held), Some(new)) => {
                 held.memory.set(new.len() as u64);
                 held.bytes = Bytes::from(new);
@@ -156,10 +152,10 @@ impl Gateway {
             }
             (body, _) => body,
         };
-        ctx.access = Some(access);
-        let team = ctx.identity.as_ref().map_or("none", |i| i.team.as_str());
-        ctx.team_in_flight = Some(GaugeGuard::new(
-            self.metrics.in_flight.with_label_values(&[team]),
+        ctx.admission.team_in_flight = Some(GaugeGuard::new(
+            self.metrics
+                .in_flight
+                .with_label_values(&[ctx.team_label()]),
         ));
         Ok(())
     }
@@ -174,7 +170,7 @@ impl Gateway {
         self.limiter
             .admit(team, kind.runs_model(), Instant::now())
             .map_err(|refused| {
-                ctx.rate_limited = Some(refused.limit.label());
+                ctx.outcome.rate_limited = Some(refused.limit);
                 GatewayError::RateLimited {
                     message: refused.message(team),
                     retry_after_secs: refused.retry_after.as_secs_f64().ceil() as u64,
@@ -216,7 +212,7 @@ impl Gateway {
         }
         // Usage on /v1 streams is only sent when asked for: ask, and take it out again.
         if matches!(kind, RouteKind::ChatCompletions | RouteKind::Completions)
-            && ctx.stream == Some(true)
+            && ctx.admission.stream == Some(true)
         {
             let options = obj.object("stream_options").map_err(bad_request)?;
             let asked = options
@@ -235,7 +231,7 @@ impl Gateway {
                     None => r#"{"include_usage":true}"#.to_string(),
                 };
                 changes.push(("stream_options", Some(merged)));
-                ctx.strip_usage = true;
+                ctx.admission.strip_usage = true;
             }
         }
         if changes.is_empty() {

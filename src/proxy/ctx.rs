@@ -1,39 +1,17 @@
 //! Per-request state carried through pingora's hooks.
 
-use crate::access::auth::Identity;
+use super::traffic::InFlight;
+use crate::access::auth::{AuthFailure, Identity, RefusedKey};
 use crate::access::caps::{Held, Share};
-use crate::access::Access;
+use crate::access::limits::{Limit, Slot};
+use crate::access::policy::Team;
+use crate::api::error::GatewayError;
 use crate::api::routes::{Dialect, Matched};
-use crate::runtime::lifecycle::InFlight;
-use crate::usage::{Meter, UsageStripper};
+use crate::usage::{BodyFormat, Meter, UsageStripper};
 use bytes::{Bytes, BytesMut};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// What the response body is, from its content type.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum BodyFormat {
-    #[default]
-    Other,
-    /// `application/x-ndjson`: Ollama's native streams.
-    Ndjson,
-    /// `text/event-stream`: the `/v1` streams.
-    Sse,
-}
-
-impl BodyFormat {
-    pub fn from_content_type(ct: &[u8]) -> BodyFormat {
-        let ct = ct.to_ascii_lowercase();
-        if ct.starts_with(b"application/x-ndjson") {
-            BodyFormat::Ndjson
-        } else if ct.starts_with(b"text/event-stream") {
-            BodyFormat::Sse
-        } else {
-            BodyFormat::Other
-        }
-    }
-}
 
 /// A request body read whole, with its part of `server.max_body_memory`.
 pub struct HeldBody {
@@ -41,93 +19,165 @@ pub struct HeldBody {
     pub memory: Share,
 }
 
+/// The verified caller: its key and its team (looked up once, when the key is verified).
+pub struct Caller {
+    pub identity: Arc<Identity>,
+    pub team: Arc<Team>,
+}
+
+/// Per-request state carried through pingora's hooks, in three parts: what admission decided,
+/// what the response path keeps, and how the request went (for the report).
 pub struct RequestCtx {
     pub start: Instant,
-    /// The request's place against `server.max_requests` and `server.max_requests_per_ip`.
-    pub place: Option<Held>,
     pub request_id: String,
     pub client_ip: Option<IpAddr>,
-    pub route: Option<Matched>,
     /// How errors are written for this caller (guessed from the path until a route matches).
     pub dialect: Dialect,
+    pub admission: Admission,
+    pub response: ResponseState,
+    pub outcome: Outcome,
+    _in_flight: InFlight,
+}
+
+/// What admission decided, and what it holds while the request lives.
+#[derive(Default)]
+pub struct Admission {
+    /// The request's place against `server.max_requests` and `server.max_requests_per_ip`.
+    pub place: Option<Held>,
+    pub route: Option<Matched>,
     /// The caller, once its key verified.
-    pub identity: Option<Arc<Identity>>,
-    /// The access rules the request was admitted under (kept for the response, e.g. list filtering).
-    pub access: Option<Arc<Access>>,
-    /// Why the key was refused (`corral_auth_failures_total{reason}`).
-    pub auth_failure: Option<&'static str>,
-    /// What the log may say about a refused key: never the key itself.
-    pub refused_key: Option<crate::access::auth::RefusedKey>,
+    pub caller: Option<Caller>,
     /// The model the request names, normalized.
     pub model: Option<String>,
     pub stream: Option<bool>,
-    /// The request body, read whole before forwarding; sent upstream as is.
+    /// The request body, read whole before forwarding and sent upstream as is; dropped once
+    /// Ollama answers.
     pub body: Option<HeldBody>,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
+    /// corral asked Ollama for usage the client did not ask for; it is taken out again.
+    pub strip_usage: bool,
+    /// The team's concurrency slot, held while the request lives.
+    pub slot: Option<Slot>,
+    /// Counts this request in `corral_inflight_requests{team}` while it lives.
+    pub team_in_flight: Option<GaugeGuard>,
+}
+
+/// What the response path keeps between chunks.
+#[derive(Default)]
+pub struct ResponseState {
+    /// What the response body is, from its content type.
+    pub format: BodyFormat,
+    /// The status Ollama answered with.
+    pub status_from_upstream: u16,
     /// Time from the request's start to the first response body byte.
     pub first_byte: Option<Duration>,
-    pub response_format: BodyFormat,
-    /// A model list being collected whole to be filtered for the team.
-    pub list_body: Option<BytesMut>,
     /// Reads usage and completeness from an inference response.
     pub meter: Option<Meter>,
     /// How many body bytes carry the answer up to its end marker, once the meter has seen it.
     pub complete_at: Option<u64>,
-    /// corral asked Ollama for usage the client did not ask for; it is taken out again.
-    pub strip_usage: bool,
     pub stripper: Option<UsageStripper>,
-    /// What went wrong talking to Ollama (`corral_upstream_errors_total{kind}`).
-    pub upstream_error: Option<&'static str>,
-    /// The status Ollama answered with.
-    pub status_from_upstream: u16,
+    /// A model list being collected whole to be filtered for the team.
+    pub list_body: Option<BytesMut>,
     /// Ollama answered 5xx: the start of its body, for the log (the client gets corral's error).
     pub upstream_failure: Option<BytesMut>,
-    /// Counts this request in `corral_inflight_requests{team}` while it lives.
-    pub team_in_flight: Option<GaugeGuard>,
-    /// The team's concurrency slot, held while the request lives.
-    pub slot: Option<crate::access::limits::Slot>,
+}
+
+/// How the request went: what the access log and the metrics say about it. Kept as enums; they
+/// become label strings only in the report.
+#[derive(Default)]
+pub struct Outcome {
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// What went wrong, if anything.
+    pub failure: Option<Failure>,
+    /// Why the key was refused (`corral_auth_failures_total{reason}`).
+    pub auth_failure: Option<AuthFailure>,
+    /// What the log may say about a refused key: never the key itself.
+    pub refused_key: Option<RefusedKey>,
     /// Which limit refused the request (`corral_rate_limited_total{limit}`).
-    pub rate_limited: Option<&'static str>,
-    /// A short label of what went wrong, for the log.
-    pub error: Option<&'static str>,
-    _in_flight: InFlight,
+    pub rate_limited: Option<Limit>,
+    /// What went wrong talking to Ollama (`corral_upstream_errors_total{kind}`).
+    pub upstream_fault: Option<UpstreamFault>,
+}
+
+/// What went wrong with a request (the access log's `error`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Failure {
+    /// corral answered with this error, or ended a stream with it.
+    Answered(GatewayError),
+    /// The client went away before the answer was complete.
+    ClientClosed,
+    /// The stream ended without its end marker.
+    Truncated,
+    /// The stream carried an error from Ollama and no end marker.
+    ErrorInStream,
+}
+
+impl Failure {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Failure::Answered(e) => e.label(),
+            Failure::ClientClosed => "client_closed",
+            Failure::Truncated => "truncated",
+            Failure::ErrorInStream => "error_in_stream",
+        }
+    }
+}
+
+/// A failure talking to Ollama (`corral_upstream_errors_total{kind}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamFault {
+    ConnectTimeout,
+    ReadTimeout,
+    WriteTimeout,
+    ConnectRefused,
+    ConnectError,
+    ConnectionLost,
+    /// `upstream.request_timeout` passed.
+    RequestTimeout,
+    /// The upstream's host name has not resolved (yet).
+    Unresolved,
+    /// Ollama answered 5xx.
+    ServerError,
+    Other,
+}
+
+impl UpstreamFault {
+    pub fn label(self) -> &'static str {
+        match self {
+            UpstreamFault::ConnectTimeout => "connect_timeout",
+            UpstreamFault::ReadTimeout => "read_timeout",
+            UpstreamFault::WriteTimeout => "write_timeout",
+            UpstreamFault::ConnectRefused => "connect_refused",
+            UpstreamFault::ConnectError => "connect_error",
+            UpstreamFault::ConnectionLost => "connection_lost",
+            UpstreamFault::RequestTimeout => "request_timeout",
+            UpstreamFault::Unresolved => "unresolved",
+            UpstreamFault::ServerError => "server_error",
+            UpstreamFault::Other => "other",
+        }
+    }
 }
 
 impl RequestCtx {
     pub fn new(in_flight: InFlight) -> RequestCtx {
         RequestCtx {
             start: Instant::now(),
-            place: None,
             request_id: String::new(),
             client_ip: None,
-            route: None,
             dialect: Dialect::Ollama,
-            identity: None,
-            access: None,
-            auth_failure: None,
-            refused_key: None,
-            model: None,
-            stream: None,
-            body: None,
-            bytes_in: 0,
-            bytes_out: 0,
-            first_byte: None,
-            response_format: BodyFormat::Other,
-            list_body: None,
-            meter: None,
-            complete_at: None,
-            strip_usage: false,
-            stripper: None,
-            upstream_error: None,
-            status_from_upstream: 0,
-            upstream_failure: None,
-            team_in_flight: None,
-            slot: None,
-            rate_limited: None,
-            error: None,
+            admission: Admission::default(),
+            response: ResponseState::default(),
+            outcome: Outcome::default(),
             _in_flight: in_flight,
         }
+    }
+
+    /// The caller's team name, `none` for public routes and refused keys.
+    pub fn team_label(&self) -> &str {
+        self.admission
+            .caller
+            .as_ref()
+            .map_or("none", |c| c.team.name.as_str())
     }
 }
 

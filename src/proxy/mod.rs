@@ -1,25 +1,30 @@
-//! The request path: one pingora `ProxyHttp` implementation whose hooks stay thin and delegate:
+//! The request path: one pingora `ProxyHttp` implementation whose hooks stay thin and delegate.
+//! Uses `access`, `upstream`, `usage`, `api`, `telemetry`, `config`, `ollama`; never `runtime`.
+//!
 //! [`admit`] (route, key, body, policy, body rewrites), [`headers`] (hygiene toward Ollama),
-//! [`response`] (usage metering, model-list filtering), [`respond`] (answers corral writes
-//! itself), [`report`] (access log and metrics).
+//! [`response_body`] (usage metering, model-list filtering), [`error_response`] (errors corral
+//! answers itself, before forwarding or when Ollama fails), [`report`] (access log and metrics).
+//! [`ctx`] is the state one request carries through the hooks; [`traffic`] counts requests in
+//! flight for readiness and shutdown.
 
 mod admit;
 mod ctx;
+mod error_response;
 pub mod framing;
 mod headers;
 mod report;
-mod respond;
-mod response;
+mod response_body;
+mod traffic;
 
 pub use admit::{ClientLimits, Full};
-pub use ctx::{BodyFormat, HeldBody, RequestCtx};
-pub use headers::new_request_id;
+use ctx::Failure;
+pub use ctx::{HeldBody, RequestCtx};
+pub use traffic::Traffic;
 
 use crate::access::caps::{Budget, Counter};
 use crate::access::limits::Limiter;
 use crate::access::AccessHandle;
 use crate::api::routes::BodyMode;
-use crate::runtime::lifecycle::Lifecycle;
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::pins::Pins;
@@ -43,7 +48,7 @@ pub struct Gateway {
     pub requests: Arc<Counter>,
     /// Request bodies held in memory (`server.max_body_memory`).
     pub body_memory: Arc<Budget>,
-    pub lifecycle: Arc<Lifecycle>,
+    pub traffic: Arc<Traffic>,
     pub access_log: Arc<AccessLog>,
     pub metrics: Arc<Metrics>,
     pub pins: Arc<Pins>,
@@ -60,7 +65,7 @@ impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::new(self.lifecycle.enter())
+        RequestCtx::new(self.traffic.enter())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
@@ -109,7 +114,7 @@ impl ProxyHttp for Gateway {
             &ctx.request_id,
             client_tls,
         )?;
-        if let Some(m) = &ctx.route {
+        if let Some(m) = &ctx.admission.route {
             // Exactly the matched path: no query string, nothing corral did not check.
             let uri = http::Uri::try_from(m.path.as_str())
                 .map_err(|_| Error::new(ErrorType::InternalError))?;
@@ -118,7 +123,10 @@ impl ProxyHttp for Gateway {
         // corral frames every body it holds itself, with its exact length, and sends routes that
         // take none without any framing (admission made sure they carried nothing). Only blob
         // uploads are streamed as the client framed them (see `upstream_reusable`).
-        let held = match (&ctx.body, ctx.route.as_ref().map(|m| m.kind.body())) {
+        let held = match (
+            &ctx.admission.body,
+            ctx.admission.route.as_ref().map(|m| m.kind.body()),
+        ) {
             (Some(body), _) => Some(body.bytes.len()),
             (None, Some(BodyMode::None)) => Some(0),
             _ => None,
@@ -136,7 +144,8 @@ impl ProxyHttp for Gateway {
     fn upstream_reusable(&self, _session: &Session, ctx: &RequestCtx) -> bool {
         // A body streamed through keeps the client's framing, which corral does not vouch for:
         // that upstream connection is closed after the exchange, never handed to another client.
-        ctx.route
+        ctx.admission
+            .route
             .as_ref()
             .is_none_or(|m| m.kind.body() != BodyMode::Stream)
     }
@@ -148,10 +157,10 @@ impl ProxyHttp for Gateway {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        match (&ctx.body, body.as_ref()) {
+        match (&ctx.admission.body, body.as_ref()) {
             // The body was read before forwarding: send it now (again on a retry).
             (Some(held), None) if end_of_stream => *body = Some(held.bytes.clone()),
-            (None, Some(chunk)) => ctx.bytes_in += chunk.len() as u64,
+            (None, Some(chunk)) => ctx.outcome.bytes_in += chunk.len() as u64,
             _ => {}
         }
         Ok(())
@@ -166,9 +175,9 @@ impl ProxyHttp for Gateway {
         upstream_response.insert_header("x-request-id", ctx.request_id.as_str())?;
         // Ollama answered: the request will not be sent again, so a long conversation is not
         // kept in memory for the rest of a stream.
-        ctx.body = None;
+        ctx.admission.body = None;
         let head_only = session.req_header().method == http::Method::HEAD;
-        response::prepare(ctx, upstream_response, head_only);
+        response_body::prepare(ctx, upstream_response, head_only);
         Ok(())
     }
 
@@ -180,16 +189,20 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
         if body.as_ref().is_some_and(|b| !b.is_empty()) {
-            ctx.first_byte.get_or_insert_with(|| ctx.start.elapsed());
+            ctx.response
+                .first_byte
+                .get_or_insert_with(|| ctx.start.elapsed());
         }
-        response::body_chunk(ctx, body, end_of_stream)?;
+        response_body::body_chunk(ctx, body, end_of_stream)?;
         if let Some(chunk) = body.as_ref() {
-            ctx.bytes_out += chunk.len() as u64;
+            ctx.outcome.bytes_out += chunk.len() as u64;
         }
         // Where the end marker is in what the client gets: once that many bytes are sent, the
         // client has the whole answer.
-        if ctx.complete_at.is_none() && ctx.meter.as_ref().is_some_and(|m| m.complete()) {
-            ctx.complete_at = Some(ctx.bytes_out);
+        if ctx.response.complete_at.is_none()
+            && ctx.response.meter.as_ref().is_some_and(|m| m.complete())
+        {
+            ctx.response.complete_at = Some(ctx.outcome.bytes_out);
         }
         Ok(None)
     }
@@ -205,7 +218,7 @@ impl ProxyHttp for Gateway {
         // A pooled connection Ollama has closed (it restarted, or dropped idle connections)
         // fails before any answer. corral holds the whole body, so the request can be sent again
         // on a fresh connection, POST or not. Nothing is retried once an answer has started.
-        let replayable = ctx.body.is_some() || session.as_mut().is_body_empty();
+        let replayable = ctx.admission.body.is_some() || session.as_mut().is_body_empty();
         if replayable && session.response_written().is_none() {
             e.retry.decide_reuse(client_reused);
         } else {
@@ -226,6 +239,7 @@ impl ProxyHttp for Gateway {
         // closes as soon as it has `[DONE]`, an upstream that drops the connection instead of
         // ending the body). Nothing is appended, and the request is not a failure.
         let delivered = ctx
+            .response
             .complete_at
             .is_some_and(|at| session.as_downstream().body_bytes_sent() as u64 >= at);
         if session.response_written().is_some() && delivered {
@@ -239,9 +253,9 @@ impl ProxyHttp for Gateway {
                 can_reuse_downstream: false,
             };
         }
-        ctx.upstream_error = upstream_kind;
+        ctx.outcome.upstream_fault = upstream_kind;
         let Some(err) = err else {
-            ctx.error = Some("client_closed");
+            ctx.outcome.failure = Some(Failure::ClientClosed);
             return FailToProxy {
                 error_code: 0,
                 can_reuse_downstream: false,

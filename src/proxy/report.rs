@@ -1,9 +1,12 @@
 //! The end of every request: one access-log line and its metrics.
 
-use super::{BodyFormat, Gateway, RequestCtx};
+use super::ctx::Failure;
+use super::{Gateway, RequestCtx};
+use crate::access::auth::AuthFailure;
 use crate::api::error::GatewayError;
 use crate::api::routes::Dialect;
 use crate::telemetry::access_log::{self, AccessRecord};
+use crate::usage::BodyFormat;
 use crate::usage::Outcome;
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession as HttpSession;
@@ -16,39 +19,40 @@ impl Gateway {
         let status = session
             .response_written()
             .map_or(499, |r| r.status.as_u16());
-        let outcome: Option<Outcome> = ctx.meter.as_mut().map(|m| m.finish());
-        let pieces = ctx.meter.as_ref().map_or(0, |m| m.pieces());
-        let streamed = matches!(ctx.response_format, BodyFormat::Ndjson | BodyFormat::Sse);
-        let truncated = streamed
-            && status == 200
-            && outcome.is_some_and(|o| !o.complete)
-            && ctx.error != Some("client_closed");
-        if truncated {
-            let why = if outcome.is_some_and(|o| o.error_in_stream) {
-                "error_in_stream"
+        let outcome: Option<Outcome> = ctx.response.meter.as_mut().map(|m| m.finish());
+        let pieces = ctx.response.meter.as_ref().map_or(0, |m| m.pieces());
+        let streamed = matches!(ctx.response.format, BodyFormat::Ndjson | BodyFormat::Sse);
+        let left_early = ctx.outcome.failure == Some(Failure::ClientClosed);
+        let truncated =
+            streamed && status == 200 && outcome.is_some_and(|o| !o.complete) && !left_early;
+        if truncated && ctx.outcome.failure.is_none() {
+            ctx.outcome.failure = Some(if outcome.is_some_and(|o| o.error_in_stream) {
+                Failure::ErrorInStream
             } else {
-                "truncated"
-            };
-            ctx.error = ctx.error.or(Some(why));
+                Failure::Truncated
+            });
         }
         let reported = outcome.map(|o| o.usage).unwrap_or_default();
         // A stream with no counts of its own is charged an estimate: one the client left
         // before Ollama's final counts (leaving early does not make tokens free), or one that
         // ended properly but never reported usage (a server that sends none). A stream Ollama
         // broke off is charged only what was counted.
-        let left_early = ctx.error == Some("client_closed");
         let silent = outcome.is_some_and(|o| o.complete) && reported.is_unknown();
         let estimated = streamed && status == 200 && (left_early || silent);
         let usage = if estimated {
-            reported.estimated(pieces, ctx.bytes_in)
+            reported.estimated(pieces, ctx.outcome.bytes_in)
         } else {
             reported
         };
 
         let m = &self.metrics;
-        let team = ctx.identity.as_ref().map_or("none", |i| i.team.as_str());
-        let model = m.model_label(ctx.model.as_deref());
-        let route = ctx.route.as_ref().map_or("unmatched", |r| r.kind.name());
+        let team = ctx.team_label();
+        let model = m.model_label(ctx.admission.model.as_deref());
+        let route = ctx
+            .admission
+            .route
+            .as_ref()
+            .map_or("unmatched", |r| r.kind.name());
         let elapsed = ctx.start.elapsed();
         m.requests
             .with_label_values(&[team, &model, route, &status.to_string()])
@@ -56,7 +60,11 @@ impl Gateway {
         m.duration
             .with_label_values(&[team, &model, route])
             .observe(elapsed.as_secs_f64());
-        if let (Some(first), true, 200) = (ctx.first_byte, streamed && outcome.is_some(), status) {
+        if let (Some(first), true, 200) = (
+            ctx.response.first_byte,
+            streamed && outcome.is_some(),
+            status,
+        ) {
             m.ttft
                 .with_label_values(&[team, &model])
                 .observe(first.as_secs_f64());
@@ -72,34 +80,33 @@ impl Gateway {
         if truncated {
             m.truncated.with_label_values(&[team, &model, route]).inc();
         }
-        if let Some(reason) = ctx.auth_failure {
-            m.auth_failures.with_label_values(&[reason]).inc();
+        if let Some(failure) = ctx.outcome.auth_failure {
+            m.auth_failures.with_label_values(&[failure.reason()]).inc();
         }
-        if let Some(kind) = ctx.upstream_error {
-            m.upstream_errors.with_label_values(&[kind]).inc();
+        if let Some(fault) = ctx.outcome.upstream_fault {
+            m.upstream_errors.with_label_values(&[fault.label()]).inc();
         }
-        if let Some(limit) = ctx.rate_limited {
-            m.rate_limited.with_label_values(&[team, limit]).inc();
+        if let Some(limit) = ctx.outcome.rate_limited {
+            m.rate_limited
+                .with_label_values(&[team, limit.label()])
+                .inc();
         }
         // Token limits charge what was actually used, now that it is known.
-        if let (Some(identity), Some(access)) = (&ctx.identity, &ctx.access) {
-            if let Some(t) = access.teams.get(&identity.team) {
-                self.limiter
-                    .charge(t, usage.total(), std::time::Instant::now());
-            }
+        if let Some(caller) = &ctx.admission.caller {
+            self.limiter
+                .charge(&caller.team, usage.total(), std::time::Instant::now());
         }
 
-        let path = logged_path(req.raw_path(), ctx.route.is_some());
-        let refused = ctx.refused_key.as_ref();
+        let path = logged_path(req.raw_path(), ctx.admission.route.is_some());
+        let refused = ctx.outcome.refused_key.as_ref();
+        let caller = ctx.admission.caller.as_ref();
         self.access_log.write(&AccessRecord {
             ts: access_log::timestamp(),
             request_id: &ctx.request_id,
-            team: ctx
-                .identity
-                .as_ref()
-                .map(|i| i.team.as_str())
+            team: caller
+                .map(|c| c.team.name.as_str())
                 .or(refused.and_then(|r| r.team.as_deref())),
-            key_id: ctx.identity.as_ref().map(|i| i.key_id.as_str()).or(refused
+            key_id: caller.map(|c| c.identity.key_id.as_str()).or(refused
                 .filter(|r| r.signed)
                 .and_then(|r| r.key_id.as_deref())),
             claimed_key_id: refused
@@ -108,19 +115,19 @@ impl Gateway {
             client_ip: ctx.client_ip.map(|ip| ip.to_string()),
             method: Some(logged_method(&req.method)),
             path: Some(&path),
-            route: ctx.route.as_ref().map(|r| r.kind.name()),
-            model: ctx.model.as_deref(),
-            stream: ctx.stream,
+            route: ctx.admission.route.as_ref().map(|r| r.kind.name()),
+            model: ctx.admission.model.as_deref(),
+            stream: ctx.admission.stream,
             status,
             duration_ms: elapsed.as_millis() as u64,
-            ttft_ms: ctx.first_byte.map(|d| d.as_millis() as u64),
+            ttft_ms: ctx.response.first_byte.map(|d| d.as_millis() as u64),
             prompt_tokens: usage.prompt,
             completion_tokens: usage.completion,
             tokens_estimated: estimated,
-            bytes_in: ctx.bytes_in,
-            bytes_out: ctx.bytes_out,
-            error: ctx.error,
-            auth_failure: ctx.auth_failure,
+            bytes_in: ctx.outcome.bytes_in,
+            bytes_out: ctx.outcome.bytes_out,
+            error: ctx.outcome.failure.as_ref().map(Failure::label),
+            auth_failure: ctx.outcome.auth_failure.map(AuthFailure::reason),
         });
     }
 }

@@ -1,7 +1,7 @@
 //! The operator listener (`server.metrics_listen`): `/livez`, `/readyz` and `/metrics`. It is
 //! separate from the public listener and carries no API routes.
 
-use crate::runtime::lifecycle::Lifecycle;
+use crate::proxy::Traffic;
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::pins::Pins;
 use async_trait::async_trait;
@@ -12,7 +12,7 @@ use serde_json::json;
 use std::sync::Arc;
 
 pub struct AdminApp {
-    pub lifecycle: Arc<Lifecycle>,
+    pub traffic: Arc<Traffic>,
     pub metrics: Arc<Metrics>,
     pub pins: Arc<Pins>,
 }
@@ -37,7 +37,7 @@ impl AdminApp {
             ),
             "/readyz" => {
                 // Not ready while draining, or while a pinned model is not loaded yet.
-                let draining = self.lifecycle.is_draining();
+                let draining = self.traffic.is_draining();
                 let ready = !draining && self.pins.ready();
                 let status = if ready {
                     StatusCode::OK
@@ -47,7 +47,7 @@ impl AdminApp {
                 let body = json!({
                     "ready": ready,
                     "draining": draining,
-                    "in_flight": self.lifecycle.in_flight(),
+                    "in_flight": self.traffic.in_flight(),
                     "models": self.pins.report(),
                 });
                 (status, JSON, body.to_string().into_bytes())
@@ -83,7 +83,7 @@ mod tests {
     #[test]
     fn probes_answer_and_everything_else_is_404() {
         let app = AdminApp {
-            lifecycle: Arc::new(Lifecycle::default()),
+            traffic: Arc::new(Traffic::default()),
             metrics: Arc::new(Metrics::new(&crate::config::Config::default())),
             pins: Arc::new(Pins::new(&Default::default())),
         };

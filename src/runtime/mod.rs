@@ -1,10 +1,12 @@
 //! The running process: assembles the pingora server, admits connections, reloads configuration
-//! and certificates, serves the operator listener, drains on shutdown. Uses every layer below.
+//! and certificates, serves the operator listener, drains on shutdown. Uses every layer below it
+//! (`proxy` and what it uses).
 
 pub mod admin;
 pub mod connections;
-pub mod lifecycle;
 pub mod memory;
 pub mod reload;
 pub mod server;
+pub mod shutdown;
 pub mod tls;
+pub mod watch;

@@ -6,17 +6,13 @@
 use crate::access::{Access, AccessHandle};
 use crate::config::{Config, Source};
 use crate::runtime::tls::CertStore;
+use crate::runtime::watch::{Snapshot, WATCH_INTERVAL};
 use crate::telemetry::metrics::Metrics;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
-
-/// How often watched files are compared with what was loaded.
-pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Installs corral's SIGHUP handler at once, so a SIGHUP that arrives before the reloader runs
 /// does not kill the process (the default action) but is remembered.
@@ -40,16 +36,13 @@ pub struct Reloader {
     pub metrics: Arc<Metrics>,
 }
 
-/// What the watched files held (small files: compared by content).
-fn snapshot(source: &Source, cfg: &Config) -> Vec<(PathBuf, Option<Vec<u8>>)> {
+/// What the files a reload reads held: the configuration file, keys and revocation list.
+fn snapshot(source: &Source, cfg: &Config) -> Snapshot {
     let mut files = Access::watched_files(cfg);
     if let Source::File(p) = source {
         files.push(p.clone());
     }
-    files
-        .into_iter()
-        .map(|p| (p.clone(), std::fs::read(&p).ok()))
-        .collect()
+    Snapshot::of(files)
 }
 
 impl Reloader {
@@ -106,12 +99,7 @@ impl BackgroundService for Reloader {
             if forced {
                 tracing::info!("SIGHUP: reloading configuration, keys and certificate");
                 if let Some(certs) = &self.certs {
-                    match certs.reload() {
-                        Ok(_) => {}
-                        Err(e) => {
-                            tracing::error!(error = %e, "TLS certificate not reloaded; the previous one stays in use")
-                        }
-                    }
+                    crate::runtime::tls::log_reload(certs.reload());
                 }
             } else if snapshot(&self.source, &current) == seen {
                 continue;

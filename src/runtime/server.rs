@@ -9,11 +9,12 @@ use crate::access::caps::{Budget, Caps, Counter};
 use crate::access::limits::Limiter;
 use crate::access::{Access, AccessHandle};
 use crate::config::{Config, Source};
+use crate::proxy::Traffic;
 use crate::proxy::{ClientLimits, Full, Gateway};
 use crate::runtime::admin::AdminApp;
 use crate::runtime::connections::Gate;
-use crate::runtime::lifecycle::{Drainer, Lifecycle, Signals};
 use crate::runtime::reload::Reloader;
+use crate::runtime::shutdown::{Drainer, Signals};
 use crate::runtime::tls::{CertStore, CertWatcher};
 use crate::telemetry::access_log::{AccessLog, AccessLogFlusher};
 use crate::telemetry::metrics::Metrics;
@@ -198,7 +199,7 @@ pub fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
     let bootstrap = server.bootstrap_as_a_service();
     let phases = server.watch_execution_phase();
 
-    let lifecycle = Arc::new(Lifecycle::default());
+    let traffic = Arc::new(Traffic::default());
     let metrics = Arc::new(Metrics::new(&cfg));
     let pins = Arc::new(Pins::new(&cfg.preload));
     let access_log = Arc::new(AccessLog::stdout(cfg.log.format));
@@ -226,7 +227,7 @@ pub fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
             cfg.server.max_body_memory.0,
             Some(metrics.body_memory.clone()),
         ),
-        lifecycle: lifecycle.clone(),
+        traffic: traffic.clone(),
         access_log: access_log.clone(),
     };
     let mut proxy =
@@ -267,7 +268,7 @@ pub fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
         let mut admin = Service::new(
             "corral admin".to_string(),
             AdminApp {
-                lifecycle: lifecycle.clone(),
+                traffic: traffic.clone(),
                 metrics: metrics.clone(),
                 pins: pins.clone(),
             },
@@ -295,7 +296,7 @@ pub fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
     ));
     let drainer = Drainer {
         access_log: access_log.clone(),
-        lifecycle: lifecycle.clone(),
+        traffic: traffic.clone(),
         phases: Mutex::new(Some(phases)),
     };
     server.add_service(background_service("drain", drainer));

@@ -2,6 +2,7 @@
 //! that pingora's rustls listener asks on every handshake, and a watcher that swaps in a new
 //! certificate when its files change (no restart, no dropped connections).
 
+use crate::runtime::watch::{Snapshot, WATCH_INTERVAL};
 use async_trait::async_trait;
 use pingora::listeners::tls::TlsSettings;
 use pingora::server::ShutdownWatch;
@@ -12,10 +13,6 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
-
-/// How often certificate files are checked for changes.
-pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -80,35 +77,23 @@ pub fn load_pair(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
     })
 }
 
-/// A self-signed certificate for `localhost`, `127.0.0.1` and `::1`, made at start-up when no
-/// certificate is configured (loopback listeners only).
+/// The names a client on this machine reaches corral by: what local certificates are for.
+pub const LOOPBACK_NAMES: &[&str] = &["localhost", "127.0.0.1", "::1"];
+
+/// A self-signed certificate for the [`LOOPBACK_NAMES`], made at start-up when no certificate is
+/// configured (loopback listeners only).
 pub fn throwaway_localhost() -> CertifiedKey {
-    let names = vec![
-        "localhost".to_string(),
-        "127.0.0.1".to_string(),
-        "::1".to_string(),
-    ];
+    let names: Vec<String> = LOOPBACK_NAMES.iter().map(|n| n.to_string()).collect();
     let generated = rcgen::generate_simple_self_signed(names).expect("rcgen makes a certificate");
     let key = PrivateKeyDer::Pkcs8(generated.signing_key.serialize_der().into());
     CertifiedKey::from_der(vec![generated.cert.der().clone()], key, &provider())
         .expect("a generated key matches its certificate")
 }
 
-/// What the files held last time they were read. Certificates are a few KiB, so comparing
-/// contents is cheap and, unlike timestamps, never misses a quick rewrite.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Stamp(Vec<Option<Vec<u8>>>);
-
-impl Stamp {
-    fn of(paths: &[&Path]) -> Stamp {
-        Stamp(paths.iter().map(|p| std::fs::read(p).ok()).collect())
-    }
-}
-
 struct Files {
     cert: PathBuf,
     key: PathBuf,
-    seen: Mutex<Stamp>,
+    seen: Mutex<Snapshot>,
 }
 
 /// The certificate the TLS listener serves, swappable at run time.
@@ -127,7 +112,7 @@ impl std::fmt::Debug for CertStore {
 
 impl CertStore {
     pub fn from_files(cert: &Path, key: &Path) -> Result<CertStore, TlsError> {
-        let seen = Stamp::of(&[cert, key]);
+        let seen = Snapshot::of([cert, key]);
         let pair = load_pair(cert, key)?;
         Ok(CertStore {
             current: RwLock::new(Arc::new(pair)),
@@ -156,7 +141,7 @@ impl CertStore {
         let Some(files) = &self.files else {
             return Ok(false);
         };
-        let now = Stamp::of(&[&files.cert, &files.key]);
+        let now = Snapshot::of([&files.cert, &files.key]);
         {
             let mut seen = files.seen.lock().unwrap_or_else(|e| e.into_inner());
             if *seen == now {
@@ -176,7 +161,7 @@ impl CertStore {
             return Ok(false);
         };
         *files.seen.lock().unwrap_or_else(|e| e.into_inner()) =
-            Stamp::of(&[&files.cert, &files.key]);
+            Snapshot::of([&files.cert, &files.key]);
         self.reload_from(&files.cert, &files.key)?;
         Ok(true)
     }
@@ -207,6 +192,17 @@ impl ResolvesServerCert for CertStore {
     }
 }
 
+/// Logs what a reload of the certificate did.
+pub fn log_reload(result: Result<bool, TlsError>) {
+    match result {
+        Ok(true) => tracing::info!("TLS certificate reloaded"),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "TLS certificate not reloaded; the previous one stays in use")
+        }
+    }
+}
+
 /// Polls the certificate files and swaps in new ones.
 pub struct CertWatcher(pub Arc<CertStore>);
 
@@ -218,13 +214,7 @@ impl BackgroundService for CertWatcher {
                 _ = tokio::time::sleep(WATCH_INTERVAL) => {}
                 _ = shutdown.changed() => return,
             }
-            match self.0.reload_if_changed() {
-                Ok(true) => tracing::info!("TLS certificate reloaded"),
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::error!(error = %e, "TLS certificate not reloaded; the previous one stays in use")
-                }
-            }
+            log_reload(self.0.reload_if_changed());
         }
     }
 }

@@ -1,5 +1,6 @@
 //! What corral tells operators: the JSON access log on stdout (one line per request), its own
-//! operational log on stderr, and (later) Prometheus metrics.
+//! operational log on stderr, and the Prometheus metrics. Uses `config` and `ollama` (model
+//! names, for bounded labels).
 
 pub mod access_log;
 pub mod metrics;

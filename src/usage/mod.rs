@@ -1,4 +1,5 @@
-//! Token usage and stream completeness, read from responses as they pass, never buffered.
+//! Token usage and stream completeness, read from responses as they pass, never buffered. Uses
+//! nothing else of corral.
 //!
 //! One [`Meter`] per response. It reads whichever shape the route produces (Ollama's final NDJSON
 //! object, `usage` in `/v1` bodies and SSE chunks, the Responses API's `response.completed`,
@@ -7,12 +8,13 @@
 //! `message_stop`). [`UsageStripper`] removes the usage corral asked Ollama for on `/v1` streams
 //! whose client did not ask for it.
 
+mod format;
 mod scan;
 mod strip;
 
+pub use format::BodyFormat;
 pub use strip::UsageStripper;
 
-use crate::proxy::BodyFormat;
 use scan::Scanner;
 
 /// Tokens of one request.
@@ -104,6 +106,14 @@ enum Line {
     Value,
     /// A field corral does not read, or a comment.
     Ignore,
+}
+
+/// The value of an SSE `data` line: what follows `data:`, less one optional space. The SSE rule
+/// both the [`Meter`] (byte by byte: `Line::ValueStart`) and the [`UsageStripper`] (an event's
+/// first line) read `data` by.
+fn sse_data_value(line: &[u8]) -> Option<&[u8]> {
+    let value = line.strip_prefix(b"data:")?;
+    Some(value.strip_prefix(b" ").unwrap_or(value))
 }
 
 /// SSE framing state: which field the current line carries.
@@ -231,6 +241,7 @@ impl Meter {
                     sse.line = Line::Ignore;
                 }
             }
+            // One optional space after the colon, as in `sse_data_value`.
             Line::ValueStart if b == b' ' => sse.line = Line::Value,
             Line::ValueStart | Line::Value => {
                 sse.line = Line::Value;

@@ -50,9 +50,10 @@ fn find_event_end(buf: &[u8], from: usize) -> Option<usize> {
 }
 
 fn rewrite(event: &[u8]) -> Vec<u8> {
-    let Some(data) = event.strip_prefix(b"data: ") else {
+    let Some(data) = super::sse_data_value(event) else {
         return event.to_vec();
     };
+    let start = event.len() - data.len();
     let json_end = data
         .iter()
         .position(|&b| b == b'\n' || b == b'\r')
@@ -62,7 +63,7 @@ fn rewrite(event: &[u8]) -> Vec<u8> {
         return Vec::new();
     }
     match json.windows(ZERO_USAGE.len()).position(|w| w == ZERO_USAGE) {
-        Some(i) => [&event[..6 + i], &event[6 + i + ZERO_USAGE.len()..]].concat(),
+        Some(i) => [&event[..start + i], &event[start + i + ZERO_USAGE.len()..]].concat(),
         None => event.to_vec(),
     }
 }
@@ -129,6 +130,11 @@ mod tests {
         let with = "data: {\"id\":\"cmpl-1\",\"choices\":[{\"text\":\"Hi\",\"index\":0,\"finish_reason\":null}],\"usage\":{\"prompt_tokens\":0,\"completion_tokens\":0,\"total_tokens\":0}}\n\n";
         let without = "data: {\"id\":\"cmpl-1\",\"choices\":[{\"text\":\"Hi\",\"index\":0,\"finish_reason\":null}]}\n\n";
         assert_eq!(strip_all(with, &[]), without);
+        // `data:` without its optional space is the same field, read the same way.
+        let tight = |s: &str| s.replacen("data: ", "data:", 1);
+        assert_eq!(strip_all(&tight(with), &[]), tight(without));
+        let usage_only = "data:{\"id\":\"chatcmpl-1\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":1,\"total_tokens\":6}}\n\n";
+        assert_eq!(strip_all(usage_only, &[]), "");
     }
 
     #[test]

@@ -291,7 +291,7 @@ pub fn issue_with(
         models: models.map(|m| m.iter().map(|s| s.to_string()).collect()),
         expires_in,
     };
-    corral::access::keys::issue(signing_key, &request, corral::access::auth::unix_now())
+    corral::access::keys::issue(signing_key, &request, corral::clock::unix_now())
         .unwrap()
         .0
 }

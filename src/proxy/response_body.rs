@@ -2,10 +2,12 @@
 //! cut down to the team's models. Streams are never held back; only a model list (small JSON) is
 //! collected whole before it is filtered.
 
-use super::{BodyFormat, RequestCtx};
+use super::ctx::{Failure, UpstreamFault};
+use super::RequestCtx;
 use crate::access::policy;
 use crate::api::error::GatewayError;
 use crate::api::routes::RouteKind;
+use crate::usage::BodyFormat;
 use crate::usage::{Meter, UsageStripper};
 use bytes::{Bytes, BytesMut};
 use pingora::http::ResponseHeader;
@@ -16,14 +18,14 @@ const MAX_LIST_BODY: usize = 16 << 20;
 
 /// Decides, from the response header, what the body needs.
 pub(super) fn prepare(ctx: &mut RequestCtx, resp: &mut ResponseHeader, head_only: bool) {
-    ctx.status_from_upstream = resp.status.as_u16();
-    ctx.response_format = resp
+    ctx.response.status_from_upstream = resp.status.as_u16();
+    ctx.response.format = resp
         .headers
         .get(http::header::CONTENT_TYPE)
         .map_or(BodyFormat::Other, |ct| {
             BodyFormat::from_content_type(ct.as_bytes())
         });
-    let Some(kind) = ctx.route.as_ref().map(|m| m.kind) else {
+    let Some(kind) = ctx.admission.route.as_ref().map(|m| m.kind) else {
         return;
     };
     if resp.status.is_server_error() {
@@ -40,14 +42,14 @@ pub(super) fn prepare(ctx: &mut RequestCtx, resp: &mut ResponseHeader, head_only
             http::header::CONTENT_TYPE,
             "application/json; charset=utf-8",
         );
-        ctx.upstream_error = Some("server_error");
+        ctx.outcome.upstream_fault = Some(UpstreamFault::ServerError);
         if head_only {
             // No body will pass: what is known is logged now.
-            let err = GatewayError::UpstreamFailed(ctx.status_from_upstream);
-            tracing::warn!(request_id = %ctx.request_id, status = ctx.status_from_upstream, "Ollama answered a HEAD request with a server error");
-            ctx.error = Some(err.label());
+            let err = GatewayError::UpstreamFailed(ctx.response.status_from_upstream);
+            tracing::warn!(request_id = %ctx.request_id, status = ctx.response.status_from_upstream, "Ollama answered a HEAD request with a server error");
+            ctx.outcome.failure = Some(Failure::Answered(err));
         } else {
-            ctx.upstream_failure = Some(BytesMut::new());
+            ctx.response.upstream_failure = Some(BytesMut::new());
         }
         return;
     }
@@ -55,18 +57,18 @@ pub(super) fn prepare(ctx: &mut RequestCtx, resp: &mut ResponseHeader, head_only
         return;
     }
     if kind.runs_model() && !head_only {
-        ctx.meter = Some(Meter::new(ctx.response_format));
-        if ctx.strip_usage && ctx.response_format == BodyFormat::Sse {
-            ctx.stripper = Some(UsageStripper::default());
+        ctx.response.meter = Some(Meter::new(ctx.response.format));
+        if ctx.admission.strip_usage && ctx.response.format == BodyFormat::Sse {
+            ctx.response.stripper = Some(UsageStripper::default());
         }
     } else if matches!(kind, RouteKind::Tags | RouteKind::Ps | RouteKind::Models)
-        && ctx.identity.is_some()
+        && ctx.admission.caller.is_some()
     {
         // The list is cut down for the team, so its length changes; the whole list's length
         // would tell a HEAD request what the team may not see.
         resp.remove_header(&http::header::CONTENT_LENGTH);
         if !head_only {
-            ctx.list_body = Some(BytesMut::new());
+            ctx.response.list_body = Some(BytesMut::new());
         }
     }
 }
@@ -80,35 +82,35 @@ pub(super) fn body_chunk(
     body: &mut Option<Bytes>,
     end_of_stream: bool,
 ) -> Result<()> {
-    if let Some(original) = ctx.upstream_failure.as_mut() {
+    if let Some(original) = ctx.response.upstream_failure.as_mut() {
         if let Some(chunk) = body.take() {
             let room = MAX_LOGGED_FAILURE.saturating_sub(original.len());
             original.extend_from_slice(&chunk[..room.min(chunk.len())]);
         }
         if end_of_stream {
-            let err = GatewayError::UpstreamFailed(ctx.status_from_upstream);
+            let err = GatewayError::UpstreamFailed(ctx.response.status_from_upstream);
             tracing::warn!(
                 request_id = %ctx.request_id,
-                status = ctx.status_from_upstream,
+                status = ctx.response.status_from_upstream,
                 body = %String::from_utf8_lossy(original),
                 "Ollama answered with a server error; the client got corral's error instead"
             );
-            ctx.error = Some(err.label());
             *body = Some(err.render(ctx.dialect).body);
+            ctx.outcome.failure = Some(Failure::Answered(err));
         }
         return Ok(());
     }
-    if let Some(meter) = ctx.meter.as_mut() {
+    if let Some(meter) = ctx.response.meter.as_mut() {
         if let Some(chunk) = body.as_ref() {
             meter.feed(chunk);
         }
     }
-    if let Some(stripper) = ctx.stripper.as_mut() {
+    if let Some(stripper) = ctx.response.stripper.as_mut() {
         let chunk = body.take().unwrap_or_default();
         let out = stripper.process(&chunk, end_of_stream);
         *body = (!out.is_empty() || end_of_stream).then_some(out);
     }
-    if ctx.list_body.is_some() {
+    if ctx.response.list_body.is_some() {
         filter_model_list(ctx, body, end_of_stream)?;
     }
     Ok(())
@@ -120,7 +122,7 @@ fn filter_model_list(
     body: &mut Option<Bytes>,
     end_of_stream: bool,
 ) -> Result<()> {
-    let Some(buf) = ctx.list_body.as_mut() else {
+    let Some(buf) = ctx.response.list_body.as_mut() else {
         return Ok(());
     };
     if let Some(chunk) = body.take() {
@@ -135,23 +137,19 @@ fn filter_model_list(
     if !end_of_stream {
         return Ok(());
     }
-    let (Some(kind), Some(identity), Some(access)) = (
-        ctx.route.as_ref().map(|m| m.kind),
-        &ctx.identity,
-        &ctx.access,
+    let (Some(kind), Some(caller)) = (
+        ctx.admission.route.as_ref().map(|m| m.kind),
+        &ctx.admission.caller,
     ) else {
         return Ok(());
     };
-    let filtered = access
-        .teams
-        .get(&identity.team)
-        .and_then(|team| policy::filter_list(kind, team, identity, buf));
+    let filtered = policy::filter_list(kind, &caller.team, &caller.identity, buf);
     *body = Some(Bytes::from(filtered.unwrap_or_else(|| {
         // Not the JSON Ollama sends: withhold it rather than pass an unfiltered list.
         tracing::warn!(request_id = %ctx.request_id, "unexpected model list from upstream; sent an empty one");
         let empty = if kind == RouteKind::Models { r#"{"object":"list","data":[]}"# } else { r#"{"models":[]}"# };
         empty.as_bytes().to_vec()
     })));
-    ctx.list_body = None;
+    ctx.response.list_body = None;
     Ok(())
 }

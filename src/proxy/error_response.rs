@@ -1,10 +1,12 @@
 //! What corral answers itself: refusals before forwarding, and failures of the upstream, in the
 //! caller's dialect; a failure mid-stream ends the stream with an in-band error.
 
-use super::{BodyFormat, Gateway, RequestCtx, REQUEST_TIMEOUT, UNRESOLVED};
+use super::ctx::{Failure, UpstreamFault};
+use super::{Gateway, RequestCtx, REQUEST_TIMEOUT, UNRESOLVED};
 use crate::api::error::GatewayError;
 use crate::api::routes::Dialect;
 use crate::config::HumanDuration;
+use crate::usage::BodyFormat;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
@@ -18,7 +20,7 @@ impl Gateway {
         ctx: &mut RequestCtx,
         err: &GatewayError,
     ) {
-        ctx.error = Some(err.label());
+        ctx.outcome.failure = Some(Failure::Answered(err.clone()));
         let rendered = err.render(ctx.dialect);
         let Ok(mut resp) = ResponseHeader::build(rendered.status, Some(rendered.headers.len() + 1))
         else {
@@ -44,7 +46,7 @@ impl Gateway {
                 .await
                 .is_ok()
             {
-                ctx.bytes_out += len;
+                ctx.outcome.bytes_out += len;
             }
         }
     }
@@ -57,8 +59,8 @@ impl Gateway {
         ctx: &mut RequestCtx,
         err: &GatewayError,
     ) {
-        ctx.error = Some(err.label());
-        let frame = match (ctx.response_format, ctx.dialect) {
+        ctx.outcome.failure = Some(Failure::Answered(err.clone()));
+        let frame = match (ctx.response.format, ctx.dialect) {
             (BodyFormat::Ndjson, _) => format!("{}\n", err.json(Dialect::Ollama)),
             (BodyFormat::Sse, Dialect::Anthropic) => {
                 format!("event: error\ndata: {}\n\n", err.json(Dialect::Anthropic))
@@ -72,13 +74,13 @@ impl Gateway {
             .await
             .is_ok()
         {
-            ctx.bytes_out += len;
+            ctx.outcome.bytes_out += len;
         }
     }
 
     /// What the client is told about a pingora failure (`None`: the client is gone), and the
-    /// `corral_upstream_errors_total` kind, if Ollama is at fault.
-    pub(super) fn failure(&self, e: &Error) -> (Option<GatewayError>, Option<&'static str>) {
+    /// fault to count in `corral_upstream_errors_total`, if Ollama is at fault.
+    pub(super) fn failure(&self, e: &Error) -> (Option<GatewayError>, Option<UpstreamFault>) {
         let etype = e.etype();
         let up = &self.upstream;
         if *etype == REQUEST_TIMEOUT {
@@ -86,7 +88,7 @@ impl Gateway {
                 Some(GatewayError::RequestTooLong(HumanDuration(
                     up.request_timeout,
                 ))),
-                Some("request_timeout"),
+                Some(UpstreamFault::RequestTimeout),
             );
         }
         match e.esource() {
@@ -95,24 +97,29 @@ impl Gateway {
                 let (err, kind) = match etype {
                     ErrorType::ConnectTimedout => (
                         GatewayError::UpstreamTimeout(HumanDuration(up.connect_timeout)),
-                        "connect_timeout",
+                        UpstreamFault::ConnectTimeout,
                     ),
-                    ErrorType::ReadTimedout => {
-                        (GatewayError::UpstreamTimeout(read_limit), "read_timeout")
-                    }
-                    ErrorType::WriteTimedout => {
-                        (GatewayError::UpstreamTimeout(read_limit), "write_timeout")
-                    }
-                    ErrorType::ConnectRefused | ErrorType::ConnectNoRoute => {
-                        (GatewayError::UpstreamUnavailable, "connect_refused")
-                    }
-                    ErrorType::ConnectError | ErrorType::SocketError => {
-                        (GatewayError::UpstreamUnavailable, "connect_error")
-                    }
-                    ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError => {
-                        (GatewayError::UpstreamUnavailable, "connection_lost")
-                    }
-                    _ => (GatewayError::UpstreamUnavailable, "other"),
+                    ErrorType::ReadTimedout => (
+                        GatewayError::UpstreamTimeout(read_limit),
+                        UpstreamFault::ReadTimeout,
+                    ),
+                    ErrorType::WriteTimedout => (
+                        GatewayError::UpstreamTimeout(read_limit),
+                        UpstreamFault::WriteTimeout,
+                    ),
+                    ErrorType::ConnectRefused | ErrorType::ConnectNoRoute => (
+                        GatewayError::UpstreamUnavailable,
+                        UpstreamFault::ConnectRefused,
+                    ),
+                    ErrorType::ConnectError | ErrorType::SocketError => (
+                        GatewayError::UpstreamUnavailable,
+                        UpstreamFault::ConnectError,
+                    ),
+                    ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError => (
+                        GatewayError::UpstreamUnavailable,
+                        UpstreamFault::ConnectionLost,
+                    ),
+                    _ => (GatewayError::UpstreamUnavailable, UpstreamFault::Other),
                 };
                 (Some(err), Some(kind))
             }
@@ -128,9 +135,10 @@ impl Gateway {
                     None,
                 ),
             },
-            ErrorSource::Internal | ErrorSource::Unset if *etype == UNRESOLVED => {
-                (Some(GatewayError::UpstreamUnavailable), Some("unresolved"))
-            }
+            ErrorSource::Internal | ErrorSource::Unset if *etype == UNRESOLVED => (
+                Some(GatewayError::UpstreamUnavailable),
+                Some(UpstreamFault::Unresolved),
+            ),
             ErrorSource::Internal | ErrorSource::Unset => (Some(GatewayError::Internal), None),
         }
     }

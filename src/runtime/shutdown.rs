@@ -1,4 +1,4 @@
-//! Process lifecycle: requests in flight, draining, graceful shutdown and upgrade.
+//! How the process stops: signals, draining, graceful shutdown and upgrade.
 //!
 //! - SIGTERM: stop accepting, let requests in flight finish for up to `server.grace_period`.
 //! - SIGQUIT: hand the listening sockets to a new corral started with `--upgrade`, then drain like
@@ -8,11 +8,11 @@
 //! pingora waits the whole grace period after a graceful stop even when nothing is in flight;
 //! corral exits as soon as the last request has finished instead.
 
+use crate::proxy::Traffic;
 use crate::telemetry::access_log::AccessLog;
 use async_trait::async_trait;
 use pingora::server::{ExecutionPhase, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::BackgroundService;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
@@ -37,54 +37,23 @@ pub fn clean_up() {
     }
 }
 
-#[derive(Default)]
-pub struct Lifecycle {
-    in_flight: AtomicUsize,
-    draining: AtomicBool,
-}
-
-/// Held by every request from its first hook to its log line.
-pub struct InFlight(Arc<Lifecycle>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-impl Lifecycle {
-    pub fn enter(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
-        InFlight(self.clone())
-    }
-
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::SeqCst)
-    }
-
-    /// Shutdown or hand-over has begun: `/readyz` turns 503 so load balancers move away.
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::SeqCst)
-    }
-
-    /// Exits the process once nothing has been in flight for a moment (requests whose header
-    /// was already on the wire when the listeners closed get to reach their first hook).
-    async fn exit_when_idle(&self, access_log: &AccessLog) -> ! {
-        let mut idle_checks = 0;
-        loop {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            idle_checks = if self.in_flight() == 0 {
-                idle_checks + 1
-            } else {
-                0
-            };
-            if idle_checks >= 4 {
-                tracing::info!("all requests finished; exiting");
-                access_log.flush();
-                crate::telemetry::flush();
-                clean_up();
-                std::process::exit(0);
-            }
+/// Exits the process once nothing has been in flight for a moment (requests whose header
+/// was already on the wire when the listeners closed get to reach their first hook).
+async fn exit_when_idle(traffic: &Traffic, access_log: &AccessLog) -> ! {
+    let mut idle_checks = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        idle_checks = if traffic.in_flight() == 0 {
+            idle_checks + 1
+        } else {
+            0
+        };
+        if idle_checks >= 4 {
+            tracing::info!("all requests finished; exiting");
+            access_log.flush();
+            crate::telemetry::flush();
+            clean_up();
+            std::process::exit(0);
         }
     }
 }
@@ -112,7 +81,7 @@ impl ShutdownSignalWatch for Signals {
 /// Follows pingora's execution phases: marks the gateway draining when a stop or hand-over
 /// begins, and ends the process once the listeners are closed and the last request is done.
 pub struct Drainer {
-    pub lifecycle: Arc<Lifecycle>,
+    pub traffic: Arc<Traffic>,
     pub access_log: Arc<AccessLog>,
     pub phases: Mutex<Option<broadcast::Receiver<ExecutionPhase>>>,
 }
@@ -123,47 +92,29 @@ impl BackgroundService for Drainer {
         let Some(mut phases) = self.phases.lock().unwrap_or_else(|e| e.into_inner()).take() else {
             return;
         };
-        let lifecycle = &self.lifecycle;
+        let traffic = &self.traffic;
         loop {
             match phases.recv().await {
                 Ok(ExecutionPhase::GracefulTerminate) => {
-                    lifecycle.draining.store(true, Ordering::SeqCst);
+                    traffic.start_draining();
                     tracing::info!(
-                        in_flight = lifecycle.in_flight(),
+                        in_flight = traffic.in_flight(),
                         "SIGTERM: no new connections; finishing requests in flight"
                     );
                 }
                 Ok(ExecutionPhase::GracefulUpgradeTransferringFds) => {
-                    lifecycle.draining.store(true, Ordering::SeqCst);
+                    traffic.start_draining();
                     tracing::info!(
-                        in_flight = lifecycle.in_flight(),
+                        in_flight = traffic.in_flight(),
                         "SIGQUIT: handing the listening sockets to the new corral"
                     );
                 }
                 Ok(ExecutionPhase::ShutdownGracePeriod) => {
-                    lifecycle.exit_when_idle(&self.access_log).await
+                    exit_when_idle(traffic, &self.access_log).await
                 }
                 Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                 Err(broadcast::error::RecvError::Closed) => return,
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn in_flight_counts_guards() {
-        let l = Arc::new(Lifecycle::default());
-        let a = l.enter();
-        let b = l.enter();
-        assert_eq!(l.in_flight(), 2);
-        drop(a);
-        assert_eq!(l.in_flight(), 1);
-        drop(b);
-        assert_eq!(l.in_flight(), 0);
-        assert!(!l.is_draining());
     }
 }
