@@ -47,7 +47,7 @@ fn sign(corral: &Corral, header: &Header, claims: &Value) -> String {
 
 fn claims(team: &str) -> Value {
     let now = corral::clock::unix_now();
-    json!({"sub": team, "jti": corral::access::keys::new_key_id(), "iat": now})
+    json!({"sub": team, "jti": corral::access::keys::new_key_id().unwrap(), "iat": now})
 }
 
 fn eddsa() -> Header {
@@ -659,7 +659,7 @@ async fn revocation_and_team_removal_apply_on_reload_without_cutting_streams() {
     // A list rewritten with some ids lost (another id only): the lost ones stay revoked too.
     std::fs::write(
         &revoked_file,
-        format!("{}\n", corral::access::keys::new_key_id()),
+        format!("{}\n", corral::access::keys::new_key_id().unwrap()),
     )
     .unwrap();
     wait_for(
@@ -1014,7 +1014,7 @@ fn keys_cli_checks_the_team_and_says_truthfully_how_a_revocation_lands() {
         bin.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let other = corral::access::keys::new_key_id();
+    let other = corral::access::keys::new_key_id().unwrap();
     let (ok, _, stderr) = run(
         &[
             "keys",
@@ -1037,7 +1037,7 @@ fn keys_cli_checks_the_team_and_says_truthfully_how_a_revocation_lands() {
     std::fs::remove_file(&record).unwrap();
     let elsewhere = dir.path().join("elsewhere.txt");
     let elsewhere = elsewhere.to_str().unwrap();
-    let new_id = corral::access::keys::new_key_id();
+    let new_id = corral::access::keys::new_key_id().unwrap();
     let args = [
         "keys",
         "revoke",
@@ -1059,7 +1059,7 @@ fn keys_cli_checks_the_team_and_says_truthfully_how_a_revocation_lands() {
         &[
             "keys",
             "revoke",
-            &corral::access::keys::new_key_id(),
+            &corral::access::keys::new_key_id().unwrap(),
             "--file",
             list,
         ],

@@ -94,7 +94,7 @@ pub fn issue(signing_key: &Path, req: &IssueRequest, now: u64) -> Result<(String
     })?;
     let claims = Claims {
         sub: req.team.clone(),
-        jti: new_key_id(),
+        jti: new_key_id()?,
         iat: now,
         exp: req.expires_in.map(|d| now + d.as_secs()),
         nbf: None,
@@ -108,10 +108,10 @@ pub fn issue(signing_key: &Path, req: &IssueRequest, now: u64) -> Result<(String
 }
 
 /// 128 random bits, hex: the `jti` of a new key.
-pub fn new_key_id() -> String {
+pub fn new_key_id() -> Result<String, String> {
     let mut bytes = [0u8; 16];
-    getrandom::fill(&mut bytes).expect("the OS provides randomness");
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    getrandom::fill(&mut bytes).map_err(|e| format!("the system gave no randomness: {e}"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// The header and claims of a key, NOT verified (for `inspect` and `revoke`).

@@ -6,7 +6,7 @@
 
 use http::Method;
 
-/// Who may call a route (DESIGN "Routes").
+/// Who may call a route (README, "Routes"; `docs/ollama-protocol.md`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RouteClass {
     /// Anyone, no key.

@@ -121,7 +121,7 @@ impl<'a> JsonObject<'a> {
             if !std::mem::take(&mut first) {
                 out.push(b',');
             }
-            out.extend_from_slice(serde_json::to_string(key).expect("string").as_bytes());
+            out.extend_from_slice(serde_json::Value::from(key).to_string().as_bytes());
             out.push(b':');
             out.extend_from_slice(value.as_bytes());
         };

@@ -226,8 +226,8 @@ impl Gateway {
                 // spelling of it Go would read (`Include_Usage`, `include_uſage`).
                 let set = [("include_usage", Some("true"))];
                 let merged = match &options {
-                    Some(o) => String::from_utf8(o.write_with(&set))
-                        .expect("rewritten from valid UTF-8 JSON"),
+                    // Rewritten from valid UTF-8 JSON: nothing is lost.
+                    Some(o) => String::from_utf8_lossy(&o.write_with(&set)).into_owned(),
                     None => r#"{"include_usage":true}"#.to_string(),
                 };
                 changes.push(("stream_options", Some(merged)));

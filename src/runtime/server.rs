@@ -65,9 +65,13 @@ pub fn prepare(source: Source, cfg: Config) -> Result<Prepared, StartError> {
     };
     let certs = match cfg.server.listen.0 {
         None => None,
-        Some(_) if cfg.server.tls_cert.as_os_str().is_empty() => {
-            Some(Arc::new(CertStore::throwaway()))
-        }
+        Some(_) if cfg.server.tls_cert.as_os_str().is_empty() => match CertStore::throwaway() {
+            Ok(store) => Some(Arc::new(store)),
+            Err(e) => {
+                problems.push(e.to_string());
+                None
+            }
+        },
         Some(_) => match CertStore::from_files(&cfg.server.tls_cert, &cfg.server.tls_key) {
             Ok(store) => Some(Arc::new(store)),
             Err(e) => {
@@ -253,9 +257,12 @@ pub fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
     let gate = Gate::new(caps, cfg.server.header_timeout.0, &metrics);
     proxy.set_connection_gate(Arc::new(gate));
     if let (Some(addr), Some(certs)) = (cfg.server.listen.0, &certs) {
+        let tls = certs
+            .tls_settings()
+            .map_err(|e| StartError(vec![e.to_string()]))?;
         proxy.add_listener(
             ListenerConfig::tcp(addr.to_string())
-                .tls(certs.tls_settings())
+                .tls(tls)
                 .l4_buffer(client_buffers(true)),
         );
     }

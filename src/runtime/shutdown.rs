@@ -15,7 +15,7 @@ use pingora::server::{ExecutionPhase, ShutdownSignal, ShutdownSignalWatch, Shutd
 use pingora::services::background::BackgroundService;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::broadcast;
 
 /// Folders to delete when the process exits (`corral demo`'s temporary files).
@@ -58,19 +58,36 @@ async fn exit_when_idle(traffic: &Traffic, access_log: &AccessLog) -> ! {
     }
 }
 
+/// A signal to wait for; `None` (logged) if it cannot be watched.
+fn watch(kind: SignalKind, name: &str) -> Option<Signal> {
+    signal(kind)
+        .map_err(|e| tracing::error!(error = %e, "cannot watch {name}; it will not stop corral"))
+        .ok()
+}
+
+/// The next delivery of a watched signal; never, for one that could not be watched.
+async fn next(signal: &mut Option<Signal>) {
+    match signal {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// Maps signals to pingora's shutdown kinds.
 pub struct Signals;
 
 #[async_trait]
 impl ShutdownSignalWatch for Signals {
     async fn recv(&self) -> ShutdownSignal {
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        let mut quit = signal(SignalKind::quit()).expect("SIGQUIT handler");
-        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        let mut term = watch(SignalKind::terminate(), "SIGTERM");
+        let mut quit = watch(SignalKind::quit(), "SIGQUIT");
+        let mut int = watch(SignalKind::interrupt(), "SIGINT");
         tokio::select! {
-            _ = term.recv() => ShutdownSignal::GracefulTerminate,
-            _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
-            _ = int.recv() => {
+            _ = next(&mut term) => ShutdownSignal::GracefulTerminate,
+            _ = next(&mut quit) => ShutdownSignal::GracefulUpgrade,
+            _ = next(&mut int) => {
                 tracing::info!("SIGINT: stopping now");
                 ShutdownSignal::FastShutdown
             }

@@ -34,6 +34,10 @@ pub enum TlsError {
     },
     #[error("server.tls_key = \"{key}\" does not belong to the certificate in server.tls_cert = \"{cert}\"")]
     Mismatch { cert: PathBuf, key: PathBuf },
+    #[error("cannot make a self-signed certificate for the loopback listener: {0}")]
+    Throwaway(String),
+    #[error("cannot set up the TLS listener: {0}")]
+    Listener(String),
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -82,12 +86,13 @@ pub const LOOPBACK_NAMES: &[&str] = &["localhost", "127.0.0.1", "::1"];
 
 /// A self-signed certificate for the [`LOOPBACK_NAMES`], made at start-up when no certificate is
 /// configured (loopback listeners only).
-pub fn throwaway_localhost() -> CertifiedKey {
+pub fn throwaway_localhost() -> Result<CertifiedKey, TlsError> {
     let names: Vec<String> = LOOPBACK_NAMES.iter().map(|n| n.to_string()).collect();
-    let generated = rcgen::generate_simple_self_signed(names).expect("rcgen makes a certificate");
+    let generated = rcgen::generate_simple_self_signed(names)
+        .map_err(|e| TlsError::Throwaway(e.to_string()))?;
     let key = PrivateKeyDer::Pkcs8(generated.signing_key.serialize_der().into());
     CertifiedKey::from_der(vec![generated.cert.der().clone()], key, &provider())
-        .expect("a generated key matches its certificate")
+        .map_err(|e| TlsError::Throwaway(e.to_string()))
 }
 
 struct Files {
@@ -124,11 +129,11 @@ impl CertStore {
         })
     }
 
-    pub fn throwaway() -> CertStore {
-        CertStore {
-            current: RwLock::new(Arc::new(throwaway_localhost())),
+    pub fn throwaway() -> Result<CertStore, TlsError> {
+        Ok(CertStore {
+            current: RwLock::new(Arc::new(throwaway_localhost()?)),
             files: None,
-        }
+        })
     }
 
     pub fn watches_files(&self) -> bool {
@@ -173,11 +178,12 @@ impl CertStore {
     }
 
     /// Listener settings: this store answers every handshake; ALPN offers h2 and http/1.1.
-    pub fn tls_settings(self: &Arc<Self>) -> TlsSettings {
-        let mut settings = TlsSettings::intermediate("", "").expect("plain settings");
+    pub fn tls_settings(self: &Arc<Self>) -> Result<TlsSettings, TlsError> {
+        let mut settings =
+            TlsSettings::intermediate("", "").map_err(|e| TlsError::Listener(e.to_string()))?;
         settings.set_cert_resolver(self.clone());
         settings.enable_h2();
-        settings
+        Ok(settings)
     }
 }
 

@@ -76,10 +76,24 @@ fn config_models(cfg: &Config) -> HashMap<String, String> {
     )
 }
 
+/// Registers a metric. The definitions are fixed in this file, so a bad name or one used twice
+/// is a bug, and every test that builds [`Metrics`] finds it.
+#[allow(
+    clippy::expect_used,
+    reason = "fixed definitions, checked by every test"
+)]
+fn register<M: prometheus::core::Collector + Clone + 'static>(
+    r: &Registry,
+    metric: prometheus::Result<M>,
+) -> M {
+    let m = metric.expect("a valid metric definition");
+    r.register(Box::new(m.clone()))
+        .expect("each metric registered once");
+    m
+}
+
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-    r.register(Box::new(c.clone())).expect("registered once");
-    c
+    register(r, IntCounterVec::new(Opts::new(name, help), labels))
 }
 
 fn histogram(
@@ -89,41 +103,39 @@ fn histogram(
     labels: &[&str],
     buckets: &[f64],
 ) -> HistogramVec {
-    let h = HistogramVec::new(
-        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
-        labels,
+    register(
+        r,
+        HistogramVec::new(
+            HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+            labels,
+        ),
     )
-    .expect("valid metric");
-    r.register(Box::new(h.clone())).expect("registered once");
-    h
 }
 
 fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-    r.register(Box::new(g.clone())).expect("registered once");
-    g
+    register(r, IntGaugeVec::new(Opts::new(name, help), labels))
 }
 
 impl Metrics {
     pub fn new(cfg: &Config) -> Metrics {
         let r = Registry::new();
-        let upstream_up = IntGauge::new(
-            "corral_upstream_up",
-            "1 when Ollama answered the last health probe, else 0.",
-        )
-        .expect("valid");
-        r.register(Box::new(upstream_up.clone()))
-            .expect("registered once");
-        let preload_duration = GaugeVec::new(
-            Opts::new(
-                "corral_model_preload_duration_seconds",
-                "How long the last successful preload of a pinned model took.",
+        let upstream_up = register(
+            &r,
+            IntGauge::new(
+                "corral_upstream_up",
+                "1 when Ollama answered the last health probe, else 0.",
             ),
-            &["model"],
-        )
-        .expect("valid");
-        r.register(Box::new(preload_duration.clone()))
-            .expect("registered once");
+        );
+        let preload_duration = register(
+            &r,
+            GaugeVec::new(
+                Opts::new(
+                    "corral_model_preload_duration_seconds",
+                    "How long the last successful preload of a pinned model took.",
+                ),
+                &["model"],
+            ),
+        );
         let build_info = gauge(
             &r,
             "corral_build_info",
@@ -133,13 +145,13 @@ impl Metrics {
         build_info
             .with_label_values(&[crate::VERSION, crate::COMMIT])
             .set(1);
-        let connections_open = IntGauge::new(
-            "corral_connections_open",
-            "Client connections open now (TLS handshakes and idle keep-alive included).",
-        )
-        .expect("valid");
-        r.register(Box::new(connections_open.clone()))
-            .expect("registered once");
+        let connections_open = register(
+            &r,
+            IntGauge::new(
+                "corral_connections_open",
+                "Client connections open now (TLS handshakes and idle keep-alive included).",
+            ),
+        );
 
         let connections_refused = counter(
             &r,
@@ -159,13 +171,13 @@ impl Metrics {
             "Requests answered 503 because the gateway was full (max_requests, max_requests_per_ip, body_memory).",
             &["reason"],
         );
-        let body_memory = IntGauge::new(
-            "corral_request_body_memory_bytes",
-            "Request body bytes held in memory now (capped by server.max_body_memory).",
-        )
-        .expect("valid");
-        r.register(Box::new(body_memory.clone()))
-            .expect("registered once");
+        let body_memory = register(
+            &r,
+            IntGauge::new(
+                "corral_request_body_memory_bytes",
+                "Request body bytes held in memory now (capped by server.max_body_memory).",
+            ),
+        );
 
         Metrics {
             requests: counter(

@@ -1,4 +1,4 @@
-//! Real-shaped bodies (from `reference/ollama-protocol.md`), cut at every byte and at random, must
+//! Real-shaped bodies (from `docs/ollama-protocol.md`), cut at every byte and at random, must
 //! always give the same usage and the same verdict.
 
 use super::*;
