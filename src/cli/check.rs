@@ -70,10 +70,7 @@ pub fn run(source: &Source, upstream: bool) -> Vec<Finding> {
 }
 
 fn check_upstream(cfg: &Config) -> Vec<Finding> {
-    let Ok(up) = Upstream::new(&cfg.upstream) else {
-        return vec![Finding::Error("upstream.url is not usable".into())];
-    };
-    let client = UpstreamClient::new(Arc::new(up));
+    let client = UpstreamClient::new(Arc::new(Upstream::new(&cfg.upstream)));
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

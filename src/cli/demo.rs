@@ -71,7 +71,7 @@ pub fn prepare(
     cfg.server.tls_cert = dir.join("tls.crt");
     cfg.server.tls_key = dir.join("tls.key");
     cfg.server.grace_period = crate::config::HumanDuration::secs(5);
-    cfg.upstream.url = upstream.to_string();
+    cfg.upstream.url = upstream.parse()?;
     cfg.auth.verify_keys = vec![verify_key];
     cfg.auth.revoked_file = dir.join("revoked.txt");
     cfg.teams.insert(
@@ -83,14 +83,14 @@ pub fn prepare(
         },
     );
     cfg.log.format = LogFormat::Pretty;
-    write(
-        &files.config,
-        &format!(
-            "# Written by `corral demo`; run it with `corral serve --config {}`.\n\n{}",
-            files.config.display(),
-            cfg.to_toml()
-        ),
-    )?;
+    // The configuration as TOML (serialized by the `toml` crate), under a comment saying how
+    // to run it again.
+    let toml = cfg.to_toml();
+    let header = format!(
+        "# Written by `corral demo`; run it with `corral serve --config {}`.",
+        files.config.display()
+    );
+    write(&files.config, &format!("{header}\n\n{toml}"))?;
     Ok(files)
 }
 

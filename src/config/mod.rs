@@ -1,19 +1,33 @@
-//! Typed, validated configuration.
+//! The configuration: the root [`Config`], loading it, and reporting what is wrong with it.
+//!
+//! Each section is a file of its own, its checks next to its struct: `server`, `upstream`,
+//! `auth`, `teams`, `preload`, `log`; `units` holds the duration and size types they use.
 //!
 //! One TOML file (found at `--config`, else `$CORRAL_CONFIG`, else `./config/corral.toml`),
 //! overlaid with `CORRAL__SECTION__KEY` environment variables, deserialized into [`Config`] with
 //! unknown keys rejected, then checked by [`Config::validate`]. Every problem is reported with the
-//! file and the key at fault. `config/corral.toml` documents every key.
+//! file and the key at fault; a value that cannot be read does not hide the problems after it.
+//! `config/corral.toml` documents every key.
 
+mod auth;
+mod log;
+mod preload;
+mod server;
+mod teams;
 mod units;
+mod upstream;
 
-use units::comma_list;
+pub use auth::AuthConfig;
+pub use log::{LogConfig, LogFormat};
+pub use preload::{KeepAlivePolicy, PreloadConfig};
+pub use server::{ListenAddr, ServerConfig};
+pub use teams::{valid_team_name, TeamConfig};
 pub use units::{ByteSize, HumanDuration};
+pub use upstream::{UpstreamConfig, UpstreamUrl};
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 /// Where the configuration came from.
@@ -64,265 +78,6 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct ServerConfig {
-    /// TLS listener (HTTP/1.1 and HTTP/2 via ALPN). Empty: no TLS listener.
-    pub listen: ListenAddr,
-    /// PEM certificate chain. Empty (with `tls_key` empty): a throwaway self-signed certificate,
-    /// allowed on a loopback `listen` only.
-    pub tls_cert: PathBuf,
-    pub tls_key: PathBuf,
-    /// Optional cleartext listener, e.g. behind a TLS-terminating load balancer.
-    pub plain_listen: ListenAddr,
-    /// `/metrics`, `/livez`, `/readyz`. Empty: disabled.
-    pub metrics_listen: ListenAddr,
-    /// Largest request body accepted (413 above).
-    pub max_body: ByteSize,
-    /// How long in-flight requests may finish after SIGTERM.
-    pub grace_period: HumanDuration,
-    /// Largest request header block (431 above).
-    pub max_header_size: ByteSize,
-    /// How long a client may take to send a request header, counted from when the connection is
-    /// ready for one (so it also closes idle kept-alive connections). Slow clients are cut off.
-    pub header_timeout: HumanDuration,
-    /// How long a client may take to send a request body corral reads (408 after).
-    pub body_timeout: HumanDuration,
-    /// Client connections open at once, idle ones included; 0 = no cap. Over it, a new
-    /// connection is closed at once.
-    pub max_connections: u32,
-    /// Client connections open at once from one address (IPv6: one /64); 0 = no cap.
-    pub max_connections_per_ip: u32,
-    /// Requests in flight at once (HTTP/2 streams included); 0 = no cap. Over it, a request is
-    /// answered 503 with `Retry-After` before anything else is done for it.
-    pub max_requests: u32,
-    /// Requests in flight at once from one address (IPv6: one /64); 0 = no cap.
-    pub max_requests_per_ip: u32,
-    /// Request bodies held in memory at once, all requests together (corral reads JSON bodies
-    /// whole and keeps each until Ollama answers); 0 = no cap. A body that does not fit is
-    /// answered 503 with `Retry-After`.
-    pub max_body_memory: ByteSize,
-    /// PID file written in daemon mode (`corral serve --daemon`).
-    pub pid_file: PathBuf,
-    /// Unix socket through which a new corral takes over the listening sockets of a running one
-    /// (`corral serve --upgrade`, then SIGQUIT to the old process).
-    pub upgrade_sock: PathBuf,
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        ServerConfig {
-            listen: ListenAddr::loopback(8443),
-            tls_cert: PathBuf::new(),
-            tls_key: PathBuf::new(),
-            plain_listen: ListenAddr::default(),
-            metrics_listen: ListenAddr::loopback(9464),
-            max_body: ByteSize::mib(32),
-            grace_period: HumanDuration::secs(30),
-            max_header_size: ByteSize(64 * 1024),
-            header_timeout: HumanDuration::secs(30),
-            body_timeout: HumanDuration::secs(300),
-            max_connections: 4096,
-            max_connections_per_ip: 256,
-            max_requests: 4096,
-            max_requests_per_ip: 256,
-            max_body_memory: ByteSize::mib(256),
-            pid_file: PathBuf::from("/run/corral/corral.pid"),
-            upgrade_sock: PathBuf::from("/run/corral/upgrade.sock"),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct UpstreamConfig {
-    /// Base URL of Ollama: `http://host:port` (no path).
-    pub url: String,
-    /// Establishing the TCP connection.
-    pub connect_timeout: HumanDuration,
-    /// Longest silence between two upstream bytes, including the wait for the first one (a cold
-    /// model load).
-    pub read_timeout: HumanDuration,
-    /// Hard cap on a whole request.
-    pub request_timeout: HumanDuration,
-}
-
-impl Default for UpstreamConfig {
-    fn default() -> Self {
-        UpstreamConfig {
-            url: "http://127.0.0.1:11434".to_string(),
-            connect_timeout: HumanDuration::secs(3),
-            read_timeout: HumanDuration::secs(15 * 60),
-            request_timeout: HumanDuration::secs(60 * 60),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct AuthConfig {
-    /// Ed25519 public keys (PEM) that verify API keys; the file stem is the key id (`kid`).
-    #[serde(deserialize_with = "comma_list")]
-    pub verify_keys: Vec<PathBuf>,
-    /// Revoked key ids (`jti`), one per line. Empty: no revocation list.
-    pub revoked_file: PathBuf,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct TeamConfig {
-    /// Model globs the team may use (`*` matches any run of characters). Empty: none.
-    #[serde(deserialize_with = "comma_list")]
-    pub models: Vec<String>,
-    /// May call the mutating routes (`/api/pull`, `/api/delete`, ...).
-    pub admin: bool,
-    /// May use `*:cloud` / `*-cloud` models (Ollama forwards those prompts to ollama.com).
-    pub cloud: bool,
-    /// Requests per minute; 0 = unlimited.
-    pub rpm: u32,
-    /// Tokens per minute; 0 = unlimited.
-    pub tpm: u64,
-    /// Requests in flight at once; 0 = unlimited.
-    pub max_concurrent: u32,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct PreloadConfig {
-    /// Models loaded at start-up and kept loaded.
-    #[serde(deserialize_with = "comma_list")]
-    pub models: Vec<String>,
-    /// `keep_alive` sent with the preloads: seconds (negative = forever) or a duration string.
-    pub keep_alive: KeepAlive,
-    /// How often `/api/ps` is checked for pinned models that went away.
-    pub watch_interval: HumanDuration,
-    /// `/readyz` is 503 until every preload succeeded.
-    pub ready_requires_preload: bool,
-    pub keep_alive_policy: KeepAlivePolicy,
-    /// A pinned model Ollama does not have is pulled (`/api/pull`) before it is loaded.
-    pub pull_missing: bool,
-}
-
-impl Default for PreloadConfig {
-    fn default() -> Self {
-        PreloadConfig {
-            models: Vec::new(),
-            keep_alive: KeepAlive::Seconds(-1.0),
-            watch_interval: HumanDuration::secs(30),
-            ready_requires_preload: true,
-            keep_alive_policy: KeepAlivePolicy::Pin,
-            pull_missing: false,
-        }
-    }
-}
-
-/// An Ollama `keep_alive` value, as Ollama parses it: a number of seconds (negative = forever) or
-/// a Go duration string with a unit (`"5m"`, `"-1m"`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(untagged)]
-pub enum KeepAlive {
-    Seconds(f64),
-    Text(String),
-}
-
-impl KeepAlive {
-    pub fn to_json(&self) -> serde_json::Value {
-        match self {
-            KeepAlive::Seconds(s) if s.fract() == 0.0 && s.abs() < 1e15 => (*s as i64).into(),
-            KeepAlive::Seconds(s) => (*s).into(),
-            KeepAlive::Text(t) => t.clone().into(),
-        }
-    }
-
-    fn check(&self) -> Result<(), String> {
-        match self {
-            KeepAlive::Seconds(s) if s.is_finite() => Ok(()),
-            KeepAlive::Seconds(_) => Err("must be a finite number of seconds".into()),
-            KeepAlive::Text(t) => {
-                let unsigned = t.strip_prefix('-').unwrap_or(t);
-                if unsigned.parse::<f64>().is_ok() {
-                    return Err(format!(
-                        "\"{t}\" has no unit and Ollama rejects it; write a number (-1) or \"{t}s\""
-                    ));
-                }
-                humantime::parse_duration(unsigned)
-                    .map(|_| ())
-                    .map_err(|e| format!("\"{t}\" is not a duration ({e})"))
-            }
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum KeepAlivePolicy {
-    /// Replace a client's `keep_alive` on pinned models so no client can unload them.
-    Pin,
-    /// Forward clients' `keep_alive` untouched.
-    Pass,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    pub format: LogFormat,
-    /// A `tracing` filter: `info`, `debug`, `corral=debug,pingora=warn`, ...
-    pub level: String,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig {
-            format: LogFormat::Json,
-            level: "info".to_string(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Json,
-    Pretty,
-}
-
-/// A listening address; the empty string means "no listener".
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ListenAddr(pub Option<SocketAddr>);
-
-impl ListenAddr {
-    pub const fn loopback(port: u16) -> Self {
-        ListenAddr(Some(SocketAddr::new(
-            std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
-            port,
-        )))
-    }
-}
-
-impl Serialize for ListenAddr {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self.0 {
-            Some(a) => s.collect_str(&a),
-            None => s.serialize_str(""),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for ListenAddr {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        let text = text.trim();
-        if text.is_empty() {
-            return Ok(ListenAddr(None));
-        }
-        text.parse::<SocketAddr>().map(|a| ListenAddr(Some(a))).map_err(|_| {
-            serde::de::Error::custom(format!(
-                "`{text}` is not an address; write IP:PORT, e.g. \"0.0.0.0:8443\" or \"[::1]:8443\", or \"\" for none"
-            ))
-        })
-    }
-}
-
 /// One thing wrong with the configuration: the key at fault and what to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -336,6 +91,20 @@ impl Problem {
             key: key.into(),
             message: message.into(),
         }
+    }
+
+    /// Whether this problem is about `key` or names it (a check comparing two keys): such a
+    /// problem is not reported when `key` could not be read and was judged by its default.
+    fn involves(&self, key: &str) -> bool {
+        let names = |text: &str| {
+            text.match_indices(key).any(|(at, _)| {
+                let before = text[..at].chars().next_back();
+                let after = text[at + key.len()..].chars().next();
+                !before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '.')
+                    && !after.is_some_and(|c| c.is_alphanumeric() || c == '_')
+            })
+        };
+        names(&self.key) || names(&self.message)
     }
 }
 
@@ -402,14 +171,21 @@ impl Config {
                 .try_parsing(true)
                 .source(env),
         );
-        let mut cfg: Config = builder
+        let merged = builder
             .build()
-            .and_then(|c| c.try_deserialize())
             .map_err(|e| fail(vec![problem_from_config_error(e)]))?;
+        let (cfg, mut problems, unread) = read_all(merged.cache);
+        let Some(mut cfg) = cfg else {
+            return Err(fail(problems));
+        };
         if let Source::File(path) = source {
             cfg.resolve_paths(path.parent().unwrap_or(Path::new(".")));
         }
-        let problems = cfg.validate();
+        problems.extend(
+            cfg.validate()
+                .into_iter()
+                .filter(|p| !unread.iter().any(|key| p.involves(key))),
+        );
         if problems.is_empty() {
             Ok(cfg)
         } else {
@@ -425,266 +201,79 @@ impl Config {
                 *p = std::path::absolute(&joined).unwrap_or(joined);
             }
         };
-        fix(&mut self.server.tls_cert);
-        fix(&mut self.server.tls_key);
-        fix(&mut self.server.pid_file);
-        fix(&mut self.server.upgrade_sock);
-        fix(&mut self.auth.revoked_file);
-        self.auth.verify_keys.iter_mut().for_each(fix);
+        self.server.resolve_paths(fix);
+        self.auth.resolve_paths(fix);
     }
 
-    /// Every problem with the values (files are checked where they are loaded).
+    /// Every problem with the values (files are checked where they are loaded), section by
+    /// section; values that cannot even be read (a bad `upstream.url`) were refused before.
     pub fn validate(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
-        let s = &self.server;
-
-        if s.listen.0.is_none() && s.plain_listen.0.is_none() {
-            problems.push(Problem::new(
-                "server.listen",
-                "no listener: set server.listen (TLS) or server.plain_listen (cleartext)",
-            ));
-        }
-        let (cert, key) = (
-            s.tls_cert.as_os_str().is_empty(),
-            s.tls_key.as_os_str().is_empty(),
-        );
-        if cert != key {
-            let missing = if cert {
-                "server.tls_cert"
-            } else {
-                "server.tls_key"
-            };
-            problems.push(Problem::new(
-                missing,
-                "set both server.tls_cert and server.tls_key, or neither",
-            ));
-        }
-        if let Some(addr) = s.listen.0 {
-            if cert && key && !addr.ip().is_loopback() {
-                problems.push(Problem::new(
-                    "server.tls_cert",
-                    format!(
-                        "server.listen = \"{addr}\" is not loopback, so it needs a real certificate: set server.tls_cert and server.tls_key"
-                    ),
-                ));
-            }
-        }
-        let listeners = [
-            ("server.listen", s.listen.0),
-            ("server.plain_listen", s.plain_listen.0),
-            ("server.metrics_listen", s.metrics_listen.0),
-        ];
-        for (i, (name, addr)) in listeners.iter().enumerate() {
-            let Some(addr) = addr else { continue };
-            if addr.port() == 0 {
-                problems.push(Problem::new(*name, "port 0 is not allowed; pick a port"));
-            }
-            for (other, other_addr) in &listeners[..i] {
-                if other_addr.is_some_and(|o| {
-                    o.port() == addr.port()
-                        && (o.ip() == addr.ip()
-                            || o.ip().is_unspecified()
-                            || addr.ip().is_unspecified())
-                }) {
-                    problems.push(Problem::new(*name, format!("same port as {other}")));
-                }
-            }
-        }
-        if s.max_body.0 == 0 {
-            problems.push(Problem::new("server.max_body", "must be more than 0"));
-        }
-        if s.max_header_size.0 < 1024 {
-            problems.push(Problem::new(
-                "server.max_header_size",
-                "must be at least 1KiB",
-            ));
-        }
-        for (key, d) in [
-            ("server.header_timeout", s.header_timeout),
-            ("server.body_timeout", s.body_timeout),
-        ] {
-            if d.0.is_zero() {
-                problems.push(Problem::new(key, "must be more than 0"));
-            }
-        }
-        for (key, per_ip, total, total_key) in [
-            (
-                "server.max_connections_per_ip",
-                s.max_connections_per_ip,
-                s.max_connections,
-                "server.max_connections",
-            ),
-            (
-                "server.max_requests_per_ip",
-                s.max_requests_per_ip,
-                s.max_requests,
-                "server.max_requests",
-            ),
-        ] {
-            if total > 0 && per_ip > total {
-                problems.push(Problem::new(
-                    key,
-                    format!(
-                        "is more than {total_key} ({total}); lower it, or set 0 for no cap per address"
-                    ),
-                ));
-            }
-        }
-        if s.max_body_memory.0 > 0 && s.max_body_memory.0 < s.max_body.0 {
-            problems.push(Problem::new(
-                "server.max_body_memory",
-                format!(
-                    "is less than server.max_body ({}): a body of the largest allowed size could never be read; raise it, or set 0 for no cap",
-                    s.max_body
-                ),
-            ));
-        }
-        for (key, p) in [
-            ("server.pid_file", &s.pid_file),
-            ("server.upgrade_sock", &s.upgrade_sock),
-        ] {
-            if !p.is_absolute() {
-                problems.push(Problem::new(key, "must be an absolute path"));
-            }
-        }
-
-        let u = &self.upstream;
-        if let Err(e) = crate::upstream::UpstreamUrl::parse(&u.url) {
-            problems.push(Problem::new("upstream.url", e));
-        }
-        for (key, d) in [
-            ("upstream.connect_timeout", u.connect_timeout),
-            ("upstream.read_timeout", u.read_timeout),
-            ("upstream.request_timeout", u.request_timeout),
-        ] {
-            if d.0.is_zero() {
-                problems.push(Problem::new(key, "must be more than 0"));
-            }
-        }
-
-        for (i, path) in self.auth.verify_keys.iter().enumerate() {
-            if path.file_stem().is_none_or(|s| s.is_empty()) {
-                problems.push(Problem::new(
-                    format!("auth.verify_keys[{i}]"),
-                    "needs a file name: its stem is the key id",
-                ));
-            }
-        }
-
-        for (name, team) in &self.teams {
-            let key = format!("teams.{name}");
-            if !valid_team_name(name) {
-                problems.push(Problem::new(
-                    &key,
-                    "team names are 1-64 lowercase letters, digits, '-' or '_' (so CORRAL__TEAMS__NAME__KEY can address them)",
-                ));
-            }
-            for (i, glob) in team.models.iter().enumerate() {
-                if glob.trim().is_empty()
-                    || glob.chars().any(|c| c.is_whitespace() || c.is_control())
-                {
-                    problems.push(Problem::new(
-                        format!("{key}.models[{i}]"),
-                        "a model glob is a model name with optional '*', e.g. \"llama3.2:*\"",
-                    ));
-                }
-            }
-        }
-
-        let p = &self.preload;
-        for (i, m) in p.models.iter().enumerate() {
-            if m.trim().is_empty() || m.contains('*') {
-                problems.push(Problem::new(
-                    format!("preload.models[{i}]"),
-                    "a model name without '*', e.g. \"llama3.2\"",
-                ));
-            }
-        }
-        if let Err(e) = p.keep_alive.check() {
-            problems.push(Problem::new("preload.keep_alive", e));
-        }
-        if p.watch_interval.0.is_zero() {
-            problems.push(Problem::new(
-                "preload.watch_interval",
-                "must be more than 0",
-            ));
-        }
-
-        if !valid_log_filter(&self.log.level) {
-            problems.push(Problem::new(
-                "log.level",
-                format!(
-                    "`{}` is not a level or filter; use error, warn, info, debug or trace, or e.g. \"info,corral=debug\"",
-                    self.log.level
-                ),
-            ));
-        }
+        self.server.check(&mut problems);
+        self.upstream.check(&mut problems);
+        self.auth.check(&mut problems);
+        teams::check(&self.teams, &mut problems);
+        self.preload.check(&mut problems);
+        self.log.check(&mut problems);
         problems
     }
 
-    /// The TOML text of this configuration (used by `corral demo` to show what it runs).
+    /// The TOML text of this configuration (used by `corral demo` to write what it runs).
     pub fn to_toml(&self) -> String {
-        toml_text(self)
+        toml::to_string(self).expect("a Config is a TOML document")
     }
 }
 
-fn toml_text(cfg: &Config) -> String {
-    // The `config` crate has no serializer; `serde_json` → a tiny TOML writer is enough for our
-    // flat two-level structure.
-    let value = serde_json::to_value(cfg).expect("config serializes");
-    let mut out = String::new();
-    let obj = value.as_object().expect("object");
-    for (section, body) in obj {
-        let Some(table) = body.as_object() else {
-            continue;
-        };
-        if section == "teams" {
-            for (team, fields) in table {
-                out.push_str(&format!("[teams.{team}]\n"));
-                write_fields(&mut out, fields);
-                out.push('\n');
+/// Deserializes the merged sources into a [`Config`]. A value that cannot be read is reported and
+/// left out (its default takes its place) so the next one can be found too: every unreadable key
+/// is reported, not just the first. Returns the config (`None` when even that failed), the
+/// problems, and the keys left out.
+fn read_all(mut tree: config::Value) -> (Option<Config>, Vec<Problem>, Vec<String>) {
+    let mut problems = Vec::new();
+    let mut unread = Vec::new();
+    let cfg = loop {
+        match tree.clone().try_deserialize::<Config>() {
+            Ok(cfg) => break Some(cfg),
+            Err(e) => {
+                let problem = problem_from_config_error(e);
+                let key = problem.key.clone();
+                problems.push(problem);
+                if !remove_key(&mut tree, &key) {
+                    break None;
+                }
+                unread.push(key);
             }
-        } else {
-            out.push_str(&format!("[{section}]\n"));
-            write_fields(&mut out, body);
-            out.push('\n');
+        }
+    };
+    // Found in the order of the `config` crate's hash maps: put them in file order.
+    const SECTIONS: [&str; 6] = ["server", "upstream", "auth", "teams", "preload", "log"];
+    problems.sort_by_cached_key(|p| {
+        let section = p.key.split(['.', '[']).next().unwrap_or_default();
+        let at = SECTIONS.iter().position(|s| *s == section);
+        (at.unwrap_or(SECTIONS.len()), p.key.clone())
+    });
+    (cfg, problems, unread)
+}
+
+/// Removes `key` (`upstream.url`, `teams.a.models[0]`: the whole list) from a value tree; false
+/// when it is not there.
+fn remove_key(tree: &mut config::Value, key: &str) -> bool {
+    let key = key.split('[').next().unwrap_or_default();
+    let (parents, last) = key.rsplit_once('.').unwrap_or(("", key));
+    let mut node = tree;
+    for part in parents.split('.').filter(|p| !p.is_empty()) {
+        match &mut node.kind {
+            config::ValueKind::Table(t) => match t.get_mut(part) {
+                Some(child) => node = child,
+                None => return false,
+            },
+            _ => return false,
         }
     }
-    out
-}
-
-fn write_fields(out: &mut String, fields: &serde_json::Value) {
-    if let Some(map) = fields.as_object() {
-        for (k, v) in map {
-            out.push_str(&format!("{k} = {v}\n"));
-        }
+    match &mut node.kind {
+        config::ValueKind::Table(t) => !last.is_empty() && t.remove(last).is_some(),
+        _ => false,
     }
-}
-
-/// A level (`info`) or comma-separated `target=level` directives (`info,corral=debug`).
-fn valid_log_filter(filter: &str) -> bool {
-    const LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
-    let level = |l: &str| LEVELS.contains(&l.trim().to_ascii_lowercase().as_str());
-    !filter.trim().is_empty()
-        && filter.split(',').all(|d| match d.split_once('=') {
-            Some((target, l)) => {
-                !target.is_empty()
-                    && target
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"_:-".contains(&b))
-                    && level(l)
-            }
-            None => level(d),
-        })
-        && tracing_subscriber::EnvFilter::try_new(filter).is_ok()
-}
-
-/// Team names: 1-64 lowercase letters, digits, '-' or '_'.
-pub fn valid_team_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 /// Turns the `config` crate's error ("... for key `server.n`") into key + message.
@@ -697,16 +286,27 @@ fn problem_from_config_error(e: config::ConfigError) -> Problem {
     Problem::new("", text)
 }
 
+/// Loading from text, for the tests of every section.
 #[cfg(test)]
-mod tests {
+mod testing {
     use super::*;
     use std::io::Write;
 
-    fn load_str(toml: &str) -> Result<Config, ConfigError> {
+    pub fn load_str(toml: &str) -> Result<Config, ConfigError> {
         let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
         f.write_all(toml.as_bytes()).unwrap();
         Config::load(&Source::File(f.path().to_path_buf()))
     }
+
+    pub fn keys(e: &ConfigError) -> Vec<&str> {
+        e.problems.iter().map(|p| p.key.as_str()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{keys, load_str};
+    use super::*;
 
     #[test]
     fn env_overrides_take_lists_as_comma_separated_strings() {
@@ -722,7 +322,7 @@ mod tests {
         ];
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
         let c = Config::load_with_env(&Source::BuiltIn, Some(env.collect())).unwrap();
-        assert_eq!(c.upstream.url, "http://ollama:11434");
+        assert_eq!(c.upstream.url.to_string(), "http://ollama:11434");
         assert_eq!(
             c.teams["research"].models,
             ["llama3.2:*", "nomic-embed-text"]
@@ -734,10 +334,6 @@ mod tests {
         let c = load_str("[teams.a]\nmodels = [\"x\", \"y\"]\n").unwrap();
         assert_eq!(c.teams["a"].models, ["x", "y"]);
         assert!(load_str("[teams.a]\nmodels = 3\n").is_err());
-    }
-
-    fn keys(e: &ConfigError) -> Vec<&str> {
-        e.problems.iter().map(|p| p.key.as_str()).collect()
     }
 
     #[test]
@@ -791,24 +387,15 @@ mod tests {
     }
 
     #[test]
-    fn caps_must_fit_together() {
+    fn every_unreadable_value_is_reported_and_not_judged_by_its_default() {
+        // max_body cannot be read; judged by its default (32MiB), max_body_memory would look too
+        // small: that is not reported.
         let e = load_str(
-            "[server]\nmax_connections = 10\nmax_connections_per_ip = 11\n\
-             max_requests = 10\nmax_requests_per_ip = 11\n\
-             max_body = \"2MiB\"\nmax_body_memory = \"1MiB\"\n",
+            "[server]\nmax_body = \"lots\"\nmax_body_memory = \"16MiB\"\n\
+             [upstream]\nurl = \"not a url\"\n[log]\nlevel = \"loud!\"\n",
         )
         .unwrap_err();
-        assert_eq!(
-            keys(&e),
-            [
-                "server.max_connections_per_ip",
-                "server.max_requests_per_ip",
-                "server.max_body_memory"
-            ]
-        );
-        // 0 is no cap, and fits anything.
-        load_str("[server]\nmax_requests = 0\nmax_requests_per_ip = 11\nmax_body_memory = 0\n")
-            .unwrap();
+        assert_eq!(keys(&e), ["server.max_body", "upstream.url", "log.level"]);
     }
 
     #[test]
@@ -836,19 +423,6 @@ mod tests {
                 .starts_with("/nonexistent/corral.toml: file not found"),
             "{e}"
         );
-    }
-
-    #[test]
-    fn keep_alive_follows_ollama_rules() {
-        assert!(KeepAlive::Seconds(-1.0).check().is_ok());
-        assert!(KeepAlive::Text("30m".into()).check().is_ok());
-        assert!(KeepAlive::Text("-1m".into()).check().is_ok());
-        assert!(KeepAlive::Text("-1".into())
-            .check()
-            .unwrap_err()
-            .contains("no unit"));
-        assert_eq!(KeepAlive::Seconds(-1.0).to_json(), serde_json::json!(-1));
-        assert_eq!(KeepAlive::Seconds(0.5).to_json(), serde_json::json!(0.5));
     }
 
     #[test]
@@ -881,7 +455,7 @@ mod tests {
             .try_deserialize()
             .unwrap();
         assert!(cfg.validate().is_empty(), "{:?}", cfg.validate());
-        assert_eq!(cfg.upstream.url, "http://ollama:11434");
+        assert_eq!(cfg.upstream.url.to_string(), "http://ollama:11434");
         assert!(
             cfg.server.metrics_listen.0.unwrap().ip().is_unspecified(),
             "probes reach the pod IP"

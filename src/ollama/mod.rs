@@ -112,7 +112,9 @@ pub fn is_cloud_model(name: &str) -> bool {
     tag == Some("cloud") || tag.is_some_and(|t| t.ends_with("-cloud")) || lower.ends_with("-cloud")
 }
 
-/// A `keep_alive` value as Ollama reads it.
+/// A `keep_alive` value as Ollama reads it. The request path reads it from JSON
+/// ([`KeepAlive::from_json`]); `preload.keep_alive` in the config file is read by the same rules
+/// (its `Deserialize`), so both accept exactly what Ollama accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeepAlive {
     /// Keep loaded forever (negative values).
@@ -121,42 +123,60 @@ pub enum KeepAlive {
     For(Duration),
 }
 
+/// Why a `keep_alive` string is not a duration to Ollama.
+enum TextError {
+    /// A number in a string (`"-1"`, `"300"`): Go's `time.ParseDuration` needs a unit.
+    MissingUnit,
+    Invalid,
+}
+
 impl KeepAlive {
+    /// A number of seconds: negative is forever, fractions are allowed.
+    fn from_secs(secs: f64) -> KeepAlive {
+        if secs < 0.0 {
+            KeepAlive::Forever
+        } else {
+            KeepAlive::For(Duration::from_secs_f64(secs.min(1e12)))
+        }
+    }
+
+    /// A Go duration string with a unit (`"5m"`, `"1h30m"`); `"0"` is the one unitless value Go
+    /// accepts; a negative duration is forever.
+    fn from_text(s: &str) -> Result<KeepAlive, TextError> {
+        let (negative, unsigned) = match s.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, s),
+        };
+        if unsigned.parse::<f64>().is_ok() && unsigned != "0" {
+            return Err(TextError::MissingUnit);
+        }
+        let d = if unsigned == "0" {
+            Duration::ZERO
+        } else {
+            humantime::parse_duration(unsigned).map_err(|_| TextError::Invalid)?
+        };
+        Ok(if negative && !d.is_zero() {
+            KeepAlive::Forever
+        } else {
+            KeepAlive::For(d)
+        })
+    }
+
     /// Reads a JSON `keep_alive`: a number of seconds (negative = forever), or a Go duration
     /// string with a unit. `Ok(None)` when absent or `null`. The error is Ollama's message.
     pub fn from_json(value: Option<&serde_json::Value>) -> Result<Option<KeepAlive>, String> {
         match value {
             None | Some(serde_json::Value::Null) => Ok(None),
             Some(serde_json::Value::Number(n)) => {
-                let secs = n.as_f64().unwrap_or(0.0);
-                if secs < 0.0 {
-                    Ok(Some(KeepAlive::Forever))
-                } else {
-                    Ok(Some(KeepAlive::For(Duration::from_secs_f64(
-                        secs.min(1e12),
-                    ))))
-                }
+                Ok(Some(KeepAlive::from_secs(n.as_f64().unwrap_or(0.0))))
             }
-            Some(serde_json::Value::String(s)) => {
-                let (negative, unsigned) = match s.strip_prefix('-') {
-                    Some(rest) => (true, rest),
-                    None => (false, s.as_str()),
-                };
-                if unsigned.parse::<f64>().is_ok() && unsigned != "0" {
-                    return Err(format!("time: missing unit in duration \"{s}\""));
+            Some(serde_json::Value::String(s)) => match KeepAlive::from_text(s) {
+                Ok(k) => Ok(Some(k)),
+                Err(TextError::MissingUnit) => {
+                    Err(format!("time: missing unit in duration \"{s}\""))
                 }
-                let d = if unsigned == "0" {
-                    Duration::ZERO
-                } else {
-                    humantime::parse_duration(unsigned)
-                        .map_err(|_| format!("time: invalid duration \"{s}\""))?
-                };
-                Ok(Some(if negative && !d.is_zero() {
-                    KeepAlive::Forever
-                } else {
-                    KeepAlive::For(d)
-                }))
-            }
+                Err(TextError::Invalid) => Err(format!("time: invalid duration \"{s}\"")),
+            },
             Some(other) => {
                 let ty = match other {
                     serde_json::Value::Bool(_) => "bool",
@@ -166,6 +186,62 @@ impl KeepAlive {
                 Err(format!("Unsupported type: '{ty}'"))
             }
         }
+    }
+
+    /// The JSON value corral sends to Ollama: `-1` for forever, else the number of seconds
+    /// (a whole number when it is one).
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            KeepAlive::Forever => (-1).into(),
+            KeepAlive::For(d) if d.subsec_nanos() == 0 => d.as_secs().into(),
+            KeepAlive::For(d) => d.as_secs_f64().into(),
+        }
+    }
+}
+
+impl serde::Serialize for KeepAlive {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.to_json().serialize(s)
+    }
+}
+
+/// The config file's `keep_alive`: what Ollama accepts in a request (a number of seconds, negative
+/// = forever, or a duration string with a unit), with a hint where Ollama only has its error.
+impl<'de> serde::Deserialize<'de> for KeepAlive {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = KeepAlive;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "a number of seconds (negative = forever) or a duration such as \"24h\"",
+                )
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<KeepAlive, E> {
+                Ok(KeepAlive::from_secs(v as f64))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<KeepAlive, E> {
+                Ok(KeepAlive::from_secs(v as f64))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<KeepAlive, E> {
+                if v.is_finite() {
+                    Ok(KeepAlive::from_secs(v))
+                } else {
+                    Err(E::custom("must be a finite number of seconds"))
+                }
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<KeepAlive, E> {
+                KeepAlive::from_text(v).map_err(|e| match e {
+                    TextError::MissingUnit => E::custom(format!(
+                        "\"{v}\" has no unit and Ollama rejects it; write a number ({v}) or \"{v}s\""
+                    )),
+                    TextError::Invalid => E::custom(format!(
+                        "\"{v}\" is not a duration; write a number of seconds (negative = forever) or e.g. \"24h\""
+                    )),
+                })
+            }
+        }
+        d.deserialize_any(Visitor)
     }
 }
 
@@ -270,5 +346,34 @@ mod tests {
         assert_eq!(ka(json!(true)).unwrap_err(), "Unsupported type: 'bool'");
         assert_eq!(KeepAlive::from_json(None).unwrap(), None);
         assert_eq!(ka(json!(null)).unwrap(), None);
+    }
+
+    #[test]
+    fn the_config_file_reads_keep_alive_by_the_same_rules() {
+        for v in [
+            json!(-1),
+            json!(-0.5),
+            json!(0),
+            json!(0.5),
+            json!(300),
+            json!("5m"),
+            json!("1h30m"),
+            json!("-1m"),
+            json!("0"),
+            json!("-1"),
+            json!("300"),
+            json!("soon"),
+            json!(true),
+            json!([1]),
+        ] {
+            let request = KeepAlive::from_json(Some(&v));
+            let config = serde_json::from_value::<KeepAlive>(v.clone());
+            assert_eq!(request.is_ok(), config.is_ok(), "{v}");
+            if let (Ok(Some(r)), Ok(c)) = (request, config) {
+                assert_eq!(r, c, "{v}");
+                // What corral sends reads back as the same value.
+                assert_eq!(KeepAlive::from_json(Some(&c.to_json())).unwrap(), Some(c));
+            }
+        }
     }
 }

@@ -80,15 +80,9 @@ pub fn prepare(source: Source, cfg: Config) -> Result<Prepared, StartError> {
             }
         },
     };
-    let upstream = match Upstream::new(&cfg.upstream) {
-        Ok(u) => Some(Arc::new(u)),
-        Err(e) => {
-            problems.push(format!("upstream.url: {e}"));
-            None
-        }
-    };
-    match (upstream, access) {
-        (Some(upstream), Some(access)) if problems.is_empty() => Ok(Prepared {
+    let upstream = Arc::new(Upstream::new(&cfg.upstream));
+    match access {
+        Some(access) if problems.is_empty() => Ok(Prepared {
             source,
             cfg,
             certs,

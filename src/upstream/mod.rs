@@ -8,12 +8,12 @@ pub mod probe;
 pub mod pull;
 pub mod show;
 
-use crate::config::UpstreamConfig;
+use crate::config::{UpstreamConfig, UpstreamUrl};
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use pingora::upstreams::peer::{HttpPeer, HttpUpstreamRequestPolicy};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::RwLock;
 use std::time::Duration;
 
@@ -23,79 +23,6 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often a DNS upstream name is resolved again (pods and containers move).
 const RESOLVE_INTERVAL: Duration = Duration::from_secs(10);
-
-/// `http(s)://host[:port]` without path, query or credentials.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpstreamUrl {
-    pub tls: bool,
-    pub host: String,
-    pub port: u16,
-}
-
-impl UpstreamUrl {
-    pub fn parse(url: &str) -> Result<UpstreamUrl, String> {
-        let (tls, rest) = if let Some(r) = url.strip_prefix("http://") {
-            (false, r)
-        } else if let Some(r) = url.strip_prefix("https://") {
-            (true, r)
-        } else {
-            return Err(format!(
-                "`{url}` must start with http:// or https://, e.g. \"http://127.0.0.1:11434\""
-            ));
-        };
-        let authority = rest.strip_suffix('/').unwrap_or(rest);
-        if authority.is_empty()
-            || authority.contains(['/', '?', '#', '@'])
-            || authority.contains(char::is_whitespace)
-        {
-            return Err(format!(
-                "`{url}` must be just scheme, host and port, e.g. \"http://127.0.0.1:11434\""
-            ));
-        }
-        let default_port = if tls { 443 } else { 80 };
-        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let (h, after) = v6
-                .split_once(']')
-                .ok_or_else(|| format!("`{url}`: unclosed '['"))?;
-            let port = match after.strip_prefix(':') {
-                Some(p) => p.parse().map_err(|_| format!("`{url}`: bad port"))?,
-                None if after.is_empty() => default_port,
-                None => return Err(format!("`{url}`: bad port")),
-            };
-            h.parse::<std::net::Ipv6Addr>()
-                .map_err(|_| format!("`{url}`: bad IPv6 address"))?;
-            (h.to_string(), port)
-        } else {
-            match authority.rsplit_once(':') {
-                Some((h, p)) => (
-                    h.to_string(),
-                    p.parse().map_err(|_| format!("`{url}`: bad port `{p}`"))?,
-                ),
-                None => (authority.to_string(), default_port),
-            }
-        };
-        if host.is_empty() || port == 0 {
-            return Err(format!("`{url}` needs a host and a port"));
-        }
-        Ok(UpstreamUrl { tls, host, port })
-    }
-
-    /// `host:port` as it goes into the `Host` header (IPv6 in brackets).
-    pub fn authority(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
-    }
-
-    fn literal(&self) -> Option<SocketAddr> {
-        self.host
-            .parse::<IpAddr>()
-            .ok()
-            .map(|ip| SocketAddr::new(ip, self.port))
-    }
-}
 
 /// The upstream Ollama, with its current address.
 pub struct Upstream {
@@ -107,16 +34,16 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(cfg: &UpstreamConfig) -> Result<Upstream, String> {
-        let url = UpstreamUrl::parse(&cfg.url)?;
+    pub fn new(cfg: &UpstreamConfig) -> Upstream {
+        let url = cfg.url.clone();
         let addr = RwLock::new(url.literal());
-        Ok(Upstream {
+        Upstream {
             url,
             connect_timeout: cfg.connect_timeout.0,
             read_timeout: cfg.read_timeout.0,
             request_timeout: cfg.request_timeout.0,
             addr,
-        })
+        }
     }
 
     /// Whether the host is a DNS name that must be resolved (and re-resolved).
@@ -200,46 +127,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_the_urls_operators_write() {
-        let u = UpstreamUrl::parse("http://127.0.0.1:11434").unwrap();
-        assert_eq!(
-            (u.tls, u.host.as_str(), u.port),
-            (false, "127.0.0.1", 11434)
-        );
-        assert_eq!(u.authority(), "127.0.0.1:11434");
-        let u = UpstreamUrl::parse("http://ollama:11434/").unwrap();
-        assert_eq!((u.host.as_str(), u.port), ("ollama", 11434));
-        let u = UpstreamUrl::parse("https://gpu.internal").unwrap();
-        assert_eq!((u.tls, u.port), (true, 443));
-        let u = UpstreamUrl::parse("http://[::1]:11434").unwrap();
-        assert_eq!(u.authority(), "[::1]:11434");
-    }
-
-    #[test]
-    fn refuses_urls_with_paths_credentials_or_other_schemes() {
-        for bad in [
-            "127.0.0.1:11434",
-            "ftp://x",
-            "http://",
-            "http://host:11434/api",
-            "http://user:pw@host:11434",
-            "http://host:notaport",
-            "http://host:0",
-            "http://[::1:11434",
-        ] {
-            assert!(UpstreamUrl::parse(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
     fn peers_carry_the_configured_timeouts() {
         let cfg = UpstreamConfig {
-            url: "http://127.0.0.1:11434".into(),
+            url: UpstreamUrl::parse("http://127.0.0.1:11434").unwrap(),
             connect_timeout: crate::config::HumanDuration::secs(3),
             read_timeout: crate::config::HumanDuration::secs(900),
             request_timeout: crate::config::HumanDuration::secs(60),
         };
-        let up = Upstream::new(&cfg).unwrap();
+        let up = Upstream::new(&cfg);
         assert!(!up.needs_dns());
         let peer = up.peer().unwrap();
         assert_eq!(
@@ -252,10 +147,9 @@ mod tests {
             "per read; the whole exchange is capped separately"
         );
         let named = Upstream::new(&UpstreamConfig {
-            url: "http://ollama.invalid:11434".into(),
+            url: UpstreamUrl::parse("http://ollama.invalid:11434").unwrap(),
             ..cfg
-        })
-        .unwrap();
+        });
         assert!(named.needs_dns());
         assert!(named.peer().is_none(), "no peer before the name resolves");
     }

@@ -72,10 +72,7 @@ impl Pins {
             ),
             requires_ready: cfg.ready_requires_preload,
             keep_alive: cfg.keep_alive.to_json(),
-            forever: matches!(
-                KeepAlive::from_json(Some(&cfg.keep_alive.to_json())),
-                Ok(Some(KeepAlive::Forever))
-            ),
+            forever: cfg.keep_alive == KeepAlive::Forever,
             pin_requests: cfg.keep_alive_policy == crate::config::KeepAlivePolicy::Pin,
         }
     }
@@ -174,13 +171,13 @@ impl Pins {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{KeepAlive, KeepAlivePolicy};
+    use crate::config::KeepAlivePolicy;
     use serde_json::json;
 
     fn pins(policy: KeepAlivePolicy) -> Pins {
         Pins::new(&PreloadConfig {
             models: vec!["llama3.2".into(), "nomic-embed-text".into()],
-            keep_alive: KeepAlive::Seconds(-1.0),
+            keep_alive: KeepAlive::Forever,
             keep_alive_policy: policy,
             ..Default::default()
         })
