@@ -681,7 +681,7 @@ async fn revocation_and_team_removal_apply_on_reload_without_cutting_streams() {
     next_chunk(&mut stream).await.unwrap();
     let mut edited = corral.cfg.clone();
     edited.teams.remove("ops");
-    std::fs::write(&config_path, edited.to_toml()).unwrap();
+    std::fs::write(&config_path, edited.to_toml().unwrap()).unwrap();
     wait_for_async(
         Duration::from_secs(20),
         "the team removal to apply",
@@ -729,7 +729,7 @@ async fn sighup_reloads_and_a_new_verification_key_rotates_in() {
     let mut edited = corral.cfg.clone();
     edited.auth.verify_keys.push(new_public);
     // The file changes and SIGHUP arrives; either makes corral reload.
-    std::fs::write(&config_path, edited.to_toml()).unwrap();
+    std::fs::write(&config_path, edited.to_toml().unwrap()).unwrap();
     corral.signal("HUP");
     wait_for_async(Duration::from_secs(20), "the new key to verify", || async {
         (tags(new_key.clone()).await.unwrap().status() == 200).then_some(())

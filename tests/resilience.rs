@@ -266,7 +266,7 @@ async fn reloads_under_traffic_fail_nothing() {
     for i in 0..5 {
         let mut cfg = corral.cfg.clone();
         cfg.teams.insert(format!("extra-{i}"), Default::default());
-        std::fs::write(&config_path, cfg.to_toml()).unwrap();
+        std::fs::write(&config_path, cfg.to_toml().unwrap()).unwrap();
         tokio::time::sleep(Duration::from_millis(1200)).await;
     }
     for w in workers {

@@ -4,20 +4,9 @@
 use crate::access::auth::Claims;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
 use std::io::Write;
+pub use crate::config::kid_of;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-/// The key id of a key file: its name without `.pem` and without `.pub`/`.key`
-/// (`corral-2026.pub.pem` and `corral-2026.key.pem` are both `corral-2026`).
-pub fn kid_of(path: &Path) -> Option<String> {
-    let name = path.file_name()?.to_str()?;
-    let name = name.strip_suffix(".pem").unwrap_or(name);
-    let name = name
-        .strip_suffix(".pub")
-        .or_else(|| name.strip_suffix(".key"))
-        .unwrap_or(name);
-    (!name.is_empty()).then(|| name.to_string())
-}
 
 /// A key id for `keys init`: letters, digits, '.', '-', '_'.
 pub fn valid_kid(id: &str) -> bool {

@@ -85,7 +85,7 @@ pub fn prepare(
     cfg.log.format = LogFormat::Pretty;
     // The configuration as TOML (serialized by the `toml` crate), under a comment saying how
     // to run it again.
-    let toml = cfg.to_toml();
+    let toml = cfg.to_toml()?;
     let header = format!(
         "# Written by `corral demo`; run it with `corral serve --config {}`.",
         files.config.display()

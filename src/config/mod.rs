@@ -17,7 +17,7 @@ mod teams;
 mod units;
 mod upstream;
 
-pub use auth::AuthConfig;
+pub use auth::{kid_of, AuthConfig};
 pub use log::{LogConfig, LogFormat};
 pub use preload::{KeepAlivePolicy, PreloadConfig};
 pub use server::{ListenAddr, ServerConfig};
@@ -219,8 +219,8 @@ impl Config {
     }
 
     /// The TOML text of this configuration (used by `corral demo` to write what it runs).
-    pub fn to_toml(&self) -> String {
-        toml::to_string(self).expect("a Config is a TOML document")
+    pub fn to_toml(&self) -> Result<String, String> {
+        toml::to_string(self).map_err(|e| format!("cannot write the configuration as TOML: {e}"))
     }
 }
 
@@ -473,7 +473,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        let text = c.to_toml();
+        let text = c.to_toml().unwrap();
         let back: Config = config::Config::builder()
             .add_source(config::File::from_str(&text, config::FileFormat::Toml))
             .build()

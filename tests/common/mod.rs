@@ -186,7 +186,7 @@ impl Setup {
     /// Writes the configuration file and returns its path.
     pub fn write(&self) -> PathBuf {
         let path = self.dir.path().join("corral.toml");
-        std::fs::write(&path, self.cfg.to_toml()).unwrap();
+        std::fs::write(&path, self.cfg.to_toml().unwrap()).unwrap();
         path
     }
 
