@@ -1,64 +1,41 @@
-//! Ollama's OpenAI-compatible `/v1/*` routes and the Anthropic-compatible `/v1/messages`.
+//! Ollama's OpenAI-compatible `/v1/*` routes, and the request checks `/v1/messages` shares.
 
-use super::native::{embedding_model, inputs};
-use super::{count_tokens, embed_text, json_resp, stream_run, unix_now, ModelSpec, Req, Resp, Run};
-use bytes::Bytes;
+use super::engine::{count_tokens, embed_text, stream_run, Run, RunStats};
+use super::models::ModelSpec;
+use super::native::{embedding_model, inputs, str_field};
+use super::reply::{json_resp, sse, sse_done, sse_event, Answer, Resp, SSE};
+use super::server::Req;
 use http::StatusCode;
 use serde_json::{json, Value};
+use std::time::SystemTime;
 
-const SSE: &str = "text/event-stream";
-
-fn sse(v: &Value) -> Bytes {
-    Bytes::from(format!("data: {v}\n\n"))
-}
-
-fn sse_event(event: &str, v: &Value) -> Bytes {
-    Bytes::from(format!("event: {event}\ndata: {v}\n\n"))
-}
-
-fn done() -> Bytes {
-    Bytes::from_static(b"data: [DONE]\n\n")
+/// The error `type` of the OpenAI and Anthropic error shapes.
+pub(super) fn error_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "invalid_request_error",
+        404 => "not_found_error",
+        _ => "api_error",
+    }
 }
 
 /// The OpenAI error shape Ollama's middleware writes.
 fn error(status: StatusCode, message: impl Into<String>) -> Resp {
-    let ty = match status.as_u16() {
-        400 => "invalid_request_error",
-        404 => "not_found_error",
-        _ => "api_error",
-    };
+    let ty = error_type(status);
     json_resp(
         status,
         &json!({"error": {"message": message.into(), "type": ty, "param": null, "code": null}}),
     )
 }
 
-/// The Anthropic error shape of `/v1/messages`.
-fn anthropic_error(status: StatusCode, message: impl Into<String>) -> Resp {
-    let ty = match status.as_u16() {
-        400 => "invalid_request_error",
-        404 => "not_found_error",
-        _ => "api_error",
-    };
-    json_resp(
-        status,
-        &json!({"type": "error", "error": {"type": ty, "message": message.into()}, "request_id": "req_double"}),
-    )
-}
-
-fn str_field<'v>(v: &'v Value, key: &str) -> &'v str {
-    v.get(key).and_then(Value::as_str).unwrap_or("")
-}
-
 /// Common checks: JSON body, `model` present and pulled, `stream` (default false).
-struct Parsed {
-    req: Value,
-    spec: ModelSpec,
-    model: String,
-    stream: bool,
+pub(super) struct Parsed {
+    pub(super) req: Value,
+    pub(super) spec: ModelSpec,
+    pub(super) model: String,
+    pub(super) stream: bool,
 }
 
-fn parse(r: &Req<'_>, err: fn(StatusCode, String) -> Resp) -> Result<Parsed, Resp> {
+pub(super) fn parse(r: &Req<'_>, err: fn(StatusCode, String) -> Resp) -> Result<Parsed, Resp> {
     let req = r.json().map_err(|e| err(StatusCode::BAD_REQUEST, e))?;
     let model = str_field(&req, "model").to_string();
     if model.is_empty() {
@@ -99,7 +76,7 @@ fn max_tokens(req: &Value) -> Option<i64> {
         .and_then(Value::as_i64)
 }
 
-fn message_words(messages: &[Value]) -> u64 {
+pub(super) fn message_words(messages: &[Value]) -> u64 {
     messages
         .iter()
         .map(|m| match m.get("content") {
@@ -113,32 +90,56 @@ fn message_words(messages: &[Value]) -> u64 {
         .sum()
 }
 
-/// The request's `messages` array (empty when missing or not an array).
-fn message_list(req: &Value) -> Vec<Value> {
-    req.get("messages")
+/// The request's `messages` array; `err(400, when_empty)` when it is empty, missing or not an
+/// array.
+pub(super) fn message_list(
+    req: &Value,
+    err: fn(StatusCode, String) -> Resp,
+    when_empty: &str,
+) -> Result<Vec<Value>, Resp> {
+    let messages = req
+        .get("messages")
         .and_then(Value::as_array)
         .cloned()
-        .unwrap_or_default()
+        .unwrap_or_default();
+    if messages.is_empty() {
+        return Err(err(StatusCode::BAD_REQUEST, when_empty.into()));
+    }
+    Ok(messages)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The fields a chat or text completion (or one of its chunks) starts with, then its `choices`.
+fn envelope(id: &str, object: &str, created: u64, model: &str, choices: Value) -> Value {
+    json!({"id": id, "object": object, "created": created, "model": model,
+           "system_fingerprint": "fp_ollama", "choices": choices})
+}
+
+/// A whole (not streamed) completion: its one choice, then the usage.
+fn whole(id: &str, object: &str, created: u64, model: &str, choice: Value, m: &RunStats) -> Resp {
+    let mut v = envelope(id, object, created, model, json!([choice]));
+    v["usage"] = usage(m.prompt_eval_count, m.eval_count);
+    json_resp(StatusCode::OK, &v)
 }
 
 fn usage(prompt: u64, completion: u64) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
-pub(super) async fn chat_completions(r: &Req<'_>) -> Resp {
-    let p = match parse(r, error) {
-        Ok(p) => p,
-        Err(resp) => return resp,
-    };
-    let messages = message_list(&p.req);
-    if messages.is_empty() {
-        return error(StatusCode::BAD_REQUEST, "[] is too short - 'messages'");
-    }
+pub(super) async fn chat_completions(r: &Req<'_>) -> Answer {
+    let p = parse(r, error)?;
+    let messages = message_list(&p.req, error, "[] is too short - 'messages'")?;
     if !p.spec.has("completion") {
-        return error(
+        return Err(error(
             StatusCode::BAD_REQUEST,
             format!("\"{}\" does not support chat", p.model),
-        );
+        ));
     }
     let run = Run::start(
         r.state,
@@ -152,29 +153,18 @@ pub(super) async fn chat_completions(r: &Req<'_>) -> Resp {
     let created = unix_now();
     let finish = |reason: &str| if reason == "length" { "length" } else { "stop" };
     if !p.stream {
-        run.generate_all().await;
-        let text = run.text();
-        let m = run.finish();
-        return json_resp(
-            StatusCode::OK,
-            &json!({
-                "id": id, "object": "chat.completion", "created": created, "model": p.model,
-                "system_fingerprint": "fp_ollama",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish(m.done_reason)}],
-                "usage": usage(m.prompt_eval_count, m.eval_count),
-            }),
-        );
+        let (text, m) = run.complete().await;
+        let choice = json!({"index": 0, "message": {"role": "assistant", "content": text},
+                            "finish_reason": finish(m.done_reason)});
+        return Ok(whole(&id, "chat.completion", created, &p.model, choice, &m));
     }
     let with_usage = include_usage(&p.req);
     let chunk = {
         let (id, model) = (id.clone(), p.model.clone());
-        move |choices: Value| {
-            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "system_fingerprint": "fp_ollama", "choices": choices})
-        }
+        move |choices: Value| envelope(&id, "chat.completion.chunk", created, &model, choices)
     };
     let chunk2 = chunk.clone();
-    stream_run(
+    Ok(stream_run(
         run,
         SSE,
         move |i, token| {
@@ -196,19 +186,16 @@ pub(super) async fn chat_completions(r: &Req<'_>) -> Resp {
                 u["usage"] = usage(m.prompt_eval_count, m.eval_count);
                 frames.push(sse(&u));
             }
-            frames.push(done());
+            frames.push(sse_done());
             frames
         },
-    )
+    ))
 }
 
-pub(super) async fn completions(r: &Req<'_>) -> Resp {
-    let p = match parse(r, error) {
-        Ok(p) => p,
-        Err(resp) => return resp,
-    };
+pub(super) async fn completions(r: &Req<'_>) -> Answer {
+    let p = parse(r, error)?;
     let Some(prompt) = p.req.get("prompt").and_then(Value::as_str) else {
-        return error(StatusCode::BAD_REQUEST, "prompt must be a string");
+        return Err(error(StatusCode::BAD_REQUEST, "prompt must be a string"));
     };
     let run = Run::start(
         r.state,
@@ -221,26 +208,18 @@ pub(super) async fn completions(r: &Req<'_>) -> Resp {
     let id = format!("cmpl-{}", r.state.next_id() % 999);
     let created = unix_now();
     if !p.stream {
-        run.generate_all().await;
-        let text = run.text();
-        let m = run.finish();
-        return json_resp(
-            StatusCode::OK,
-            &json!({
-                "id": id, "object": "text_completion", "created": created, "model": p.model,
-                "system_fingerprint": "fp_ollama",
-                "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": m.done_reason}],
-                "usage": usage(m.prompt_eval_count, m.eval_count),
-            }),
-        );
+        let (text, m) = run.complete().await;
+        let choice =
+            json!({"text": text, "index": 0, "logprobs": null, "finish_reason": m.done_reason});
+        return Ok(whole(&id, "text_completion", created, &p.model, choice, &m));
     }
     let with_usage = include_usage(&p.req);
     let chunk = {
         let (id, model) = (id.clone(), p.model.clone());
         move |text: &str, finish: Value| {
-            let mut c = json!({"id": id, "object": "text_completion", "created": created, "model": model,
-                "system_fingerprint": "fp_ollama",
-                "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish}]});
+            let choice =
+                json!({"text": text, "index": 0, "logprobs": null, "finish_reason": finish});
+            let mut c = envelope(&id, "text_completion", created, &model, json!([choice]));
             if with_usage {
                 // Ollama's quirk: with include_usage every chunk carries zero usage.
                 c["usage"] = usage(0, 0);
@@ -250,55 +229,47 @@ pub(super) async fn completions(r: &Req<'_>) -> Resp {
     };
     let chunk2 = chunk.clone();
     let (id2, model2) = (id, p.model);
-    stream_run(
+    Ok(stream_run(
         run,
         SSE,
         move |_, token| vec![sse(&chunk(token, Value::Null))],
         move |m, _| {
             let mut frames = vec![sse(&chunk2("", json!(m.done_reason)))];
             if with_usage {
-                frames.push(sse(&json!({"id": id2, "object": "text_completion", "created": created, "model": model2,
-                    "system_fingerprint": "fp_ollama", "choices": [], "usage": usage(m.prompt_eval_count, m.eval_count)})));
+                let mut u = envelope(&id2, "text_completion", created, &model2, json!([]));
+                u["usage"] = usage(m.prompt_eval_count, m.eval_count);
+                frames.push(sse(&u));
             }
-            frames.push(done());
+            frames.push(sse_done());
             frames
         },
-    )
+    ))
 }
 
-pub(super) async fn embeddings(r: &Req<'_>) -> Resp {
-    let req = match r.json() {
-        Ok(v) => v,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
+pub(super) async fn embeddings(r: &Req<'_>) -> Answer {
+    let req = r.json().map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
     let model = str_field(&req, "model");
     if model.is_empty() {
-        return error(StatusCode::BAD_REQUEST, "model is required");
+        return Err(error(StatusCode::BAD_REQUEST, "model is required"));
     }
     let texts = match req.get("input") {
         Some(Value::String(s)) if s.is_empty() => vec![String::new()],
         Some(Value::Array(a)) if a.is_empty() => {
-            return error(StatusCode::BAD_REQUEST, "invalid input")
+            return Err(error(StatusCode::BAD_REQUEST, "invalid input"))
         }
-        None | Some(Value::Null) => return error(StatusCode::BAD_REQUEST, "invalid input"),
-        other => match inputs(other) {
-            Ok(t) => t,
-            Err(e) => return error(StatusCode::BAD_REQUEST, e),
-        },
+        None | Some(Value::Null) => return Err(error(StatusCode::BAD_REQUEST, "invalid input")),
+        other => inputs(other).map_err(|e| error(StatusCode::BAD_REQUEST, e))?,
     };
     match str_field(&req, "encoding_format") {
         "" | "float" | "base64" => {}
         other => {
-            return error(
+            return Err(error(
                 StatusCode::BAD_REQUEST,
                 format!("invalid encoding format: {other}"),
-            )
+            ))
         }
     }
-    let spec = match embedding_model(r, model) {
-        Ok(s) => s,
-        Err((status, msg)) => return error(status, msg),
-    };
+    let spec = embedding_model(r, model).map_err(|(status, msg)| error(status, msg))?;
     let tokens: u64 = texts.iter().map(|t| count_tokens(t)).sum();
     let run = Run::start(r.state, &spec, None, tokens, Some(0)).await;
     let m = run.finish();
@@ -307,11 +278,11 @@ pub(super) async fn embeddings(r: &Req<'_>) -> Resp {
         .enumerate()
         .map(|(i, t)| json!({"object": "embedding", "embedding": embed_text(t, spec.embedding_length), "index": i}))
         .collect();
-    json_resp(
+    Ok(json_resp(
         StatusCode::OK,
         &json!({"object": "list", "data": data, "model": model,
                 "usage": {"prompt_tokens": m.prompt_eval_count, "total_tokens": m.prompt_eval_count}}),
-    )
+    ))
 }
 
 fn model_object(m: &ModelSpec) -> Value {
@@ -346,21 +317,18 @@ pub(super) fn model(r: &Req<'_>, name: &str) -> Resp {
     }
 }
 
-fn responses_usage(m: &super::Metrics) -> Value {
+fn responses_usage(m: &RunStats) -> Value {
     json!({"input_tokens": m.prompt_eval_count, "output_tokens": m.eval_count,
            "total_tokens": m.prompt_eval_count + m.eval_count,
            "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}})
 }
 
-pub(super) async fn responses(r: &Req<'_>) -> Resp {
-    let p = match parse(r, error) {
-        Ok(p) => p,
-        Err(resp) => return resp,
-    };
+pub(super) async fn responses(r: &Req<'_>) -> Answer {
+    let p = parse(r, error)?;
     let words = match p.req.get("input") {
         Some(Value::String(s)) => count_tokens(s),
         Some(Value::Array(items)) => message_words(items),
-        _ => return error(StatusCode::BAD_REQUEST, "input is required"),
+        _ => return Err(error(StatusCode::BAD_REQUEST, "input is required")),
     };
     let run = Run::start(
         r.state,
@@ -387,13 +355,11 @@ pub(super) async fn responses(r: &Req<'_>) -> Resp {
         }
     };
     if !p.stream {
-        run.generate_all().await;
-        let text = run.text();
-        let m = run.finish();
-        return json_resp(
+        let (text, m) = run.complete().await;
+        return Ok(json_resp(
             StatusCode::OK,
             &response("completed", Some(&text), responses_usage(&m)),
-        );
+        ));
     }
     let seq = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let event = {
@@ -461,90 +427,5 @@ pub(super) async fn responses(r: &Req<'_>) -> Resp {
         http::header::CACHE_CONTROL,
         "no-cache".parse().expect("ascii"),
     );
-    resp
-}
-
-pub(super) async fn messages(r: &Req<'_>) -> Resp {
-    let p = match parse(r, anthropic_error) {
-        Ok(p) => p,
-        Err(resp) => return resp,
-    };
-    let messages = message_list(&p.req);
-    if messages.is_empty() {
-        return anthropic_error(
-            StatusCode::BAD_REQUEST,
-            "messages: at least one message is required",
-        );
-    }
-    let system = match p.req.get("system") {
-        Some(Value::String(s)) => count_tokens(s),
-        _ => 0,
-    };
-    let run = Run::start(
-        r.state,
-        &p.spec,
-        None,
-        system + message_words(&messages),
-        p.req.get("max_tokens").and_then(Value::as_i64),
-    )
-    .await;
-    let id = format!("msg_{}", r.state.next_id());
-    let stop = |reason: &str| {
-        if reason == "length" {
-            "max_tokens"
-        } else {
-            "end_turn"
-        }
-    };
-    if !p.stream {
-        run.generate_all().await;
-        let text = run.text();
-        let m = run.finish();
-        return json_resp(
-            StatusCode::OK,
-            &json!({"id": id, "type": "message", "role": "assistant", "model": p.model,
-                    "content": [{"type": "text", "text": text}], "stop_reason": stop(m.done_reason), "stop_sequence": null,
-                    "usage": {"input_tokens": m.prompt_eval_count, "output_tokens": m.eval_count}}),
-        );
-    }
-    let (model, prompt_tokens) = (p.model.clone(), run.prompt_tokens);
-    stream_run(
-        run,
-        SSE,
-        move |i, token| {
-            let mut frames = Vec::new();
-            if i == 0 {
-                frames.push(sse_event("message_start", &json!({"type": "message_start", "message": {"id": id, "type": "message",
-                    "role": "assistant", "model": model, "content": [], "stop_reason": null, "stop_sequence": null,
-                    "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}})));
-                frames.push(sse_event(
-                    "content_block_start",
-                    &json!({"type": "content_block_start", "index": 0,
-                    "content_block": {"type": "text", "text": ""}}),
-                ));
-                frames.push(sse_event("ping", &json!({"type": "ping"})));
-            }
-            frames.push(sse_event(
-                "content_block_delta",
-                &json!({"type": "content_block_delta", "index": 0,
-                "delta": {"type": "text_delta", "text": token}}),
-            ));
-            frames
-        },
-        move |m, _| {
-            vec![
-                sse_event(
-                    "content_block_stop",
-                    &json!({"type": "content_block_stop", "index": 0}),
-                ),
-                sse_event(
-                    "message_delta",
-                    &json!({"type": "message_delta",
-                    "delta": {"stop_reason": stop(m.done_reason), "stop_sequence": null},
-                    "usage": {"output_tokens": m.eval_count}}),
-                ),
-                sse_event("message_stop", &json!({"type": "message_stop"})),
-            ]
-        },
-    )
+    Ok(resp)
 }
