@@ -8,6 +8,8 @@
 //! (TLS, a static key check with `map`, `proxy_buffering off`, long timeouts, access log), then
 //! drives all three and direct access with the same load generator, interleaved, over several
 //! rounds, and prints one table of medians with every figure also as a ratio to direct and nginx.
+// A benchmark that cannot set itself up stops with the reason.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use corral::dev::devcert::DevCa;
 use serde_json::{json, Value};

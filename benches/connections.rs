@@ -8,6 +8,8 @@
 //! memory (RSS): idle; with N TCP connections that never start a TLS handshake; with N finished
 //! TLS handshakes that never send a request (what an idle keep-alive client costs); and every
 //! second after all of them closed, until it is back within 30 MiB of idle. Prints the figures.
+// A benchmark that cannot set itself up stops with the reason.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use corral::dev::devcert::DevCa;
 use std::net::TcpListener;

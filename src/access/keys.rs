@@ -2,9 +2,9 @@
 //! The signing key stays with the operator; gateways get only the public half.
 
 use crate::access::auth::Claims;
+pub use crate::config::kid_of;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
 use std::io::Write;
-pub use crate::config::kid_of;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

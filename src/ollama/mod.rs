@@ -1,6 +1,6 @@
 //! Facts of Ollama's protocol that corral and the Ollama double both rely on: how model names are
 //! normalized, which names are cloud models, how `keep_alive` values are read.
-//! (Source: `reference/ollama-protocol.md`.)
+//! (See `docs/ollama-protocol.md`.)
 
 pub mod json;
 

@@ -174,7 +174,7 @@ impl Drop for Run {
 /// Stops (and the dropped [`Run`] counts a disconnect) when the client goes away.
 pub(super) fn stream_run(
     run: Run,
-    content_type: &str,
+    content_type: &'static str,
     mut frame: impl FnMut(usize, &str) -> Vec<Bytes> + Send + 'static,
     last: impl FnOnce(&RunStats, String) -> Vec<Bytes> + Send + 'static,
 ) -> Resp {

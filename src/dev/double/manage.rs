@@ -94,7 +94,9 @@ fn progress(r: &Req<'_>, req: &Value, lines: Vec<Value>) -> Answer {
     let stream = stream_flag(req, true)?;
     if !stream {
         // Ollama's waitForStream: the last object, or a 500 with the error.
-        let last = lines.last().expect("at least one line");
+        let Some(last) = lines.last() else {
+            return Ok(empty(StatusCode::INTERNAL_SERVER_ERROR));
+        };
         let status = if last.get("error").is_some() {
             StatusCode::INTERNAL_SERVER_ERROR
         } else {

@@ -1,5 +1,5 @@
 //! The Ollama double: an in-process fake Ollama server, faithful to
-//! `reference/ollama-protocol.md` for the routes corral serves. Tests, benchmarks and
+//! `docs/ollama-protocol.md` for the routes corral serves. Tests, benchmarks and
 //! `corral demo` use it as the upstream.
 //!
 //! It speaks real HTTP/1.1 (hyper): NDJSON and SSE streams with a configurable per-token delay,

@@ -198,22 +198,17 @@ impl Store {
         now: Instant,
     ) -> Instant {
         let key = spec.digest.clone();
-        let entry = match self.loaded.get_mut(&key) {
-            Some(l) if !l.expired(now) => l,
-            _ => {
-                self.loaded.insert(
-                    key.clone(),
-                    Loaded {
-                        name: spec.name.clone(),
-                        ready_at: now + spec.load_time,
-                        keep_alive: KeepAlive::For(DEFAULT_KEEP_ALIVE),
-                        in_flight: 0,
-                        idle_since: None,
-                    },
-                );
-                self.loaded.get_mut(&key).expect("just inserted")
-            }
+        let fresh = || Loaded {
+            name: spec.name.clone(),
+            ready_at: now + spec.load_time,
+            keep_alive: KeepAlive::For(DEFAULT_KEEP_ALIVE),
+            in_flight: 0,
+            idle_since: None,
         };
+        let entry = self.loaded.entry(key).or_insert_with(fresh);
+        if entry.expired(now) {
+            *entry = fresh();
+        }
         if let Some(k) = keep_alive {
             entry.keep_alive = k;
         }

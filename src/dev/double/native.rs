@@ -55,7 +55,9 @@ pub(super) fn find(r: &Req<'_>, name: &str) -> Option<ModelSpec> {
 }
 
 fn stats_into(obj: &mut Value, m: &RunStats) {
-    let o = obj.as_object_mut().expect("object");
+    let Some(o) = obj.as_object_mut() else {
+        return;
+    };
     o.insert("done_reason".into(), json!(m.done_reason));
     o.insert("total_duration".into(), json!(m.total_duration as u64));
     o.insert("load_duration".into(), json!(m.load_duration as u64));

@@ -7,7 +7,6 @@ use super::reply::{json_resp, sse, sse_done, sse_event, Answer, Resp, SSE};
 use super::server::Req;
 use http::StatusCode;
 use serde_json::{json, Value};
-use std::time::SystemTime;
 
 /// The error `type` of the OpenAI and Anthropic error shapes.
 pub(super) fn error_type(status: StatusCode) -> &'static str {
@@ -108,13 +107,6 @@ pub(super) fn message_list(
     Ok(messages)
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// The fields a chat or text completion (or one of its chunks) starts with, then its `choices`.
 fn envelope(id: &str, object: &str, created: u64, model: &str, choices: Value) -> Value {
     json!({"id": id, "object": object, "created": created, "model": model,
@@ -150,7 +142,7 @@ pub(super) async fn chat_completions(r: &Req<'_>) -> Answer {
     )
     .await;
     let id = format!("chatcmpl-{}", r.state.next_id() % 999);
-    let created = unix_now();
+    let created = crate::clock::unix_now();
     let finish = |reason: &str| if reason == "length" { "length" } else { "stop" };
     if !p.stream {
         let (text, m) = run.complete().await;
@@ -206,7 +198,7 @@ pub(super) async fn completions(r: &Req<'_>) -> Answer {
     )
     .await;
     let id = format!("cmpl-{}", r.state.next_id() % 999);
-    let created = unix_now();
+    let created = crate::clock::unix_now();
     if !p.stream {
         let (text, m) = run.complete().await;
         let choice =
@@ -339,7 +331,11 @@ pub(super) async fn responses(r: &Req<'_>) -> Answer {
     )
     .await;
     let n = r.state.next_id();
-    let (resp_id, msg_id, created) = (format!("resp_{n}"), format!("msg_{n}"), unix_now());
+    let (resp_id, msg_id, created) = (
+        format!("resp_{n}"),
+        format!("msg_{n}"),
+        crate::clock::unix_now(),
+    );
     let response = {
         let (resp_id, msg_id, model) = (resp_id.clone(), msg_id.clone(), p.model.clone());
         move |status: &str, text: Option<&str>, usage: Value| {
@@ -425,7 +421,7 @@ pub(super) async fn responses(r: &Req<'_>) -> Answer {
     );
     resp.headers_mut().insert(
         http::header::CACHE_CONTROL,
-        "no-cache".parse().expect("ascii"),
+        http::HeaderValue::from_static("no-cache"),
     );
     Ok(resp)
 }

@@ -17,12 +17,14 @@ pub(super) type Answer = Result<Resp, Resp>;
 pub(super) const NDJSON: &str = "application/x-ndjson";
 pub(super) const SSE: &str = "text/event-stream";
 
-fn full(status: StatusCode, content_type: Option<&str>, body: impl Into<Bytes>) -> Resp {
+fn full(status: StatusCode, content_type: Option<&'static str>, body: impl Into<Bytes>) -> Resp {
     let mut resp = hyper::Response::new(Full::new(body.into()).boxed());
     *resp.status_mut() = status;
     if let Some(ct) = content_type {
-        resp.headers_mut()
-            .insert(http::header::CONTENT_TYPE, ct.parse().expect("ascii"));
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(ct),
+        );
     }
     resp
 }
@@ -50,8 +52,9 @@ pub(super) fn native_error(status: StatusCode, message: impl Into<String>) -> Re
 
 pub(super) fn method_not_allowed(allow: &str) -> Resp {
     let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "405 method not allowed");
-    resp.headers_mut()
-        .insert(http::header::ALLOW, allow.parse().expect("ascii"));
+    if let Ok(allow) = http::HeaderValue::from_str(allow) {
+        resp.headers_mut().insert(http::header::ALLOW, allow);
+    }
     resp
 }
 
@@ -78,7 +81,7 @@ pub(super) fn sse_done() -> Bytes {
 }
 
 /// A streamed response whose frames come from a task (NDJSON or SSE).
-pub(super) fn streamed(content_type: &str) -> (StreamTx, Resp) {
+pub(super) fn streamed(content_type: &'static str) -> (StreamTx, Resp) {
     let (tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(1);
     let (gone_tx, gone) = tokio::sync::oneshot::channel();
     let body = Watched {
@@ -88,7 +91,7 @@ pub(super) fn streamed(content_type: &str) -> (StreamTx, Resp) {
     let mut resp = hyper::Response::new(body.boxed());
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,
-        content_type.parse().expect("ascii"),
+        http::HeaderValue::from_static(content_type),
     );
     (StreamTx { tx, gone }, resp)
 }

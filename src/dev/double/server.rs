@@ -154,10 +154,9 @@ async fn route(r: Req<'_>) -> Resp {
                 StatusCode::TEMPORARY_REDIRECT
             };
             let mut resp = empty(status);
-            resp.headers_mut().insert(
-                http::header::LOCATION,
-                format!("{prefix}{trimmed}").parse().expect("ascii"),
-            );
+            if let Ok(location) = http::HeaderValue::from_str(&format!("{prefix}{trimmed}")) {
+                resp.headers_mut().insert(http::header::LOCATION, location);
+            }
             return resp;
         }
         return text(StatusCode::NOT_FOUND, "404 page not found");

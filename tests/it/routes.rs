@@ -1,9 +1,7 @@
 //! Deny by default: unknown routes, never-routes and path tricks are answered by corral and never
 //! reach Ollama; malformed bodies are refused before Ollama sees them.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use corral::config::ListenAddr;
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -1,9 +1,7 @@
 //! A dead, silent or crashing Ollama gives clear errors in the caller's dialect, and a client that
 //! leaves stops the work upstream.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use corral::config::HumanDuration;
 use serde_json::{json, Value};
 use std::time::Duration;

@@ -1,7 +1,6 @@
 //! Test harness: runs the real `corral` binary with a temporary configuration in front of the
 //! Ollama double, on loopback ports, and talks to it over TLS with a client that trusts a
 //! throwaway CA.
-#![allow(dead_code, unused_imports)]
 
 pub mod raw;
 

@@ -1,8 +1,6 @@
 //! `corral demo` works as a newcomer would use it: its printed commands run as printed.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};

@@ -1,9 +1,7 @@
 //! Per-team rate limits: rpm, tpm and concurrency give 429 with Retry-After in the caller's
 //! dialect, are counted, and refused requests never reach Ollama.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use corral::config::TeamConfig;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -229,7 +227,8 @@ async fn a_team_over_its_limit_is_refused_before_its_body_is_sent() {
             .status(),
         200
     );
-    let mut tls = common::raw::tls_connect(corral.port, &corral.certs.ca_pem, b"http/1.1").await;
+    let mut tls =
+        crate::common::raw::tls_connect(corral.port, &corral.certs.ca_pem, b"http/1.1").await;
     let head = format!(
         "POST /api/chat HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {key}\r\n\
          content-type: application/json\r\ncontent-length: 100000\r\n\r\n"

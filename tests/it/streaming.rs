@@ -1,9 +1,7 @@
 //! Streams pass through chunk by chunk; slow starts and long streams survive; bodies and headers
 //! reach Ollama the way Ollama needs them.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use std::time::Duration;
 

@@ -1,9 +1,7 @@
 //! 500 concurrent streams through corral to the double: every stream complete and correct, none
 //! cut. Prints corral's memory (RSS) with all of them open.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

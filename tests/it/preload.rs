@@ -1,9 +1,7 @@
 //! Pinned models: loaded at start-up by the right route, kept loaded across Ollama restarts, and
 //! protected from clients' keep_alive.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use corral::config::{HumanDuration, KeepAlivePolicy};
 use corral::ollama::KeepAlive;
 use serde_json::{json, Value};

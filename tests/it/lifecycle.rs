@@ -1,8 +1,6 @@
 //! Start-up checks, graceful drain on SIGTERM, `corral check`, built-in defaults.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use corral::config::{HumanDuration, ListenAddr};
 use serde_json::json;
 use std::net::TcpStream;

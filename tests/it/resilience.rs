@@ -1,9 +1,7 @@
 //! Hostile and slow clients, a restarting Ollama, and reloads under traffic: corral refuses what it
 //! must, keeps serving everyone else, and never cuts a live stream.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use corral::config::{HumanDuration, ListenAddr};
 use serde_json::{json, Value};
 use std::io::{Read, Write};

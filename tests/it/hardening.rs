@@ -3,10 +3,8 @@
 //! creating from blobs (F4), HEAD on filtered lists (F5), requests refused while parsing (F7).
 //! Connection caps and deadlines (F3) are in `connections.rs`.
 
-mod common;
-
-use common::raw::{h1_raw, h2_connect, h2_request, RawUpstream};
-use common::*;
+use crate::common::raw::{h1_raw, h2_connect, h2_request, RawUpstream};
+use crate::common::*;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;

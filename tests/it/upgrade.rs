@@ -1,9 +1,7 @@
 //! Zero-downtime binary upgrade (pingora's socket hand-over) and daemon mode, as systemd drives
 //! them (deploy/systemd/corral.service).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::json;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

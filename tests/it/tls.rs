@@ -1,8 +1,6 @@
 //! TLS: HTTP/1.1 and HTTP/2 over the configured certificate, reloaded when its files change.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

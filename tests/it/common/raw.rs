@@ -99,10 +99,6 @@ impl RawUpstream {
     pub fn stray(&self) -> Vec<Vec<u8>> {
         self.log.lock().unwrap().stray.clone()
     }
-
-    pub fn connections(&self) -> usize {
-        self.log.lock().unwrap().connections
-    }
 }
 
 fn find(buf: &[u8], pat: &[u8]) -> Option<usize> {

@@ -1,9 +1,7 @@
 //! Known traffic through corral to the double: the access log and `/metrics` must say exactly
 //! what the double produced; `/v1` streams look exactly as Ollama would send them.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 async fn gateway() -> (OllamaDouble, Corral) {

@@ -5,10 +5,8 @@
 //! the request bodies held in memory have caps of their own. What an idle connection costs in
 //! memory is measured by `cargo bench --bench connections`, not here.
 
-mod common;
-
-use common::raw::{h2_connect, h2_open, h2_response, tls_connect};
-use common::*;
+use crate::common::raw::{h2_connect, h2_open, h2_response, tls_connect};
+use crate::common::*;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -1,10 +1,8 @@
 //! API keys: an adversarial suite (every bad key refused, none reaching Ollama), per-team policy,
 //! model lists, and reloads that revoke without cutting streams.
 
-mod common;
-
+use crate::common::*;
 use base64::Engine;
-use common::*;
 use corral::access::auth::Claims;
 use corral::config::TeamConfig;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};

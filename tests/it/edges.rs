@@ -2,10 +2,8 @@
 //! client, whatever the connection does afterwards; a stream without usage is charged an
 //! estimate; Ollama's 5xx bodies never reach the client.
 
-mod common;
-
-use common::raw::{chunk, scripted_upstream, Step};
-use common::*;
+use crate::common::raw::{chunk, scripted_upstream, Step};
+use crate::common::*;
 use serde_json::{json, Value};
 use std::time::Duration;
 
