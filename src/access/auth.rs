@@ -20,37 +20,37 @@ const MAX_KEY_LEN: usize = 4096;
 /// Verified keys remembered at most; the cache only ever holds keys that verified.
 const CACHE_CAPACITY: usize = 16_384;
 /// Clock skew tolerated on `exp` and `nbf`, in seconds.
-pub const LEEWAY: u64 = 60;
+pub(crate) const LEEWAY: u64 = 60;
 
 /// The claims of a corral API key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
     /// The team.
-    pub sub: String,
+    pub(crate) sub: String,
     /// The key id, what revocation names.
     pub jti: String,
     pub iat: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exp: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nbf: Option<u64>,
+    pub(crate) nbf: Option<u64>,
     /// Narrows the team's model allow-list (never widens it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub models: Option<Vec<String>>,
     /// A label for humans.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
+    pub(crate) name: Option<String>,
 }
 
 /// Who is calling.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
-    pub team: String,
-    pub key_id: String,
+    pub(crate) team: String,
+    pub(crate) key_id: String,
     /// The verification key that accepted it.
-    pub kid: String,
-    pub models: Option<Vec<String>>,
-    pub expires_at: Option<u64>,
+    pub(crate) kid: String,
+    pub(crate) models: Option<Vec<String>>,
+    pub(crate) expires_at: Option<u64>,
 }
 
 /// Why a request's key was refused (401).
@@ -74,7 +74,7 @@ pub enum AuthFailure {
 
 impl AuthFailure {
     /// The `reason` label of `corral_auth_failures_total`.
-    pub fn reason(self) -> &'static str {
+    pub(crate) fn reason(self) -> &'static str {
         match self {
             AuthFailure::Missing => "missing",
             AuthFailure::Ambiguous => "ambiguous",
@@ -89,7 +89,7 @@ impl AuthFailure {
         }
     }
 
-    pub fn message(self) -> &'static str {
+    pub(crate) fn message(self) -> &'static str {
         match self {
             AuthFailure::Missing => {
                 "missing API key: send it as `Authorization: Bearer <key>`, as `x-api-key: <key>`, or as the password of HTTP Basic auth"
@@ -177,23 +177,24 @@ impl Verifier {
         }
     }
 
-    pub fn key_ids(&self) -> impl Iterator<Item = &str> {
+    pub(crate) fn key_ids(&self) -> impl Iterator<Item = &str> {
         self.keys.keys().map(String::as_str)
     }
 
-    pub fn revoked_count(&self) -> usize {
+    pub(crate) fn revoked_count(&self) -> usize {
         self.revoked.len()
     }
 
     /// Keeps revoked every key `earlier` revoked; returns how many this list had dropped.
-    pub fn keep_revoked(&mut self, earlier: &Verifier) -> usize {
+    pub(crate) fn keep_revoked(&mut self, earlier: &Verifier) -> usize {
         let before = self.revoked.len();
         self.revoked.extend(earlier.revoked.iter().cloned());
         self.revoked.len() - before
     }
 
     /// How many keys had their signature checked (cache misses).
-    pub fn signature_checks(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn signature_checks(&self) -> u64 {
         self.signature_checks.load(Ordering::Relaxed)
     }
 
@@ -272,14 +273,14 @@ impl Verifier {
 /// what the key claims: anyone can write any id into an unsigned key. Ids and team names that
 /// are not plain (1-64 of `[A-Za-z0-9._-]`) are left out, so the log line stays readable.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RefusedKey {
-    pub key_id: Option<String>,
-    pub team: Option<String>,
+pub(crate) struct RefusedKey {
+    pub(crate) key_id: Option<String>,
+    pub(crate) team: Option<String>,
     /// The signature held: `key_id` and `team` are the issuer's, not just claimed.
-    pub signed: bool,
+    pub(crate) signed: bool,
 }
 
-pub fn refused_key(token: &str, failure: AuthFailure) -> RefusedKey {
+pub(crate) fn refused_key(token: &str, failure: AuthFailure) -> RefusedKey {
     let unknown = RefusedKey {
         key_id: None,
         team: None,

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 /// Which cap refused a place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Over {
+pub(crate) enum Over {
     /// The cap on everything held at once.
     Total,
     /// The cap on one client address.
@@ -23,14 +23,14 @@ pub enum Over {
 }
 
 impl Over {
-    pub const ALL: [Over; 2] = [Over::Total, Over::PerClient];
+    pub(crate) const ALL: [Over; 2] = [Over::Total, Over::PerClient];
 }
 
 /// The caps; 0 means no cap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Caps {
-    pub total: u32,
-    pub per_ip: u32,
+pub(crate) struct Caps {
+    pub(crate) total: u32,
+    pub(crate) per_ip: u32,
 }
 
 /// The address a per-client cap counts against: an IPv4 address, or the /64 an IPv6 address is
@@ -55,13 +55,13 @@ struct Places {
 }
 
 /// Places held (open connections, requests in flight), counted against the caps. Pure bookkeeping: testable without sockets.
-pub struct Counter {
+pub(crate) struct Counter {
     caps: Caps,
     open: Mutex<Places>,
 }
 
 /// One admitted connection or request; releases its place when dropped.
-pub struct Held {
+pub(crate) struct Held {
     counter: Arc<Counter>,
     client: Option<IpAddr>,
 }
@@ -82,7 +82,7 @@ impl Drop for Held {
 }
 
 impl Counter {
-    pub fn new(caps: Caps) -> Arc<Counter> {
+    pub(crate) fn new(caps: Caps) -> Arc<Counter> {
         Arc::new(Counter {
             caps,
             open: Mutex::default(),
@@ -90,7 +90,7 @@ impl Counter {
     }
 
     /// Takes a place for `peer`, or says which cap refuses it.
-    pub fn admit(self: &Arc<Self>, peer: Option<IpAddr>) -> Result<Held, Over> {
+    pub(crate) fn admit(self: &Arc<Self>, peer: Option<IpAddr>) -> Result<Held, Over> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if self.caps.total > 0 && open.total >= self.caps.total {
             return Err(Over::Total);
@@ -112,27 +112,28 @@ impl Counter {
         })
     }
 
-    pub fn open(&self) -> u32 {
+    #[cfg(test)]
+    pub(crate) fn open(&self) -> u32 {
         self.open.lock().unwrap_or_else(|e| e.into_inner()).total
     }
 }
 
 /// Bytes held at once against a cap (0: no cap), e.g. request bodies read whole.
-pub struct Budget {
+pub(crate) struct Budget {
     cap: u64,
     used: AtomicU64,
     gauge: Option<IntGauge>,
 }
 
 /// A part of a [`Budget`]; given back when dropped.
-pub struct Share {
+pub(crate) struct Share {
     budget: Arc<Budget>,
     bytes: u64,
 }
 
 impl Budget {
     /// A budget of `cap` bytes; `gauge`, if given, always shows the bytes in use.
-    pub fn new(cap: u64, gauge: Option<IntGauge>) -> Arc<Budget> {
+    pub(crate) fn new(cap: u64, gauge: Option<IntGauge>) -> Arc<Budget> {
         Arc::new(Budget {
             cap,
             used: AtomicU64::new(0),
@@ -141,14 +142,14 @@ impl Budget {
     }
 
     /// An empty share, to grow.
-    pub fn share(self: &Arc<Self>) -> Share {
+    pub(crate) fn share(self: &Arc<Self>) -> Share {
         Share {
             budget: self.clone(),
             bytes: 0,
         }
     }
 
-    pub fn used(&self) -> u64 {
+    pub(crate) fn used(&self) -> u64 {
         self.used.load(Ordering::Relaxed)
     }
 
@@ -161,7 +162,7 @@ impl Budget {
 
 impl Share {
     /// Takes `more` bytes, or nothing at all (`false`) when the budget has not that much left.
-    pub fn grow(&mut self, more: u64) -> bool {
+    pub(crate) fn grow(&mut self, more: u64) -> bool {
         let budget = &self.budget;
         let taken = budget
             .used
@@ -179,7 +180,7 @@ impl Share {
 
     /// Holds exactly `bytes`, whatever the cap: for what is already in memory (a body rewritten
     /// a few bytes longer than the one read).
-    pub fn set(&mut self, bytes: u64) {
+    pub(crate) fn set(&mut self, bytes: u64) {
         if bytes >= self.bytes {
             self.budget
                 .used
@@ -193,7 +194,7 @@ impl Share {
         self.budget.changed();
     }
 
-    pub fn bytes(&self) -> u64 {
+    pub(crate) fn bytes(&self) -> u64 {
         self.bytes
     }
 }

@@ -2,14 +2,14 @@
 //! The signing key stays with the operator; gateways get only the public half.
 
 use crate::access::auth::Claims;
-pub use crate::config::kid_of;
+pub(crate) use crate::config::kid_of;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// A key id for `keys init`: letters, digits, '.', '-', '_'.
-pub fn valid_kid(id: &str) -> bool {
+pub(crate) fn valid_kid(id: &str) -> bool {
     (1..=64).contains(&id.len())
         && id
             .bytes()
@@ -113,14 +113,14 @@ pub fn peek(token: &str) -> Result<(Header, Claims), String> {
 }
 
 /// Reads a revocation list: one key id per line; blank lines and `#` comments ignored.
-pub fn read_revoked(text: &str) -> impl Iterator<Item = &str> {
+pub(crate) fn read_revoked(text: &str) -> impl Iterator<Item = &str> {
     text.lines()
         .map(|l| l.split('#').next().unwrap_or("").trim())
         .filter(|l| !l.is_empty())
 }
 
 /// Appends a key id to the revocation list (creating it). `Ok(false)` if it was already there.
-pub fn revoke(file: &Path, key_id: &str) -> Result<bool, String> {
+pub(crate) fn revoke(file: &Path, key_id: &str) -> Result<bool, String> {
     // Key ids are what `keys issue` makes: 32 hex digits (written lowercase).
     if key_id.len() != 32 || !key_id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(format!(

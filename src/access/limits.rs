@@ -12,14 +12,14 @@ use std::time::{Duration, Instant};
 
 /// Which limit refused a request (`corral_rate_limited_total{limit}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Limit {
+pub(crate) enum Limit {
     Rpm,
     Tpm,
     Concurrency,
 }
 
 impl Limit {
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Limit::Rpm => "rpm",
             Limit::Tpm => "tpm",
@@ -30,13 +30,13 @@ impl Limit {
 
 /// A refusal: which limit, and when to try again.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Refused {
-    pub limit: Limit,
-    pub retry_after: Duration,
+pub(crate) struct Refused {
+    pub(crate) limit: Limit,
+    pub(crate) retry_after: Duration,
 }
 
 impl Refused {
-    pub fn message(&self, team: &Team) -> String {
+    pub(crate) fn message(&self, team: &Team) -> String {
         match self.limit {
             Limit::Rpm => format!(
                 "team `{}` is over its limit of {} requests per minute; retry later",
@@ -90,12 +90,12 @@ struct TeamState {
 }
 
 #[derive(Default)]
-pub struct Limiter {
+pub(crate) struct Limiter {
     teams: Mutex<HashMap<String, TeamState>>,
 }
 
 /// Held while a request is in flight; frees its concurrency slot when dropped.
-pub struct Slot {
+pub(crate) struct Slot {
     limiter: Option<Arc<Limiter>>,
     team: String,
     /// The team's rpm, when the request was charged one request of it.
@@ -107,7 +107,7 @@ pub struct Slot {
 impl Slot {
     /// Gives back what the request was charged: it was refused before reaching Ollama (a bad
     /// body, a model the key may not use), and a refused request costs nothing.
-    pub fn refund(self) {
+    pub(crate) fn refund(self) {
         let (Some(limiter), Some(rpm)) = (&self.limiter, self.rpm) else {
             return;
         };
@@ -134,7 +134,7 @@ impl Limiter {
     /// Admits a request of `team` at `now`, or says which limit refuses it. The token and
     /// concurrency limits apply to `inference` requests (those that run a model); every request
     /// counts toward `rpm`.
-    pub fn admit(
+    pub(crate) fn admit(
         self: &Arc<Self>,
         team: &Team,
         inference: bool,
@@ -193,7 +193,7 @@ impl Limiter {
     }
 
     /// Charges the tokens a finished request used.
-    pub fn charge(&self, team: &Team, tokens: u64, now: Instant) {
+    pub(crate) fn charge(&self, team: &Team, tokens: u64, now: Instant) {
         if team.tpm == 0 || tokens == 0 {
             return;
         }

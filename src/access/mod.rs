@@ -6,7 +6,7 @@
 //! consistent version and a bad new configuration never half-applies.
 
 pub mod auth;
-pub mod caps;
+pub(crate) mod caps;
 pub mod keys;
 pub mod limits;
 pub mod policy;
@@ -18,16 +18,16 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
-pub struct Access {
-    pub verifier: Verifier,
-    pub teams: HashMap<String, Arc<Team>>,
+pub(crate) struct Access {
+    pub(crate) verifier: Verifier,
+    pub(crate) teams: HashMap<String, Arc<Team>>,
     /// Where the revocation list was read from.
-    pub revoked_file: PathBuf,
+    pub(crate) revoked_file: PathBuf,
 }
 
 impl Access {
     /// Loads the key files and the revocation list. Every problem names its key and file.
-    pub fn from_config(cfg: &Config) -> Result<(Access, Vec<String>), Vec<String>> {
+    pub(crate) fn from_config(cfg: &Config) -> Result<(Access, Vec<String>), Vec<String>> {
         let mut problems = Vec::new();
         let mut warnings = Vec::new();
         let mut keys = HashMap::new();
@@ -92,7 +92,7 @@ impl Access {
     }
 
     /// Verifies a key and finds its team.
-    pub fn authenticate(
+    pub(crate) fn authenticate(
         &self,
         token: &str,
         now: u64,
@@ -106,7 +106,7 @@ impl Access {
     }
 
     /// The files whose change means "reload".
-    pub fn watched_files(cfg: &Config) -> Vec<PathBuf> {
+    pub(crate) fn watched_files(cfg: &Config) -> Vec<PathBuf> {
         let mut files = cfg.auth.verify_keys.clone();
         if !cfg.auth.revoked_file.as_os_str().is_empty() {
             files.push(cfg.auth.revoked_file.clone());
@@ -136,7 +136,7 @@ fn read_revoked(path: &std::path::Path) -> Result<HashSet<String>, String> {
 /// half-way through a rewrite, edited by mistake) would otherwise bring those keys back to life.
 /// `next` keeps every id `running` had revoked; the warning says how many its file dropped.
 /// Clearing a revocation on purpose takes a restart.
-pub fn keep_revocations(running: &Access, next: &mut Access) -> Option<String> {
+pub(crate) fn keep_revocations(running: &Access, next: &mut Access) -> Option<String> {
     if next.revoked_file != running.revoked_file {
         return None;
     }
@@ -150,18 +150,18 @@ pub fn keep_revocations(running: &Access, next: &mut Access) -> Option<String> {
 }
 
 /// The current [`Access`], shared by all requests and replaced on reload.
-pub struct AccessHandle(RwLock<Arc<Access>>);
+pub(crate) struct AccessHandle(RwLock<Arc<Access>>);
 
 impl AccessHandle {
-    pub fn new(access: Access) -> AccessHandle {
+    pub(crate) fn new(access: Access) -> AccessHandle {
         AccessHandle(RwLock::new(Arc::new(access)))
     }
 
-    pub fn current(&self) -> Arc<Access> {
+    pub(crate) fn current(&self) -> Arc<Access> {
         self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    pub fn replace(&self, access: Access) {
+    pub(crate) fn replace(&self, access: Access) {
         *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(access);
     }
 }

@@ -15,10 +15,10 @@ use serde_json::Value;
 
 /// A model-name pattern: `*` matches any run of characters.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Glob(String);
+pub(crate) struct Glob(String);
 
 impl Glob {
-    pub fn new(pattern: &str) -> Glob {
+    pub(crate) fn new(pattern: &str) -> Glob {
         let p = pattern.trim();
         if !p.contains('*') {
             if let Some(name) = ModelName::parse(p) {
@@ -34,7 +34,7 @@ impl Glob {
     }
 
     /// Matches a normalized, lowercase model key.
-    pub fn matches(&self, key: &str) -> bool {
+    pub(crate) fn matches(&self, key: &str) -> bool {
         wildcard(self.0.as_bytes(), key.as_bytes())
     }
 }
@@ -64,18 +64,18 @@ fn wildcard(pattern: &[u8], text: &[u8]) -> bool {
 
 /// A team's policy, compiled from its config table.
 #[derive(Debug, Clone)]
-pub struct Team {
-    pub name: String,
-    pub models: Vec<Glob>,
-    pub admin: bool,
-    pub cloud: bool,
-    pub rpm: u32,
-    pub tpm: u64,
-    pub max_concurrent: u32,
+pub(crate) struct Team {
+    pub(crate) name: String,
+    pub(crate) models: Vec<Glob>,
+    pub(crate) admin: bool,
+    pub(crate) cloud: bool,
+    pub(crate) rpm: u32,
+    pub(crate) tpm: u64,
+    pub(crate) max_concurrent: u32,
 }
 
 impl Team {
-    pub fn new(name: &str, cfg: &TeamConfig) -> Team {
+    pub(crate) fn new(name: &str, cfg: &TeamConfig) -> Team {
         Team {
             name: name.to_string(),
             models: cfg.models.iter().map(|g| Glob::new(g)).collect(),
@@ -88,7 +88,7 @@ impl Team {
     }
 
     /// Whether this team, with this key, may use `model` (normalized).
-    pub fn allows(&self, identity: &Identity, model: &ModelName) -> bool {
+    pub(crate) fn allows(&self, identity: &Identity, model: &ModelName) -> bool {
         let key = model.key();
         if is_cloud_model(&key) && !self.cloud {
             return false;
@@ -109,8 +109,8 @@ fn key_allows(identity: &Identity, model: &ModelName) -> bool {
 /// A model a request names, and the field that named it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelRef {
-    pub field: &'static str,
-    pub name: ModelName,
+    pub(crate) field: &'static str,
+    pub(crate) name: ModelName,
 }
 
 fn named(field: &'static str, value: Option<String>) -> Result<Option<ModelRef>, GatewayError> {
@@ -135,10 +135,10 @@ fn field(obj: &JsonObject, name: &'static str) -> Result<Option<String>, Gateway
 pub struct Refs {
     pub models: Vec<ModelRef>,
     /// The field that refers to something else than a named model, if any.
-    pub unprovable: Option<String>,
+    pub(crate) unprovable: Option<String>,
     /// The request makes a model that Ollama serves from another host (`/api/create` with a
     /// `remote_host`): its prompts would leave like a cloud model's.
-    pub remote: bool,
+    pub(crate) remote: bool,
 }
 
 /// The fields of `/api/create` that build only from what the request names as models (checked
@@ -256,7 +256,7 @@ fn referenced_models(
 }
 
 /// Decides a request that carries a valid key.
-pub fn authorize(
+pub(crate) fn authorize(
     team: &Team,
     identity: &Identity,
     kind: RouteKind,
@@ -349,7 +349,7 @@ fn cloud_refused(team: &Team, name: &ModelName) -> GatewayError {
 
 /// Model lists (`/api/tags`, `/api/ps`, `/v1/models`) cut down to what the team may use. `None`
 /// when the body is not the expected JSON (it is then withheld, not passed through).
-pub fn filter_list(
+pub(crate) fn filter_list(
     kind: RouteKind,
     team: &Team,
     identity: &Identity,

@@ -62,10 +62,10 @@ fn upstream_failed_message(status: u16) -> String {
 
 /// An error response ready to write: status, headers, body.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Rendered {
-    pub status: u16,
-    pub headers: Vec<(&'static str, String)>,
-    pub body: Bytes,
+pub(crate) struct Rendered {
+    pub(crate) status: u16,
+    pub(crate) headers: Vec<(&'static str, String)>,
+    pub(crate) body: Bytes,
 }
 
 impl GatewayError {
@@ -90,7 +90,7 @@ impl GatewayError {
     }
 
     /// A short, bounded label for logs and metrics.
-    pub fn label(&self) -> &'static str {
+    pub(crate) fn label(&self) -> &'static str {
         match self {
             GatewayError::BadRequest(_) => "bad_request",
             GatewayError::Unauthorized(_) => "unauthorized",
@@ -136,7 +136,7 @@ impl GatewayError {
     }
 
     /// The JSON error object in the caller's dialect (also used in-band in streams).
-    pub fn json(&self, dialect: Dialect) -> serde_json::Value {
+    pub(crate) fn json(&self, dialect: Dialect) -> serde_json::Value {
         let message = self.to_string();
         match dialect {
             Dialect::Ollama => json!({ "error": message }),
@@ -156,7 +156,7 @@ impl GatewayError {
     }
 
     /// The whole error response in the caller's dialect.
-    pub fn render(&self, dialect: Dialect) -> Rendered {
+    pub(crate) fn render(&self, dialect: Dialect) -> Rendered {
         let body = Bytes::from(self.json(dialect).to_string());
         let mut headers = vec![
             (

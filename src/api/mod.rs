@@ -1,5 +1,5 @@
 //! What corral serves, as its callers see it: the route table (deny by default) and the one error
 //! type, rendered in each caller's dialect. Uses only `config`'s units.
 
-pub mod error;
+pub(crate) mod error;
 pub mod routes;

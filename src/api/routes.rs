@@ -8,7 +8,7 @@ use http::Method;
 
 /// Who may call a route (README, "Routes"; `docs/ollama-protocol.md`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RouteClass {
+pub(crate) enum RouteClass {
     /// Anyone, no key.
     Public,
     /// Runs a model: a key whose team allows the requested model.
@@ -32,7 +32,7 @@ pub enum Dialect {
 
 /// How corral handles a route's request body.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BodyMode {
+pub(crate) enum BodyMode {
     /// No body is expected (GET/HEAD). Any body is refused.
     None,
     /// A JSON body read whole (up to `server.max_body`) and inspected before Ollama sees anything.
@@ -96,7 +96,7 @@ const TABLE: &[(RouteKind, &str, &[Method])] = &[
 ];
 
 impl RouteKind {
-    pub fn class(self) -> RouteClass {
+    pub(crate) fn class(self) -> RouteClass {
         match self {
             Root | Version => RouteClass::Public,
             Generate | Chat | Embed | Embeddings | ChatCompletions | Completions
@@ -106,7 +106,7 @@ impl RouteKind {
         }
     }
 
-    pub fn dialect(self) -> Dialect {
+    pub(crate) fn dialect(self) -> Dialect {
         match self {
             Messages => Dialect::Anthropic,
             ChatCompletions | Completions | OpenAiEmbeddings | Responses | Models | Model => {
@@ -116,7 +116,7 @@ impl RouteKind {
         }
     }
 
-    pub fn body(self) -> BodyMode {
+    pub(crate) fn body(self) -> BodyMode {
         match self {
             Root | Version | Tags | Ps | Models | Model => BodyMode::None,
             Blobs => BodyMode::Stream,
@@ -125,7 +125,7 @@ impl RouteKind {
     }
 
     /// The route template, used as the `route` log field and metric label.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Model => "/v1/models/{model}",
             Blobs => "/api/blobs/{digest}",
@@ -138,12 +138,12 @@ impl RouteKind {
     }
 
     /// Whether Ollama streams this route's answer when the request says nothing about `stream`.
-    pub fn streams_by_default(self) -> bool {
+    pub(crate) fn streams_by_default(self) -> bool {
         matches!(self, Generate | Chat | Pull | Push | Create)
     }
 
     /// Routes whose answer is produced by a model run (token usage applies).
-    pub fn runs_model(self) -> bool {
+    pub(crate) fn runs_model(self) -> bool {
         self.class() == RouteClass::Inference
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 /// One line of the report.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Finding {
+pub(crate) enum Finding {
     Ok(String),
     Warning(String),
     Error(String),
@@ -27,7 +27,7 @@ impl std::fmt::Display for Finding {
 }
 
 /// Runs every check. `upstream`: also ask Ollama.
-pub fn run(source: &Source, upstream: bool) -> Vec<Finding> {
+pub(crate) fn run(source: &Source, upstream: bool) -> Vec<Finding> {
     let mut out = Vec::new();
     let cfg = match Config::load(source) {
         Ok(cfg) => {

@@ -10,20 +10,20 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub struct DemoOptions {
-    pub listen: SocketAddr,
-    pub metrics_listen: SocketAddr,
-    pub dir: Option<PathBuf>,
-    pub token_delay: Duration,
+pub(crate) struct DemoOptions {
+    pub(crate) listen: SocketAddr,
+    pub(crate) metrics_listen: SocketAddr,
+    pub(crate) dir: Option<PathBuf>,
+    pub(crate) token_delay: Duration,
 }
 
 /// Files the demo writes, and the API key it issued.
-pub struct DemoFiles {
-    pub dir: PathBuf,
-    pub ca: PathBuf,
-    pub config: PathBuf,
-    pub signing_key: PathBuf,
-    pub api_key: String,
+pub(crate) struct DemoFiles {
+    pub(crate) dir: PathBuf,
+    pub(crate) ca: PathBuf,
+    pub(crate) config: PathBuf,
+    pub(crate) signing_key: PathBuf,
+    pub(crate) api_key: String,
 }
 
 fn write(path: &Path, contents: &str) -> Result<(), String> {
@@ -32,7 +32,7 @@ fn write(path: &Path, contents: &str) -> Result<(), String> {
 
 /// Writes the development CA, the server certificate, a signing key pair and the configuration
 /// (one team, `demo`, allowed every model) into `dir`, and issues an API key for the team.
-pub fn prepare(
+pub(crate) fn prepare(
     dir: &Path,
     listen: SocketAddr,
     metrics_listen: SocketAddr,
@@ -100,7 +100,7 @@ fn restrict(path: &Path) {
 }
 
 /// The examples printed for the user (also checked by the tests).
-pub fn examples(base: &str, metrics: SocketAddr, files: &DemoFiles) -> String {
+pub(crate) fn examples(base: &str, metrics: SocketAddr, files: &DemoFiles) -> String {
     let ca = files.ca.display();
     let key = &files.api_key;
     // The binary's own path: under `cargo run` there is no `corral` on PATH.
@@ -154,7 +154,7 @@ Requests are logged below, one line each.
     )
 }
 
-pub fn run(opts: DemoOptions) -> Result<(), String> {
+pub(crate) fn run(opts: DemoOptions) -> Result<(), String> {
     // A folder of its own is deleted when the demo ends (its signing key included); one the
     // user named with --dir is theirs to keep.
     let dir = opts.dir.unwrap_or_else(|| {

@@ -1,8 +1,8 @@
 //! The `corral` command line: arguments, and one file per command that needs more than a few
 //! lines (`check`, `demo`). The top layer: uses every layer below it.
 
-pub mod check;
-pub mod demo;
+pub(crate) mod check;
+pub(crate) mod demo;
 
 use crate::config::{Config, HumanDuration, Source};
 use clap::{Parser, Subcommand};

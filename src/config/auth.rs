@@ -18,7 +18,7 @@ pub struct AuthConfig {
 
 /// The key id of a key file: its name without `.pem` and without `.pub`/`.key`
 /// (`corral-2026.pub.pem` and `corral-2026.key.pem` are both `corral-2026`).
-pub fn kid_of(path: &Path) -> Option<String> {
+pub(crate) fn kid_of(path: &Path) -> Option<String> {
     let name = path.file_name()?.to_str()?;
     let name = name.strip_suffix(".pem").unwrap_or(name);
     let name = name

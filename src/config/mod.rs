@@ -17,7 +17,7 @@ mod teams;
 mod units;
 mod upstream;
 
-pub use auth::{kid_of, AuthConfig};
+pub(crate) use auth::{kid_of, AuthConfig};
 pub use log::{LogConfig, LogFormat};
 pub use preload::{KeepAlivePolicy, PreloadConfig};
 pub use server::{ListenAddr, ServerConfig};
@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 
 /// Where the configuration came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Source {
+pub(crate) enum Source {
     File(PathBuf),
     /// No file anywhere: built-in defaults (loopback only).
     BuiltIn,
@@ -40,7 +40,7 @@ pub enum Source {
 
 impl Source {
     /// `--config`, else `$CORRAL_CONFIG`, else `./config/corral.toml` if it exists, else built-in.
-    pub fn locate(cli: Option<&Path>) -> Source {
+    pub(crate) fn locate(cli: Option<&Path>) -> Source {
         if let Some(p) = cli {
             return Source::File(p.to_path_buf());
         }
@@ -55,7 +55,7 @@ impl Source {
         }
     }
 
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             Source::File(p) => p.display().to_string(),
             Source::BuiltIn => "built-in defaults".to_string(),
@@ -63,8 +63,8 @@ impl Source {
     }
 }
 
-pub const DEFAULT_CONFIG_PATH: &str = "config/corral.toml";
-pub const ENV_PREFIX: &str = "CORRAL";
+pub(crate) const DEFAULT_CONFIG_PATH: &str = "config/corral.toml";
+pub(crate) const ENV_PREFIX: &str = "CORRAL";
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -80,13 +80,13 @@ pub struct Config {
 
 /// One thing wrong with the configuration: the key at fault and what to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    pub key: String,
-    pub message: String,
+pub(crate) struct Problem {
+    pub(crate) key: String,
+    pub(crate) message: String,
 }
 
 impl Problem {
-    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
         Problem {
             key: key.into(),
             message: message.into(),
@@ -110,9 +110,9 @@ impl Problem {
 
 /// Everything wrong with one configuration source.
 #[derive(Debug, Clone)]
-pub struct ConfigError {
-    pub source: Source,
-    pub problems: Vec<Problem>,
+pub(crate) struct ConfigError {
+    pub(crate) source: Source,
+    pub(crate) problems: Vec<Problem>,
 }
 
 impl fmt::Display for ConfigError {
@@ -137,7 +137,7 @@ impl std::error::Error for ConfigError {}
 impl Config {
     /// Reads the file (if any), applies `CORRAL__*` overrides, resolves relative paths against the
     /// file's directory and validates the result.
-    pub fn load(source: &Source) -> Result<Config, ConfigError> {
+    pub(crate) fn load(source: &Source) -> Result<Config, ConfigError> {
         Config::load_with_env(source, None)
     }
 
@@ -207,7 +207,7 @@ impl Config {
 
     /// Every problem with the values (files are checked where they are loaded), section by
     /// section; values that cannot even be read (a bad `upstream.url`) were refused before.
-    pub fn validate(&self) -> Vec<Problem> {
+    pub(crate) fn validate(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
         self.server.check(&mut problems);
         self.upstream.check(&mut problems);
@@ -292,13 +292,13 @@ mod testing {
     use super::*;
     use std::io::Write;
 
-    pub fn load_str(toml: &str) -> Result<Config, ConfigError> {
+    pub(crate) fn load_str(toml: &str) -> Result<Config, ConfigError> {
         let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
         f.write_all(toml.as_bytes()).unwrap();
         Config::load(&Source::File(f.path().to_path_buf()))
     }
 
-    pub fn keys(e: &ConfigError) -> Vec<&str> {
+    pub(crate) fn keys(e: &ConfigError) -> Vec<&str> {
         e.problems.iter().map(|p| p.key.as_str()).collect()
     }
 }

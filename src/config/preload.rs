@@ -13,11 +13,11 @@ pub struct PreloadConfig {
     pub models: Vec<String>,
     /// `keep_alive` sent with the preloads: what Ollama accepts in a request (seconds, negative =
     /// forever, or a duration string with a unit), except 0.
-    pub keep_alive: KeepAlive,
+    pub(crate) keep_alive: KeepAlive,
     /// How often `/api/ps` is checked for pinned models that went away.
     pub watch_interval: HumanDuration,
     /// `/readyz` is 503 until every preload succeeded.
-    pub ready_requires_preload: bool,
+    pub(crate) ready_requires_preload: bool,
     pub keep_alive_policy: KeepAlivePolicy,
     /// A pinned model Ollama does not have is pulled (`/api/pull`) before it is loaded.
     pub pull_missing: bool,

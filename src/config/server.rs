@@ -204,7 +204,7 @@ impl ServerConfig {
 pub struct ListenAddr(pub Option<SocketAddr>);
 
 impl ListenAddr {
-    pub const fn loopback(port: u16) -> Self {
+    pub(crate) const fn loopback(port: u16) -> Self {
         ListenAddr(Some(SocketAddr::new(
             std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
             port,

@@ -156,7 +156,7 @@ impl<T: std::str::FromStr<Err = String>> de::Visitor<'_> for TextOrNumber<T> {
 
 /// A list written as a TOML array or as one comma-separated string: environment overrides
 /// (`CORRAL__TEAMS__RESEARCH__MODELS="llama3.2:*,nomic-embed-text"`) can only give strings.
-pub fn comma_list<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+pub(crate) fn comma_list<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
 where
     D: Deserializer<'de>,
     T: Deserialize<'de> + From<String>,

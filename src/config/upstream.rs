@@ -12,7 +12,7 @@ pub struct UpstreamConfig {
     /// Base URL of Ollama: `http://host:port` (no path).
     pub url: UpstreamUrl,
     /// Establishing the TCP connection.
-    pub connect_timeout: HumanDuration,
+    pub(crate) connect_timeout: HumanDuration,
     /// Longest silence between two upstream bytes, including the wait for the first one (a cold
     /// model load).
     pub read_timeout: HumanDuration,
@@ -55,13 +55,13 @@ impl UpstreamConfig {
 /// key `upstream.url`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamUrl {
-    pub tls: bool,
-    pub host: String,
-    pub port: u16,
+    pub(crate) tls: bool,
+    pub(crate) host: String,
+    pub(crate) port: u16,
 }
 
 impl UpstreamUrl {
-    pub fn parse(url: &str) -> Result<UpstreamUrl, String> {
+    pub(crate) fn parse(url: &str) -> Result<UpstreamUrl, String> {
         let scheme = || {
             format!("`{url}` must start with http:// or https://, e.g. \"http://127.0.0.1:11434\"")
         };
@@ -119,7 +119,7 @@ impl UpstreamUrl {
     }
 
     /// `host:port` as it goes into the `Host` header (IPv6 in brackets).
-    pub fn authority(&self) -> String {
+    pub(crate) fn authority(&self) -> String {
         if self.host.contains(':') {
             format!("[{}]:{}", self.host, self.port)
         } else {
@@ -128,7 +128,7 @@ impl UpstreamUrl {
     }
 
     /// The address, when the host is an IP literal (no DNS needed).
-    pub fn literal(&self) -> Option<SocketAddr> {
+    pub(crate) fn literal(&self) -> Option<SocketAddr> {
         self.host
             .parse::<IpAddr>()
             .ok()

@@ -62,12 +62,12 @@ impl<'a> JsonObject<'a> {
     }
 
     /// The fields' names as Go matches them (folded: `"Files"` is `files`), with their raw values.
-    pub fn fields(&self) -> impl Iterator<Item = (String, &'a RawValue)> + '_ {
+    pub(crate) fn fields(&self) -> impl Iterator<Item = (String, &'a RawValue)> + '_ {
         self.entries.iter().map(|(k, v)| (fold(k), *v))
     }
 
     /// The value of a field, matched as Go matches it (`name` is lowercase ASCII).
-    pub fn get(&self, name: &str) -> Option<&'a RawValue> {
+    pub(crate) fn get(&self, name: &str) -> Option<&'a RawValue> {
         self.entries
             .iter()
             .find(|(k, _)| folds_to(k, name))
@@ -75,7 +75,7 @@ impl<'a> JsonObject<'a> {
     }
 
     /// A string field; `null` and absent are `None`, any other type is an error.
-    pub fn string(&self, name: &str) -> Result<Option<String>, BodyError> {
+    pub(crate) fn string(&self, name: &str) -> Result<Option<String>, BodyError> {
         match self.get(name) {
             None => Ok(None),
             Some(raw) => match serde_json::from_str::<Option<String>>(raw.get()) {
@@ -95,7 +95,7 @@ impl<'a> JsonObject<'a> {
     }
 
     /// A nested object field, parsed with the same rules.
-    pub fn object(&self, name: &str) -> Result<Option<JsonObject<'a>>, BodyError> {
+    pub(crate) fn object(&self, name: &str) -> Result<Option<JsonObject<'a>>, BodyError> {
         match self.get(name) {
             None => Ok(None),
             Some(raw) if raw.get() == "null" => Ok(None),

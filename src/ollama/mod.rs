@@ -15,14 +15,14 @@ const LOCAL_SUFFIX: &str = ":local";
 /// `library/llama3.2` → `llama3.2:latest`, `hf.co/user/model:Q4` unchanged.
 /// Ollama compares names case-insensitively; [`ModelName::key`] is the form to compare.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ModelName {
+pub(crate) struct ModelName {
     display: String,
 }
 
 impl ModelName {
     /// Parses `[host/][namespace/]model[:tag]` (a `@digest` suffix is dropped). `None` for names
     /// Ollama refuses as invalid.
-    pub fn parse(name: &str) -> Option<ModelName> {
+    pub(crate) fn parse(name: &str) -> Option<ModelName> {
         let name = name.split_once('@').map_or(name, |(n, _)| n);
         // `:local` (any case) only forces a local model: `llama3.2:local` is `llama3.2:latest`,
         // `llama3.2:3b:local` is `llama3.2:3b` (Ollama's modelref).
@@ -84,17 +84,13 @@ impl ModelName {
     }
 
     /// The name as Ollama shows it in `/api/tags` (`llama3.2:latest`).
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.display
     }
 
     /// The comparison key (Ollama matches names case-insensitively).
-    pub fn key(&self) -> String {
+    pub(crate) fn key(&self) -> String {
         self.display.to_ascii_lowercase()
-    }
-
-    pub fn tag(&self) -> &str {
-        self.display.rsplit_once(':').map_or("", |(_, t)| t)
     }
 }
 
@@ -106,7 +102,7 @@ impl std::fmt::Display for ModelName {
 
 /// Whether Ollama would forward requests for this model to ollama.com (`*:cloud`, `*-cloud`;
 /// suffixes matched case-insensitively).
-pub fn is_cloud_model(name: &str) -> bool {
+pub(crate) fn is_cloud_model(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
     let tag = lower.rsplit_once(':').map(|(_, t)| t);
     tag == Some("cloud") || tag.is_some_and(|t| t.ends_with("-cloud")) || lower.ends_with("-cloud")
@@ -164,7 +160,9 @@ impl KeepAlive {
 
     /// Reads a JSON `keep_alive`: a number of seconds (negative = forever), or a Go duration
     /// string with a unit. `Ok(None)` when absent or `null`. The error is Ollama's message.
-    pub fn from_json(value: Option<&serde_json::Value>) -> Result<Option<KeepAlive>, String> {
+    pub(crate) fn from_json(
+        value: Option<&serde_json::Value>,
+    ) -> Result<Option<KeepAlive>, String> {
         match value {
             None | Some(serde_json::Value::Null) => Ok(None),
             Some(serde_json::Value::Number(n)) => {
@@ -190,7 +188,7 @@ impl KeepAlive {
 
     /// The JSON value corral sends to Ollama: `-1` for forever, else the number of seconds
     /// (a whole number when it is one).
-    pub fn to_json(&self) -> serde_json::Value {
+    pub(crate) fn to_json(self) -> serde_json::Value {
         match self {
             KeepAlive::Forever => (-1).into(),
             KeepAlive::For(d) if d.subsec_nanos() == 0 => d.as_secs().into(),

@@ -245,25 +245,25 @@ impl Gateway {
 
 /// Limits on what clients send, from `[server]`.
 #[derive(Debug, Clone, Copy)]
-pub struct ClientLimits {
-    pub max_body: ByteSize,
-    pub max_header_size: ByteSize,
-    pub body_timeout: Duration,
-    pub header_timeout: Duration,
+pub(crate) struct ClientLimits {
+    pub(crate) max_body: ByteSize,
+    pub(crate) max_header_size: ByteSize,
+    pub(crate) body_timeout: Duration,
+    pub(crate) header_timeout: Duration,
 }
 
 /// What the gateway is full of (`corral_requests_refused_total{reason}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Full {
+pub(crate) enum Full {
     Requests,
     RequestsPerIp,
     BodyMemory,
 }
 
 impl Full {
-    pub const ALL: [Full; 3] = [Full::Requests, Full::RequestsPerIp, Full::BodyMemory];
+    pub(crate) const ALL: [Full; 3] = [Full::Requests, Full::RequestsPerIp, Full::BodyMemory];
 
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Full::Requests => "max_requests",
             Full::RequestsPerIp => "max_requests_per_ip",

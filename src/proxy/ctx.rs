@@ -14,94 +14,94 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A request body read whole, with its part of `server.max_body_memory`.
-pub struct HeldBody {
-    pub bytes: Bytes,
-    pub memory: Share,
+pub(crate) struct HeldBody {
+    pub(crate) bytes: Bytes,
+    pub(crate) memory: Share,
 }
 
 /// The verified caller: its key and its team (looked up once, when the key is verified).
-pub struct Caller {
-    pub identity: Arc<Identity>,
-    pub team: Arc<Team>,
+pub(crate) struct Caller {
+    pub(crate) identity: Arc<Identity>,
+    pub(crate) team: Arc<Team>,
 }
 
 /// Per-request state carried through pingora's hooks, in three parts: what admission decided,
 /// what the response path keeps, and how the request went (for the report).
-pub struct RequestCtx {
-    pub start: Instant,
-    pub request_id: String,
-    pub client_ip: Option<IpAddr>,
+pub(crate) struct RequestCtx {
+    pub(crate) start: Instant,
+    pub(crate) request_id: String,
+    pub(crate) client_ip: Option<IpAddr>,
     /// How errors are written for this caller (guessed from the path until a route matches).
-    pub dialect: Dialect,
-    pub admission: Admission,
-    pub response: ResponseState,
-    pub outcome: Outcome,
+    pub(crate) dialect: Dialect,
+    pub(crate) admission: Admission,
+    pub(crate) response: ResponseState,
+    pub(crate) outcome: Outcome,
     _in_flight: InFlight,
 }
 
 /// What admission decided, and what it holds while the request lives.
 #[derive(Default)]
-pub struct Admission {
+pub(crate) struct Admission {
     /// The request's place against `server.max_requests` and `server.max_requests_per_ip`.
-    pub place: Option<Held>,
-    pub route: Option<Matched>,
+    pub(crate) place: Option<Held>,
+    pub(crate) route: Option<Matched>,
     /// The caller, once its key verified.
-    pub caller: Option<Caller>,
+    pub(crate) caller: Option<Caller>,
     /// The model the request names, normalized.
-    pub model: Option<String>,
-    pub stream: Option<bool>,
+    pub(crate) model: Option<String>,
+    pub(crate) stream: Option<bool>,
     /// The request body, read whole before forwarding and sent upstream as is; dropped once
     /// Ollama answers.
-    pub body: Option<HeldBody>,
+    pub(crate) body: Option<HeldBody>,
     /// corral asked Ollama for usage the client did not ask for; it is taken out again.
-    pub strip_usage: bool,
+    pub(crate) strip_usage: bool,
     /// The team's concurrency slot, held while the request lives.
-    pub slot: Option<Slot>,
+    pub(crate) slot: Option<Slot>,
     /// Counts this request in `corral_inflight_requests{team}` while it lives.
-    pub team_in_flight: Option<GaugeGuard>,
+    pub(crate) team_in_flight: Option<GaugeGuard>,
 }
 
 /// What the response path keeps between chunks.
 #[derive(Default)]
-pub struct ResponseState {
+pub(crate) struct ResponseState {
     /// What the response body is, from its content type.
-    pub format: BodyFormat,
+    pub(crate) format: BodyFormat,
     /// The status Ollama answered with.
-    pub status_from_upstream: u16,
+    pub(crate) status_from_upstream: u16,
     /// Time from the request's start to the first response body byte.
-    pub first_byte: Option<Duration>,
+    pub(crate) first_byte: Option<Duration>,
     /// Reads usage and completeness from an inference response.
-    pub meter: Option<Meter>,
+    pub(crate) meter: Option<Meter>,
     /// How many body bytes carry the answer up to its end marker, once the meter has seen it.
-    pub complete_at: Option<u64>,
-    pub stripper: Option<UsageStripper>,
+    pub(crate) complete_at: Option<u64>,
+    pub(crate) stripper: Option<UsageStripper>,
     /// A model list being collected whole to be filtered for the team.
-    pub list_body: Option<BytesMut>,
+    pub(crate) list_body: Option<BytesMut>,
     /// Ollama answered 5xx: the start of its body, for the log (the client gets corral's error).
-    pub upstream_failure: Option<BytesMut>,
+    pub(crate) upstream_failure: Option<BytesMut>,
 }
 
 /// How the request went: what the access log and the metrics say about it. Kept as enums; they
 /// become label strings only in the report.
 #[derive(Default)]
 pub struct Outcome {
-    pub bytes_in: u64,
-    pub bytes_out: u64,
+    pub(crate) bytes_in: u64,
+    pub(crate) bytes_out: u64,
     /// What went wrong, if anything.
-    pub failure: Option<Failure>,
+    pub(crate) failure: Option<Failure>,
     /// Why the key was refused (`corral_auth_failures_total{reason}`).
-    pub auth_failure: Option<AuthFailure>,
+    pub(crate) auth_failure: Option<AuthFailure>,
     /// What the log may say about a refused key: never the key itself.
-    pub refused_key: Option<RefusedKey>,
+    pub(crate) refused_key: Option<RefusedKey>,
     /// Which limit refused the request (`corral_rate_limited_total{limit}`).
-    pub rate_limited: Option<Limit>,
+    pub(crate) rate_limited: Option<Limit>,
     /// What went wrong talking to Ollama (`corral_upstream_errors_total{kind}`).
-    pub upstream_fault: Option<UpstreamFault>,
+    pub(crate) upstream_fault: Option<UpstreamFault>,
 }
 
 /// What went wrong with a request (the access log's `error`).
 #[derive(Debug, Clone, PartialEq)]
-pub enum Failure {
+pub(crate) enum Failure {
     /// corral answered with this error, or ended a stream with it.
     Answered(GatewayError),
     /// The client went away before the answer was complete.
@@ -113,7 +113,7 @@ pub enum Failure {
 }
 
 impl Failure {
-    pub fn label(&self) -> &'static str {
+    pub(crate) fn label(&self) -> &'static str {
         match self {
             Failure::Answered(e) => e.label(),
             Failure::ClientClosed => "client_closed",
@@ -125,7 +125,7 @@ impl Failure {
 
 /// A failure talking to Ollama (`corral_upstream_errors_total{kind}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UpstreamFault {
+pub(crate) enum UpstreamFault {
     ConnectTimeout,
     ReadTimeout,
     WriteTimeout,
@@ -142,7 +142,7 @@ pub enum UpstreamFault {
 }
 
 impl UpstreamFault {
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             UpstreamFault::ConnectTimeout => "connect_timeout",
             UpstreamFault::ReadTimeout => "read_timeout",
@@ -159,7 +159,7 @@ impl UpstreamFault {
 }
 
 impl RequestCtx {
-    pub fn new(in_flight: InFlight) -> RequestCtx {
+    pub(crate) fn new(in_flight: InFlight) -> RequestCtx {
         RequestCtx {
             start: Instant::now(),
             request_id: String::new(),
@@ -173,7 +173,7 @@ impl RequestCtx {
     }
 
     /// The caller's team name, `none` for public routes and refused keys.
-    pub fn team_label(&self) -> &str {
+    pub(crate) fn team_label(&self) -> &str {
         self.admission
             .caller
             .as_ref()
@@ -182,10 +182,10 @@ impl RequestCtx {
 }
 
 /// Holds a gauge up by one while alive.
-pub struct GaugeGuard(prometheus::IntGauge);
+pub(crate) struct GaugeGuard(prometheus::IntGauge);
 
 impl GaugeGuard {
-    pub fn new(gauge: prometheus::IntGauge) -> GaugeGuard {
+    pub(crate) fn new(gauge: prometheus::IntGauge) -> GaugeGuard {
         gauge.inc();
         GaugeGuard(gauge)
     }
@@ -198,7 +198,7 @@ impl Drop for GaugeGuard {
 }
 
 /// The dialect of a path that matched no route (so even a 404 speaks the caller's language).
-pub fn dialect_of_path(path: &[u8]) -> Dialect {
+pub(crate) fn dialect_of_path(path: &[u8]) -> Dialect {
     if path.starts_with(b"/v1/messages") {
         Dialect::Anthropic
     } else if path.starts_with(b"/v1/") {

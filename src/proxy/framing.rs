@@ -18,7 +18,7 @@ pub enum Framing {
 impl Framing {
     /// Whether the head promises body bytes (a `Content-Length` above 0). Chunks may still
     /// turn out to be none.
-    pub fn promises_bytes(self) -> bool {
+    pub(crate) fn promises_bytes(self) -> bool {
         matches!(self, Framing::Length(1..))
     }
 }

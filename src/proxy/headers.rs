@@ -28,7 +28,7 @@ const STRIPPED: &[&str] = &[
 
 /// Rewrites the upstream request headers: `Host` becomes the upstream's (a loopback-bound Ollama
 /// refuses other hosts), forwarding headers describe the real client.
-pub fn prepare_upstream(
+pub(crate) fn prepare_upstream(
     req: &mut RequestHeader,
     upstream_authority: &str,
     client_ip: Option<IpAddr>,
@@ -51,7 +51,7 @@ pub fn prepare_upstream(
 }
 
 /// The client's `X-Request-Id` if it is well-formed (1-128 of `[A-Za-z0-9._:-]`), else a new one.
-pub fn request_id(incoming: Option<&[u8]>) -> String {
+pub(crate) fn request_id(incoming: Option<&[u8]>) -> String {
     if let Some(id) = incoming {
         if (1..=128).contains(&id.len())
             && id
@@ -65,7 +65,7 @@ pub fn request_id(incoming: Option<&[u8]>) -> String {
 }
 
 /// 32 hex digits: a random per-process prefix and a counter (unique, cheap, not secret).
-pub fn new_request_id() -> String {
+pub(crate) fn new_request_id() -> String {
     static PREFIX: OnceLock<u64> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let prefix = *PREFIX.get_or_init(|| {

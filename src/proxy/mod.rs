@@ -16,10 +16,10 @@ mod report;
 mod response_body;
 mod traffic;
 
-pub use admit::{ClientLimits, Full};
+pub(crate) use admit::{ClientLimits, Full};
 use ctx::Failure;
-pub use ctx::{HeldBody, RequestCtx};
-pub use traffic::Traffic;
+pub(crate) use ctx::RequestCtx;
+pub(crate) use traffic::Traffic;
 
 use crate::access::caps::{Budget, Counter};
 use crate::access::limits::Limiter;
@@ -39,19 +39,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The gateway: everything the hooks need, shared by all requests.
-pub struct Gateway {
-    pub upstream: Arc<Upstream>,
-    pub access: Arc<AccessHandle>,
-    pub limits: ClientLimits,
-    pub limiter: Arc<Limiter>,
+pub(crate) struct Gateway {
+    pub(crate) upstream: Arc<Upstream>,
+    pub(crate) access: Arc<AccessHandle>,
+    pub(crate) limits: ClientLimits,
+    pub(crate) limiter: Arc<Limiter>,
     /// Requests in flight (`server.max_requests`, `server.max_requests_per_ip`).
-    pub requests: Arc<Counter>,
+    pub(crate) requests: Arc<Counter>,
     /// Request bodies held in memory (`server.max_body_memory`).
-    pub body_memory: Arc<Budget>,
-    pub traffic: Arc<Traffic>,
-    pub access_log: Arc<AccessLog>,
-    pub metrics: Arc<Metrics>,
-    pub pins: Arc<Pins>,
+    pub(crate) body_memory: Arc<Budget>,
+    pub(crate) traffic: Arc<Traffic>,
+    pub(crate) access_log: Arc<AccessLog>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) pins: Arc<Pins>,
 }
 
 /// `upstream.request_timeout` passed: the error the patched pingora-proxy gives when it ends an

@@ -5,13 +5,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 #[derive(Default)]
-pub struct Traffic {
+pub(crate) struct Traffic {
     in_flight: AtomicUsize,
     draining: AtomicBool,
 }
 
 /// Held by every request from its first hook to its log line.
-pub struct InFlight(Arc<Traffic>);
+pub(crate) struct InFlight(Arc<Traffic>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -20,21 +20,21 @@ impl Drop for InFlight {
 }
 
 impl Traffic {
-    pub fn enter(self: &Arc<Self>) -> InFlight {
+    pub(crate) fn enter(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         InFlight(self.clone())
     }
 
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::SeqCst)
     }
 
     /// Shutdown or hand-over has begun: `/readyz` turns 503 so load balancers move away.
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
     }
 
-    pub fn start_draining(&self) {
+    pub(crate) fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
     }
 }

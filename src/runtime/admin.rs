@@ -11,15 +11,19 @@ use pingora::protocols::http::ServerSession;
 use serde_json::json;
 use std::sync::Arc;
 
-pub struct AdminApp {
-    pub traffic: Arc<Traffic>,
-    pub metrics: Arc<Metrics>,
-    pub pins: Arc<Pins>,
+pub(crate) struct AdminApp {
+    pub(crate) traffic: Arc<Traffic>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) pins: Arc<Pins>,
 }
 
 impl AdminApp {
     /// `(status, content type, body)` for a method and path.
-    pub fn answer(&self, method: &Method, path: &str) -> (StatusCode, &'static str, Vec<u8>) {
+    pub(crate) fn answer(
+        &self,
+        method: &Method,
+        path: &str,
+    ) -> (StatusCode, &'static str, Vec<u8>) {
         const JSON: &str = "application/json";
         if method != Method::GET && method != Method::HEAD {
             return (

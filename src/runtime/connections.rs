@@ -24,7 +24,7 @@ fn refusal(over: Over) -> &'static str {
 }
 
 /// The gate pingora asks: the [`Counter`] plus metrics and the handshake deadline.
-pub struct Gate {
+pub(crate) struct Gate {
     counter: Arc<Counter>,
     handshake_timeout: Duration,
     open: IntGauge,
@@ -33,7 +33,7 @@ pub struct Gate {
 }
 
 impl Gate {
-    pub fn new(caps: Caps, handshake_timeout: Duration, metrics: &Metrics) -> Gate {
+    pub(crate) fn new(caps: Caps, handshake_timeout: Duration, metrics: &Metrics) -> Gate {
         let gate = Gate {
             counter: Counter::new(caps),
             handshake_timeout,

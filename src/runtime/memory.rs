@@ -9,7 +9,7 @@ use pingora::services::background::BackgroundService;
 use std::time::Duration;
 
 /// How often the arenas are looked at.
-pub const TRIM_INTERVAL: Duration = Duration::from_secs(5);
+pub(crate) const TRIM_INTERVAL: Duration = Duration::from_secs(5);
 /// Free memory in the arenas worth handing back.
 const TRIM_ABOVE: usize = 8 << 20;
 
@@ -38,7 +38,7 @@ fn free_in_arenas() -> usize {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn trim() {}
 
-pub struct Trimmer;
+pub(crate) struct Trimmer;
 
 #[async_trait]
 impl BackgroundService for Trimmer {

@@ -2,11 +2,11 @@
 //! and certificates, serves the operator listener, drains on shutdown. Uses every layer below it
 //! (`proxy` and what it uses).
 
-pub mod admin;
-pub mod connections;
-pub mod memory;
-pub mod reload;
-pub mod server;
-pub mod shutdown;
-pub mod tls;
-pub mod watch;
+pub(crate) mod admin;
+pub(crate) mod connections;
+pub(crate) mod memory;
+pub(crate) mod reload;
+pub(crate) mod server;
+pub(crate) mod shutdown;
+pub(crate) mod tls;
+pub(crate) mod watch;

@@ -16,7 +16,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 /// Installs corral's SIGHUP handler at once, so a SIGHUP that arrives before the reloader runs
 /// does not kill the process (the default action) but is remembered.
-pub fn claim_sighup() {
+pub(crate) fn claim_sighup() {
     if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()
@@ -27,13 +27,13 @@ pub fn claim_sighup() {
     }
 }
 
-pub struct Reloader {
-    pub source: Source,
+pub(crate) struct Reloader {
+    pub(crate) source: Source,
     /// The configuration the process started with (what a reload cannot change).
-    pub started: Config,
-    pub access: Arc<AccessHandle>,
-    pub certs: Option<Arc<CertStore>>,
-    pub metrics: Arc<Metrics>,
+    pub(crate) started: Config,
+    pub(crate) access: Arc<AccessHandle>,
+    pub(crate) certs: Option<Arc<CertStore>>,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 /// What the files a reload reads held: the configuration file, keys and revocation list.
@@ -47,7 +47,7 @@ fn snapshot(source: &Source, cfg: &Config) -> Snapshot {
 
 impl Reloader {
     /// Loads and applies the configuration now. Returns the new configuration.
-    pub fn reload(&self) -> Result<Config, Vec<String>> {
+    pub(crate) fn reload(&self) -> Result<Config, Vec<String>> {
         let cfg = Config::load(&self.source).map_err(|e| {
             e.to_string()
                 .lines()

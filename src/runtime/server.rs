@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 
 /// Why corral could not start: one line per problem, each naming the key at fault.
 #[derive(Debug)]
-pub struct StartError(pub Vec<String>);
+pub(crate) struct StartError(pub Vec<String>);
 
 impl std::fmt::Display for StartError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -43,18 +43,18 @@ impl std::fmt::Display for StartError {
 }
 
 /// What start-up needs, loaded and checked.
-pub struct Prepared {
-    pub source: Source,
-    pub cfg: Config,
-    pub certs: Option<Arc<CertStore>>,
-    pub upstream: Arc<Upstream>,
-    pub access: Access,
+pub(crate) struct Prepared {
+    pub(crate) source: Source,
+    pub(crate) cfg: Config,
+    pub(crate) certs: Option<Arc<CertStore>>,
+    pub(crate) upstream: Arc<Upstream>,
+    pub(crate) access: Access,
     /// Things that work but are probably not what the operator wants.
-    pub warnings: Vec<String>,
+    pub(crate) warnings: Vec<String>,
 }
 
 /// Loads certificates, keys and the upstream; collects every problem.
-pub fn prepare(source: Source, cfg: Config) -> Result<Prepared, StartError> {
+pub(crate) fn prepare(source: Source, cfg: Config) -> Result<Prepared, StartError> {
     let mut problems = Vec::new();
     let (access, warnings) = match Access::from_config(&cfg) {
         Ok((a, w)) => (Some(a), w),
@@ -103,7 +103,7 @@ fn client_buffers(tls: bool) -> L4BufferSettings {
 }
 
 /// Listeners by config key, for checks and messages.
-pub fn listeners(cfg: &Config) -> Vec<(&'static str, SocketAddr)> {
+pub(crate) fn listeners(cfg: &Config) -> Vec<(&'static str, SocketAddr)> {
     [
         ("server.listen", cfg.server.listen.0),
         ("server.plain_listen", cfg.server.plain_listen.0),
@@ -116,7 +116,7 @@ pub fn listeners(cfg: &Config) -> Vec<(&'static str, SocketAddr)> {
 
 /// Tries to bind every listening address (then lets go), so a taken port is reported before
 /// pingora starts instead of being logged while it runs without that listener.
-pub fn check_binds(cfg: &Config) -> Result<(), StartError> {
+pub(crate) fn check_binds(cfg: &Config) -> Result<(), StartError> {
     let problems: Vec<String> = listeners(cfg)
         .into_iter()
         .filter_map(|(key, addr)| {
@@ -141,16 +141,16 @@ pub fn check_binds(cfg: &Config) -> Result<(), StartError> {
 
 /// How the process runs.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct RunMode {
+pub(crate) struct RunMode {
     /// Detach and write `server.pid_file` (the parent exits once the daemon is ready).
-    pub daemon: bool,
+    pub(crate) daemon: bool,
     /// Take the listening sockets over from a running corral through `server.upgrade_sock`.
-    pub upgrade: bool,
+    pub(crate) upgrade: bool,
 }
 
 /// Runs the gateway until it is told to stop. Returns after a fast shutdown; a graceful one
 /// exits the process once the last request is done.
-pub fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
+pub(crate) fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
     if !mode.upgrade {
         // An upgrade takes the ports over from the running corral that holds them.
         check_binds(&prepared.cfg)?;

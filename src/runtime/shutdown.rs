@@ -22,7 +22,7 @@ use tokio::sync::broadcast;
 static REMOVE_ON_EXIT: Mutex<Vec<std::path::PathBuf>> = Mutex::new(Vec::new());
 
 /// Deletes `dir` when the process exits, whichever way it stops.
-pub fn remove_on_exit(dir: std::path::PathBuf) {
+pub(crate) fn remove_on_exit(dir: std::path::PathBuf) {
     REMOVE_ON_EXIT
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -30,7 +30,7 @@ pub fn remove_on_exit(dir: std::path::PathBuf) {
 }
 
 /// Deletes what [`remove_on_exit`] named; called on every way out.
-pub fn clean_up() {
+pub(crate) fn clean_up() {
     let dirs = std::mem::take(&mut *REMOVE_ON_EXIT.lock().unwrap_or_else(|e| e.into_inner()));
     for dir in dirs {
         let _ = std::fs::remove_dir_all(dir);
@@ -76,7 +76,7 @@ async fn next(signal: &mut Option<Signal>) {
 }
 
 /// Maps signals to pingora's shutdown kinds.
-pub struct Signals;
+pub(crate) struct Signals;
 
 #[async_trait]
 impl ShutdownSignalWatch for Signals {
@@ -97,10 +97,10 @@ impl ShutdownSignalWatch for Signals {
 
 /// Follows pingora's execution phases: marks the gateway draining when a stop or hand-over
 /// begins, and ends the process once the listeners are closed and the last request is done.
-pub struct Drainer {
-    pub traffic: Arc<Traffic>,
-    pub access_log: Arc<AccessLog>,
-    pub phases: Mutex<Option<broadcast::Receiver<ExecutionPhase>>>,
+pub(crate) struct Drainer {
+    pub(crate) traffic: Arc<Traffic>,
+    pub(crate) access_log: Arc<AccessLog>,
+    pub(crate) phases: Mutex<Option<broadcast::Receiver<ExecutionPhase>>>,
 }
 
 #[async_trait]

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 #[derive(Debug, thiserror::Error)]
-pub enum TlsError {
+pub(crate) enum TlsError {
     #[error("{key} = \"{path}\": cannot read the file: {source}")]
     Read {
         key: &'static str,
@@ -45,7 +45,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// Loads and checks a certificate chain and its private key.
-pub fn load_pair(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
+pub(crate) fn load_pair(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
     let read = |k: &'static str, p: &Path| {
         std::fs::read(p).map_err(|source| TlsError::Read {
             key: k,
@@ -82,11 +82,11 @@ pub fn load_pair(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
 }
 
 /// The names a client on this machine reaches corral by: what local certificates are for.
-pub const LOOPBACK_NAMES: &[&str] = &["localhost", "127.0.0.1", "::1"];
+pub(crate) const LOOPBACK_NAMES: &[&str] = &["localhost", "127.0.0.1", "::1"];
 
 /// A self-signed certificate for the [`LOOPBACK_NAMES`], made at start-up when no certificate is
 /// configured (loopback listeners only).
-pub fn throwaway_localhost() -> Result<CertifiedKey, TlsError> {
+pub(crate) fn throwaway_localhost() -> Result<CertifiedKey, TlsError> {
     let names: Vec<String> = LOOPBACK_NAMES.iter().map(|n| n.to_string()).collect();
     let generated = rcgen::generate_simple_self_signed(names)
         .map_err(|e| TlsError::Throwaway(e.to_string()))?;
@@ -102,7 +102,7 @@ struct Files {
 }
 
 /// The certificate the TLS listener serves, swappable at run time.
-pub struct CertStore {
+pub(crate) struct CertStore {
     current: RwLock<Arc<CertifiedKey>>,
     files: Option<Files>,
 }
@@ -116,7 +116,7 @@ impl std::fmt::Debug for CertStore {
 }
 
 impl CertStore {
-    pub fn from_files(cert: &Path, key: &Path) -> Result<CertStore, TlsError> {
+    pub(crate) fn from_files(cert: &Path, key: &Path) -> Result<CertStore, TlsError> {
         let seen = Snapshot::of([cert, key]);
         let pair = load_pair(cert, key)?;
         Ok(CertStore {
@@ -129,20 +129,20 @@ impl CertStore {
         })
     }
 
-    pub fn throwaway() -> Result<CertStore, TlsError> {
+    pub(crate) fn throwaway() -> Result<CertStore, TlsError> {
         Ok(CertStore {
             current: RwLock::new(Arc::new(throwaway_localhost()?)),
             files: None,
         })
     }
 
-    pub fn watches_files(&self) -> bool {
+    pub(crate) fn watches_files(&self) -> bool {
         self.files.is_some()
     }
 
     /// Reads the files again if they changed since last time. `Ok(true)`: a new certificate is
     /// in use. On error the old certificate stays in use.
-    pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
+    pub(crate) fn reload_if_changed(&self) -> Result<bool, TlsError> {
         let Some(files) = &self.files else {
             return Ok(false);
         };
@@ -161,7 +161,7 @@ impl CertStore {
     }
 
     /// Reads the files again unconditionally (SIGHUP).
-    pub fn reload(&self) -> Result<bool, TlsError> {
+    pub(crate) fn reload(&self) -> Result<bool, TlsError> {
         let Some(files) = &self.files else {
             return Ok(false);
         };
@@ -178,7 +178,7 @@ impl CertStore {
     }
 
     /// Listener settings: this store answers every handshake; ALPN offers h2 and http/1.1.
-    pub fn tls_settings(self: &Arc<Self>) -> Result<TlsSettings, TlsError> {
+    pub(crate) fn tls_settings(self: &Arc<Self>) -> Result<TlsSettings, TlsError> {
         let mut settings =
             TlsSettings::intermediate("", "").map_err(|e| TlsError::Listener(e.to_string()))?;
         settings.set_cert_resolver(self.clone());
@@ -199,7 +199,7 @@ impl ResolvesServerCert for CertStore {
 }
 
 /// Logs what a reload of the certificate did.
-pub fn log_reload(result: Result<bool, TlsError>) {
+pub(crate) fn log_reload(result: Result<bool, TlsError>) {
     match result {
         Ok(true) => tracing::info!("TLS certificate reloaded"),
         Ok(false) => {}
@@ -210,7 +210,7 @@ pub fn log_reload(result: Result<bool, TlsError>) {
 }
 
 /// Polls the certificate files and swaps in new ones.
-pub struct CertWatcher(pub Arc<CertStore>);
+pub(crate) struct CertWatcher(pub Arc<CertStore>);
 
 #[async_trait]
 impl BackgroundService for CertWatcher {

@@ -6,14 +6,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// How often watched files are compared with what was loaded.
-pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What some files held when they were read (`None`: unreadable or missing).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Snapshot(Vec<(PathBuf, Option<Vec<u8>>)>);
+pub(crate) struct Snapshot(Vec<(PathBuf, Option<Vec<u8>>)>);
 
 impl Snapshot {
-    pub fn of<P: AsRef<Path>>(paths: impl IntoIterator<Item = P>) -> Snapshot {
+    pub(crate) fn of<P: AsRef<Path>>(paths: impl IntoIterator<Item = P>) -> Snapshot {
         Snapshot(
             paths
                 .into_iter()

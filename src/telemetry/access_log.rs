@@ -12,33 +12,33 @@ use std::time::Duration;
 
 /// One finished request.
 #[derive(Debug, Default, Serialize)]
-pub struct AccessRecord<'a> {
-    pub ts: String,
-    pub request_id: &'a str,
-    pub team: Option<&'a str>,
-    pub key_id: Option<&'a str>,
-    pub client_ip: Option<String>,
+pub(crate) struct AccessRecord<'a> {
+    pub(crate) ts: String,
+    pub(crate) request_id: &'a str,
+    pub(crate) team: Option<&'a str>,
+    pub(crate) key_id: Option<&'a str>,
+    pub(crate) client_ip: Option<String>,
     /// `None` when the request could not be read.
-    pub method: Option<&'a str>,
-    pub path: Option<&'a str>,
-    pub route: Option<&'static str>,
-    pub model: Option<&'a str>,
-    pub stream: Option<bool>,
-    pub status: u16,
-    pub duration_ms: u64,
-    pub ttft_ms: Option<u64>,
-    pub prompt_tokens: Option<u64>,
-    pub completion_tokens: Option<u64>,
+    pub(crate) method: Option<&'a str>,
+    pub(crate) path: Option<&'a str>,
+    pub(crate) route: Option<&'static str>,
+    pub(crate) model: Option<&'a str>,
+    pub(crate) stream: Option<bool>,
+    pub(crate) status: u16,
+    pub(crate) duration_ms: u64,
+    pub(crate) ttft_ms: Option<u64>,
+    pub(crate) prompt_tokens: Option<u64>,
+    pub(crate) completion_tokens: Option<u64>,
     /// The token counts are corral's estimate: the stream ended without Ollama's counts.
-    pub tokens_estimated: bool,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub error: Option<&'a str>,
+    pub(crate) tokens_estimated: bool,
+    pub(crate) bytes_in: u64,
+    pub(crate) bytes_out: u64,
+    pub(crate) error: Option<&'a str>,
     /// Why an API key was refused (`revoked`, `expired`, `unknown_kid`, `bad_signature`, ...).
-    pub auth_failure: Option<&'a str>,
+    pub(crate) auth_failure: Option<&'a str>,
     /// The id a refused key claims when its signature did not hold (anyone can write any id
     /// into an unsigned key); `key_id` holds ids whose signature held.
-    pub claimed_key_id: Option<&'a str>,
+    pub(crate) claimed_key_id: Option<&'a str>,
 }
 
 impl AccessRecord<'_> {
@@ -82,26 +82,26 @@ impl AccessRecord<'_> {
 /// Lines are buffered and written out at least every [`FLUSH_INTERVAL`] (by
 /// [`AccessLogFlusher`]) or when 64 KiB have gathered: one write per burst of requests instead of
 /// one per request. Whatever is buffered is written out before corral exits.
-pub struct AccessLog {
+pub(crate) struct AccessLog {
     format: LogFormat,
     out: Mutex<BufWriter<Box<dyn Write + Send>>>,
 }
 
-pub const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
+pub(crate) const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 
 impl AccessLog {
-    pub fn stdout(format: LogFormat) -> AccessLog {
+    pub(crate) fn stdout(format: LogFormat) -> AccessLog {
         Self::to_writer(format, Box::new(std::io::stdout()))
     }
 
-    pub fn to_writer(format: LogFormat, w: Box<dyn Write + Send>) -> AccessLog {
+    pub(crate) fn to_writer(format: LogFormat, w: Box<dyn Write + Send>) -> AccessLog {
         AccessLog {
             format,
             out: Mutex::new(BufWriter::with_capacity(64 * 1024, w)),
         }
     }
 
-    pub fn write(&self, rec: &AccessRecord<'_>) {
+    pub(crate) fn write(&self, rec: &AccessRecord<'_>) {
         let mut line = match self.format {
             LogFormat::Json => serde_json::to_string(rec).unwrap_or_default(),
             LogFormat::Pretty => rec.pretty(),
@@ -112,13 +112,13 @@ impl AccessLog {
         let _ = out.write_all(line.as_bytes());
     }
 
-    pub fn flush(&self) {
+    pub(crate) fn flush(&self) {
         let _ = self.out.lock().unwrap_or_else(|e| e.into_inner()).flush();
     }
 }
 
 /// Writes buffered access-log lines out every [`FLUSH_INTERVAL`].
-pub struct AccessLogFlusher(pub Arc<AccessLog>);
+pub(crate) struct AccessLogFlusher(pub Arc<AccessLog>);
 
 #[async_trait]
 impl BackgroundService for AccessLogFlusher {
@@ -133,7 +133,7 @@ impl BackgroundService for AccessLogFlusher {
 }
 
 /// RFC 3339 with milliseconds, UTC.
-pub fn timestamp() -> String {
+pub(crate) fn timestamp() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 

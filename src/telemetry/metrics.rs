@@ -24,27 +24,27 @@ const TTFT_BUCKETS: &[f64] = &[
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0,
 ];
 
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
-    pub requests: IntCounterVec,
-    pub duration: HistogramVec,
-    pub ttft: HistogramVec,
-    pub tokens: IntCounterVec,
-    pub in_flight: IntGaugeVec,
-    pub auth_failures: IntCounterVec,
-    pub rate_limited: IntCounterVec,
-    pub upstream_errors: IntCounterVec,
-    pub upstream_up: IntGauge,
-    pub model_loaded: IntGaugeVec,
-    pub preload_duration: GaugeVec,
-    pub model_pull_bytes: IntGaugeVec,
-    pub truncated: IntCounterVec,
-    pub reloads: IntCounterVec,
-    pub connections_open: IntGauge,
-    pub connections_refused: IntCounterVec,
-    pub handshake_failures: IntCounterVec,
-    pub requests_refused: IntCounterVec,
-    pub body_memory: IntGauge,
+    pub(crate) requests: IntCounterVec,
+    pub(crate) duration: HistogramVec,
+    pub(crate) ttft: HistogramVec,
+    pub(crate) tokens: IntCounterVec,
+    pub(crate) in_flight: IntGaugeVec,
+    pub(crate) auth_failures: IntCounterVec,
+    pub(crate) rate_limited: IntCounterVec,
+    pub(crate) upstream_errors: IntCounterVec,
+    pub(crate) upstream_up: IntGauge,
+    pub(crate) model_loaded: IntGaugeVec,
+    pub(crate) preload_duration: GaugeVec,
+    pub(crate) model_pull_bytes: IntGaugeVec,
+    pub(crate) truncated: IntCounterVec,
+    pub(crate) reloads: IntCounterVec,
+    pub(crate) connections_open: IntGauge,
+    pub(crate) connections_refused: IntCounterVec,
+    pub(crate) handshake_failures: IntCounterVec,
+    pub(crate) requests_refused: IntCounterVec,
+    pub(crate) body_memory: IntGauge,
     known_models: RwLock<KnownModels>,
 }
 
@@ -117,7 +117,7 @@ fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
 }
 
 impl Metrics {
-    pub fn new(cfg: &Config) -> Metrics {
+    pub(crate) fn new(cfg: &Config) -> Metrics {
         let r = Registry::new();
         let upstream_up = register(
             &r,
@@ -270,14 +270,14 @@ impl Metrics {
     }
 
     /// The exposition text for `/metrics`.
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
     }
 
     /// The `model` label of a (normalized) model name: its known spelling, else `other`.
-    pub fn model_label(&self, model: Option<&str>) -> String {
+    pub(crate) fn model_label(&self, model: Option<&str>) -> String {
         let Some(m) = model else {
             return "none".to_string();
         };
@@ -291,7 +291,7 @@ impl Metrics {
     }
 
     /// Models Ollama has (from `/api/tags`); they replace the previous list.
-    pub fn set_upstream_models<I: IntoIterator<Item = String>>(&self, models: I) {
+    pub(crate) fn set_upstream_models<I: IntoIterator<Item = String>>(&self, models: I) {
         let upstream = by_key(models);
         self.known_models
             .write()
@@ -300,7 +300,7 @@ impl Metrics {
     }
 
     /// Models a (reloaded) configuration names.
-    pub fn set_config_models(&self, cfg: &Config) {
+    pub(crate) fn set_config_models(&self, cfg: &Config) {
         let config = config_models(cfg);
         self.known_models
             .write()

@@ -2,15 +2,15 @@
 //! operational log on stderr, and the Prometheus metrics. Uses `config` and `ollama` (model
 //! names, for bounded labels).
 
-pub mod access_log;
-pub mod metrics;
+pub(crate) mod access_log;
+pub(crate) mod metrics;
 
 use crate::config::{LogConfig, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 /// Operational logging on stderr, in JSON or for humans. pingora's own `log` records are bridged
 /// in and kept at `warn` unless the filter names them.
-pub fn init_logging(cfg: &LogConfig) {
+pub(crate) fn init_logging(cfg: &LogConfig) {
     let mut filter = cfg.level.clone();
     if !filter.contains("pingora") {
         filter.push_str(",pingora=warn,pingora_core=warn,pingora_proxy=warn");
@@ -32,7 +32,7 @@ pub fn init_logging(cfg: &LogConfig) {
 }
 
 /// Flushes buffered log output before the process exits.
-pub fn flush() {
+pub(crate) fn flush() {
     use std::io::Write;
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();

@@ -12,25 +12,25 @@ use std::time::Duration;
 /// Answers are small JSON documents; anything larger is cut off here.
 const MAX_ANSWER: usize = 4 << 20;
 
-pub struct UpstreamClient {
+pub(crate) struct UpstreamClient {
     upstream: Arc<Upstream>,
     connector: Connector,
 }
 
 /// A complete answer from Ollama.
 #[derive(Debug)]
-pub struct Answer {
-    pub status: u16,
-    pub body: Bytes,
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    pub(crate) body: Bytes,
 }
 
 impl Answer {
-    pub fn json(&self) -> Option<serde_json::Value> {
+    pub(crate) fn json(&self) -> Option<serde_json::Value> {
         serde_json::from_slice(&self.body).ok()
     }
 
     /// Ollama's `{"error": "..."}` message, or the body text.
-    pub fn error_message(&self) -> String {
+    pub(crate) fn error_message(&self) -> String {
         self.json()
             .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
             .unwrap_or_else(|| {
@@ -42,7 +42,7 @@ impl Answer {
 }
 
 impl UpstreamClient {
-    pub fn new(upstream: Arc<Upstream>) -> UpstreamClient {
+    pub(crate) fn new(upstream: Arc<Upstream>) -> UpstreamClient {
         UpstreamClient {
             upstream,
             connector: Connector::new(None),
@@ -51,7 +51,7 @@ impl UpstreamClient {
 
     /// Sends one request and reads the whole answer. `read_timeout` bounds each read (a model
     /// load can take minutes).
-    pub async fn request(
+    pub(crate) async fn request(
         &self,
         method: &str,
         path: &str,
@@ -76,7 +76,7 @@ impl UpstreamClient {
 
     /// Sends one request and hands each line of the answer (Ollama's NDJSON progress) to
     /// `on_line` as it arrives. Returns the status. Lines over 64 KiB are skipped.
-    pub async fn lines(
+    pub(crate) async fn lines(
         &self,
         method: &str,
         path: &str,

@@ -1,12 +1,12 @@
 //! The Ollama server corral forwards to: its URL, its resolved address, and the pingora peer
 //! (with corral's timeouts) for each request.
 
-pub mod client;
-pub mod pins;
-pub mod preload;
-pub mod probe;
-pub mod pull;
-pub mod show;
+pub(crate) mod client;
+pub(crate) mod pins;
+pub(crate) mod preload;
+pub(crate) mod probe;
+pub(crate) mod pull;
+pub(crate) mod show;
 
 use crate::config::{UpstreamConfig, UpstreamUrl};
 use async_trait::async_trait;
@@ -25,16 +25,16 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const RESOLVE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The upstream Ollama, with its current address.
-pub struct Upstream {
-    pub url: UpstreamUrl,
-    pub connect_timeout: Duration,
-    pub read_timeout: Duration,
-    pub request_timeout: Duration,
+pub(crate) struct Upstream {
+    pub(crate) url: UpstreamUrl,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) read_timeout: Duration,
+    pub(crate) request_timeout: Duration,
     addr: RwLock<Option<SocketAddr>>,
 }
 
 impl Upstream {
-    pub fn new(cfg: &UpstreamConfig) -> Upstream {
+    pub(crate) fn new(cfg: &UpstreamConfig) -> Upstream {
         let url = cfg.url.clone();
         let addr = RwLock::new(url.literal());
         Upstream {
@@ -47,16 +47,16 @@ impl Upstream {
     }
 
     /// Whether the host is a DNS name that must be resolved (and re-resolved).
-    pub fn needs_dns(&self) -> bool {
+    pub(crate) fn needs_dns(&self) -> bool {
         self.url.literal().is_none()
     }
 
-    pub fn addr(&self) -> Option<SocketAddr> {
+    pub(crate) fn addr(&self) -> Option<SocketAddr> {
         *self.addr.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Resolves the host name now (a no-op for IP literals).
-    pub async fn resolve(&self) -> std::io::Result<SocketAddr> {
+    pub(crate) async fn resolve(&self) -> std::io::Result<SocketAddr> {
         if let Some(a) = self.url.literal() {
             return Ok(a);
         }
@@ -69,7 +69,7 @@ impl Upstream {
     }
 
     /// The peer for one request, or `None` while the host name has not resolved yet.
-    pub fn peer(&self) -> Option<HttpPeer> {
+    pub(crate) fn peer(&self) -> Option<HttpPeer> {
         let addr = self.addr()?;
         let mut peer = HttpPeer::new(addr, self.url.tls, self.url.host.clone());
         let o = &mut peer.options;
@@ -88,7 +88,7 @@ impl Upstream {
 }
 
 /// Keeps a DNS upstream's address fresh.
-pub struct Resolver(pub std::sync::Arc<Upstream>);
+pub(crate) struct Resolver(pub std::sync::Arc<Upstream>);
 
 #[async_trait]
 impl BackgroundService for Resolver {

@@ -10,7 +10,7 @@ use std::sync::RwLock;
 
 /// Where a pinned model stands.
 #[derive(Debug, Clone, PartialEq)]
-pub enum ModelState {
+pub(crate) enum ModelState {
     Loading,
     /// Being pulled: bytes of its layers done so far and in all (as far as announced).
     Pulling {
@@ -38,7 +38,7 @@ impl ModelState {
 }
 
 /// The pinned models and their states, shared with `/readyz` and the keep-alive policy.
-pub struct Pins {
+pub(crate) struct Pins {
     /// Normalized keys (`llama3.2:latest`) of the pinned models.
     keys: HashSet<String>,
     /// Keys of other names for the pinned models (same digest in `/api/tags`, e.g. made with
@@ -46,16 +46,16 @@ pub struct Pins {
     /// names unloads it.
     aliases: RwLock<HashMap<String, String>>,
     states: RwLock<BTreeMap<String, ModelState>>,
-    pub requires_ready: bool,
+    pub(crate) requires_ready: bool,
     /// The `keep_alive` pinned models are loaded with (and that `pin` writes into requests).
-    pub keep_alive: Value,
+    pub(crate) keep_alive: Value,
     /// `keep_alive` is "forever" (a negative duration), which `/api/ps` shows as ~292 years out.
     pub(super) forever: bool,
-    pub pin_requests: bool,
+    pub(crate) pin_requests: bool,
 }
 
 impl Pins {
-    pub fn new(cfg: &PreloadConfig) -> Pins {
+    pub(crate) fn new(cfg: &PreloadConfig) -> Pins {
         let names: Vec<ModelName> = cfg
             .models
             .iter()
@@ -77,7 +77,7 @@ impl Pins {
         }
     }
 
-    pub fn is_pinned(&self, model: &ModelName) -> bool {
+    pub(crate) fn is_pinned(&self, model: &ModelName) -> bool {
         let key = model.key();
         self.keys.contains(&key)
             || self
@@ -98,7 +98,10 @@ impl Pins {
 
     /// Learns the other names of the pinned models from Ollama's model list: `(name, digest)`
     /// pairs from `/api/tags`.
-    pub fn set_aliases<'a>(&self, tags: impl IntoIterator<Item = (&'a str, &'a str)> + Clone) {
+    pub(crate) fn set_aliases<'a>(
+        &self,
+        tags: impl IntoIterator<Item = (&'a str, &'a str)> + Clone,
+    ) {
         let key = |name: &str| ModelName::parse(name).map(|n| n.key());
         // digest → the pinned model with it
         let pinned: HashMap<&str, String> = tags
@@ -116,12 +119,12 @@ impl Pins {
     }
 
     /// The `keep_alive` a request for `model` must carry instead of the client's, if any.
-    pub fn keep_alive_for(&self, model: &ModelName) -> Option<&Value> {
+    pub(crate) fn keep_alive_for(&self, model: &ModelName) -> Option<&Value> {
         (self.pin_requests && self.is_pinned(model)).then_some(&self.keep_alive)
     }
 
     /// Ready when every pinned model is loaded (or readiness does not wait for them).
-    pub fn ready(&self) -> bool {
+    pub(crate) fn ready(&self) -> bool {
         !self.requires_ready
             || self
                 .read()
@@ -130,7 +133,7 @@ impl Pins {
     }
 
     /// Model → state, for `/readyz`.
-    pub fn report(&self) -> Value {
+    pub(crate) fn report(&self) -> Value {
         Value::Object(
             self.read()
                 .iter()

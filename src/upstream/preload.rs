@@ -51,14 +51,14 @@ struct Shared {
     pulls: Pulls,
 }
 
-pub struct Preloader {
+pub(crate) struct Preloader {
     shared: Arc<Shared>,
     client: UpstreamClient,
     watch_interval: Duration,
 }
 
 impl Preloader {
-    pub fn new(
+    pub(crate) fn new(
         upstream: Arc<Upstream>,
         pins: Arc<Pins>,
         metrics: Arc<Metrics>,

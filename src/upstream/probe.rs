@@ -11,18 +11,18 @@ use pingora::services::background::BackgroundService;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub const PROBE_INTERVAL: Duration = Duration::from_secs(5);
+pub(crate) const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub struct Probe {
-    pub client: UpstreamClient,
-    pub metrics: Arc<Metrics>,
-    pub pins: Arc<Pins>,
+pub(crate) struct Probe {
+    pub(crate) client: UpstreamClient,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) pins: Arc<Pins>,
 }
 
 impl Probe {
     /// One probe: `true` when Ollama answered with its model list.
-    pub async fn run_once(&self) -> bool {
+    pub(crate) async fn run_once(&self) -> bool {
         match self
             .client
             .request("GET", "/api/tags", None, PROBE_TIMEOUT)

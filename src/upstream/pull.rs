@@ -63,14 +63,14 @@ struct Retry {
 
 /// Which pulls are under way, and which wait out a backoff.
 #[derive(Default)]
-pub struct Pulls {
+pub(crate) struct Pulls {
     running: Mutex<HashSet<String>>,
     failed: Mutex<HashMap<String, Retry>>,
 }
 
 /// Whether a pull of a model may start now.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Start {
+pub(crate) enum Start {
     Now,
     /// One is under way already.
     Running,
@@ -80,7 +80,7 @@ pub enum Start {
 
 impl Pulls {
     /// Claims the pull of `model` if none is running and no backoff holds it back.
-    pub fn start(&self, model: &str) -> Start {
+    pub(crate) fn start(&self, model: &str) -> Start {
         if let Some(r) = lock(&self.failed)
             .get(model)
             .filter(|r| Instant::now() < r.at)
@@ -101,7 +101,7 @@ impl Pulls {
 
     /// A pull ended: done, or failed with a reason (the backoff grows). Returns the wait before
     /// the next attempt after a failure.
-    pub fn finish(&self, model: &str, outcome: &Result<(), String>) -> Option<Duration> {
+    pub(crate) fn finish(&self, model: &str, outcome: &Result<(), String>) -> Option<Duration> {
         lock(&self.running).remove(model);
         let mut failed = lock(&self.failed);
         match outcome {
@@ -132,7 +132,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Pulls `model`, following its progress into `pins` and the metrics. `read_timeout` bounds the
 /// silence between two progress lines. `Err`: why it failed (Ollama's reason, or the download
 /// broke off).
-pub async fn pull(
+pub(crate) async fn pull(
     client: &UpstreamClient,
     pins: &Pins,
     metrics: &Metrics,

@@ -11,13 +11,13 @@ const SHOW_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The route that loads a model without running a prompt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LoadRoute {
+pub(crate) enum LoadRoute {
     Generate,
     Embed,
 }
 
 impl LoadRoute {
-    pub fn path(self) -> &'static str {
+    pub(crate) fn path(self) -> &'static str {
         match self {
             LoadRoute::Generate => "/api/generate",
             LoadRoute::Embed => "/api/embed",
@@ -25,7 +25,7 @@ impl LoadRoute {
     }
 
     /// By the model's capabilities: anything that completes loads through generate.
-    pub fn for_capabilities(capabilities: &[String]) -> Option<LoadRoute> {
+    pub(crate) fn for_capabilities(capabilities: &[String]) -> Option<LoadRoute> {
         let has = |c: &str| capabilities.iter().any(|x| x == c);
         if has("completion") {
             Some(LoadRoute::Generate)
@@ -39,7 +39,7 @@ impl LoadRoute {
 
 /// Ollama's verdict on a model.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Shown {
+pub(crate) enum Shown {
     Loadable(LoadRoute),
     /// Ollama does not have it (404).
     Missing,
@@ -50,7 +50,7 @@ pub enum Shown {
 }
 
 /// Asks `/api/show` about `model`. `Err`: Ollama did not answer.
-pub async fn show(client: &UpstreamClient, model: &str) -> Result<Shown, String> {
+pub(crate) async fn show(client: &UpstreamClient, model: &str) -> Result<Shown, String> {
     let answer = client
         .request(
             "POST",
@@ -85,7 +85,7 @@ pub async fn show(client: &UpstreamClient, model: &str) -> Result<Shown, String>
 }
 
 /// The body that loads `model` with `keep_alive`, and nothing else.
-pub fn load_body(model: &str, keep_alive: &Value) -> Value {
+pub(crate) fn load_body(model: &str, keep_alive: &Value) -> Value {
     json!({ "model": model, "keep_alive": keep_alive })
 }
 

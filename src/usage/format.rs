@@ -12,7 +12,7 @@ pub enum BodyFormat {
 }
 
 impl BodyFormat {
-    pub fn from_content_type(ct: &[u8]) -> BodyFormat {
+    pub(crate) fn from_content_type(ct: &[u8]) -> BodyFormat {
         let ct = ct.to_ascii_lowercase();
         if ct.starts_with(b"application/x-ndjson") {
             BodyFormat::Ndjson

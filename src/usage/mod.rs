@@ -19,13 +19,13 @@ use scan::Scanner;
 
 /// Tokens of one request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub prompt: Option<u64>,
-    pub completion: Option<u64>,
+pub(crate) struct Usage {
+    pub(crate) prompt: Option<u64>,
+    pub(crate) completion: Option<u64>,
 }
 
 /// The most prompt tokens a cut-off stream is charged without a count from Ollama.
-pub const PROMPT_ESTIMATE_CAP: u64 = 4096;
+pub(crate) const PROMPT_ESTIMATE_CAP: u64 = 4096;
 
 impl Usage {
     /// This usage with every missing count estimated, for streams that end without Ollama's
@@ -33,7 +33,7 @@ impl Usage {
     /// per NDJSON line or SSE event received (Ollama streams a token at a time) and one prompt
     /// token per 4 bytes of request body, at most [`PROMPT_ESTIMATE_CAP`] (a base64 image is
     /// large but costs few tokens).
-    pub fn estimated(&self, pieces: u64, request_bytes: u64) -> Usage {
+    pub(crate) fn estimated(&self, pieces: u64, request_bytes: u64) -> Usage {
         Usage {
             prompt: Some(
                 self.prompt
@@ -44,11 +44,11 @@ impl Usage {
     }
 
     /// Whether the response reported no count at all.
-    pub fn is_unknown(&self) -> bool {
+    pub(crate) fn is_unknown(&self) -> bool {
         self.prompt.is_none() && self.completion.is_none()
     }
 
-    pub fn total(&self) -> u64 {
+    pub(crate) fn total(&self) -> u64 {
         self.prompt
             .unwrap_or(0)
             .saturating_add(self.completion.unwrap_or(0))
@@ -58,11 +58,11 @@ impl Usage {
 /// What the meter concluded about a response.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Outcome {
-    pub usage: Usage,
+    pub(crate) usage: Usage,
     /// The body ended properly: a stream with its end marker, a document that closed.
-    pub complete: bool,
+    pub(crate) complete: bool,
     /// An error object arrived inside the stream.
-    pub error_in_stream: bool,
+    pub(crate) error_in_stream: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -284,12 +284,12 @@ impl Meter {
 
     /// Whether the body's end marker has been read (a document that closed, for bodies that
     /// are not streams): whatever happens to the connection afterwards, the client has it all.
-    pub fn complete(&self) -> bool {
+    pub(crate) fn complete(&self) -> bool {
         self.outcome.complete || (self.format == BodyFormat::Other && self.scanner.complete())
     }
 
     /// NDJSON lines or SSE events with data read so far.
-    pub fn pieces(&self) -> u64 {
+    pub(crate) fn pieces(&self) -> u64 {
         self.pieces
     }
 

@@ -11,7 +11,7 @@ const MAX_SCALAR: usize = 40;
 const MAX_DEPTH: usize = 16;
 
 /// Receives `(path, scalar)` for every scalar read.
-pub type OnValue<'a> = dyn FnMut(&[&[u8]], &[u8]) + 'a;
+pub(crate) type OnValue<'a> = dyn FnMut(&[&[u8]], &[u8]) + 'a;
 
 #[derive(Debug, Clone)]
 struct Frame {
@@ -30,7 +30,7 @@ enum State {
 
 /// Scans one JSON document at a time. Call [`Scanner::reset`] between documents.
 #[derive(Debug, Clone)]
-pub struct Scanner {
+pub(crate) struct Scanner {
     stack: Vec<Frame>,
     depth: usize,
     state: State,
@@ -54,7 +54,7 @@ impl Default for Scanner {
 }
 
 impl Scanner {
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.stack.clear();
         self.depth = 0;
         self.state = State::Between;
@@ -64,14 +64,14 @@ impl Scanner {
     }
 
     /// Whether a whole document (object or array) has been read.
-    pub fn complete(&self) -> bool {
+    pub(crate) fn complete(&self) -> bool {
         self.complete
     }
 
     /// Feeds bytes; `on_value(path, scalar)` is called for every scalar (number, `true`,
     /// `false`, `null`, or a string's raw contents) whose path is fully tracked. `path` holds the
     /// keys of the enclosing objects, with `""` for array levels.
-    pub fn feed(&mut self, bytes: &[u8], on_value: &mut OnValue<'_>) {
+    pub(crate) fn feed(&mut self, bytes: &[u8], on_value: &mut OnValue<'_>) {
         for &b in bytes {
             self.step(b, on_value);
         }

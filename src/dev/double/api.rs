@@ -23,7 +23,7 @@ pub struct DoubleConfig {
     /// Tokens generated when the request sets no limit.
     pub response_tokens: usize,
     /// Refuse non-local `Host` headers with an empty 403, as a loopback-bound Ollama does.
-    pub host_guard: bool,
+    pub(crate) host_guard: bool,
     /// Names the "registry" does not have: pulling them fails (`file does not exist`).
     pub unpullable: Vec<String>,
     /// This many pulls (any model) break off halfway with an error, before pulls work.
@@ -60,12 +60,12 @@ pub struct Recorded {
     pub method: String,
     /// Path and query, as sent.
     pub target: String,
-    pub headers: HeaderMap,
+    pub(crate) headers: HeaderMap,
     pub body: Bytes,
 }
 
 impl Recorded {
-    pub fn path(&self) -> &str {
+    pub(crate) fn path(&self) -> &str {
         self.target.split('?').next().unwrap_or_default()
     }
 
@@ -104,7 +104,7 @@ impl OllamaDouble {
     }
 
     /// Starts on `addr` with its own runtime thread, for callers without a tokio runtime.
-    pub fn spawn(addr: SocketAddr, cfg: DoubleConfig) -> std::io::Result<OllamaDouble> {
+    pub(crate) fn spawn(addr: SocketAddr, cfg: DoubleConfig) -> std::io::Result<OllamaDouble> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("ollama-double")

@@ -47,13 +47,13 @@ pub(crate) fn count_tokens(text: &str) -> u64 {
 /// What a finished run measured: token counts and timings (nanoseconds), as Ollama's final
 /// object reports them.
 pub(crate) struct RunStats {
-    pub prompt_eval_count: u64,
-    pub eval_count: u64,
-    pub total_duration: u128,
-    pub load_duration: u128,
-    pub prompt_eval_duration: u128,
-    pub eval_duration: u128,
-    pub done_reason: &'static str,
+    pub(crate) prompt_eval_count: u64,
+    pub(crate) eval_count: u64,
+    pub(crate) total_duration: u128,
+    pub(crate) load_duration: u128,
+    pub(crate) prompt_eval_duration: u128,
+    pub(crate) eval_duration: u128,
+    pub(crate) done_reason: &'static str,
 }
 
 /// One model run: holds the model busy, yields tokens, and counts a disconnect if it is dropped
@@ -64,8 +64,8 @@ pub(crate) struct Run {
     runner: String,
     started: Instant,
     loaded_at: Instant,
-    pub prompt_tokens: u64,
-    pub tokens: Vec<String>,
+    pub(crate) prompt_tokens: u64,
+    pub(crate) tokens: Vec<String>,
     limited: bool,
     finished: bool,
     fail_after: Option<usize>,

@@ -8,7 +8,7 @@ use std::borrow::Cow;
 /// The body as Go's decoder reads it, where that differs from strict JSON: invalid UTF-8 and
 /// unpaired UTF-16 surrogate escapes (`"\ud83d"`, what a JavaScript client sends for an emoji cut
 /// in half) become U+FFFD instead of failing. `None`: nothing to change (the usual case).
-pub fn go_lenient(body: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn go_lenient(body: &[u8]) -> Option<Vec<u8>> {
     let has_escape_d = body
         .windows(3)
         .any(|w| w[0] == b'\\' && w[1] == b'u' && matches!(w[2], b'd' | b'D'));
@@ -59,7 +59,7 @@ pub fn go_lenient(body: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// A JSON document read as Go reads it (see [`go_lenient`]).
-pub fn value_like_go(body: &[u8]) -> Result<serde_json::Value, serde_json::Error> {
+pub(crate) fn value_like_go(body: &[u8]) -> Result<serde_json::Value, serde_json::Error> {
     match go_lenient(body) {
         Some(repaired) => serde_json::from_slice(&repaired),
         None => serde_json::from_slice(body),

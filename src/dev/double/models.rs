@@ -14,27 +14,27 @@ pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(5 * 60);
 #[derive(Clone, Debug)]
 pub struct ModelSpec {
     /// Normalized name (`llama3.2:latest`).
-    pub name: String,
+    pub(crate) name: String,
     /// The manifest digest `/api/tags` reports. `/api/copy` keeps it: the copy is another name
     /// for the same model, and Ollama runs one runner per model, whatever name loaded it.
-    pub digest: String,
+    pub(crate) digest: String,
     /// `completion`, `tools`, `embedding`, `thinking`, `vision`, ...
-    pub capabilities: Vec<String>,
-    pub family: String,
-    pub parameter_size: String,
-    pub quantization: String,
-    pub size: u64,
+    pub(crate) capabilities: Vec<String>,
+    pub(crate) family: String,
+    pub(crate) parameter_size: String,
+    pub(crate) quantization: String,
+    pub(crate) size: u64,
     /// How long a cold load takes.
-    pub load_time: Duration,
-    pub context_length: u64,
-    pub embedding_length: usize,
-    pub modified_at: SystemTime,
+    pub(crate) load_time: Duration,
+    pub(crate) context_length: u64,
+    pub(crate) embedding_length: usize,
+    pub(crate) modified_at: SystemTime,
     /// Streams break off after this many tokens with an in-band error, as when Ollama's runner
     /// crashes mid-generation.
-    pub fail_after: Option<usize>,
+    pub(crate) fail_after: Option<usize>,
     /// The runner cannot start: every run answers 500 with Ollama's message (which names files
     /// on the server), as when a model does not fit in memory.
-    pub load_error: Option<String>,
+    pub(crate) load_error: Option<String>,
 }
 
 impl ModelSpec {
@@ -80,7 +80,7 @@ impl ModelSpec {
         m
     }
 
-    pub fn with_load_time(mut self, d: Duration) -> ModelSpec {
+    pub(crate) fn with_load_time(mut self, d: Duration) -> ModelSpec {
         self.load_time = d;
         self
     }
@@ -100,11 +100,11 @@ impl ModelSpec {
         self
     }
 
-    pub fn has(&self, capability: &str) -> bool {
+    pub(crate) fn has(&self, capability: &str) -> bool {
         self.capabilities.iter().any(|c| c == capability)
     }
 
-    pub fn details(&self) -> serde_json::Value {
+    pub(crate) fn details(&self) -> serde_json::Value {
         serde_json::json!({
             "parent_model": "",
             "format": "gguf",
@@ -142,18 +142,18 @@ pub struct LoadedModel {
     pub name: String,
     pub keep_alive: KeepAlive,
     /// `None` while requests are running on it, or when it is kept forever.
-    pub expires_in: Option<Duration>,
+    pub(crate) expires_in: Option<Duration>,
 }
 
 #[derive(Default)]
-pub struct Store {
+pub(crate) struct Store {
     catalog: Vec<ModelSpec>,
     /// Runners by model digest.
     loaded: HashMap<String, Loaded>,
 }
 
 impl Store {
-    pub fn new(catalog: Vec<ModelSpec>) -> Store {
+    pub(crate) fn new(catalog: Vec<ModelSpec>) -> Store {
         Store {
             catalog,
             loaded: HashMap::new(),
@@ -161,23 +161,23 @@ impl Store {
     }
 
     /// Finds a pulled model by any name Ollama accepts for it (case-insensitive).
-    pub fn find(&self, name: &str) -> Option<&ModelSpec> {
+    pub(crate) fn find(&self, name: &str) -> Option<&ModelSpec> {
         let key = ModelName::parse(name)?.key();
         self.catalog
             .iter()
             .find(|m| m.name.to_ascii_lowercase() == key)
     }
 
-    pub fn catalog(&self) -> &[ModelSpec] {
+    pub(crate) fn catalog(&self) -> &[ModelSpec] {
         &self.catalog
     }
 
-    pub fn add(&mut self, spec: ModelSpec) {
+    pub(crate) fn add(&mut self, spec: ModelSpec) {
         self.remove(&spec.name.clone());
         self.catalog.insert(0, spec);
     }
 
-    pub fn remove(&mut self, name: &str) -> bool {
+    pub(crate) fn remove(&mut self, name: &str) -> bool {
         let Some(key) = ModelName::parse(name).map(|n| n.key()) else {
             return false;
         };
@@ -191,7 +191,7 @@ impl Store {
 
     /// Starts a request on a model: loads it if needed and returns when it will be ready.
     /// `keep_alive` (if the request had one) replaces the model's duration.
-    pub fn begin(
+    pub(crate) fn begin(
         &mut self,
         spec: &ModelSpec,
         keep_alive: Option<KeepAlive>,
@@ -218,7 +218,7 @@ impl Store {
     }
 
     /// Ends a request on a model (by digest); the keep-alive timer starts when the last one ends.
-    pub fn end(&mut self, digest: &str, now: Instant) {
+    pub(crate) fn end(&mut self, digest: &str, now: Instant) {
         if let Some(l) = self.loaded.get_mut(digest) {
             l.in_flight = l.in_flight.saturating_sub(1);
             if l.in_flight == 0 {
@@ -230,7 +230,7 @@ impl Store {
 
     /// `keep_alive: 0` with no prompt (by digest, so through any name of the model): expire
     /// without loading (at once if idle).
-    pub fn unload(&mut self, digest: &str, now: Instant) {
+    pub(crate) fn unload(&mut self, digest: &str, now: Instant) {
         if let Some(l) = self.loaded.get_mut(digest) {
             l.keep_alive = KeepAlive::For(Duration::ZERO);
             if l.in_flight == 0 {
@@ -245,7 +245,7 @@ impl Store {
     }
 
     /// Models loaded and ready, latest expiry first (as `/api/ps` sorts them).
-    pub fn loaded(&mut self, now: Instant) -> Vec<(ModelSpec, LoadedModel)> {
+    pub(crate) fn loaded(&mut self, now: Instant) -> Vec<(ModelSpec, LoadedModel)> {
         self.expire(now);
         let mut out: Vec<(ModelSpec, LoadedModel)> = self
             .loaded
