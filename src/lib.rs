@@ -1,23 +1,20 @@
 //! corral: a hardened gateway in front of Ollama.
 //!
-//! The request path is one pingora `ProxyHttp` implementation ([`proxy::Gateway`]) whose hooks
-//! delegate to small modules, each owning one concern and testable without sockets:
+//! Folders are layers; each may use only the layers below it (see `docs/architecture.md`):
 //!
-//! - [`config`]: typed, validated configuration (TOML + `CORRAL__*` environment overrides)
-//! - [`routes`]: the route table, deny by default, path tricks refused
-//! - [`auth`]: API key → identity; [`policy`]: identity + route + model → allow or deny;
-//!   [`access`]: keys and teams as loaded, swapped whole by [`reload`]; [`keys`]: key management
-//! - [`body`]: JSON request bodies read the way Ollama reads them
-//! - [`error`]: the one error type, rendered in the caller's dialect
-//! - [`proxy`]: the pingora hooks
-//! - [`telemetry`]: access log and operational log
-//! - [`upstream`]: the Ollama peer and its timeouts; [`upstream_client`] for corral's own calls
-//! - [`tls`]: certificates, reloaded when their files change
-//! - [`lifecycle`]: requests in flight, readiness, graceful shutdown
-//! - [`admin`]: `/livez`, `/readyz`, `/metrics`
-//! - [`server`]: assembles the pingora server; [`cli`], [`check`], [`demo`]: the commands
-//! - [`double`]: the Ollama double used by tests, benchmarks and `corral demo`
-//! - [`ollama`]: protocol facts shared by corral and the double
+//! - [`cli`]: the `corral` command and its subcommands (`serve`, `check`, `keys`, `demo`, `double`)
+//! - [`runtime`]: the running process: pingora server, connection caps, TLS, reload, `/metrics`
+//!   listener, shutdown
+//! - [`proxy`]: the request path, one pingora `ProxyHttp` with thin hooks: admission, headers,
+//!   response bodies, error responses, the report
+//! - [`access`]: keys, revocation, team policy, per-team limits, caps on what is held at once;
+//!   [`upstream`]: the Ollama server (peer, probe, pinned models, pulls); [`usage`]: token usage
+//!   and stream completeness read from responses
+//! - [`api`]: the route table and the one error type, in each caller's dialect
+//! - [`config`]: typed, validated configuration, one file per section; [`telemetry`]: access
+//!   log, operational log, metrics; [`ollama`]: protocol facts shared with the double; [`clock`]
+//! - [`dev`]: the development certificate authority and the Ollama double (tests, benchmarks,
+//!   `corral demo`); never on the request path
 
 pub mod access;
 pub mod api;

@@ -2,7 +2,7 @@
 //! per-team limits, and the caps on what the gateway holds at once. Uses `api`, `config`,
 //! `ollama` and `clock`; knows nothing of pingora.
 //!
-//! [`Access`] is built whole from a [`Config`] and swapped whole on reload, so a request sees one
+//! `Access` is built whole from a [`Config`] and swapped whole on reload, so a request sees one
 //! consistent version and a bad new configuration never half-applies.
 
 pub mod auth;

@@ -269,6 +269,15 @@ fn valid_param(kind: RouteKind, s: &str) -> bool {
     }
 }
 
+/// The dialect of a path that matched no route (so even a 404 speaks the caller's language).
+pub(crate) fn dialect_of_path(path: &[u8]) -> Dialect {
+    match path {
+        p if p.starts_with(b"/v1/messages") => Dialect::Anthropic,
+        p if p.starts_with(b"/v1/") => Dialect::OpenAi,
+        _ => Dialect::Ollama,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

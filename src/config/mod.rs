@@ -5,7 +5,7 @@
 //!
 //! One TOML file (found at `--config`, else `$CORRAL_CONFIG`, else `./config/corral.toml`),
 //! overlaid with `CORRAL__SECTION__KEY` environment variables, deserialized into [`Config`] with
-//! unknown keys rejected, then checked by [`Config::validate`]. Every problem is reported with the
+//! unknown keys rejected, then checked by `Config::validate`. Every problem is reported with the
 //! file and the key at fault; a value that cannot be read does not hide the problems after it.
 //! `config/corral.toml` documents every key.
 
@@ -347,22 +347,31 @@ mod tests {
         assert_eq!(c.upstream.request_timeout, HumanDuration::secs(3600));
     }
 
+    /// Loading `toml` fails at `key` alone, with a message that contains `says`.
+    fn refused_at(toml: &str, key: &str, says: &str) {
+        let e = load_str(toml).unwrap_err();
+        assert_eq!(keys(&e), [key], "{e}");
+        assert!(e.to_string().contains(says), "{e}");
+    }
+
     #[test]
     fn unknown_keys_are_rejected_with_their_path() {
-        let e = load_str("[server]\nlisten = \"127.0.0.1:8443\"\nlisen = 1\n").unwrap_err();
-        assert_eq!(keys(&e), ["server"]);
-        assert!(e.to_string().contains("unknown field `lisen`"), "{e}");
-        let e = load_str("[teams.research]\nmodel = [\"x\"]\n").unwrap_err();
-        assert_eq!(keys(&e), ["teams.research"]);
+        refused_at(
+            "[server]\nlisten = \"127.0.0.1:8443\"\nlisen = 1\n",
+            "server",
+            "unknown field `lisen`",
+        );
+        refused_at("[teams.research]\nmodel = [\"x\"]\n", "teams.research", "");
     }
 
     #[test]
     fn wrong_types_name_the_key() {
-        let e = load_str("[upstream]\nread_timeout = \"forever\"\n").unwrap_err();
-        assert_eq!(keys(&e), ["upstream.read_timeout"]);
-        assert!(e.to_string().contains("\"15m\""), "{e}");
-        let e = load_str("[server]\nlisten = \"localhost\"\n").unwrap_err();
-        assert_eq!(keys(&e), ["server.listen"]);
+        refused_at(
+            "[upstream]\nread_timeout = \"forever\"\n",
+            "upstream.read_timeout",
+            "\"15m\"",
+        );
+        refused_at("[server]\nlisten = \"localhost\"\n", "server.listen", "");
     }
 
     #[test]
@@ -425,35 +434,33 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_shipped_example_config_is_valid_toml_with_known_keys() {
-        // Paths in it point at /etc; only the structure and values are checked here.
-        let text =
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/corral.toml"))
-                .unwrap();
-        let cfg: Config = config::Config::builder()
-            .add_source(config::File::from_str(&text, config::FileFormat::Toml))
+    /// A configuration read from TOML text alone (no environment, no file checks).
+    fn from_toml(text: &str) -> Config {
+        config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
             .build()
             .unwrap()
             .try_deserialize()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// One of the configurations shipped in `config/`.
+    fn shipped(name: &str) -> Config {
+        let path = format!("{}/config/{name}", env!("CARGO_MANIFEST_DIR"));
+        from_toml(&std::fs::read_to_string(path).unwrap())
+    }
+
+    #[test]
+    fn the_shipped_example_config_is_valid_toml_with_known_keys() {
+        // Paths in it point at /etc; only the structure and values are checked here.
+        let cfg = shipped("corral.toml");
         assert!(cfg.validate().is_empty(), "{:?}", cfg.validate());
         assert_eq!(cfg.server.listen.0.unwrap().to_string(), "0.0.0.0:8443");
     }
 
     #[test]
     fn the_kubernetes_config_is_valid_too() {
-        let text = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/config/kubernetes.toml"
-        ))
-        .unwrap();
-        let cfg: Config = config::Config::builder()
-            .add_source(config::File::from_str(&text, config::FileFormat::Toml))
-            .build()
-            .unwrap()
-            .try_deserialize()
-            .unwrap();
+        let cfg = shipped("kubernetes.toml");
         assert!(cfg.validate().is_empty(), "{:?}", cfg.validate());
         assert_eq!(cfg.upstream.url.to_string(), "http://ollama:11434");
         assert!(
@@ -473,13 +480,6 @@ mod tests {
                 ..Default::default()
             },
         );
-        let text = c.to_toml().unwrap();
-        let back: Config = config::Config::builder()
-            .add_source(config::File::from_str(&text, config::FileFormat::Toml))
-            .build()
-            .unwrap()
-            .try_deserialize()
-            .unwrap();
-        assert_eq!(back, c);
+        assert_eq!(from_toml(&c.to_toml().unwrap()), c);
     }
 }

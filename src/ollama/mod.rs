@@ -109,7 +109,7 @@ pub(crate) fn is_cloud_model(name: &str) -> bool {
 }
 
 /// A `keep_alive` value as Ollama reads it. The request path reads it from JSON
-/// ([`KeepAlive::from_json`]); `preload.keep_alive` in the config file is read by the same rules
+/// (`KeepAlive::from_json`); `preload.keep_alive` in the config file is read by the same rules
 /// (its `Deserialize`), so both accept exactly what Ollama accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeepAlive {

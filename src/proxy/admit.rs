@@ -443,13 +443,7 @@ async fn read_body(
 mod tests {
     use super::*;
 
-    fn req(headers: &[(&str, &str)]) -> RequestHeader {
-        let mut r = RequestHeader::build("POST", b"/api/chat", None).unwrap();
-        for (k, v) in headers {
-            r.append_header(k.to_string(), *v).unwrap();
-        }
-        r
-    }
+    use crate::proxy::framing::test_request as req;
 
     #[test]
     fn oversized_headers_are_431() {

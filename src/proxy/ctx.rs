@@ -196,14 +196,3 @@ impl Drop for GaugeGuard {
         self.0.dec();
     }
 }
-
-/// The dialect of a path that matched no route (so even a 404 speaks the caller's language).
-pub(crate) fn dialect_of_path(path: &[u8]) -> Dialect {
-    if path.starts_with(b"/v1/messages") {
-        Dialect::Anthropic
-    } else if path.starts_with(b"/v1/") {
-        Dialect::OpenAi
-    } else {
-        Dialect::Ollama
-    }
-}

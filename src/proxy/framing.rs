@@ -78,17 +78,20 @@ fn declares_length(raw: &[u8]) -> bool {
     })
 }
 
+/// A `POST /api/chat` header with these fields, for the proxy's unit tests.
+#[cfg(test)]
+pub(crate) fn test_request(headers: &[(&str, &str)]) -> RequestHeader {
+    let mut r = RequestHeader::build("POST", b"/api/chat", None).unwrap();
+    for (k, v) in headers {
+        r.append_header(k.to_string(), *v).unwrap();
+    }
+    r
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_request as req;
     use super::*;
-
-    fn req(headers: &[(&str, &str)]) -> RequestHeader {
-        let mut r = RequestHeader::build("POST", b"/api/chat", None).unwrap();
-        for (k, v) in headers {
-            r.append_header(k.to_string(), *v).unwrap();
-        }
-        r
-    }
 
     fn framing(headers: &[(&str, &str)]) -> Result<Framing, u16> {
         of(&req(headers), || b"".to_vec()).map_err(|e| e.status())

@@ -1,10 +1,10 @@
 //! The request path: one pingora `ProxyHttp` implementation whose hooks stay thin and delegate.
 //! Uses `access`, `upstream`, `usage`, `api`, `telemetry`, `config`, `ollama`; never `runtime`.
 //!
-//! [`admit`] (route, key, body, policy, body rewrites), [`headers`] (hygiene toward Ollama),
-//! [`response_body`] (usage metering, model-list filtering), [`error_response`] (errors corral
-//! answers itself, before forwarding or when Ollama fails), [`report`] (access log and metrics).
-//! [`ctx`] is the state one request carries through the hooks; [`traffic`] counts requests in
+//! `admit` (route, key, body, policy, body rewrites), `headers` (hygiene toward Ollama),
+//! `response_body` (usage metering, model-list filtering), `error_response` (errors corral
+//! answers itself, before forwarding or when Ollama fails), `report` (access log and metrics).
+//! `ctx` is the state one request carries through the hooks; `traffic` counts requests in
 //! flight for readiness and shutdown.
 
 mod admit;
@@ -71,7 +71,7 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let req = session.req_header();
         ctx.request_id = headers::request_id(req.headers.get("x-request-id").map(|v| v.as_bytes()));
-        ctx.dialect = ctx::dialect_of_path(req.raw_path());
+        ctx.dialect = crate::api::routes::dialect_of_path(req.raw_path());
         ctx.client_ip = session
             .client_addr()
             .and_then(|a| a.as_inet())

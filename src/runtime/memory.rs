@@ -44,9 +44,8 @@ pub(crate) struct Trimmer;
 impl BackgroundService for Trimmer {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep(TRIM_INTERVAL) => {}
-                _ = shutdown.changed() => return,
+            if !crate::clock::pause(TRIM_INTERVAL, &mut shutdown).await {
+                return;
             }
             if free_in_arenas() > TRIM_ABOVE {
                 trim();

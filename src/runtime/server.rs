@@ -5,6 +5,7 @@
 //! bad PEM or only log a failed bind): certificate files, the upstream URL, and every listening
 //! address. Each problem names the key at fault.
 
+use crate::access::auth::AuthFailure;
 use crate::access::caps::{Budget, Caps, Counter};
 use crate::access::limits::Limiter;
 use crate::access::{Access, AccessHandle};
@@ -158,18 +159,16 @@ pub(crate) fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
     if !mode.daemon {
         crate::runtime::reload::claim_sighup();
     }
-    let Prepared {
-        source,
-        cfg,
-        certs,
-        upstream,
-        access,
-        warnings,
-    } = prepared;
-    for w in &warnings {
+    let (source, cfg, certs, upstream) = (
+        prepared.source,
+        prepared.cfg,
+        prepared.certs,
+        prepared.upstream,
+    );
+    for w in &prepared.warnings {
         tracing::warn!("{w}");
     }
-    let access = Arc::new(AccessHandle::new(access));
+    let access = Arc::new(AccessHandle::new(prepared.access));
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
 
     let conf = ServerConf {
@@ -204,6 +203,9 @@ pub(crate) fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
     // Every reason is exported from the start (as 0), so a rate over it is never missing.
     for full in Full::ALL {
         metrics.requests_refused.with_label_values(&[full.label()]);
+    }
+    for failure in AuthFailure::ALL {
+        metrics.auth_failures.with_label_values(&[failure.reason()]);
     }
     let gateway = Gateway {
         pins: pins.clone(),

@@ -216,9 +216,8 @@ pub(crate) struct CertWatcher(pub Arc<CertStore>);
 impl BackgroundService for CertWatcher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep(WATCH_INTERVAL) => {}
-                _ = shutdown.changed() => return,
+            if !crate::clock::pause(WATCH_INTERVAL, &mut shutdown).await {
+                return;
             }
             log_reload(self.0.reload_if_changed());
         }

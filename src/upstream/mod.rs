@@ -114,9 +114,8 @@ impl BackgroundService for Resolver {
             } else {
                 Duration::from_secs(1)
             };
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.changed() => return,
+            if !crate::clock::pause(wait, &mut shutdown).await {
+                return;
             }
         }
     }

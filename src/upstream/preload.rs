@@ -265,9 +265,8 @@ impl BackgroundService for Preloader {
                     wait
                 }
             };
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.changed() => return,
+            if !crate::clock::pause(wait, &mut shutdown).await {
+                return;
             }
         }
     }

@@ -72,9 +72,8 @@ impl BackgroundService for Probe {
                 }
                 was_up = Some(up);
             }
-            tokio::select! {
-                _ = tokio::time::sleep(PROBE_INTERVAL) => {}
-                _ = shutdown.changed() => return,
+            if !crate::clock::pause(PROBE_INTERVAL, &mut shutdown).await {
+                return;
             }
         }
     }

@@ -15,7 +15,7 @@ _next_port = 24000 + (os.getpid() % 400) * 10
 
 
 def free_port() -> int:
-    """A free loopback port outside the ephemeral range (see tests/common/mod.rs)."""
+    """A free loopback port outside the ephemeral range (see tests/it/common/mod.rs)."""
     global _next_port
     while True:
         _next_port += 1
