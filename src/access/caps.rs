@@ -10,7 +10,6 @@
 use prometheus::IntGauge;
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Which cap refused a place.
@@ -118,83 +117,105 @@ impl Counter {
     }
 }
 
-/// Bytes held at once against a cap (0: no cap), e.g. request bodies read whole.
+/// Bytes held at once (e.g. request bodies read whole) against a total cap and a cap per key
+/// (a team), so one key cannot take everything; 0 means no cap.
 pub(crate) struct Budget {
     cap: u64,
-    used: AtomicU64,
+    per_key: u64,
+    held: Mutex<Holdings>,
     gauge: Option<IntGauge>,
 }
 
-/// A part of a [`Budget`]; given back when dropped.
+#[derive(Default)]
+struct Holdings {
+    total: u64,
+    by_key: HashMap<String, u64>,
+}
+
+/// A part of a [`Budget`], taken for one key; given back when dropped.
 pub(crate) struct Share {
     budget: Arc<Budget>,
+    key: String,
     bytes: u64,
 }
 
 impl Budget {
-    /// A budget of `cap` bytes; `gauge`, if given, always shows the bytes in use.
-    pub(crate) fn new(cap: u64, gauge: Option<IntGauge>) -> Arc<Budget> {
+    /// A budget of `cap` bytes, at most `per_key` of them for one key; `gauge`, if given, always
+    /// shows the bytes in use.
+    pub fn new(cap: u64, per_key: u64, gauge: Option<IntGauge>) -> Arc<Budget> {
         Arc::new(Budget {
             cap,
-            used: AtomicU64::new(0),
+            per_key,
+            held: Mutex::default(),
             gauge,
         })
     }
 
-    /// An empty share, to grow.
-    pub(crate) fn share(self: &Arc<Self>) -> Share {
+    /// An empty share for `key`, to grow.
+    pub fn share(self: &Arc<Self>, key: &str) -> Share {
         Share {
             budget: self.clone(),
+            key: key.to_string(),
             bytes: 0,
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn used(&self) -> u64 {
-        self.used.load(Ordering::Relaxed)
+        self.lock().total
     }
 
-    fn changed(&self) {
-        if let Some(g) = &self.gauge {
-            g.set(i64::try_from(self.used()).unwrap_or(i64::MAX));
+    fn lock(&self) -> std::sync::MutexGuard<'_, Holdings> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Moves `key`'s holding from `from` to `to` bytes; refused (nothing changes) if `check` and
+    /// a cap would be passed.
+    fn change(&self, key: &str, from: u64, to: u64, check: bool) -> bool {
+        let mut held = self.lock();
+        let mine = held.by_key.get(key).copied().unwrap_or(0);
+        let total = (held.total - from).checked_add(to);
+        let mine = (mine - from).checked_add(to);
+        let over = |cap: u64, n: Option<u64>| n.is_none_or(|n| cap > 0 && n > cap);
+        if check && to > from && (over(self.cap, total) || over(self.per_key, mine)) {
+            return false;
         }
+        let (total, mine) = (total.unwrap_or(u64::MAX), mine.unwrap_or(u64::MAX));
+        held.total = total;
+        if mine == 0 {
+            held.by_key.remove(key);
+        } else {
+            held.by_key.insert(key.to_string(), mine);
+        }
+        if let Some(g) = &self.gauge {
+            g.set(i64::try_from(total).unwrap_or(i64::MAX));
+        }
+        true
     }
 }
 
 impl Share {
-    /// Takes `more` bytes, or nothing at all (`false`) when the budget has not that much left.
-    pub(crate) fn grow(&mut self, more: u64) -> bool {
-        let budget = &self.budget;
-        let taken = budget
-            .used
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
-                let after = used.checked_add(more)?;
-                (budget.cap == 0 || after <= budget.cap).then_some(after)
-            })
-            .is_ok();
+    /// Takes `more` bytes, or nothing at all (`false`) when the budget, or this key's part of
+    /// it, has not that much left.
+    pub fn grow(&mut self, more: u64) -> bool {
+        let Some(to) = self.bytes.checked_add(more) else {
+            return false;
+        };
+        let taken = self.budget.change(&self.key, self.bytes, to, true);
         if taken {
-            self.bytes += more;
-            budget.changed();
+            self.bytes = to;
         }
         taken
     }
 
-    /// Holds exactly `bytes`, whatever the cap: for what is already in memory (a body rewritten
-    /// a few bytes longer than the one read).
-    pub(crate) fn set(&mut self, bytes: u64) {
-        if bytes >= self.bytes {
-            self.budget
-                .used
-                .fetch_add(bytes - self.bytes, Ordering::Relaxed);
-        } else {
-            self.budget
-                .used
-                .fetch_sub(self.bytes - bytes, Ordering::Relaxed);
-        }
+    /// Holds exactly `bytes`, whatever the caps: for what is already in memory (a buffer that
+    /// grew a little past what was asked, a body rewritten a few bytes longer).
+    pub fn set(&mut self, bytes: u64) {
+        self.budget.change(&self.key, self.bytes, bytes, false);
         self.bytes = bytes;
-        self.budget.changed();
     }
 
-    pub(crate) fn bytes(&self) -> u64 {
+    pub fn bytes(&self) -> u64 {
         self.bytes
     }
 }
@@ -283,10 +304,10 @@ mod tests {
 
     #[test]
     fn a_budget_grants_whole_requests_only_and_takes_back_on_drop() {
-        let b = Budget::new(100, None);
-        let mut a = b.share();
+        let b = Budget::new(100, 0, None);
+        let mut a = b.share("t");
         assert!(a.grow(60));
-        let mut c = b.share();
+        let mut c = b.share("u");
         assert!(!c.grow(50), "60 + 50 is over 100");
         assert_eq!(b.used(), 60, "a refused request takes nothing");
         assert!(c.grow(40));
@@ -303,13 +324,27 @@ mod tests {
         assert_eq!(b.used(), 10);
         drop(c);
         assert_eq!(b.used(), 0);
+        assert!(b.lock().by_key.is_empty(), "freed keys go away");
+    }
+
+    #[test]
+    fn one_key_cannot_take_the_whole_budget() {
+        let b = Budget::new(100, 50, None);
+        let mut first = b.share("greedy");
+        assert!(first.grow(50));
+        let mut second = b.share("greedy");
+        assert!(!second.grow(1), "the key holds its half");
+        let mut other = b.share("polite");
+        assert!(other.grow(50), "another key still gets its half");
+        drop(first);
+        assert!(second.grow(30));
     }
 
     #[test]
     fn a_budget_shows_its_use_on_the_gauge_and_zero_is_no_cap() {
         let gauge = IntGauge::new("g", "g").unwrap();
-        let b = Budget::new(0, Some(gauge.clone()));
-        let mut a = b.share();
+        let b = Budget::new(0, 0, Some(gauge.clone()));
+        let mut a = b.share("t");
         assert!(a.grow(u64::MAX / 2));
         assert!(a.grow(1000));
         assert!(!a.grow(u64::MAX), "overflow is refused, not wrapped");

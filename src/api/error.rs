@@ -123,6 +123,9 @@ impl GatewayError {
     }
 
     fn anthropic_type(&self) -> &'static str {
+        if let GatewayError::Overloaded { .. } = self {
+            return "overloaded_error";
+        }
         match self.status() {
             401 => "authentication_error",
             403 => "permission_error",

@@ -397,14 +397,17 @@ mod tests {
 
     #[test]
     fn every_unreadable_value_is_reported_and_not_judged_by_its_default() {
-        // max_body cannot be read; judged by its default (32MiB), max_body_memory would look too
-        // small: that is not reported.
+        // max_connections cannot be read; judged by its default (4096), max_connections_per_ip
+        // would look too large: that is not reported.
         let e = load_str(
-            "[server]\nmax_body = \"lots\"\nmax_body_memory = \"16MiB\"\n\
+            "[server]\nmax_connections = \"lots\"\nmax_connections_per_ip = 8000\n\
              [upstream]\nurl = \"not a url\"\n[log]\nlevel = \"loud!\"\n",
         )
         .unwrap_err();
-        assert_eq!(keys(&e), ["server.max_body", "upstream.url", "log.level"]);
+        assert_eq!(
+            keys(&e),
+            ["server.max_connections", "upstream.url", "log.level"]
+        );
     }
 
     #[test]

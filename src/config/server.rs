@@ -38,17 +38,36 @@ pub struct ServerConfig {
     /// Requests in flight at once (HTTP/2 streams included); 0 = no cap. Over it, a request is
     /// answered 503 with `Retry-After` before anything else is done for it.
     pub max_requests: u32,
-    /// Requests in flight at once from one address (IPv6: one /64); 0 = no cap.
-    pub max_requests_per_ip: u32,
+    /// Requests in flight at once from one address (IPv6: one /64); 0 = no cap. Unset: the same
+    /// as `max_connections_per_ip` (so a deployment that lifted that cap lifts this one too).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_ip: Option<u32>,
     /// Request bodies held in memory at once, all requests together (corral reads JSON bodies
-    /// whole and keeps each until Ollama answers); 0 = no cap. A body that does not fit is
-    /// answered 503 with `Retry-After`.
+    /// whole and keeps each until Ollama answers); 0 = no cap. One team may hold half of it (at
+    /// least `max_body`). A body that does not fit is answered 503 with `Retry-After`.
     pub max_body_memory: ByteSize,
     /// PID file written in daemon mode (`corral serve --daemon`).
     pub pid_file: PathBuf,
     /// Unix socket through which a new corral takes over the listening sockets of a running one
     /// (`corral serve --upgrade`, then SIGQUIT to the old process).
     pub upgrade_sock: PathBuf,
+}
+
+impl ServerConfig {
+    /// The cap on requests in flight from one address (`max_requests_per_ip`, else
+    /// `max_connections_per_ip`).
+    pub fn requests_per_ip(&self) -> u32 {
+        self.max_requests_per_ip
+            .unwrap_or(self.max_connections_per_ip)
+    }
+
+    /// The body memory budget in bytes (0: none), never less than one body of `max_body`.
+    pub fn body_memory(&self) -> u64 {
+        match self.max_body_memory.0 {
+            0 => 0,
+            n => n.max(self.max_body.0),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -67,7 +86,7 @@ impl Default for ServerConfig {
             max_connections: 4096,
             max_connections_per_ip: 256,
             max_requests: 4096,
-            max_requests_per_ip: 256,
+            max_requests_per_ip: None,
             max_body_memory: ByteSize::mib(256),
             pid_file: PathBuf::from("/run/corral/corral.pid"),
             upgrade_sock: PathBuf::from("/run/corral/upgrade.sock"),
@@ -165,7 +184,8 @@ impl ServerConfig {
             ),
             (
                 "server.max_requests_per_ip",
-                s.max_requests_per_ip,
+                // Only as written: unset, it follows max_connections_per_ip.
+                s.max_requests_per_ip.unwrap_or(0),
                 s.max_requests,
                 "server.max_requests",
             ),
@@ -178,15 +198,6 @@ impl ServerConfig {
                     ),
                 ));
             }
-        }
-        if s.max_body_memory.0 > 0 && s.max_body_memory.0 < s.max_body.0 {
-            problems.push(Problem::new(
-                "server.max_body_memory",
-                format!(
-                    "is less than server.max_body ({}): a body of the largest allowed size could never be read; raise it, or set 0 for no cap",
-                    s.max_body
-                ),
-            ));
         }
         for (key, p) in [
             ("server.pid_file", &s.pid_file),
@@ -239,6 +250,7 @@ impl<'de> Deserialize<'de> for ListenAddr {
 #[cfg(test)]
 mod tests {
     use super::super::testing::{keys, load_str};
+    use super::ServerConfig;
 
     #[test]
     fn caps_must_fit_together() {
@@ -252,12 +264,20 @@ mod tests {
             keys(&e),
             [
                 "server.max_connections_per_ip",
-                "server.max_requests_per_ip",
-                "server.max_body_memory"
+                "server.max_requests_per_ip"
             ]
         );
         // 0 is no cap, and fits anything.
         load_str("[server]\nmax_requests = 0\nmax_requests_per_ip = 11\nmax_body_memory = 0\n")
             .unwrap();
+        // Unset, the per-address request cap follows the per-address connection cap.
+        let lifted = load_str("[server]\nmax_connections_per_ip = 0\n").unwrap();
+        assert_eq!(lifted.server.requests_per_ip(), 0);
+        assert_eq!(ServerConfig::default().requests_per_ip(), 256);
+        // A budget smaller than one body of the largest size is raised to fit one.
+        let small =
+            load_str("[server]\nmax_body = \"2MiB\"\nmax_body_memory = \"1MiB\"\n").unwrap();
+        assert_eq!(small.server.body_memory(), 2 << 20);
+        assert_eq!(ServerConfig::default().body_memory(), 256 << 20);
     }
 }

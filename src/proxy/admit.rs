@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 
 impl Gateway {
     /// Decides whether the request goes upstream. `Err` is answered by corral, and a request
-    /// refused here costs its team nothing.
+    /// refused here for what it asks costs its team nothing (one that wasted the gateway's time,
+    /// a body too slow or cut off, keeps its charge: see `forfeit`).
     pub(super) async fn admit(
         &self,
         session: &mut Session,
@@ -43,15 +44,6 @@ impl Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<(), GatewayError> {
-        // A place among the requests in flight before anything else: a flood of requests (HTTP/2
-        // streams cost a client almost nothing to open) is refused before any of them is read.
-        let place = self.requests.admit(ctx.client_ip).map_err(|over| {
-            self.full(match over {
-                Over::Total => Full::Requests,
-                Over::PerClient => Full::RequestsPerIp,
-            })
-        })?;
-        ctx.admission.place = Some(place);
         check_header_size(session.req_header(), self.limits.max_header_size)?;
         let framing = framing::of(session.req_header(), || session.to_h1_raw())?;
         let req = session.req_header();
@@ -61,6 +53,16 @@ impl Gateway {
         let kind = matched.kind;
         let param = matched.param.clone();
         ctx.admission.route = Some(matched);
+
+        // A place among the requests in flight before anything is read or waited for: a flood
+        // of requests (HTTP/2 streams cost a client almost nothing to open) is refused at once.
+        let place = self.requests.admit(ctx.client_ip).map_err(|over| {
+            self.full(match over {
+                Over::Total => Full::Requests,
+                Over::PerClient => Full::RequestsPerIp,
+            })
+        })?;
+        ctx.admission.place = Some(place);
 
         // Who is calling, before reading any body: a 401 costs nothing.
         let access = self.access.current();
@@ -95,25 +97,33 @@ impl Gateway {
                 // Header time, not body time: a route without a body is only waiting for the
                 // end of its (empty) framing, and may be reached without a key.
                 let read = expect_no_body(session);
-                tokio::time::timeout(self.limits.header_timeout, read)
+                let empty = tokio::time::timeout(self.limits.header_timeout, read)
                     .await
-                    .map_err(|_| GatewayError::RequestTimeout)??
-                    .then_some(())
-                    .ok_or_else(no_body)?;
+                    .map_err(|_| GatewayError::RequestTimeout)
+                    .and_then(|read| read)
+                    .map_err(|e| forfeit(ctx, e))?;
+                if !empty {
+                    return Err(no_body());
+                }
                 None
             }
             BodyMode::Stream => None,
             BodyMode::Json => {
                 refuse_encoded(session.req_header())?;
-                let mut memory = self.body_memory.share();
+                let mut memory = self.body_memory.share(ctx.team_label());
                 let read = read_body(session, framing, self.limits.max_body, &mut memory);
-                let bytes = tokio::time::timeout(self.limits.body_timeout, read)
-                    .await
-                    .map_err(|_| GatewayError::RequestTimeout)?
-                    .map_err(|e| match e {
-                        ReadError::NoMemory => self.full(Full::BodyMemory),
-                        ReadError::Refused(e) => e,
-                    })?;
+                let bytes = match tokio::time::timeout(self.limits.body_timeout, read).await {
+                    Ok(Ok(bytes)) => bytes,
+                    // Too large: refused for what it is, like a bad body.
+                    Ok(Err(ReadError::Refused(e @ GatewayError::PayloadTooLarge { .. }))) => {
+                        return Err(e)
+                    }
+                    Ok(Err(ReadError::Refused(e))) => return Err(forfeit(ctx, e)),
+                    Ok(Err(ReadError::NoMemory)) => {
+                        return Err(forfeit(ctx, self.full(Full::BodyMemory)))
+                    }
+                    Err(_) => return Err(forfeit(ctx, GatewayError::RequestTimeout)),
+                };
                 ctx.outcome.bytes_in = bytes.len() as u64;
                 Some(HeldBody { bytes, memory })
             }
@@ -370,6 +380,13 @@ fn refuse_encoded(req: &RequestHeader) -> Result<(), GatewayError> {
     }
 }
 
+/// The request is refused for the gateway's time it took (a body too slow, cut off, or one the
+/// full gateway could not hold): its team keeps the charge, so retrying that costs quota.
+fn forfeit(ctx: &mut RequestCtx, e: GatewayError) -> GatewayError {
+    drop(ctx.admission.slot.take());
+    e
+}
+
 /// Why a body was not read.
 enum ReadError {
     /// The body memory budget has no room for it.
@@ -392,19 +409,15 @@ async fn read_body(
     memory: &mut Share,
 ) -> Result<Bytes, ReadError> {
     let too_large = GatewayError::PayloadTooLarge { limit };
-    let mut body = BytesMut::new();
-    match framing {
+    // The most the buffer may need: the declared length, else the limit. Memory is taken as
+    // bytes arrive, never for a length only promised (a client that declares 32 MiB and sends
+    // nothing holds nothing).
+    let most = match framing {
         Framing::Length(n) if n > limit.0 => return Err(too_large.into()),
-        // The whole declared length, at once: a body that cannot fit is refused before a byte
-        // of it is read (or a 100 Continue invites it).
-        Framing::Length(n) => {
-            if !memory.grow(n) {
-                return Err(ReadError::NoMemory);
-            }
-            body.reserve(n as usize);
-        }
-        _ => {}
-    }
+        Framing::Length(n) => n,
+        _ => limit.0,
+    };
+    let mut body = BytesMut::new();
     let expects_continue = session
         .req_header()
         .headers
@@ -423,13 +436,15 @@ async fn read_body(
                 if need > limit.0 {
                     return Err(too_large.into());
                 }
-                if need > memory.bytes() {
-                    // Grown as the buffer grows (doubling), so what is taken is what is allocated.
-                    let target = need.max(memory.bytes() * 2).min(limit.0);
-                    if !memory.grow(target - memory.bytes()) {
+                if need > body.capacity() as u64 {
+                    // The buffer doubles (up to what the body may need), and the budget is
+                    // charged what is allocated, before it is.
+                    let target = need.max(body.capacity() as u64 * 2).min(most.max(need));
+                    if !memory.grow(target.saturating_sub(memory.bytes())) {
                         return Err(ReadError::NoMemory);
                     }
                     body.reserve((target - body.len() as u64) as usize);
+                    memory.set(memory.bytes().max(body.capacity() as u64));
                 }
                 body.extend_from_slice(&chunk);
             }

@@ -32,7 +32,10 @@ impl Gateway {
         let _ = resp.insert_header("x-request-id", ctx.request_id.as_str());
         // The request body may be unread: don't reuse the connection.
         session.set_keepalive(None);
-        drain_h2_body(session).await;
+        // A full gateway does not wait on the client: the answer goes out at once, read or not.
+        if !matches!(err, GatewayError::Overloaded { .. }) {
+            drain_body(session).await;
+        }
         let head_only = session.req_header().method == http::Method::HEAD;
         if session
             .write_response_header(Box::new(resp), head_only)
@@ -144,14 +147,12 @@ impl Gateway {
     }
 }
 
-/// HTTP/2 clients (curl, Node) drop an answer whose stream is reset while they are still sending
-/// the request body, so a refusal sent before the body was read never reaches them. A small body
-/// is read and thrown away first (at most 1 MiB within a second); a larger one still gets the
-/// reset. HTTP/1.1 needs none of this: the connection is closed after the answer.
-async fn drain_h2_body(session: &mut Session) {
-    if !session.as_downstream().is_http2() {
-        return;
-    }
+/// A client still sending its body when the refusal comes can lose the answer: HTTP/2 clients
+/// (curl, Node) drop an answer whose stream is reset, and over HTTP/1.1 closing a connection
+/// with unread bytes resets it, which can destroy the answer before the client reads it. A small
+/// body is read and thrown away first (at most 1 MiB within a second); a larger or slower one
+/// still gets the reset.
+async fn drain_body(session: &mut Session) {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
     let mut budget: usize = 1 << 20;
     while !session.as_downstream_mut().is_body_done() {

@@ -207,6 +207,14 @@ pub(crate) fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
     for failure in AuthFailure::ALL {
         metrics.auth_failures.with_label_values(&[failure.reason()]);
     }
+    let body_memory = cfg.server.body_memory();
+    if body_memory > cfg.server.max_body_memory.0 && cfg.server.max_body_memory.0 > 0 {
+        tracing::warn!(
+            max_body_memory = %cfg.server.max_body_memory,
+            max_body = %cfg.server.max_body,
+            "server.max_body_memory is less than server.max_body: using max_body, so one body of the largest size can be read"
+        );
+    }
     let gateway = Gateway {
         pins: pins.clone(),
         metrics: metrics.clone(),
@@ -221,10 +229,16 @@ pub(crate) fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
         limiter: Arc::new(Limiter::default()),
         requests: Counter::new(Caps {
             total: cfg.server.max_requests,
-            per_ip: cfg.server.max_requests_per_ip,
+            per_ip: cfg.server.requests_per_ip(),
         }),
         body_memory: Budget::new(
-            cfg.server.max_body_memory.0,
+            body_memory,
+            // One team may hold half (but always one body of the largest size).
+            if body_memory == 0 {
+                0
+            } else {
+                (body_memory / 2).max(cfg.server.max_body.0)
+            },
             Some(metrics.body_memory.clone()),
         ),
         traffic: traffic.clone(),

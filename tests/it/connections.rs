@@ -234,7 +234,7 @@ async fn streams_past_a_request_cap(edit: impl FnOnce(&mut corral::config::Confi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_streams_past_the_per_address_cap_are_refused_at_once() {
     streams_past_a_request_cap(
-        |cfg| cfg.server.max_requests_per_ip = 8,
+        |cfg| cfg.server.max_requests_per_ip = Some(8),
         "max_requests_per_ip",
     )
     .await;
@@ -245,26 +245,50 @@ async fn http2_streams_past_the_total_cap_are_refused_at_once() {
     streams_past_a_request_cap(
         |cfg| {
             cfg.server.max_requests = 8;
-            cfg.server.max_requests_per_ip = 0;
+            cfg.server.max_requests_per_ip = Some(0);
         },
         "max_requests",
     )
     .await;
 }
 
-/// Request bodies held in memory share `server.max_body_memory`: a body that does not fit is
-/// refused at once (whoever sends it), and the memory comes back when the holder goes away or is
-/// answered.
+/// Request bodies held in memory share `server.max_body_memory`, and one team may hold half of
+/// it. Memory is taken as bytes arrive, never for a length only declared. A body that does not fit
+/// is refused at once, and the memory comes back when its holder goes away or is answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_past_the_memory_budget_are_503_until_the_memory_comes_back() {
     let double = double().await;
     let mut cfg = test_config(&double.url());
     cfg.server.max_body = corral::config::ByteSize::mib(1);
-    cfg.server.max_body_memory = corral::config::ByteSize::mib(1);
+    cfg.server.max_body_memory = corral::config::ByteSize::mib(2);
+    for team in ["test", "other"] {
+        let all = corral::config::TeamConfig {
+            models: vec!["*".into()],
+            ..Default::default()
+        };
+        cfg.teams.insert(team.into(), all);
+    }
     let corral = Corral::start(cfg);
+    let other = corral.issue("other", None, None);
     let held_gauge = "corral_request_body_memory_bytes";
+    let held = || async { metric(&corral, held_gauge, &[]).await };
+    let chat =
+        serde_json::json!({"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]});
+    let send = |key: String| {
+        let (client, base, chat) = (corral.anonymous_client(), corral.base(), chat.clone());
+        async move {
+            client
+                .post(format!("{base}/v1/chat/completions"))
+                .bearer_auth(key)
+                .json(&chat)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
 
-    // One client declares a body as large as the whole budget and sends only its start.
+    // A client of the team `test` declares a body of the largest size and sends its start only:
+    // it holds what it sent, not what it declared.
     let mut h2 = h2_connect(corral.port, &corral.certs.ca_pem).await;
     let auth = format!("Bearer {}", corral.key);
     let uri = format!("https://localhost:{}/api/chat", corral.port);
@@ -276,25 +300,35 @@ async fn bodies_past_the_memory_budget_are_503_until_the_memory_comes_back() {
     )
     .await;
     stream
-        .send_data(bytes::Bytes::from_static(b"{\"model\":"), false)
+        .send_data(
+            bytes::Bytes::from_static(b"{\"model\":\"x\",\"p\":\""),
+            false,
+        )
         .unwrap();
-    wait_metric(&corral, held_gauge, &[], 1048576.0).await;
+    wait_for_async(Duration::from_secs(30), "the first bytes held", || async {
+        (held().await > 0.0).then_some(())
+    })
+    .await;
+    assert!(held().await < 65536.0, "{}", held().await);
+    assert_eq!(send(corral.key.clone()).await.status(), 200);
 
-    // Anyone else's body is refused in its own dialect, and Ollama sees nothing of it.
-    let chat =
-        serde_json::json!({"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]});
-    let resp = corral
-        .client()
-        .post(format!("{}/v1/chat/completions", corral.base()))
-        .json(&chat)
-        .send()
-        .await
+    // It sends all but the last bytes: the team's half of the budget is taken.
+    stream
+        .send_data(bytes::Bytes::from(vec![b'a'; 1048576 - 64]), false)
         .unwrap();
+    wait_for_async(Duration::from_secs(30), "the team's half held", || async {
+        (held().await >= 1048576.0 - 64.0).then_some(())
+    })
+    .await;
+
+    // The same team's next body is refused in its own dialect, and Ollama sees nothing of it.
+    let before = forwarded(&double).len();
+    let resp = send(corral.key.clone()).await;
     assert_eq!(resp.status(), 503);
     assert_eq!(resp.headers()["retry-after"], "1");
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "overloaded", "{body}");
-    assert!(forwarded(&double).is_empty());
+    assert_eq!(forwarded(&double).len(), before);
     assert_eq!(
         metric(
             &corral,
@@ -304,19 +338,14 @@ async fn bodies_past_the_memory_budget_are_503_until_the_memory_comes_back() {
         .await,
         1.0
     );
+    // Another team still has its own half.
+    assert_eq!(send(other.clone()).await.status(), 200);
 
     // The holder gives up: its memory comes back, and the next body is read.
     drop((response, stream));
     wait_metric(&corral, held_gauge, &[], 0.0).await;
-    let resp = corral
-        .client()
-        .post(format!("{}/v1/chat/completions", corral.base()))
-        .json(&chat)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    assert_eq!(send(corral.key.clone()).await.status(), 200);
     // A body is let go once Ollama answers, not kept for the rest of the exchange.
-    assert_eq!(metric(&corral, held_gauge, &[]).await, 0.0);
+    assert_eq!(held().await, 0.0);
     drop(h2);
 }

@@ -280,3 +280,41 @@ async fn refused_requests_cost_the_team_nothing() {
     let resp = post(&corral, &key, "/api/chat", &chat(false)).await;
     assert_eq!(resp.status(), 429, "the minute's two requests were used");
 }
+
+/// A request that wasted the gateway's time (its body never came, within `body_timeout`) keeps
+/// its charge: retrying that is not free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_never_comes_keeps_its_charge() {
+    use tokio::io::AsyncWriteExt;
+    let double = double().await;
+    let mut cfg = test_config(&double.url());
+    cfg.server.body_timeout = corral::config::HumanDuration::secs(1);
+    cfg.teams.insert(
+        "limited".into(),
+        TeamConfig {
+            models: vec!["*".into()],
+            rpm: 1,
+            ..Default::default()
+        },
+    );
+    let corral = Corral::start(cfg);
+    let key = corral.issue("limited", None, None);
+    let mut tls =
+        crate::common::raw::tls_connect(corral.port, &corral.certs.ca_pem, b"http/1.1").await;
+    let head = format!(
+        "POST /api/chat HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {key}\r\n\
+         content-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"model\""
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    wait_for_async(Duration::from_secs(30), "the 408", || async {
+        corral
+            .access_log()
+            .iter()
+            .any(|l| l["status"] == 408)
+            .then_some(())
+    })
+    .await;
+    drop(tls);
+    let resp = post(&corral, &key, "/api/chat", &chat(false)).await;
+    assert_eq!(resp.status(), 429, "the minute's one request was spent");
+}

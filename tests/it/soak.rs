@@ -24,7 +24,7 @@ async fn five_hundred_concurrent_streams_all_complete_and_correct() {
     let mut cfg = test_config(&double.url());
     // Every test client is 127.0.0.1: the per-address caps (256 by default) would refuse half.
     cfg.server.max_connections_per_ip = 0;
-    cfg.server.max_requests_per_ip = 0;
+    cfg.server.max_requests_per_ip = Some(0);
     let corral = Arc::new(Corral::start(cfg));
     let idle_rss = rss_kib(corral.pid());
     let started = Arc::new(AtomicUsize::new(0));
@@ -122,7 +122,7 @@ async fn a_burst_of_ordinary_traffic_logs_nothing_at_error() {
     let double = double_with(|c| c.token_delay = Duration::from_millis(5)).await;
     let mut cfg = test_config(&double.url());
     cfg.server.max_connections_per_ip = 0;
-    cfg.server.max_requests_per_ip = 0;
+    cfg.server.max_requests_per_ip = Some(0);
     let corral = Arc::new(Corral::start(cfg));
     let client = corral.client_builder().http1_only().build().unwrap();
     let mut tasks = Vec::new();
