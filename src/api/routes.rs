@@ -489,4 +489,14 @@ mod tests {
         assert_eq!(Model.name(), "/v1/models/{model}");
         assert_eq!(Chat.name(), "/api/chat");
     }
+
+    #[test]
+    fn an_unknown_path_is_answered_in_the_dialect_of_its_prefix() {
+        // A 404 for an SDK's typo must still parse in that SDK.
+        assert_eq!(dialect_of_path(b"/v1/messages/batches"), Dialect::Anthropic);
+        assert_eq!(dialect_of_path(b"/v1/messages"), Dialect::Anthropic);
+        assert_eq!(dialect_of_path(b"/v1/assistants"), Dialect::OpenAi);
+        assert_eq!(dialect_of_path(b"/api/nope"), Dialect::Ollama);
+        assert_eq!(dialect_of_path(b"/"), Dialect::Ollama);
+    }
 }
