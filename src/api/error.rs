@@ -40,6 +40,9 @@ pub enum GatewayError {
     },
     #[error("the model server is not reachable right now; try again shortly")]
     UpstreamUnavailable,
+    /// Every node that has the model is down (a pool of nodes).
+    #[error("no model server that has model '{0}' is up right now; try again shortly")]
+    ModelUnavailable(String),
     #[error("the model server did not answer within {0}")]
     UpstreamTimeout(HumanDuration),
     #[error("the request took longer than the {0} limit of this gateway")]
@@ -83,7 +86,7 @@ impl GatewayError {
             GatewayError::HeadersTooLarge => 431,
             GatewayError::Internal => 500,
             GatewayError::UpstreamUnavailable => 502,
-            GatewayError::Overloaded { .. } => 503,
+            GatewayError::Overloaded { .. } | GatewayError::ModelUnavailable(_) => 503,
             GatewayError::UpstreamTimeout(_) | GatewayError::RequestTooLong(_) => 504,
             GatewayError::UpstreamFailed(status) => *status,
         }
@@ -105,6 +108,7 @@ impl GatewayError {
             GatewayError::Internal => "internal",
             GatewayError::Overloaded { .. } => "overloaded",
             GatewayError::UpstreamUnavailable => "upstream_unavailable",
+            GatewayError::ModelUnavailable(_) => "model_unavailable",
             GatewayError::UpstreamTimeout(_) => "upstream_timeout",
             GatewayError::RequestTooLong(_) => "request_too_long",
             GatewayError::UpstreamFailed(_) => "upstream_failed",
@@ -179,6 +183,8 @@ impl GatewayError {
             | GatewayError::Overloaded {
                 retry_after_secs, ..
             } => headers.push(("retry-after", retry_after_secs.max(&1).to_string())),
+            // A node is probed every 5 s; one that answers is back in routing at once.
+            GatewayError::ModelUnavailable(_) => headers.push(("retry-after", "5".to_string())),
             _ => {}
         }
         Rendered {

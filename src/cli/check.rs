@@ -4,8 +4,7 @@
 use crate::config::{Config, Source};
 use crate::upstream::client::UpstreamClient;
 use crate::upstream::show::{show, Shown};
-use crate::upstream::Upstream;
-use std::sync::Arc;
+use crate::upstream::Pool;
 use std::time::Duration;
 
 /// One line of the report.
@@ -69,8 +68,29 @@ pub(crate) fn run(source: &Source, upstream: bool) -> Vec<Finding> {
     out
 }
 
+/// Asks every node (the one `upstream.url`, or each of `upstream.nodes`).
 fn check_upstream(cfg: &Config) -> Vec<Finding> {
-    let client = UpstreamClient::new(Arc::new(Upstream::new(&cfg.upstream)));
+    let pool = Pool::new(&cfg.upstream);
+    let mut out = Vec::new();
+    for (i, node) in pool.nodes().iter().enumerate() {
+        let (key, models_prefix) = if cfg.upstream.nodes.is_empty() {
+            ("upstream.url".to_string(), String::new())
+        } else {
+            let key = format!("upstream.nodes[{i}] ({})", node.name);
+            (key.clone(), format!("{key}: "))
+        };
+        let client = UpstreamClient::new(node.upstream.clone());
+        out.extend(check_node(cfg, &client, &key, &models_prefix));
+    }
+    out
+}
+
+fn check_node(
+    cfg: &Config,
+    client: &UpstreamClient,
+    node_key: &str,
+    models_prefix: &str,
+) -> Vec<Finding> {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -78,31 +98,39 @@ fn check_upstream(cfg: &Config) -> Vec<Finding> {
         Ok(r) => r,
         Err(e) => return vec![Finding::Error(format!("cannot start a runtime: {e}"))],
     };
-    let url = &cfg.upstream.url;
+    let url = format!("{node_key} = \"{}\"", client.url());
     let timeout = Duration::from_secs(10);
     let answer = runtime.block_on(client.request("GET", "/api/version", None, timeout));
     let first = match answer {
         Ok(a) if a.status == 200 => {
-            let version = a.json().and_then(|v| v["version"].as_str().map(str::to_string)).unwrap_or_else(|| "?".into());
-            Finding::Ok(format!("upstream.url = \"{url}\": Ollama {version} answers"))
+            let version = a
+                .json()
+                .and_then(|v| v["version"].as_str().map(str::to_string))
+                .unwrap_or_else(|| "?".into());
+            Finding::Ok(format!("{url}: Ollama {version} answers"))
         }
         Ok(a) if a.status == 403 => {
             return vec![Finding::Error(format!(
-                "upstream.url = \"{url}\": answered 403; Ollama refuses this Host or Origin (is this really Ollama?)"
+                "{url}: answered 403; Ollama refuses this Host or Origin (is this really Ollama?)"
             ))]
         }
-        Ok(a) => return vec![Finding::Error(format!("upstream.url = \"{url}\": answered {} to GET /api/version; is this Ollama?", a.status))],
+        Ok(a) => {
+            return vec![Finding::Error(format!(
+                "{url}: answered {} to GET /api/version; is this Ollama?",
+                a.status
+            ))]
+        }
         Err(e) => {
             return vec![Finding::Error(format!(
-                "upstream.url = \"{url}\": {e} (is Ollama running? `--skip-upstream` skips this check)"
+                "{url}: {e} (is Ollama running? `--skip-upstream` skips this check)"
             ))]
         }
     };
     let mut out = vec![first];
     // Every pinned model must exist, and be loadable.
     for (i, model) in cfg.preload.models.iter().enumerate() {
-        let key = format!("preload.models[{i}] = \"{model}\"");
-        out.push(match runtime.block_on(show(&client, model)) {
+        let key = format!("{models_prefix}preload.models[{i}] = \"{model}\"");
+        out.push(match runtime.block_on(show(client, model)) {
             Ok(Shown::Loadable(_)) => Finding::Ok(format!("{key}: Ollama has it")),
             Ok(Shown::Missing) if cfg.preload.pull_missing => Finding::Warning(format!(
                 "{key}: Ollama does not have it yet; corral will pull it (preload.pull_missing)"

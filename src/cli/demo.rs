@@ -71,7 +71,7 @@ pub(crate) fn prepare(
     cfg.server.tls_cert = dir.join("tls.crt");
     cfg.server.tls_key = dir.join("tls.key");
     cfg.server.grace_period = crate::config::HumanDuration::secs(5);
-    cfg.upstream.url = upstream.parse()?;
+    cfg.upstream.url = Some(upstream.parse()?);
     cfg.auth.verify_keys = vec![verify_key];
     cfg.auth.revoked_file = dir.join("revoked.txt");
     cfg.teams.insert(

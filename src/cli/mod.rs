@@ -446,7 +446,7 @@ fn serve(config: Option<PathBuf>, mode: crate::runtime::server::RunMode) -> Exit
              corral:   no verification keys and no teams, so every API key is refused. See config/corral.toml.",
             crate::config::DEFAULT_CONFIG_PATH,
             cfg.server.listen.0.map(|a| a.to_string()).unwrap_or_default(),
-            cfg.upstream.url,
+            cfg.upstream.url(),
             cfg.server.metrics_listen.0.map(|a| a.to_string()).unwrap_or_default(),
         );
     }

@@ -23,7 +23,7 @@ pub use preload::{KeepAlivePolicy, PreloadConfig};
 pub use server::{ListenAddr, ServerConfig};
 pub use teams::{valid_team_name, TeamConfig};
 pub use units::{ByteSize, HumanDuration};
-pub use upstream::{UpstreamConfig, UpstreamUrl};
+pub use upstream::{NodeConfig, UpstreamConfig, UpstreamUrl};
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -211,6 +211,8 @@ impl Config {
         let mut problems = Vec::new();
         self.server.check(&mut problems);
         self.upstream.check(&mut problems);
+        self.upstream
+            .check_placement(&self.preload.models, &mut problems);
         self.auth.check(&mut problems);
         teams::check(&self.teams, &mut problems);
         self.preload.check(&mut problems);
@@ -281,7 +283,17 @@ fn problem_from_config_error(e: config::ConfigError) -> Problem {
     let text = e.to_string();
     if let Some((message, rest)) = text.rsplit_once(" for key `") {
         let key = rest.split('`').next().unwrap_or_default();
-        return Problem::new(key, message);
+        // The `config` crate writes a field of a table in a list as `nodes[0]url`.
+        let mut fixed = String::with_capacity(key.len() + 2);
+        let mut after_index = false;
+        for c in key.chars() {
+            if after_index && c != '.' && c != '[' {
+                fixed.push('.');
+            }
+            after_index = c == ']';
+            fixed.push(c);
+        }
+        return Problem::new(fixed, message);
     }
     Problem::new("", text)
 }
@@ -322,7 +334,7 @@ mod tests {
         ];
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
         let c = Config::load_with_env(&Source::BuiltIn, Some(env.collect())).unwrap();
-        assert_eq!(c.upstream.url.to_string(), "http://ollama:11434");
+        assert_eq!(c.upstream.url().to_string(), "http://ollama:11434");
         assert_eq!(
             c.teams["research"].models,
             ["llama3.2:*", "nomic-embed-text"]
@@ -465,7 +477,7 @@ mod tests {
     fn the_kubernetes_config_is_valid_too() {
         let cfg = shipped("kubernetes.toml");
         assert!(cfg.validate().is_empty(), "{:?}", cfg.validate());
-        assert_eq!(cfg.upstream.url.to_string(), "http://ollama:11434");
+        assert_eq!(cfg.upstream.url().to_string(), "http://ollama:11434");
         assert!(
             cfg.server.metrics_listen.0.unwrap().ip().is_unspecified(),
             "probes reach the pod IP"

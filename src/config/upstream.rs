@@ -1,4 +1,5 @@
-//! `[upstream]`: where Ollama is ([`UpstreamUrl`], checked as it is read) and the timeouts.
+//! `[upstream]`: where Ollama is (one `url`, or a pool of `nodes`; each [`UpstreamUrl`] checked
+//! as it is read) and the timeouts.
 
 use super::units::HumanDuration;
 use super::Problem;
@@ -9,8 +10,13 @@ use std::net::{IpAddr, SocketAddr};
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
-    /// Base URL of Ollama: `http://host:port` (no path).
-    pub url: UpstreamUrl,
+    /// Base URL of Ollama: `http://host:port` (no path). Unset: `http://127.0.0.1:11434`, unless
+    /// `nodes` are listed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<UpstreamUrl>,
+    /// A pool of Ollama servers, instead of `url`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeConfig>,
     /// Establishing the TCP connection.
     pub(crate) connect_timeout: HumanDuration,
     /// Longest silence between two upstream bytes, including the wait for the first one (a cold
@@ -23,11 +29,8 @@ pub struct UpstreamConfig {
 impl Default for UpstreamConfig {
     fn default() -> Self {
         UpstreamConfig {
-            url: UpstreamUrl {
-                tls: false,
-                host: "127.0.0.1".into(),
-                port: 11434,
-            },
+            url: None,
+            nodes: Vec::new(),
             connect_timeout: HumanDuration::secs(3),
             read_timeout: HumanDuration::secs(15 * 60),
             request_timeout: HumanDuration::secs(60 * 60),
@@ -35,9 +38,112 @@ impl Default for UpstreamConfig {
     }
 }
 
+/// One Ollama server of a pool (`[[upstream.nodes]]`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// `[a-z0-9-]+`, unique: the `node` label in metrics and the access log, and what
+    /// `x-corral-node` names.
+    pub name: String,
+    pub url: UpstreamUrl,
+    /// Requests the node runs at once (its `OLLAMA_NUM_PARALLEL`); unset: no slot limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel: Option<u32>,
+    /// Placement: the pinned models this node should hold (empty: no placement).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
+}
+
+/// The name of the one node `upstream.url` makes.
+pub(crate) const SINGLE_NODE: &str = "default";
+
 impl UpstreamConfig {
-    /// Every problem with `[upstream]` (the URL was checked when it was read).
+    /// The single upstream: `url`, or Ollama's default address.
+    pub fn url(&self) -> UpstreamUrl {
+        self.url.clone().unwrap_or_else(|| UpstreamUrl {
+            tls: false,
+            host: "127.0.0.1".into(),
+            port: 11434,
+        })
+    }
+
+    /// The nodes corral forwards to: the listed `nodes`, or one (named `default`) at `url`.
+    pub(crate) fn node_list(&self) -> Vec<NodeConfig> {
+        if self.nodes.is_empty() {
+            vec![NodeConfig {
+                name: SINGLE_NODE.into(),
+                url: self.url(),
+                parallel: None,
+                models: Vec::new(),
+            }]
+        } else {
+            self.nodes.clone()
+        }
+    }
+
+    /// Placement names pinned models only: a node's `models` that `preload.models` lacks is a
+    /// mistake (a typo would otherwise silently place nothing).
+    pub(super) fn check_placement(&self, pinned: &[String], problems: &mut Vec<Problem>) {
+        let key = |m: &str| crate::ollama::ModelName::parse(m).map(|n| n.key());
+        let pinned: std::collections::HashSet<String> =
+            pinned.iter().filter_map(|m| key(m)).collect();
+        for (i, node) in self.nodes.iter().enumerate() {
+            for (j, m) in node.models.iter().enumerate() {
+                if key(m).is_some_and(|k| !pinned.contains(&k)) {
+                    problems.push(Problem::new(
+                        format!("upstream.nodes[{i}].models[{j}]"),
+                        format!(
+                            "`{m}` is not in preload.models; a node's models place pinned models"
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Every problem with `[upstream]` (the URLs were checked when they were read).
     pub(super) fn check(&self, problems: &mut Vec<Problem>) {
+        if self.url.is_some() && !self.nodes.is_empty() {
+            problems.push(Problem::new(
+                "upstream.url",
+                "set either upstream.url (one Ollama) or upstream.nodes (a pool), not both",
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            let key = |field: &str| format!("upstream.nodes[{i}].{field}");
+            let n = &node.name;
+            if n.is_empty()
+                || n.len() > 63
+                || !n
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            {
+                problems.push(Problem::new(
+                    key("name"),
+                    format!("`{n}` must be 1 to 63 of a-z, 0-9 and -, e.g. \"gpu-a\""),
+                ));
+            } else if !seen.insert(n.as_str()) {
+                problems.push(Problem::new(
+                    key("name"),
+                    format!("`{n}` names another node too; node names must be unique"),
+                ));
+            }
+            if node.parallel == Some(0) {
+                problems.push(Problem::new(
+                    key("parallel"),
+                    "must be at least 1 (leave it out for no slot limit)",
+                ));
+            }
+            for (j, m) in node.models.iter().enumerate() {
+                if crate::ollama::ModelName::parse(m).is_none() {
+                    problems.push(Problem::new(
+                        format!("upstream.nodes[{i}].models[{j}]"),
+                        format!("`{m}` is not a model name"),
+                    ));
+                }
+            }
+        }
         for (key, d) in [
             ("upstream.connect_timeout", self.connect_timeout),
             ("upstream.read_timeout", self.read_timeout),
@@ -222,7 +328,7 @@ mod tests {
             assert_eq!(UpstreamUrl::parse(url).unwrap().to_string(), url);
         }
         assert_eq!(
-            UpstreamConfig::default().url.to_string(),
+            UpstreamConfig::default().url().to_string(),
             "http://127.0.0.1:11434"
         );
     }
@@ -241,5 +347,60 @@ mod tests {
         assert!(e.to_string().contains("just scheme, host and port"), "{e}");
         let e = load_str("[upstream]\nurl = \"not a url\"\n").unwrap_err();
         assert_eq!(keys(&e), ["upstream.url"]);
+    }
+
+    #[test]
+    fn a_pool_of_nodes_is_read_and_checked() {
+        let cfg = load_str(
+            "[preload]\nmodels = [\"llama3.1:8b\"]\n[[upstream.nodes]]\nname = \"gpu-a\"\nurl = \"http://10.0.0.11:11434\"\nparallel = 4\nmodels = [\"llama3.1:8b\"]\n\
+             [[upstream.nodes]]\nname = \"gpu-b\"\nurl = \"http://10.0.0.12:11434\"\n",
+        )
+        .unwrap();
+        let nodes = cfg.upstream.node_list();
+        assert_eq!(nodes.len(), 2);
+        assert_eq!(
+            (nodes[0].name.as_str(), nodes[0].parallel, nodes[1].parallel),
+            ("gpu-a", Some(4), None)
+        );
+        assert_eq!(nodes[1].url.to_string(), "http://10.0.0.12:11434");
+        let single = UpstreamConfig::default().node_list();
+        assert_eq!(single.len(), 1);
+        assert_eq!(single[0].name, SINGLE_NODE);
+    }
+
+    #[test]
+    fn a_pool_refuses_bad_names_duplicates_zero_slots_and_a_url_beside_it() {
+        let node = |name: &str, extra: &str| {
+            format!(
+                "[[upstream.nodes]]\nname = \"{name}\"\nurl = \"http://10.0.0.1:11434\"\n{extra}"
+            )
+        };
+        let e = load_str(&format!(
+            "[upstream]\nurl = \"http://x:1\"\n{}{}{}{}",
+            node("GPU_A", ""),
+            node("b", "parallel = 0\n"),
+            node("b", "models = [\"\"]\n"),
+            node("c", "")
+        ))
+        .unwrap_err();
+        assert_eq!(
+            keys(&e),
+            [
+                "upstream.url",
+                "upstream.nodes[0].name",
+                "upstream.nodes[1].parallel",
+                "upstream.nodes[2].name",
+                "upstream.nodes[2].models[0]",
+            ]
+        );
+        let text = e.to_string();
+        assert!(text.contains("upstream.nodes (a pool), not both"), "{text}");
+        assert!(text.contains("must be unique"), "{text}");
+        let e = load_str("[[upstream.nodes]]\nname = \"a\"\nurl = \"ftp://x\"\n").unwrap_err();
+        assert_eq!(keys(&e), ["upstream.nodes[0].url"]);
+        // A placement names pinned models only.
+        let e = load_str(&node("a", "models = [\"llama3.1:8b\"]\n")).unwrap_err();
+        assert_eq!(keys(&e), ["upstream.nodes[0].models[0]"]);
+        assert!(e.to_string().contains("not in preload.models"), "{e}");
     }
 }

@@ -154,6 +154,7 @@ impl Gateway {
             policy::authorize(&caller.team, &caller.identity, kind, &refs)?;
         }
         drop(refs);
+        self.place(session.req_header(), ctx)?;
         ctx.admission.body = match (body, rewritten) {
             (Some(mut held), Some(new)) => {
                 held.memory.set(new.len() as u64);

@@ -7,6 +7,7 @@ use crate::access::limits::{Limit, Slot};
 use crate::access::policy::Team;
 use crate::api::error::GatewayError;
 use crate::api::routes::{Dialect, Matched};
+use crate::upstream::node::{Lease, Node};
 use crate::usage::{BodyFormat, Meter, UsageStripper};
 use bytes::{Bytes, BytesMut};
 use std::net::IpAddr;
@@ -34,6 +35,7 @@ pub(crate) struct RequestCtx {
     /// How errors are written for this caller (guessed from the path until a route matches).
     pub(crate) dialect: Dialect,
     pub(crate) admission: Admission,
+    pub(crate) nodes: Attempts,
     pub(crate) response: ResponseState,
     pub(crate) outcome: Outcome,
     _in_flight: InFlight,
@@ -59,6 +61,28 @@ pub(crate) struct Admission {
     pub(crate) slot: Option<Slot>,
     /// Counts this request in `corral_inflight_requests{team}` while it lives.
     pub(crate) team_in_flight: Option<GaugeGuard>,
+}
+
+/// Which node the request goes to, and the nodes it tried.
+#[derive(Default)]
+pub(crate) struct Attempts {
+    /// Where the next attempt goes: chosen at admission, or the same node again after a pooled
+    /// connection it had closed.
+    pub(crate) next: Option<Arc<Node>>,
+    /// The node `x-corral-node` named (admin routes in a pool): every attempt goes there.
+    pub(crate) fixed: Option<Arc<Node>>,
+    /// Nodes this request tried and failed on: it tries each once.
+    pub(crate) tried: Vec<Arc<Node>>,
+    /// The current attempt's place on its node (`corral_upstream_inflight{node}`).
+    pub(crate) current: Option<(Lease, GaugeGuard)>,
+    /// Attempts made (the access log's `attempts`).
+    pub(crate) count: u32,
+}
+
+impl Attempts {
+    pub(crate) fn node(&self) -> Option<&Arc<Node>> {
+        self.current.as_ref().map(|(lease, _)| lease.node())
+    }
 }
 
 /// What the response path keeps between chunks.
@@ -166,6 +190,7 @@ impl RequestCtx {
             client_ip: None,
             dialect: Dialect::Ollama,
             admission: Admission::default(),
+            nodes: Attempts::default(),
             response: ResponseState::default(),
             outcome: Outcome::default(),
             _in_flight: in_flight,

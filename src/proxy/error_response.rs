@@ -2,7 +2,8 @@
 //! caller's dialect; a failure mid-stream ends the stream with an in-band error.
 
 use super::ctx::{Failure, UpstreamFault};
-use super::{Gateway, RequestCtx, REQUEST_TIMEOUT, UNRESOLVED};
+use super::nodes::UNRESOLVED;
+use super::{Gateway, RequestCtx, REQUEST_TIMEOUT};
 use crate::api::error::GatewayError;
 use crate::api::routes::Dialect;
 use crate::config::HumanDuration;
@@ -85,7 +86,8 @@ impl Gateway {
     /// fault to count in `corral_upstream_errors_total`, if Ollama is at fault.
     pub(super) fn failure(&self, e: &Error) -> (Option<GatewayError>, Option<UpstreamFault>) {
         let etype = e.etype();
-        let up = &self.upstream;
+        // The timeouts are the same on every node.
+        let up = &self.pool.first().upstream;
         if *etype == REQUEST_TIMEOUT {
             return (
                 Some(GatewayError::RequestTooLong(HumanDuration(

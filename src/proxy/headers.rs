@@ -9,7 +9,8 @@ use std::sync::OnceLock;
 /// Client headers that never reach Ollama: credentials (corral's own key among them), forwarding
 /// claims corral sets itself, `X-Forwarded-Prefix` (gin builds redirects from it), `Origin`
 /// (Ollama refuses unknown origins with a bare 403), and content negotiation corral must not
-/// leave to the client (usage is read from identity-encoded responses).
+/// leave to the client (usage is read from identity-encoded responses), and corral's own
+/// `x-corral-node`.
 const STRIPPED: &[&str] = &[
     "authorization",
     "proxy-authorization",
@@ -24,6 +25,7 @@ const STRIPPED: &[&str] = &[
     "origin",
     "accept-encoding",
     "expect",
+    "x-corral-node",
 ];
 
 /// Rewrites the upstream request headers: `Host` becomes the upstream's (a loopback-bound Ollama

@@ -12,6 +12,7 @@ mod ctx;
 mod error_response;
 pub mod framing;
 mod headers;
+mod nodes;
 mod report;
 mod response_body;
 mod traffic;
@@ -28,7 +29,7 @@ use crate::api::routes::BodyMode;
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::pins::Pins;
-use crate::upstream::Upstream;
+use crate::upstream::Pool;
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -40,7 +41,7 @@ use std::time::Duration;
 
 /// The gateway: everything the hooks need, shared by all requests.
 pub(crate) struct Gateway {
-    pub(crate) upstream: Arc<Upstream>,
+    pub(crate) pool: Arc<Pool>,
     pub(crate) access: Arc<AccessHandle>,
     pub(crate) limits: ClientLimits,
     pub(crate) limiter: Arc<Limiter>,
@@ -57,8 +58,6 @@ pub(crate) struct Gateway {
 /// `upstream.request_timeout` passed: the error the patched pingora-proxy gives when it ends an
 /// exchange with Ollama at the cap (`HttpProxy::upstream_request_timeout`).
 const REQUEST_TIMEOUT: ErrorType = ErrorType::Custom("request_timeout");
-/// The upstream's host name has not resolved (yet).
-const UNRESOLVED: ErrorType = ErrorType::Custom("upstream_unresolved");
 
 #[async_trait]
 impl ProxyHttp for Gateway {
@@ -77,7 +76,7 @@ impl ProxyHttp for Gateway {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
         match self.admit(session, ctx).await {
-            Ok(()) => Ok(false),
+            Ok(()) => Ok(self.answer_merged(session, ctx).await),
             Err(e) => {
                 self.respond(session, ctx, &e).await;
                 Ok(true)
@@ -88,12 +87,30 @@ impl ProxyHttp for Gateway {
     async fn upstream_peer(
         &self,
         _session: &mut Session,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        match self.upstream.peer() {
+        let node = self.next_node(ctx)?;
+        match node.upstream.peer() {
             Some(peer) => Ok(Box::new(peer)),
-            None => Error::e_explain(UNRESOLVED, "the upstream host name has not resolved yet"),
+            None => Error::e_explain(
+                nodes::UNRESOLVED,
+                "the upstream host name has not resolved yet",
+            ),
         }
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Nothing was sent: another node that has the model can take the request.
+        if self.attempt_failed(ctx, false) {
+            e.set_retry(true);
+        }
+        e
     }
 
     async fn upstream_request_filter(
@@ -106,7 +123,11 @@ impl ProxyHttp for Gateway {
             .digest()
             .and_then(|d| d.ssl_digest.as_ref())
             .is_some();
-        let authority = self.upstream.url.authority();
+        let authority = ctx
+            .nodes
+            .node()
+            .map(|n| n.upstream.url.authority())
+            .unwrap_or_default();
         headers::prepare_upstream(
             upstream_request,
             &authority,
@@ -172,6 +193,15 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        let status = upstream_response.status.as_u16();
+        // A node that cannot take the request (502, 503: its queue is full, it is shutting
+        // down) before any byte of an answer: the next node that has the model takes it.
+        if matches!(status, 502 | 503) && self.attempt_failed(ctx, true) {
+            let mut e = Error::explain(nodes::FAILOVER, format!("the node answered {status}"));
+            e.set_retry(true);
+            return Err(e);
+        }
+        self.attempt_answered(ctx, status);
         upstream_response.insert_header("x-request-id", ctx.request_id.as_str())?;
         // Ollama answered: the request will not be sent again, so a long conversation is not
         // kept in memory for the rest of a stream.
@@ -219,8 +249,22 @@ impl ProxyHttp for Gateway {
         // fails before any answer. corral holds the whole body, so the request can be sent again
         // on a fresh connection, POST or not. Nothing is retried once an answer has started.
         let replayable = ctx.admission.body.is_some() || session.as_mut().is_body_empty();
-        if replayable && session.response_written().is_none() {
-            e.retry.decide_reuse(client_reused);
+        if !replayable || session.response_written().is_some() {
+            e.set_retry(false);
+        } else if *e.etype() == nodes::FAILOVER {
+            // Decided in response_filter: another node takes it.
+        } else if client_reused {
+            // A pooled connection the node had closed: the same node, on a fresh connection.
+            e.retry.decide_reuse(true);
+            ctx.nodes.next = ctx.nodes.node().cloned();
+        } else if matches!(
+            e.etype(),
+            ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+        ) {
+            // A fresh connection broke before the answer: the node is in trouble. (A timeout
+            // is not retried elsewhere: the node may be loading the model.)
+            let failover = self.attempt_failed(ctx, false);
+            e.set_retry(failover);
         } else {
             e.set_retry(false);
         }
@@ -290,6 +334,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        self.request_done(ctx);
         self.report(session, ctx);
     }
 }

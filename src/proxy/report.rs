@@ -128,6 +128,8 @@ impl Gateway {
             bytes_out: ctx.outcome.bytes_out,
             error: ctx.outcome.failure.as_ref().map(Failure::label),
             auth_failure: ctx.outcome.auth_failure.map(AuthFailure::reason),
+            node: ctx.nodes.node().map(|n| n.name.as_str()),
+            attempts: ctx.nodes.count,
         });
     }
 }

@@ -15,6 +15,7 @@ pub(crate) struct AdminApp {
     pub(crate) traffic: Arc<Traffic>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) pins: Arc<Pins>,
+    pub(crate) pool: Arc<crate::upstream::Pool>,
 }
 
 impl AdminApp {
@@ -42,7 +43,10 @@ impl AdminApp {
             "/readyz" => {
                 // Not ready while draining, or while a pinned model is not loaded yet.
                 let draining = self.traffic.is_draining();
-                let ready = !draining && self.pins.ready();
+                let ready = !draining
+                    && self
+                        .pins
+                        .ready(|node| self.pool.get(node).is_some_and(|n| n.is_up()));
                 let status = if ready {
                     StatusCode::OK
                 } else {
@@ -96,7 +100,8 @@ mod tests {
         let app = AdminApp {
             traffic: Arc::new(Traffic::default()),
             metrics: Arc::new(Metrics::new(&crate::config::Config::default())),
-            pins: Arc::new(Pins::new(&Default::default())),
+            pins: Arc::new(Pins::new(&Default::default(), &[])),
+            pool: Arc::new(crate::upstream::Pool::new(&Default::default())),
         };
         assert_eq!(app.answer(&Method::GET, "/livez").0, StatusCode::OK);
         let (status, _, body) = app.answer(&Method::GET, "/readyz");

@@ -19,11 +19,10 @@ use crate::runtime::shutdown::{Drainer, Signals};
 use crate::runtime::tls::{CertStore, CertWatcher};
 use crate::telemetry::access_log::{AccessLog, AccessLogFlusher};
 use crate::telemetry::metrics::Metrics;
-use crate::upstream::client::UpstreamClient;
 use crate::upstream::pins::Pins;
 use crate::upstream::preload::Preloader;
 use crate::upstream::probe::Probe;
-use crate::upstream::{Resolver, Upstream};
+use crate::upstream::{Pool, Resolver};
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::{Opt, ServerConf};
@@ -48,7 +47,7 @@ pub(crate) struct Prepared {
     pub(crate) source: Source,
     pub(crate) cfg: Config,
     pub(crate) certs: Option<Arc<CertStore>>,
-    pub(crate) upstream: Arc<Upstream>,
+    pub(crate) pool: Arc<Pool>,
     pub(crate) access: Access,
     /// Things that work but are probably not what the operator wants.
     pub(crate) warnings: Vec<String>,
@@ -81,13 +80,13 @@ pub(crate) fn prepare(source: Source, cfg: Config) -> Result<Prepared, StartErro
             }
         },
     };
-    let upstream = Arc::new(Upstream::new(&cfg.upstream));
+    let pool = Arc::new(Pool::new(&cfg.upstream));
     match access {
         Some(access) if problems.is_empty() => Ok(Prepared {
             source,
             cfg,
             certs,
-            upstream,
+            pool,
             access,
             warnings,
         }),
@@ -159,12 +158,7 @@ pub(crate) fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
     if !mode.daemon {
         crate::runtime::reload::claim_sighup();
     }
-    let (source, cfg, certs, upstream) = (
-        prepared.source,
-        prepared.cfg,
-        prepared.certs,
-        prepared.upstream,
-    );
+    let (source, cfg, certs, pool) = (prepared.source, prepared.cfg, prepared.certs, prepared.pool);
     for w in &prepared.warnings {
         tracing::warn!("{w}");
     }
@@ -198,7 +192,12 @@ pub(crate) fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
 
     let traffic = Arc::new(Traffic::default());
     let metrics = Arc::new(Metrics::new(&cfg));
-    let pins = Arc::new(Pins::new(&cfg.preload));
+    let holders: Vec<_> = pool
+        .nodes()
+        .iter()
+        .map(|n| (n.name.clone(), n.placement.clone()))
+        .collect();
+    let pins = Arc::new(Pins::new(&cfg.preload, &holders));
     let access_log = Arc::new(AccessLog::stdout(cfg.log.format));
     // Every reason is exported from the start (as 0), so a rate over it is never missing.
     for full in Full::ALL {
@@ -218,7 +217,7 @@ pub(crate) fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
     let gateway = Gateway {
         pins: pins.clone(),
         metrics: metrics.clone(),
-        upstream: upstream.clone(),
+        pool: pool.clone(),
         access: access.clone(),
         limits: ClientLimits {
             max_body: cfg.server.max_body,
@@ -288,6 +287,7 @@ pub(crate) fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
                 traffic: traffic.clone(),
                 metrics: metrics.clone(),
                 pins: pins.clone(),
+                pool: pool.clone(),
             },
         );
         admin.add_tcp(&addr.to_string());
@@ -301,12 +301,16 @@ pub(crate) fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
         certs: certs.clone(),
         metrics: metrics.clone(),
     };
-    let probe = Probe {
-        client: UpstreamClient::new(upstream.clone()),
-        metrics: metrics.clone(),
-        pins: pins.clone(),
-    };
-    server.add_service(background_service("upstream probe", probe));
+    for node in pool.nodes() {
+        let probe = Probe::new(node.clone(), pool.clone(), metrics.clone(), pins.clone());
+        server.add_service(background_service(&format!("probe {}", node.name), probe));
+        if node.upstream.needs_dns() {
+            server.add_service(background_service(
+                &format!("resolver {}", node.name),
+                Resolver(node.upstream.clone()),
+            ));
+        }
+    }
     server.add_service(background_service(
         "access log",
         AccessLogFlusher(access_log.clone()),
@@ -318,8 +322,19 @@ pub(crate) fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
     };
     server.add_service(background_service("drain", drainer));
     if !cfg.preload.models.is_empty() {
-        let preloader = Preloader::new(upstream.clone(), pins, metrics.clone(), &cfg.preload);
-        server.add_service(background_service("preload", preloader));
+        for node in pool.nodes() {
+            let preloader = Preloader::new(
+                node.clone(),
+                pool.clone(),
+                pins.clone(),
+                metrics.clone(),
+                &cfg.preload,
+            );
+            server.add_service(background_service(
+                &format!("preload {}", node.name),
+                preloader,
+            ));
+        }
     }
     server.add_service(background_service("config reload", reloader));
     server.add_service(background_service(
@@ -329,17 +344,16 @@ pub(crate) fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
     if let Some(certs) = certs.filter(|c| c.watches_files()) {
         server.add_service(background_service("tls reload", CertWatcher(certs)));
     }
-    if upstream.needs_dns() {
-        server.add_service(background_service(
-            "upstream resolver",
-            Resolver(upstream.clone()),
-        ));
-    }
 
     for (key, addr) in listeners(&cfg) {
         tracing::info!(%addr, listener = key, "listening");
     }
-    tracing::info!(upstream = %cfg.upstream.url, version = env!("CARGO_PKG_VERSION"), "corral started");
+    let nodes: Vec<String> = pool
+        .nodes()
+        .iter()
+        .map(|n| format!("{}={}", n.name, n.upstream.url))
+        .collect();
+    tracing::info!(upstream = %nodes.join(" "), version = env!("CARGO_PKG_VERSION"), "corral started");
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals),
     });

@@ -39,6 +39,10 @@ pub(crate) struct AccessRecord<'a> {
     /// The id a refused key claims when its signature did not hold (anyone can write any id
     /// into an unsigned key); `key_id` holds ids whose signature held.
     pub(crate) claimed_key_id: Option<&'a str>,
+    /// The node that answered (or was tried last); `None` when nothing was forwarded.
+    pub(crate) node: Option<&'a str>,
+    /// Nodes tried: more than 1 when a request failed over.
+    pub(crate) attempts: u32,
 }
 
 impl AccessRecord<'_> {
@@ -58,6 +62,7 @@ impl AccessRecord<'_> {
         };
         field("team", self.team.map(str::to_string));
         field("model", self.model.map(str::to_string));
+        field("node", self.node.map(str::to_string));
         field("ttft", self.ttft_ms.map(|t| format!("{t}ms")));
         field(
             "tokens",

@@ -34,7 +34,10 @@ pub(crate) struct Metrics {
     pub(crate) auth_failures: IntCounterVec,
     pub(crate) rate_limited: IntCounterVec,
     pub(crate) upstream_errors: IntCounterVec,
-    pub(crate) upstream_up: IntGauge,
+    pub(crate) upstream_up: IntGaugeVec,
+    pub(crate) upstream_inflight: IntGaugeVec,
+    pub(crate) upstream_slots: IntGaugeVec,
+    pub(crate) upstream_attempts: IntCounterVec,
     pub(crate) model_loaded: IntGaugeVec,
     pub(crate) preload_duration: GaugeVec,
     pub(crate) model_pull_bytes: IntGaugeVec,
@@ -53,7 +56,8 @@ pub(crate) struct Metrics {
 #[derive(Default)]
 struct KnownModels {
     config: HashMap<String, String>,
-    upstream: HashMap<String, String>,
+    /// By node.
+    upstream: HashMap<String, HashMap<String, String>>,
 }
 
 fn by_key<I: IntoIterator<Item = String>>(names: I) -> HashMap<String, String> {
@@ -118,22 +122,34 @@ fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
 
 impl Metrics {
     pub(crate) fn new(cfg: &Config) -> Metrics {
+        let m = Metrics::register(cfg);
+        // Every node's series from the start: a node that never answers shows as down, not absent.
+        for node in cfg.upstream.node_list() {
+            m.upstream_up.with_label_values(&[&node.name]).set(0);
+            m.upstream_inflight.with_label_values(&[&node.name]).set(0);
+            m.upstream_slots
+                .with_label_values(&[&node.name])
+                .set(node.parallel.unwrap_or(0).into());
+        }
+        m
+    }
+
+    fn register(cfg: &Config) -> Metrics {
         let r = Registry::new();
-        let upstream_up = register(
+        let upstream_up = gauge(
             &r,
-            IntGauge::new(
-                "corral_upstream_up",
-                "1 when Ollama answered the last health probe, else 0.",
-            ),
+            "corral_upstream_up",
+            "1 while the node answers its health probe (down after 3 failures in a row), else 0.",
+            &["node"],
         );
         let preload_duration = register(
             &r,
             GaugeVec::new(
                 Opts::new(
                     "corral_model_preload_duration_seconds",
-                    "How long the last successful preload of a pinned model took.",
+                    "How long the last successful preload of a pinned model on the node took.",
                 ),
-                &["model"],
+                &["node", "model"],
             ),
         );
         let build_info = gauge(
@@ -231,18 +247,36 @@ impl Metrics {
                 &["kind"],
             ),
             upstream_up,
+            upstream_inflight: gauge(
+                &r,
+                "corral_upstream_inflight",
+                "Requests corral has in flight on the node.",
+                &["node"],
+            ),
+            upstream_slots: gauge(
+                &r,
+                "corral_upstream_slots",
+                "Requests the node runs at once (its `parallel`; 0: no slot limit).",
+                &["node"],
+            ),
+            upstream_attempts: counter(
+                &r,
+                "corral_upstream_attempts_total",
+                "Attempts to forward a request to a node, by outcome (ok, connect_error, unavailable, failover).",
+                &["node", "outcome"],
+            ),
             model_loaded: gauge(
                 &r,
                 "corral_model_loaded",
-                "1 when a pinned model is loaded in Ollama (per /api/ps), else 0.",
-                &["model"],
+                "1 when a pinned model is loaded on the node (per its /api/ps), else 0.",
+                &["node", "model"],
             ),
             preload_duration,
             model_pull_bytes: gauge(
                 &r,
                 "corral_model_pull_bytes",
-                "Progress of corral's pull of a pinned model Ollama lacked (preload.pull_missing): bytes completed and in total.",
-                &["model", "kind"],
+                "Progress of corral's pull of a pinned model a node lacked (preload.pull_missing): bytes completed and in total.",
+                &["node", "model", "kind"],
             ),
             truncated: counter(
                 &r,
@@ -285,18 +319,24 @@ impl Metrics {
         let known = self.known_models.read().unwrap_or_else(|e| e.into_inner());
         known
             .upstream
-            .get(&key)
+            .values()
+            .find_map(|models| models.get(&key))
             .or_else(|| known.config.get(&key))
             .map_or_else(|| "other".to_string(), String::clone)
     }
 
-    /// Models Ollama has (from `/api/tags`); they replace the previous list.
-    pub(crate) fn set_upstream_models<I: IntoIterator<Item = String>>(&self, models: I) {
-        let upstream = by_key(models);
+    /// Models a node has (from its `/api/tags`); they replace its previous list.
+    pub(crate) fn set_upstream_models<I: IntoIterator<Item = String>>(
+        &self,
+        node: &str,
+        models: I,
+    ) {
+        let models = by_key(models);
         self.known_models
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .upstream = upstream;
+            .upstream
+            .insert(node.to_string(), models);
     }
 
     /// Models a (reloaded) configuration names.
@@ -333,7 +373,7 @@ mod tests {
             "globs name no model"
         );
         assert_eq!(m.model_label(None), "none");
-        m.set_upstream_models(["mistral:latest".to_string()]);
+        m.set_upstream_models("default", ["mistral:latest".to_string()]);
         assert_eq!(m.model_label(Some("mistral:latest")), "mistral:latest");
         assert_eq!(
             m.model_label(Some("llama3.2:latest")),

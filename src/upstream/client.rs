@@ -49,6 +49,10 @@ impl UpstreamClient {
         }
     }
 
+    pub(crate) fn url(&self) -> &crate::config::UpstreamUrl {
+        &self.upstream.url
+    }
+
     /// Sends one request and reads the whole answer. `read_timeout` bounds each read (a model
     /// load can take minutes).
     pub(crate) async fn request(

@@ -1,7 +1,10 @@
-//! The Ollama server corral forwards to: its URL, its resolved address, and the pingora peer
-//! (with corral's timeouts) for each request.
+//! The Ollama servers corral forwards to: the [`Pool`] of nodes (one for `upstream.url`), each
+//! with its URL, its resolved address, and the pingora peer (with corral's timeouts) for each
+//! request; which node a request goes to (`choose`), their probes, and pinned models.
 
+pub mod choose;
 pub(crate) mod client;
+pub(crate) mod node;
 pub(crate) mod pins;
 pub(crate) mod preload;
 pub(crate) mod probe;
@@ -9,12 +12,16 @@ pub(crate) mod pull;
 pub(crate) mod show;
 
 use crate::config::{UpstreamConfig, UpstreamUrl};
+use crate::ollama::ModelName;
 use async_trait::async_trait;
+use choose::Choice;
+use node::{List, Node};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use pingora::upstreams::peer::{HttpPeer, HttpUpstreamRequestPolicy};
 use std::net::SocketAddr;
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 /// How long a body write to Ollama may block; Ollama reads request bodies eagerly.
@@ -34,8 +41,7 @@ pub(crate) struct Upstream {
 }
 
 impl Upstream {
-    pub(crate) fn new(cfg: &UpstreamConfig) -> Upstream {
-        let url = cfg.url.clone();
+    pub(crate) fn new(url: UpstreamUrl, cfg: &UpstreamConfig) -> Upstream {
         let addr = RwLock::new(url.literal());
         Upstream {
             url,
@@ -87,6 +93,112 @@ impl Upstream {
     }
 }
 
+/// The nodes requests go to.
+pub(crate) struct Pool {
+    nodes: Vec<Arc<Node>>,
+    /// Turns for equal nodes.
+    turn: AtomicUsize,
+}
+
+/// Where a request goes (see [`choose`]).
+pub(crate) enum Pick {
+    Node(Arc<Node>),
+    /// Every node that has (or may have) the model is down.
+    Down,
+    /// No node has the model.
+    Missing,
+    /// Every candidate was tried.
+    Exhausted,
+}
+
+impl Pool {
+    pub(crate) fn new(cfg: &UpstreamConfig) -> Pool {
+        let nodes = cfg
+            .node_list()
+            .into_iter()
+            .map(|n| {
+                let placement = n
+                    .models
+                    .iter()
+                    .filter_map(|m| ModelName::parse(m))
+                    .map(|m| m.key())
+                    .collect();
+                let upstream = Arc::new(Upstream::new(n.url, cfg));
+                Arc::new(Node::new(n.name, upstream, n.parallel, placement))
+            })
+            .collect();
+        Pool {
+            nodes,
+            turn: AtomicUsize::new(0),
+        }
+    }
+
+    pub(crate) fn nodes(&self) -> &[Arc<Node>] {
+        &self.nodes
+    }
+
+    /// More than one node: requests are routed, lists merged, admin routes name their node.
+    pub(crate) fn is_pool(&self) -> bool {
+        self.nodes.len() > 1
+    }
+
+    /// The first node (the only one, outside a pool).
+    pub(crate) fn first(&self) -> &Arc<Node> {
+        &self.nodes[0]
+    }
+
+    pub(crate) fn get(&self, name: &str) -> Option<&Arc<Node>> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// The node names, for messages.
+    pub(crate) fn names(&self) -> String {
+        let names: Vec<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
+        names.join(", ")
+    }
+
+    /// One list of every healthy node's, each model once (the first node that lists it gives its
+    /// entry), as Ollama would answer it; `None` when no node is up.
+    pub(crate) fn merged(&self, which: List) -> Option<serde_json::Value> {
+        let mut up = self.nodes.iter().filter(|n| n.is_up()).peekable();
+        up.peek()?;
+        let mut seen = std::collections::BTreeMap::new();
+        for node in up {
+            for (key, entry) in node.list(which) {
+                seen.entry(key).or_insert(entry);
+            }
+        }
+        let items: Vec<serde_json::Value> = seen.into_values().collect();
+        Some(match which {
+            List::OpenAi => serde_json::json!({"object": "list", "data": items}),
+            List::Tags | List::Ps => serde_json::json!({ "models": items }),
+        })
+    }
+
+    /// The node for a request for `model` (a key; `None`: any node) that has tried `tried`.
+    /// Outside a pool the one node takes everything, as a single upstream always did.
+    pub(crate) fn pick(&self, model: Option<&str>, tried: &[Arc<Node>]) -> Pick {
+        let was_tried = |n: &Arc<Node>| tried.iter().any(|t| Arc::ptr_eq(t, n));
+        if !self.is_pool() {
+            return match was_tried(self.first()) {
+                true => Pick::Exhausted,
+                false => Pick::Node(self.first().clone()),
+            };
+        }
+        let views: Vec<choose::NodeView> = self
+            .nodes
+            .iter()
+            .map(|n| n.view(model, was_tried(n)))
+            .collect();
+        match choose::choose(&views, self.turn.fetch_add(1, Ordering::Relaxed)) {
+            Choice::Node(i) => Pick::Node(self.nodes[i].clone()),
+            Choice::Down => Pick::Down,
+            Choice::Missing => Pick::Missing,
+            Choice::Exhausted => Pick::Exhausted,
+        }
+    }
+}
+
 /// Keeps a DNS upstream's address fresh.
 pub(crate) struct Resolver(pub std::sync::Arc<Upstream>);
 
@@ -128,12 +240,12 @@ mod tests {
     #[test]
     fn peers_carry_the_configured_timeouts() {
         let cfg = UpstreamConfig {
-            url: UpstreamUrl::parse("http://127.0.0.1:11434").unwrap(),
             connect_timeout: crate::config::HumanDuration::secs(3),
             read_timeout: crate::config::HumanDuration::secs(900),
             request_timeout: crate::config::HumanDuration::secs(60),
+            ..Default::default()
         };
-        let up = Upstream::new(&cfg);
+        let up = Upstream::new(UpstreamUrl::parse("http://127.0.0.1:11434").unwrap(), &cfg);
         assert!(!up.needs_dns());
         let peer = up.peer().unwrap();
         assert_eq!(
@@ -145,10 +257,10 @@ mod tests {
             Some(Duration::from_secs(900)),
             "per read; the whole exchange is capped separately"
         );
-        let named = Upstream::new(&UpstreamConfig {
-            url: UpstreamUrl::parse("http://ollama.invalid:11434").unwrap(),
-            ..cfg
-        });
+        let named = Upstream::new(
+            UpstreamUrl::parse("http://ollama.invalid:11434").unwrap(),
+            &cfg,
+        );
         assert!(named.needs_dns());
         assert!(named.peer().is_none(), "no peer before the name resolves");
     }

@@ -1,6 +1,6 @@
-//! The pinned models (`preload.models`) and where each stands, shared by the preloader (which
-//! loads them), `/readyz` (which reports them) and the request path (whose keep-alive policy
-//! protects them).
+//! The pinned models (`preload.models`) and where each stands on each node, shared by the
+//! preloaders (one per node, which load them), `/readyz` (which reports them) and the request
+//! path (whose keep-alive policy protects them).
 
 use crate::config::PreloadConfig;
 use crate::ollama::{KeepAlive, ModelName};
@@ -21,6 +21,8 @@ pub(crate) enum ModelState {
         seconds: f64,
     },
     Failed(String),
+    /// The node does not have it and is not meant to (another node of the pool holds it).
+    Absent,
 }
 
 impl ModelState {
@@ -33,6 +35,7 @@ impl ModelState {
             ModelState::Pulling { .. } => "pulling".into(),
             ModelState::Loaded { .. } => "loaded".into(),
             ModelState::Failed(why) => format!("failed: {why}"),
+            ModelState::Absent => "not on this node".into(),
         }
     }
 }
@@ -45,7 +48,10 @@ pub(crate) struct Pins {
     /// `/api/copy`): Ollama runs one runner per model, so `keep_alive: 0` through any of its
     /// names unloads it.
     aliases: RwLock<HashMap<String, String>>,
-    states: RwLock<BTreeMap<String, ModelState>>,
+    /// Model → node → state, for the nodes meant to hold it.
+    states: RwLock<BTreeMap<String, BTreeMap<String, ModelState>>>,
+    /// More than one node: `/readyz` says which node holds what.
+    pool: bool,
     pub(crate) requires_ready: bool,
     /// The `keep_alive` pinned models are loaded with (and that `pin` writes into requests).
     pub(crate) keep_alive: Value,
@@ -55,21 +61,32 @@ pub(crate) struct Pins {
 }
 
 impl Pins {
-    pub(crate) fn new(cfg: &PreloadConfig) -> Pins {
+    /// The pins of `cfg` on `nodes` (name and placement: the model keys a node should hold). With
+    /// a placement on any node, a model is held by the nodes that list it; without, by every node
+    /// that has it.
+    pub(crate) fn new(cfg: &PreloadConfig, nodes: &[(String, HashSet<String>)]) -> Pins {
         let names: Vec<ModelName> = cfg
             .models
             .iter()
             .filter_map(|m| ModelName::parse(m))
             .collect();
+        let placed = nodes.iter().any(|(_, p)| !p.is_empty());
+        let states = names
+            .iter()
+            .map(|n| {
+                let holders = nodes
+                    .iter()
+                    .filter(|(_, p)| !placed || p.contains(&n.key()))
+                    .map(|(node, _)| (node.clone(), ModelState::Loading))
+                    .collect();
+                (n.to_string(), holders)
+            })
+            .collect();
         Pins {
             keys: names.iter().map(ModelName::key).collect(),
             aliases: RwLock::default(),
-            states: RwLock::new(
-                names
-                    .iter()
-                    .map(|n| (n.to_string(), ModelState::Loading))
-                    .collect(),
-            ),
+            states: RwLock::new(states),
+            pool: nodes.len() > 1,
             requires_ready: cfg.ready_requires_preload,
             keep_alive: cfg.keep_alive.to_json(),
             forever: cfg.keep_alive == KeepAlive::Forever,
@@ -123,51 +140,90 @@ impl Pins {
         (self.pin_requests && self.is_pinned(model)).then_some(&self.keep_alive)
     }
 
-    /// Ready when every pinned model is loaded (or readiness does not wait for them).
-    pub(crate) fn ready(&self) -> bool {
+    /// Ready when every pinned model is loaded on at least one node that is up (or readiness
+    /// does not wait for them).
+    pub(crate) fn ready(&self, up: impl Fn(&str) -> bool) -> bool {
         !self.requires_ready
-            || self
-                .read()
-                .values()
-                .all(|s| matches!(s, ModelState::Loaded { .. }))
+            || self.read().values().all(|nodes| {
+                nodes
+                    .iter()
+                    .any(|(node, s)| matches!(s, ModelState::Loaded { .. }) && up(node))
+            })
     }
 
-    /// Model → state, for `/readyz`.
+    /// Model → state (in a pool: model → node → state), for `/readyz`.
     pub(crate) fn report(&self) -> Value {
+        let describe = |nodes: &BTreeMap<String, ModelState>| {
+            if self.pool {
+                Value::Object(
+                    nodes
+                        .iter()
+                        .map(|(n, s)| (n.clone(), Value::String(s.describe())))
+                        .collect(),
+                )
+            } else {
+                let state = nodes.values().next().map(ModelState::describe);
+                Value::String(state.unwrap_or_default())
+            }
+        };
         Value::Object(
             self.read()
                 .iter()
-                .map(|(m, s)| (m.clone(), Value::String(s.describe())))
+                .map(|(m, nodes)| (m.clone(), describe(nodes)))
                 .collect(),
         )
     }
 
-    pub(super) fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, ModelState>> {
+    fn read(
+        &self,
+    ) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, BTreeMap<String, ModelState>>> {
         self.states.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(super) fn set(&self, model: &str, state: ModelState) {
+    /// Where `model` stands on `node`.
+    pub(super) fn get(&self, node: &str, model: &str) -> Option<ModelState> {
+        self.read().get(model)?.get(node).cloned()
+    }
+
+    pub(super) fn set(&self, node: &str, model: &str, state: ModelState) {
         let mut states = self.states.write().unwrap_or_else(|e| e.into_inner());
-        let old = states.insert(model.to_string(), state.clone());
-        if old.as_ref() != Some(&state) {
-            match &state {
-                ModelState::Loaded { seconds } => {
-                    tracing::info!(model, seconds, "pinned model loaded")
-                }
-                ModelState::Failed(why) => {
-                    tracing::error!(model, reason = %why, "pinned model cannot be loaded; retrying")
-                }
-                ModelState::Loading => tracing::warn!(
-                    model,
-                    "pinned model is not loaded in Ollama; loading it again"
-                ),
-                ModelState::Pulling { .. } => {}
+        let Some(slot) = states.get_mut(model).and_then(|nodes| nodes.get_mut(node)) else {
+            return;
+        };
+        if *slot == state {
+            return;
+        }
+        *slot = state.clone();
+        match &state {
+            ModelState::Loaded { seconds } => {
+                tracing::info!(model, node, seconds, "pinned model loaded")
             }
+            ModelState::Failed(why) => {
+                tracing::error!(model, node, reason = %why, "pinned model cannot be loaded; retrying")
+            }
+            ModelState::Loading => tracing::warn!(
+                model,
+                node,
+                "pinned model is not loaded in Ollama; loading it again"
+            ),
+            ModelState::Absent => {
+                tracing::info!(
+                    model,
+                    node,
+                    "pinned model is held by other nodes, not this one"
+                )
+            }
+            ModelState::Pulling { .. } => {}
         }
     }
 
-    pub(super) fn names(&self) -> Vec<String> {
-        self.read().keys().cloned().collect()
+    /// The pinned models `node` is meant to hold (or may, without a placement).
+    pub(super) fn names(&self, node: &str) -> Vec<String> {
+        self.read()
+            .iter()
+            .filter(|(_, nodes)| nodes.contains_key(node))
+            .map(|(m, _)| m.clone())
+            .collect()
     }
 }
 
@@ -178,12 +234,15 @@ mod tests {
     use serde_json::json;
 
     fn pins(policy: KeepAlivePolicy) -> Pins {
-        Pins::new(&PreloadConfig {
-            models: vec!["llama3.2".into(), "nomic-embed-text".into()],
-            keep_alive: KeepAlive::Forever,
-            keep_alive_policy: policy,
-            ..Default::default()
-        })
+        Pins::new(
+            &PreloadConfig {
+                models: vec!["llama3.2".into(), "nomic-embed-text".into()],
+                keep_alive: KeepAlive::Forever,
+                keep_alive_policy: policy,
+                ..Default::default()
+            },
+            &[("default".into(), HashSet::new())],
+        )
     }
 
     #[test]
@@ -235,21 +294,72 @@ mod tests {
     #[test]
     fn ready_once_every_pin_is_loaded() {
         let p = pins(KeepAlivePolicy::Pin);
-        assert!(!p.ready());
-        p.set("llama3.2:latest", ModelState::Loaded { seconds: 1.0 });
-        assert!(!p.ready());
-        p.set("nomic-embed-text:latest", ModelState::Failed("x".into()));
-        assert!(!p.ready());
+        let up = |_: &str| true;
+        assert!(!p.ready(up));
+        p.set(
+            "default",
+            "llama3.2:latest",
+            ModelState::Loaded { seconds: 1.0 },
+        );
+        assert!(!p.ready(up));
+        p.set(
+            "default",
+            "nomic-embed-text:latest",
+            ModelState::Failed("x".into()),
+        );
+        assert!(!p.ready(up));
         assert_eq!(p.report()["nomic-embed-text:latest"], "failed: x");
         p.set(
+            "default",
             "nomic-embed-text:latest",
             ModelState::Loaded { seconds: 0.5 },
         );
-        assert!(p.ready());
+        assert!(p.ready(up));
+        assert!(!p.ready(|_| false), "loaded on a node that is down");
         let relaxed = Pins {
             requires_ready: false,
             ..pins(KeepAlivePolicy::Pin)
         };
-        assert!(relaxed.ready());
+        assert!(relaxed.ready(up));
+    }
+
+    #[test]
+    fn in_a_pool_a_placement_decides_who_holds_what_and_one_healthy_holder_is_enough() {
+        let cfg = PreloadConfig {
+            models: vec!["llama3.2".into(), "nomic-embed-text".into()],
+            ..Default::default()
+        };
+        let nodes = [
+            (
+                "a".to_string(),
+                HashSet::from(["llama3.2:latest".to_string()]),
+            ),
+            (
+                "b".to_string(),
+                HashSet::from([
+                    "llama3.2:latest".to_string(),
+                    "nomic-embed-text:latest".to_string(),
+                ]),
+            ),
+        ];
+        let p = Pins::new(&cfg, &nodes);
+        assert_eq!(p.names("a"), ["llama3.2:latest"]);
+        assert_eq!(p.names("b"), ["llama3.2:latest", "nomic-embed-text:latest"]);
+        p.set("a", "llama3.2:latest", ModelState::Loaded { seconds: 1.0 });
+        p.set(
+            "b",
+            "nomic-embed-text:latest",
+            ModelState::Loaded { seconds: 1.0 },
+        );
+        assert!(p.ready(|_| true), "llama3.2 on a is enough");
+        assert!(!p.ready(|n| n != "a"), "not once a is down");
+        assert_eq!(p.report()["llama3.2:latest"]["a"], "loaded");
+        assert_eq!(p.report()["llama3.2:latest"]["b"], "loading");
+        // Without a placement every node may hold every model.
+        let open = Pins::new(
+            &cfg,
+            &[("a".into(), HashSet::new()), ("b".into(), HashSet::new())],
+        );
+        assert_eq!(open.names("a").len(), 2);
     }
 }

@@ -1,7 +1,9 @@
-//! Pinned models: loaded when corral starts and kept loaded.
+//! Pinned models: loaded when corral starts and kept loaded, on each node meant to hold them.
 //!
-//! Each `preload.models` entry is loaded with `preload.keep_alive` (default `-1`, forever), by
-//! the route its capabilities call for ([`show`](super::show)). While Ollama is not up yet corral
+//! One preloader per node. Each `preload.models` entry is loaded with `preload.keep_alive`
+//! (default `-1`, forever), by the route its capabilities call for ([`show`](super::show)), on
+//! the nodes whose `models` list it when any node has a placement, else on every node that has
+//! it (in a pool, a node that lacks it leaves it to the others). While Ollama is not up yet corral
 //! retries with capped exponential backoff. Then a watcher reads `/api/ps` every
 //! `preload.watch_interval`, loads again any pinned model that is gone (Ollama restarted, the
 //! model was evicted), and keeps `corral_model_loaded` true to what Ollama reports. A model that
@@ -11,10 +13,11 @@
 
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::client::UpstreamClient;
+use crate::upstream::node::Node;
 use crate::upstream::pins::{ModelState, Pins};
 use crate::upstream::pull::{self, Pulls, Start};
 use crate::upstream::show::{self, Shown};
-use crate::upstream::Upstream;
+use crate::upstream::Pool;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
@@ -43,7 +46,8 @@ enum Loaded {
 
 /// What the preloader and its pull tasks share.
 struct Shared {
-    upstream: Arc<Upstream>,
+    node: Arc<Node>,
+    pool: Arc<Pool>,
     pins: Arc<Pins>,
     metrics: Arc<Metrics>,
     load_timeout: Duration,
@@ -59,16 +63,18 @@ pub(crate) struct Preloader {
 
 impl Preloader {
     pub(crate) fn new(
-        upstream: Arc<Upstream>,
+        node: Arc<Node>,
+        pool: Arc<Pool>,
         pins: Arc<Pins>,
         metrics: Arc<Metrics>,
         cfg: &crate::config::PreloadConfig,
     ) -> Preloader {
         Preloader {
-            client: UpstreamClient::new(upstream.clone()),
+            client: UpstreamClient::new(node.upstream.clone()),
             shared: Arc::new(Shared {
-                load_timeout: upstream.read_timeout,
-                upstream,
+                load_timeout: node.upstream.read_timeout,
+                node,
+                pool,
                 pins,
                 metrics,
                 pull_missing: cfg.pull_missing,
@@ -105,26 +111,27 @@ impl Preloader {
             .filter(|m| !pins.forever || held_forever(m["expires_at"].as_str().unwrap_or("")))
             .filter_map(key_of)
             .collect();
-        for model in pins.names() {
+        let node = self.shared.node.name.as_str();
+        for model in pins.names(node) {
             let key = model.to_ascii_lowercase();
             let gauge = self
                 .shared
                 .metrics
                 .model_loaded
-                .with_label_values(&[&model]);
-            let was_loaded = matches!(pins.read().get(&model), Some(ModelState::Loaded { .. }));
+                .with_label_values(&[node, &model]);
+            let was_loaded = matches!(pins.get(node, &model), Some(ModelState::Loaded { .. }));
             gauge.set(present.contains(&key) as i64);
             // Loaded by someone else (before corral started, or after Ollama restarted) with a
             // finite keep_alive, it would be evicted: corral loads it again with its own. With
             // a finite pinned keep_alive corral cannot tell, so it re-sends its own once at start.
             if held.contains(&key) && (pins.forever || was_loaded) {
                 if !was_loaded {
-                    pins.set(&model, ModelState::Loaded { seconds: 0.0 });
+                    pins.set(node, &model, ModelState::Loaded { seconds: 0.0 });
                 }
                 continue;
             }
             if was_loaded {
-                pins.set(&model, ModelState::Loading);
+                pins.set(node, &model, ModelState::Loading);
             }
             match self.shared.load(&self.client, &model).await? {
                 Loaded::Yes => gauge.set(1),
@@ -140,10 +147,11 @@ impl Preloader {
         let shared = self.shared.clone();
         let model = model.to_string();
         tokio::spawn(async move {
-            let client = UpstreamClient::new(shared.upstream.clone());
+            let client = UpstreamClient::new(shared.node.upstream.clone());
+            let node = shared.node.name.as_str();
             let pulled = pull::pull(
                 &client,
-                &shared.pins,
+                (&shared.pins, node),
                 &shared.metrics,
                 &model,
                 shared.load_timeout,
@@ -157,8 +165,8 @@ impl Preloader {
                 }
                 Some(retry_in) => {
                     let why = pulled.err().unwrap_or_default();
-                    tracing::error!(model, reason = %why, retry_in = ?retry_in, "pinned model could not be pulled");
-                    shared.pins.set(&model, ModelState::Failed(why));
+                    tracing::error!(model, node, reason = %why, retry_in = ?retry_in, "pinned model could not be pulled");
+                    shared.pins.set(node, &model, ModelState::Failed(why));
                 }
             }
         });
@@ -171,6 +179,10 @@ impl Shared {
     async fn load(&self, client: &UpstreamClient, model: &str) -> Result<Loaded, Unreachable> {
         let route = match show::show(client, model).await.map_err(Unreachable)? {
             Shown::Loadable(route) => route,
+            Shown::Missing if self.left_to_others(model) => {
+                self.pins.set(&self.node.name, model, ModelState::Absent);
+                return Ok(Loaded::No);
+            }
             Shown::Missing if self.pull_missing => {
                 return Ok(match self.pulls.start(model) {
                     Start::Now => Loaded::Pulling,
@@ -189,7 +201,8 @@ impl Shared {
         };
         let keep_alive = &self.pins.keep_alive;
         let path = route.path();
-        tracing::info!(model, route = path, keep_alive = %keep_alive, "preloading");
+        let node = self.node.name.as_str();
+        tracing::info!(model, node, route = path, keep_alive = %keep_alive, "preloading");
         let started = Instant::now();
         let answer = client
             .request(
@@ -211,16 +224,46 @@ impl Shared {
         let seconds = started.elapsed().as_secs_f64();
         self.metrics
             .preload_duration
-            .with_label_values(&[model])
+            .with_label_values(&[node, model])
             .set(seconds);
-        self.metrics.model_loaded.with_label_values(&[model]).set(1);
-        self.pins.set(model, ModelState::Loaded { seconds });
+        self.metrics
+            .model_loaded
+            .with_label_values(&[node, model])
+            .set(1);
+        self.pins.set(node, model, ModelState::Loaded { seconds });
         Ok(Loaded::Yes)
     }
 
     fn failed(&self, model: &str, why: String) -> Loaded {
-        self.pins.set(model, ModelState::Failed(why));
+        self.pins
+            .set(&self.node.name, model, ModelState::Failed(why));
         Loaded::No
+    }
+
+    /// In a pool without a placement, a node that lacks a pinned model leaves it to the nodes
+    /// that have it. When none has it, the first node that is up pulls it (with
+    /// `preload.pull_missing`) and the others wait for it; without `pull_missing` every node
+    /// reports it missing.
+    fn left_to_others(&self, model: &str) -> bool {
+        let nodes = self.pool.nodes();
+        if !self.pool.is_pool() || nodes.iter().any(|n| !n.placement.is_empty()) {
+            return false;
+        }
+        let key = crate::ollama::ModelName::parse(model).map(|m| m.key());
+        let listed = |n: &Node| {
+            n.tags().unwrap_or_default().iter().any(|t| {
+                t["name"]
+                    .as_str()
+                    .and_then(crate::ollama::ModelName::parse)
+                    .map(|m| m.key())
+                    == key
+            })
+        };
+        let others_have = nodes
+            .iter()
+            .any(|n| n.name != self.node.name && n.is_up() && listed(n));
+        let first_up = nodes.iter().find(|n| n.is_up()).map(|n| n.name.as_str());
+        others_have || (self.pull_missing && first_up != Some(self.node.name.as_str()))
     }
 }
 
@@ -252,14 +295,15 @@ impl BackgroundService for Preloader {
                 }
                 Err(Unreachable(why)) => {
                     attempt += 1;
-                    for model in self.shared.pins.names() {
+                    let node = self.shared.node.name.as_str();
+                    for model in self.shared.pins.names(node) {
                         self.shared
                             .metrics
                             .model_loaded
-                            .with_label_values(&[&model])
+                            .with_label_values(&[node, &model])
                             .set(0);
                     }
-                    tracing::warn!(attempt, retry_in = ?backoff, reason = %why, "Ollama not reachable for preloading");
+                    tracing::warn!(node, attempt, retry_in = ?backoff, reason = %why, "Ollama not reachable for preloading");
                     let wait = backoff;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                     wait

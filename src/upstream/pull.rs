@@ -134,15 +134,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// broke off).
 pub(crate) async fn pull(
     client: &UpstreamClient,
-    pins: &Pins,
+    (pins, node): (&Pins, &str),
     metrics: &Metrics,
     model: &str,
     read_timeout: Duration,
 ) -> Result<(), String> {
-    tracing::info!(model, "pinned model missing from Ollama; pulling it");
+    tracing::info!(model, node, "pinned model missing from Ollama; pulling it");
     // After a failure, /readyz keeps saying why until the new attempt makes progress.
-    if !matches!(pins.read().get(model), Some(ModelState::Failed(_))) {
+    if !matches!(pins.get(node, model), Some(ModelState::Failed(_))) {
         pins.set(
+            node,
             model,
             ModelState::Pulling {
                 completed: 0,
@@ -150,7 +151,11 @@ pub(crate) async fn pull(
             },
         );
     }
-    let gauge = |kind: &str| metrics.model_pull_bytes.with_label_values(&[model, kind]);
+    let gauge = |kind: &str| {
+        metrics
+            .model_pull_bytes
+            .with_label_values(&[node, model, kind])
+    };
     let mut progress = Progress::default();
     let mut logged = 0;
     let started = Instant::now();
@@ -168,12 +173,13 @@ pub(crate) async fn pull(
                 }
                 gauge("completed").set(completed as i64);
                 gauge("total").set(total as i64);
-                pins.set(model, ModelState::Pulling { completed, total });
+                pins.set(node, model, ModelState::Pulling { completed, total });
                 let percent = completed.saturating_mul(100) / total;
                 if percent >= logged + 10 {
                     logged = percent - percent % 10;
                     tracing::info!(
                         model,
+                        node,
                         percent,
                         completed_bytes = completed,
                         total_bytes = total,
@@ -189,6 +195,7 @@ pub(crate) async fn pull(
         (200, true, None) => {
             tracing::info!(
                 model,
+                node,
                 seconds = started.elapsed().as_secs_f64(),
                 total_bytes = total,
                 "pulled"

@@ -13,6 +13,7 @@ mod hardening;
 mod keys;
 mod lifecycle;
 mod limits;
+mod pool;
 mod preload;
 mod resilience;
 mod routes;

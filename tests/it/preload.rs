@@ -82,7 +82,10 @@ async fn pinned_models_load_at_start_by_the_route_their_capabilities_need() {
     .await;
     let m = corral.metrics().await;
     assert!(
-        m.contains("corral_model_preload_duration_seconds{model=\"llama3.2:latest\"}"),
+        m.lines()
+            .any(|l| l.starts_with("corral_model_preload_duration_seconds{")
+                && l.contains("model=\"llama3.2:latest\"")
+                && l.contains("node=\"default\"")),
         "{m}"
     );
 }

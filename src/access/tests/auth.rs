@@ -342,3 +342,22 @@ fn refuses_missing_ambiguous_and_odd_carriers() {
         Err(AuthFailure::Malformed)
     );
 }
+
+#[test]
+fn a_reloaded_list_keeps_earlier_revocations_and_counts_what_it_dropped() {
+    let (dir, running) = verifier_with_key(&["r1", "r2", "r3"]);
+    let now = unix_now();
+    let (token, claims) = issue(&dir, None, now);
+    // The new list lost r2 and r3 (a shorter file, a rewrite caught half-way) and adds the key.
+    let key = crate::access::keys::load_verify_key(&dir.path().join("k1.pub.pem")).unwrap();
+    let mut next = Verifier::new(
+        [("k1".to_string(), key)].into(),
+        ["r1".to_string(), claims.jti.clone()].into(),
+    );
+    assert_eq!(next.keep_revoked(&running), 2, "r2 and r3 were dropped");
+    assert_eq!(next.revoked_count(), 4);
+    assert_eq!(next.verify(&token, now), Err(AuthFailure::Revoked));
+    let (_, mut same) = verifier_with_key(&["r1", "r2", "r3"]);
+    assert_eq!(same.keep_revoked(&running), 0, "nothing dropped");
+    assert_eq!(same.revoked_count(), 3);
+}

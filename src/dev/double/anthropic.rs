@@ -34,7 +34,7 @@ pub(super) async fn messages(r: &Req<'_>) -> Answer {
         system + message_words(&messages),
         p.req.get("max_tokens").and_then(Value::as_i64),
     )
-    .await;
+    .await?;
     let id = format!("msg_{}", r.state.next_id());
     let stop = |reason: &str| {
         if reason == "length" {

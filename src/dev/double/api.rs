@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::HeaderMap;
 use serde_json::Value;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
@@ -28,6 +28,10 @@ pub struct DoubleConfig {
     pub unpullable: Vec<String>,
     /// This many pulls (any model) break off halfway with an error, before pulls work.
     pub failing_pulls: u32,
+    /// `OLLAMA_NUM_PARALLEL`: runs at once per model, the rest wait in line; `None`: no limit.
+    pub parallel: Option<usize>,
+    /// `OLLAMA_MAX_QUEUE`: runs waiting in line beyond which Ollama answers 503 at once.
+    pub max_queue: usize,
 }
 
 impl Default for DoubleConfig {
@@ -39,6 +43,8 @@ impl Default for DoubleConfig {
             host_guard: true,
             unpullable: Vec::new(),
             failing_pulls: 0,
+            parallel: None,
+            max_queue: 512,
         }
     }
 }
@@ -134,6 +140,10 @@ impl OllamaDouble {
             failing_pulls: AtomicU32::new(cfg.failing_pulls),
             pulls: AtomicU64::new(0),
             counter: AtomicU64::new(1),
+            parallel: cfg.parallel,
+            max_queue: cfg.max_queue,
+            queued: AtomicUsize::new(0),
+            slots: Mutex::default(),
         });
         let (stop, stop_rx) = watch::channel(false);
         (

@@ -1,7 +1,7 @@
 //! The generation engine: one model run, its tokens and their pacing, and its [`RunStats`].
 
 use super::models::ModelSpec;
-use super::reply::{line, sse, streamed, Resp, SSE};
+use super::reply::{line, native_error, sse, streamed, Resp, SSE};
 use super::state::State;
 use crate::ollama::KeepAlive;
 use bytes::Bytes;
@@ -69,19 +69,51 @@ pub(crate) struct Run {
     limited: bool,
     finished: bool,
     fail_after: Option<usize>,
+    /// One of the model's `parallel` slots, held until the run ends.
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Ollama's answer when a model's queue is full (two spaces, as Ollama writes it).
+pub(crate) const SERVER_BUSY: &str =
+    "server busy, please try again.  maximum pending requests exceeded";
+
+/// Takes one of the model's slots, waiting in line for it as Ollama's scheduler does (the wait
+/// ends if the client leaves: the future is dropped). A full line is a 503 at once.
+async fn take_slot(
+    state: &State,
+    spec: &ModelSpec,
+) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, Resp> {
+    let Some(slots) = state.slots(&spec.digest) else {
+        return Ok(None);
+    };
+    if let Ok(permit) = slots.clone().try_acquire_owned() {
+        return Ok(Some(permit));
+    }
+    if state.queued.fetch_add(1, Ordering::SeqCst) >= state.max_queue {
+        state.queued.fetch_sub(1, Ordering::SeqCst);
+        return Err(native_error(
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            SERVER_BUSY,
+        ));
+    }
+    let permit = slots.acquire_owned().await;
+    state.queued.fetch_sub(1, Ordering::SeqCst);
+    Ok(permit.ok())
 }
 
 impl Run {
-    /// Waits for the model to be loaded (cancelled if the client leaves), then is ready to
-    /// generate `max_tokens` tokens (`None`: the double's default).
+    /// Waits for one of the model's slots (`parallel`) and for the model to be loaded (both
+    /// cancelled if the client leaves), then is ready to generate `max_tokens` tokens (`None`:
+    /// the double's default). `Err`: the model's line is full (503).
     pub(super) async fn start(
         state: &Arc<State>,
         spec: &ModelSpec,
         keep_alive: Option<KeepAlive>,
         prompt_tokens: u64,
         max_tokens: Option<i64>,
-    ) -> Run {
+    ) -> Result<Run, Resp> {
         let started = Instant::now();
+        let slot = take_slot(state, spec).await?;
         let ready_at = state.store().begin(spec, keep_alive, started);
         let mut run = Run {
             state: state.clone(),
@@ -93,6 +125,7 @@ impl Run {
             limited: false,
             finished: false,
             fail_after: spec.fail_after,
+            _slot: slot,
         };
         tokio::time::sleep_until(ready_at.into()).await;
         run.loaded_at = Instant::now();
@@ -113,7 +146,7 @@ impl Run {
                 }
             })
             .collect();
-        run
+        Ok(run)
     }
 
     fn delay(&self) -> Duration {

@@ -187,7 +187,7 @@ async fn run_text(
         return Err(native_error(StatusCode::INTERNAL_SERVER_ERROR, e.clone()));
     }
     let stream = stream_flag(req, true)?;
-    let run = Run::start(r.state, &spec, keep_alive, prompt_tokens, num_predict(req)).await;
+    let run = Run::start(r.state, &spec, keep_alive, prompt_tokens, num_predict(req)).await?;
     if preload {
         // Load only: a single object whatever `stream` says.
         run.finish();
@@ -249,7 +249,7 @@ pub(super) async fn embed(r: &Req<'_>) -> Answer {
     let spec = embedding_model(r, model).map_err(|(status, msg)| native_error(status, msg))?;
     let texts = inputs(req.get("input")).map_err(|e| native_error(StatusCode::BAD_REQUEST, e))?;
     let tokens: u64 = texts.iter().map(|t| count_tokens(t)).sum();
-    let run = Run::start(r.state, &spec, ka, tokens, Some(0)).await;
+    let run = Run::start(r.state, &spec, ka, tokens, Some(0)).await?;
     let m = run.finish();
     if texts.is_empty() {
         return Ok(json_resp(
@@ -274,7 +274,7 @@ pub(super) async fn embeddings(r: &Req<'_>) -> Answer {
     let spec = embedding_model(r, str_field(&req, "model"))
         .map_err(|(status, msg)| native_error(status, msg))?;
     let prompt = str_field(&req, "prompt");
-    let run = Run::start(r.state, &spec, ka, count_tokens(prompt), Some(0)).await;
+    let run = Run::start(r.state, &spec, ka, count_tokens(prompt), Some(0)).await?;
     run.finish();
     let embedding = if prompt.is_empty() {
         vec![]

@@ -140,7 +140,7 @@ pub(super) async fn chat_completions(r: &Req<'_>) -> Answer {
         message_words(&messages),
         max_tokens(&p.req),
     )
-    .await;
+    .await?;
     let id = format!("chatcmpl-{}", r.state.next_id() % 999);
     let created = crate::clock::unix_now();
     let finish = |reason: &str| if reason == "length" { "length" } else { "stop" };
@@ -196,7 +196,7 @@ pub(super) async fn completions(r: &Req<'_>) -> Answer {
         count_tokens(prompt),
         max_tokens(&p.req),
     )
-    .await;
+    .await?;
     let id = format!("cmpl-{}", r.state.next_id() % 999);
     let created = crate::clock::unix_now();
     if !p.stream {
@@ -263,7 +263,7 @@ pub(super) async fn embeddings(r: &Req<'_>) -> Answer {
     }
     let spec = embedding_model(r, model).map_err(|(status, msg)| error(status, msg))?;
     let tokens: u64 = texts.iter().map(|t| count_tokens(t)).sum();
-    let run = Run::start(r.state, &spec, None, tokens, Some(0)).await;
+    let run = Run::start(r.state, &spec, None, tokens, Some(0)).await?;
     let m = run.finish();
     let data: Vec<Value> = texts
         .iter()
@@ -329,7 +329,7 @@ pub(super) async fn responses(r: &Req<'_>) -> Answer {
         words,
         p.req.get("max_output_tokens").and_then(Value::as_i64),
     )
-    .await;
+    .await?;
     let n = r.state.next_id();
     let (resp_id, msg_id, created) = (
         format!("resp_{n}"),

@@ -120,7 +120,7 @@ pub fn test_config(upstream: &str) -> Config {
     cfg.server.listen = ListenAddr(Some(loopback(reserve_port())));
     cfg.server.metrics_listen = ListenAddr(Some(loopback(reserve_port())));
     cfg.server.grace_period = HumanDuration::secs(30);
-    cfg.upstream.url = upstream.parse().expect("an upstream URL");
+    cfg.upstream.url = Some(upstream.parse().expect("an upstream URL"));
     cfg.log.format = LogFormat::Json;
     cfg.log.level = "info".into();
     cfg
@@ -226,7 +226,7 @@ impl Setup {
                 "CORRAL__SERVER__TLS_KEY",
                 c.server.tls_key.display().to_string(),
             ),
-            ("CORRAL__UPSTREAM__URL", c.upstream.url.to_string()),
+            ("CORRAL__UPSTREAM__URL", c.upstream.url().to_string()),
             ("CORRAL__AUTH__VERIFY_KEYS", verify_keys.join(",")),
             (
                 "CORRAL__AUTH__REVOKED_FILE",
