@@ -250,13 +250,16 @@ impl Shared {
             return false;
         }
         let key = crate::ollama::ModelName::parse(model).map(|m| m.key());
+        // A node whose list is not read yet may have it.
         let listed = |n: &Node| {
-            n.tags().unwrap_or_default().iter().any(|t| {
-                t["name"]
-                    .as_str()
-                    .and_then(crate::ollama::ModelName::parse)
-                    .map(|m| m.key())
-                    == key
+            n.tags().is_none_or(|tags| {
+                tags.iter().any(|t| {
+                    t["name"]
+                        .as_str()
+                        .and_then(crate::ollama::ModelName::parse)
+                        .map(|m| m.key())
+                        == key
+                })
             })
         };
         let others_have = nodes

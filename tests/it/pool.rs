@@ -419,7 +419,9 @@ async fn pinned_models_load_on_every_node_that_has_them_and_readiness_needs_one_
     let corral = Corral::start(cfg);
     let body = wait_for_async(Duration::from_secs(20), "ready", || async {
         let (status, body) = readyz(&corral).await;
-        (status == 200 && body["models"]["llama3.2:latest"]["b"] == "loaded").then_some(body)
+        let settled = body["models"]["llama3.2:latest"]["b"] == "loaded"
+            && body["models"]["nomic-embed-text:latest"]["b"] == "not on this node";
+        (status == 200 && settled).then_some(body)
     })
     .await;
     assert_eq!(
