@@ -3,8 +3,13 @@
 
 use crate::config::{Config, Source};
 use crate::upstream::client::UpstreamClient;
+use crate::upstream::node::Node;
+use crate::upstream::pool::discovered_node;
 use crate::upstream::show::{show, Shown};
 use crate::upstream::Pool;
+use std::collections::BTreeSet;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// One line of the report.
@@ -68,29 +73,68 @@ pub(crate) fn run(source: &Source, upstream: bool) -> Vec<Finding> {
     out
 }
 
-/// Asks every node (the one `upstream.url`, or each of `upstream.nodes`).
+/// Asks every node: the one `upstream.url`, each of `upstream.nodes`, or every address
+/// `upstream.discover.dns` resolves to.
 fn check_upstream(cfg: &Config) -> Vec<Finding> {
-    let pool = Pool::new(&cfg.upstream);
+    let up = &cfg.upstream;
+    let nodes: Vec<(String, Arc<Node>)> = match &up.discover {
+        Some(d) => {
+            let Some((host, port)) = d.host_port() else {
+                return vec![];
+            };
+            let addrs: BTreeSet<SocketAddr> = match (host, port).to_socket_addrs() {
+                Ok(addrs) => addrs.collect(),
+                Err(e) => {
+                    return vec![Finding::Error(format!(
+                        "upstream.discover.dns = \"{}\": cannot resolve it ({e})",
+                        d.dns
+                    ))]
+                }
+            };
+            addrs
+                .into_iter()
+                .map(|a| {
+                    let node = discovered_node(a, d.parallel, up);
+                    (format!("upstream.discover.dns ({})", node.name), node)
+                })
+                .collect()
+        }
+        None => Pool::new(up)
+            .nodes()
+            .iter()
+            .enumerate()
+            .map(|(i, n)| match up.nodes.is_empty() {
+                true => ("upstream.url".to_string(), n.clone()),
+                false => (format!("upstream.nodes[{i}] ({})", n.name), n.clone()),
+            })
+            .collect(),
+    };
+    let pool = nodes.len() > 1 || up.discover.is_some();
+    let placed = nodes.iter().any(|(_, n)| !n.placement.is_empty());
     let mut out = Vec::new();
-    for (i, node) in pool.nodes().iter().enumerate() {
-        let (key, models_prefix) = if cfg.upstream.nodes.is_empty() {
-            ("upstream.url".to_string(), String::new())
-        } else {
-            let key = format!("upstream.nodes[{i}] ({})", node.name);
-            (key.clone(), format!("{key}: "))
-        };
+    for (key, node) in &nodes {
         let client = UpstreamClient::new(node.upstream.clone());
-        out.extend(check_node(cfg, &client, &key, &models_prefix));
+        let here = Here {
+            node_key: key,
+            pool,
+            placement: placed.then_some(&node.placement),
+        };
+        out.extend(check_node(cfg, &client, &here));
     }
     out
 }
 
-fn check_node(
-    cfg: &Config,
-    client: &UpstreamClient,
-    node_key: &str,
-    models_prefix: &str,
-) -> Vec<Finding> {
+/// Which node is checked, and what it is meant to hold.
+struct Here<'a> {
+    node_key: &'a str,
+    /// In a pool, a node may lack a pinned model other nodes hold.
+    pool: bool,
+    /// The pinned models placed on it, when the pool has a placement.
+    placement: Option<&'a std::collections::HashSet<String>>,
+}
+
+fn check_node(cfg: &Config, client: &UpstreamClient, here: &Here) -> Vec<Finding> {
+    let node_key = here.node_key;
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -128,10 +172,24 @@ fn check_node(
     };
     let mut out = vec![first];
     // Every pinned model must exist, and be loadable.
+    let prefix = if here.pool {
+        format!("{node_key}: ")
+    } else {
+        String::new()
+    };
     for (i, model) in cfg.preload.models.iter().enumerate() {
-        let key = format!("{models_prefix}preload.models[{i}] = \"{model}\"");
+        let placed = here.placement.is_none_or(|p| {
+            crate::ollama::ModelName::parse(model).is_some_and(|m| p.contains(&m.key()))
+        });
+        if !placed {
+            continue;
+        }
+        let key = format!("{prefix}preload.models[{i}] = \"{model}\"");
         out.push(match runtime.block_on(show(client, model)) {
             Ok(Shown::Loadable(_)) => Finding::Ok(format!("{key}: Ollama has it")),
+            Ok(Shown::Missing) if here.pool && here.placement.is_none() => Finding::Warning(format!(
+                "{key}: this node does not have it; other nodes of the pool may hold it"
+            )),
             Ok(Shown::Missing) if cfg.preload.pull_missing => Finding::Warning(format!(
                 "{key}: Ollama does not have it yet; corral will pull it (preload.pull_missing)"
             )),

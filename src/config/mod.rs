@@ -23,7 +23,7 @@ pub use preload::{KeepAlivePolicy, PreloadConfig};
 pub use server::{ListenAddr, ServerConfig};
 pub use teams::{valid_team_name, TeamConfig};
 pub use units::{ByteSize, HumanDuration};
-pub use upstream::{NodeConfig, UpstreamConfig, UpstreamUrl};
+pub use upstream::{DiscoverConfig, NodeConfig, UpstreamConfig, UpstreamUrl};
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

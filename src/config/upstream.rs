@@ -17,6 +17,9 @@ pub struct UpstreamConfig {
     /// A pool of Ollama servers, instead of `url`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<NodeConfig>,
+    /// A pool found in DNS, instead of `url` or `nodes`: every address the name resolves to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub discover: Option<DiscoverConfig>,
     /// Establishing the TCP connection.
     pub(crate) connect_timeout: HumanDuration,
     /// Longest silence between two upstream bytes, including the wait for the first one (a cold
@@ -31,6 +34,7 @@ impl Default for UpstreamConfig {
         UpstreamConfig {
             url: None,
             nodes: Vec::new(),
+            discover: None,
             connect_timeout: HumanDuration::secs(3),
             read_timeout: HumanDuration::secs(15 * 60),
             request_timeout: HumanDuration::secs(60 * 60),
@@ -54,6 +58,31 @@ pub struct NodeConfig {
     pub models: Vec<String>,
 }
 
+/// `[upstream.discover]`: the nodes are the addresses a DNS name resolves to (a Kubernetes
+/// headless Service), resolved again every few seconds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoverConfig {
+    /// `host:port`, e.g. `ollama-headless.llm.svc.cluster.local:11434`.
+    pub dns: String,
+    /// Every node's `parallel`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel: Option<u32>,
+}
+
+impl DiscoverConfig {
+    /// The host and port of `dns`.
+    pub(crate) fn host_port(&self) -> Option<(&str, u16)> {
+        let (host, port) = self.dns.rsplit_once(':')?;
+        let port: u16 = port.parse().ok().filter(|p| *p > 0)?;
+        let host_ok = !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b));
+        host_ok.then_some((host, port))
+    }
+}
+
 /// The name of the one node `upstream.url` makes.
 pub(crate) const SINGLE_NODE: &str = "default";
 
@@ -67,9 +96,12 @@ impl UpstreamConfig {
         })
     }
 
-    /// The nodes corral forwards to: the listed `nodes`, or one (named `default`) at `url`.
+    /// The nodes corral starts with: the listed `nodes`, or one (named `default`) at `url`;
+    /// none with `discover` (they are found in DNS).
     pub(crate) fn node_list(&self) -> Vec<NodeConfig> {
-        if self.nodes.is_empty() {
+        if self.discover.is_some() {
+            Vec::new()
+        } else if self.nodes.is_empty() {
             vec![NodeConfig {
                 name: SINGLE_NODE.into(),
                 url: self.url(),
@@ -108,6 +140,35 @@ impl UpstreamConfig {
                 "upstream.url",
                 "set either upstream.url (one Ollama) or upstream.nodes (a pool), not both",
             ));
+        }
+        if let Some(d) = &self.discover {
+            if self.url.is_some() {
+                problems.push(Problem::new(
+                    "upstream.url",
+                    "set either upstream.url (one Ollama) or upstream.discover (a pool found in DNS), not both",
+                ));
+            }
+            if !self.nodes.is_empty() {
+                problems.push(Problem::new(
+                    "upstream.nodes",
+                    "set either upstream.nodes (listed) or upstream.discover (found in DNS), not both",
+                ));
+            }
+            if d.host_port().is_none() {
+                problems.push(Problem::new(
+                    "upstream.discover.dns",
+                    format!(
+                        "`{}` must be host:port, e.g. \"ollama-headless.llm.svc.cluster.local:11434\"",
+                        d.dns
+                    ),
+                ));
+            }
+            if d.parallel == Some(0) {
+                problems.push(Problem::new(
+                    "upstream.discover.parallel",
+                    "must be at least 1 (leave it out for no slot limit)",
+                ));
+            }
         }
         let mut seen = std::collections::HashSet::new();
         for (i, node) in self.nodes.iter().enumerate() {
@@ -402,5 +463,35 @@ mod tests {
         let e = load_str(&node("a", "models = [\"llama3.1:8b\"]\n")).unwrap_err();
         assert_eq!(keys(&e), ["upstream.nodes[0].models[0]"]);
         assert!(e.to_string().contains("not in preload.models"), "{e}");
+    }
+
+    #[test]
+    fn a_pool_found_in_dns_is_read_and_checked() {
+        let cfg = load_str(
+            "[upstream.discover]\ndns = \"ollama-headless.llm.svc.cluster.local:11434\"\nparallel = 4\n",
+        )
+        .unwrap();
+        let d = cfg.upstream.discover.as_ref().unwrap();
+        assert_eq!(
+            d.host_port(),
+            Some(("ollama-headless.llm.svc.cluster.local", 11434))
+        );
+        assert_eq!(d.parallel, Some(4));
+        assert!(cfg.upstream.node_list().is_empty(), "found later, in DNS");
+        let e = load_str(
+            "[upstream]\nurl = \"http://x:1\"\n[upstream.discover]\ndns = \"ollama\"\nparallel = 0\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            keys(&e),
+            [
+                "upstream.url",
+                "upstream.discover.dns",
+                "upstream.discover.parallel"
+            ]
+        );
+        assert!(e
+            .to_string()
+            .contains("upstream.discover (a pool found in DNS), not both"));
     }
 }

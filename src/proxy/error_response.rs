@@ -87,21 +87,19 @@ impl Gateway {
     pub(super) fn failure(&self, e: &Error) -> (Option<GatewayError>, Option<UpstreamFault>) {
         let etype = e.etype();
         // The timeouts are the same on every node.
-        let up = &self.pool.first().upstream;
+        let (connect_timeout, read_timeout, request_timeout) = self.pool.timeouts();
         if *etype == REQUEST_TIMEOUT {
             return (
-                Some(GatewayError::RequestTooLong(HumanDuration(
-                    up.request_timeout,
-                ))),
+                Some(GatewayError::RequestTooLong(HumanDuration(request_timeout))),
                 Some(UpstreamFault::RequestTimeout),
             );
         }
         match e.esource() {
             ErrorSource::Upstream => {
-                let read_limit = HumanDuration(up.read_timeout);
+                let read_limit = HumanDuration(read_timeout);
                 let (err, kind) = match etype {
                     ErrorType::ConnectTimedout => (
-                        GatewayError::UpstreamTimeout(HumanDuration(up.connect_timeout)),
+                        GatewayError::UpstreamTimeout(HumanDuration(connect_timeout)),
                         UpstreamFault::ConnectTimeout,
                     ),
                     ErrorType::ReadTimedout => (

@@ -100,7 +100,7 @@ mod tests {
         let app = AdminApp {
             traffic: Arc::new(Traffic::default()),
             metrics: Arc::new(Metrics::new(&crate::config::Config::default())),
-            pins: Arc::new(Pins::new(&Default::default(), &[])),
+            pins: Arc::new(Pins::new(&Default::default(), &[], false)),
             pool: Arc::new(crate::upstream::Pool::new(&Default::default())),
         };
         assert_eq!(app.answer(&Method::GET, "/livez").0, StatusCode::OK);

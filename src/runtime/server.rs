@@ -20,9 +20,8 @@ use crate::runtime::tls::{CertStore, CertWatcher};
 use crate::telemetry::access_log::{AccessLog, AccessLogFlusher};
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::pins::Pins;
-use crate::upstream::preload::Preloader;
-use crate::upstream::probe::Probe;
-use crate::upstream::{Pool, Resolver};
+use crate::upstream::supervise::Supervisor;
+use crate::upstream::Pool;
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::{Opt, ServerConf};
@@ -197,7 +196,8 @@ pub(crate) fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
         .iter()
         .map(|n| (n.name.clone(), n.placement.clone()))
         .collect();
-    let pins = Arc::new(Pins::new(&cfg.preload, &holders));
+    let per_node = holders.len() > 1 || cfg.upstream.discover.is_some();
+    let pins = Arc::new(Pins::new(&cfg.preload, &holders, per_node));
     let access_log = Arc::new(AccessLog::stdout(cfg.log.format));
     // Every reason is exported from the start (as 0), so a rate over it is never missing.
     for full in Full::ALL {
@@ -301,16 +301,15 @@ pub(crate) fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
         certs: certs.clone(),
         metrics: metrics.clone(),
     };
-    for node in pool.nodes() {
-        let probe = Probe::new(node.clone(), pool.clone(), metrics.clone(), pins.clone());
-        server.add_service(background_service(&format!("probe {}", node.name), probe));
-        if node.upstream.needs_dns() {
-            server.add_service(background_service(
-                &format!("resolver {}", node.name),
-                Resolver(node.upstream.clone()),
-            ));
-        }
-    }
+    server.add_service(background_service(
+        "nodes",
+        Supervisor {
+            pool: pool.clone(),
+            pins: pins.clone(),
+            metrics: metrics.clone(),
+            preload: cfg.preload.clone(),
+        },
+    ));
     server.add_service(background_service(
         "access log",
         AccessLogFlusher(access_log.clone()),
@@ -321,21 +320,6 @@ pub(crate) fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
         phases: Mutex::new(Some(phases)),
     };
     server.add_service(background_service("drain", drainer));
-    if !cfg.preload.models.is_empty() {
-        for node in pool.nodes() {
-            let preloader = Preloader::new(
-                node.clone(),
-                pool.clone(),
-                pins.clone(),
-                metrics.clone(),
-                &cfg.preload,
-            );
-            server.add_service(background_service(
-                &format!("preload {}", node.name),
-                preloader,
-            ));
-        }
-    }
     server.add_service(background_service("config reload", reloader));
     server.add_service(background_service(
         "memory trim",

@@ -6,22 +6,22 @@ pub mod choose;
 pub(crate) mod client;
 pub(crate) mod node;
 pub(crate) mod pins;
+pub(crate) mod pool;
 pub(crate) mod preload;
 pub(crate) mod probe;
 pub(crate) mod pull;
 pub(crate) mod show;
+pub(crate) mod supervise;
+
+pub(crate) use pool::{Pick, Pool};
 
 use crate::config::{UpstreamConfig, UpstreamUrl};
-use crate::ollama::ModelName;
 use async_trait::async_trait;
-use choose::Choice;
-use node::{List, Node};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use pingora::upstreams::peer::{HttpPeer, HttpUpstreamRequestPolicy};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::RwLock;
 use std::time::Duration;
 
 /// How long a body write to Ollama may block; Ollama reads request bodies eagerly.
@@ -36,7 +36,6 @@ pub(crate) struct Upstream {
     pub(crate) url: UpstreamUrl,
     pub(crate) connect_timeout: Duration,
     pub(crate) read_timeout: Duration,
-    pub(crate) request_timeout: Duration,
     addr: RwLock<Option<SocketAddr>>,
 }
 
@@ -47,7 +46,6 @@ impl Upstream {
             url,
             connect_timeout: cfg.connect_timeout.0,
             read_timeout: cfg.read_timeout.0,
-            request_timeout: cfg.request_timeout.0,
             addr,
         }
     }
@@ -90,112 +88,6 @@ impl Upstream {
         // Ollama never upgrades a connection; nobody gets a WebSocket tunnel through corral.
         o.http_upstream_request_policy = HttpUpstreamRequestPolicy::deny_upgrades();
         Some(peer)
-    }
-}
-
-/// The nodes requests go to.
-pub(crate) struct Pool {
-    nodes: Vec<Arc<Node>>,
-    /// Turns for equal nodes.
-    turn: AtomicUsize,
-}
-
-/// Where a request goes (see [`choose`]).
-pub(crate) enum Pick {
-    Node(Arc<Node>),
-    /// Every node that has (or may have) the model is down.
-    Down,
-    /// No node has the model.
-    Missing,
-    /// Every candidate was tried.
-    Exhausted,
-}
-
-impl Pool {
-    pub(crate) fn new(cfg: &UpstreamConfig) -> Pool {
-        let nodes = cfg
-            .node_list()
-            .into_iter()
-            .map(|n| {
-                let placement = n
-                    .models
-                    .iter()
-                    .filter_map(|m| ModelName::parse(m))
-                    .map(|m| m.key())
-                    .collect();
-                let upstream = Arc::new(Upstream::new(n.url, cfg));
-                Arc::new(Node::new(n.name, upstream, n.parallel, placement))
-            })
-            .collect();
-        Pool {
-            nodes,
-            turn: AtomicUsize::new(0),
-        }
-    }
-
-    pub(crate) fn nodes(&self) -> &[Arc<Node>] {
-        &self.nodes
-    }
-
-    /// More than one node: requests are routed, lists merged, admin routes name their node.
-    pub(crate) fn is_pool(&self) -> bool {
-        self.nodes.len() > 1
-    }
-
-    /// The first node (the only one, outside a pool).
-    pub(crate) fn first(&self) -> &Arc<Node> {
-        &self.nodes[0]
-    }
-
-    pub(crate) fn get(&self, name: &str) -> Option<&Arc<Node>> {
-        self.nodes.iter().find(|n| n.name == name)
-    }
-
-    /// The node names, for messages.
-    pub(crate) fn names(&self) -> String {
-        let names: Vec<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
-        names.join(", ")
-    }
-
-    /// One list of every healthy node's, each model once (the first node that lists it gives its
-    /// entry), as Ollama would answer it; `None` when no node is up.
-    pub(crate) fn merged(&self, which: List) -> Option<serde_json::Value> {
-        let mut up = self.nodes.iter().filter(|n| n.is_up()).peekable();
-        up.peek()?;
-        let mut seen = std::collections::BTreeMap::new();
-        for node in up {
-            for (key, entry) in node.list(which) {
-                seen.entry(key).or_insert(entry);
-            }
-        }
-        let items: Vec<serde_json::Value> = seen.into_values().collect();
-        Some(match which {
-            List::OpenAi => serde_json::json!({"object": "list", "data": items}),
-            List::Tags | List::Ps => serde_json::json!({ "models": items }),
-        })
-    }
-
-    /// The node for a request for `model` (a key; `None`: any node) that has tried `tried`.
-    /// Outside a pool the one node takes everything, as a single upstream always did.
-    pub(crate) fn pick(&self, model: Option<&str>, tried: &[Arc<Node>]) -> Pick {
-        let was_tried = |n: &Arc<Node>| tried.iter().any(|t| Arc::ptr_eq(t, n));
-        if !self.is_pool() {
-            return match was_tried(self.first()) {
-                true => Pick::Exhausted,
-                false => Pick::Node(self.first().clone()),
-            };
-        }
-        let views: Vec<choose::NodeView> = self
-            .nodes
-            .iter()
-            .map(|n| n.view(model, was_tried(n)))
-            .collect();
-        match choose::choose(&views, self.turn.fetch_add(1, Ordering::Relaxed)) {
-            Choice::Node(i) => Pick::Node(self.nodes[i].clone()),
-            Choice::Down => Pick::Down,
-            Choice::Missing => Pick::Missing,
-            Choice::Exhausted => Pick::Exhausted,
-        }
     }
 }
 

@@ -50,8 +50,10 @@ pub(crate) struct Pins {
     aliases: RwLock<HashMap<String, String>>,
     /// Model → node → state, for the nodes meant to hold it.
     states: RwLock<BTreeMap<String, BTreeMap<String, ModelState>>>,
-    /// More than one node: `/readyz` says which node holds what.
+    /// A pool: `/readyz` says which node holds what.
     pool: bool,
+    /// Some node has a placement: a model is held only by the nodes that list it.
+    placed: bool,
     pub(crate) requires_ready: bool,
     /// The `keep_alive` pinned models are loaded with (and that `pin` writes into requests).
     pub(crate) keep_alive: Value,
@@ -64,7 +66,12 @@ impl Pins {
     /// The pins of `cfg` on `nodes` (name and placement: the model keys a node should hold). With
     /// a placement on any node, a model is held by the nodes that list it; without, by every node
     /// that has it.
-    pub(crate) fn new(cfg: &PreloadConfig, nodes: &[(String, HashSet<String>)]) -> Pins {
+    /// `pool`: report by node (more than one node, or nodes found in DNS).
+    pub(crate) fn new(
+        cfg: &PreloadConfig,
+        nodes: &[(String, HashSet<String>)],
+        pool: bool,
+    ) -> Pins {
         let names: Vec<ModelName> = cfg
             .models
             .iter()
@@ -86,7 +93,8 @@ impl Pins {
             keys: names.iter().map(ModelName::key).collect(),
             aliases: RwLock::default(),
             states: RwLock::new(states),
-            pool: nodes.len() > 1,
+            pool,
+            placed,
             requires_ready: cfg.ready_requires_preload,
             keep_alive: cfg.keep_alive.to_json(),
             forever: cfg.keep_alive == KeepAlive::Forever,
@@ -217,6 +225,26 @@ impl Pins {
         }
     }
 
+    /// A node joined the pool (found in DNS): it may hold every pinned model (a discovered
+    /// node has no placement).
+    pub(crate) fn add_node(&self, node: &str, placement: &HashSet<String>) {
+        let mut states = self.states.write().unwrap_or_else(|e| e.into_inner());
+        for (model, nodes) in states.iter_mut() {
+            let key = model.to_ascii_lowercase();
+            if !self.placed || placement.contains(&key) {
+                nodes.entry(node.to_string()).or_insert(ModelState::Loading);
+            }
+        }
+    }
+
+    /// A node left the pool.
+    pub(crate) fn remove_node(&self, node: &str) {
+        let mut states = self.states.write().unwrap_or_else(|e| e.into_inner());
+        for nodes in states.values_mut() {
+            nodes.remove(node);
+        }
+    }
+
     /// The pinned models `node` is meant to hold (or may, without a placement).
     pub(super) fn names(&self, node: &str) -> Vec<String> {
         self.read()
@@ -242,6 +270,7 @@ mod tests {
                 ..Default::default()
             },
             &[("default".into(), HashSet::new())],
+            false,
         )
     }
 
@@ -342,7 +371,7 @@ mod tests {
                 ]),
             ),
         ];
-        let p = Pins::new(&cfg, &nodes);
+        let p = Pins::new(&cfg, &nodes, true);
         assert_eq!(p.names("a"), ["llama3.2:latest"]);
         assert_eq!(p.names("b"), ["llama3.2:latest", "nomic-embed-text:latest"]);
         p.set("a", "llama3.2:latest", ModelState::Loaded { seconds: 1.0 });
@@ -359,7 +388,20 @@ mod tests {
         let open = Pins::new(
             &cfg,
             &[("a".into(), HashSet::new()), ("b".into(), HashSet::new())],
+            true,
         );
         assert_eq!(open.names("a").len(), 2);
+        // A node found in DNS joins, then leaves.
+        open.add_node("10-0-0-3", &HashSet::new());
+        assert_eq!(open.names("10-0-0-3").len(), 2);
+        assert_eq!(open.report()["llama3.2:latest"]["10-0-0-3"], "loading");
+        open.remove_node("10-0-0-3");
+        assert!(open.names("10-0-0-3").is_empty());
+        assert!(p.names("c").is_empty());
+        p.add_node("c", &HashSet::new());
+        assert!(
+            p.names("c").is_empty(),
+            "a placement leaves a node without one nothing"
+        );
     }
 }

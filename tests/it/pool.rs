@@ -475,3 +475,64 @@ async fn a_placement_loads_a_pinned_model_only_where_it_is_placed() {
     assert_eq!(own(&a, "/api/generate"), 1);
     assert_eq!(own(&b, "/api/generate"), 0, "not placed on b");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_found_in_dns_are_probed_and_routed_to() {
+    let a = OllamaDouble::start(double_of(&["llama3.2"])).await.unwrap();
+    let mut cfg = test_config("http://127.0.0.1:1");
+    cfg.upstream.url = None;
+    cfg.upstream.discover = Some(corral::config::DiscoverConfig {
+        dns: format!("localhost:{}", a.addr().port()),
+        parallel: Some(2),
+    });
+    let corral = Corral::start(cfg);
+    until_nodes_up(&corral, &["127-0-0-1"]).await;
+    let resp = chat(&corral, "llama3.2").await;
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(corral.log_line(&id)["node"], "127-0-0-1");
+    let m = corral.metrics().await;
+    assert_eq!(
+        metric_sum(&m, "corral_upstream_slots", &[("node", "127-0-0-1")]),
+        2.0
+    );
+    assert_eq!(chats(&a), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_asks_every_node() {
+    let a = OllamaDouble::start(double_of(&["llama3.2"])).await.unwrap();
+    let b = OllamaDouble::start(double_of(&["qwen2.5-coder:7b"]))
+        .await
+        .unwrap();
+    let mut cfg = pool_config(&[("a", &a, None), ("b", &b, None)]);
+    cfg.preload.models = vec!["llama3.2".into()];
+    let setup = Setup::new(cfg);
+    let config = setup.write();
+    let check = || {
+        let out = std::process::Command::new(corral_bin())
+            .args(["check", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, report) = check();
+    assert!(ok, "{report}");
+    for line in [
+        format!("upstream.nodes[0] (a) = \"{}\": Ollama", a.url()),
+        format!("upstream.nodes[1] (b) = \"{}\": Ollama", b.url()),
+        "upstream.nodes[0] (a): preload.models[0] = \"llama3.2\": Ollama has it".to_string(),
+        "upstream.nodes[1] (b): preload.models[0] = \"llama3.2\": this node does not have it"
+            .to_string(),
+    ] {
+        assert!(report.contains(&line), "{line}\n{report}");
+    }
+    b.shutdown().await;
+    let (ok, report) = check();
+    assert!(!ok, "a node that does not answer fails the check");
+    assert!(report.contains("upstream.nodes[1] (b)"), "{report}");
+}
