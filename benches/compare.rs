@@ -4,10 +4,12 @@
 //!   cargo bench --bench compare -- --quick (one short round, to try it out)
 //!   CORRAL_BENCH_BIN=path/to/corral cargo bench --bench compare (measure another build)
 //!
-//! Starts the Ollama double, corral (TLS, keys, access log, metrics: as in production) and nginx
-//! (TLS, a static key check with `map`, `proxy_buffering off`, long timeouts, access log), then
-//! drives all three and direct access with the same load generator, interleaved, over several
-//! rounds, and prints one table of medians with every figure also as a ratio to direct and nginx.
+//! Starts the Ollama double, corral (TLS, keys, access log, metrics: as in production), corral
+//! with a pool of three nodes (the same double three times, so only the pool's own cost differs)
+//! and nginx (TLS, a static key check with `map`, `proxy_buffering off`, long timeouts, access
+//! log), then drives them and direct access with the same load generator, interleaved, over
+//! several rounds, and prints one table of medians with every figure also as a ratio to direct
+//! and nginx, and the pool's to one node.
 // A benchmark that cannot set itself up stops with the reason.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -27,18 +29,23 @@ const OPEN_STREAMS: usize = 1000;
 enum Target {
     Direct,
     Corral,
+    /// corral with three nodes.
+    Pool,
     Nginx,
 }
 
-const TARGETS: [Target; 3] = [Target::Direct, Target::Corral, Target::Nginx];
+const TARGETS: [Target; 4] = [Target::Direct, Target::Corral, Target::Pool, Target::Nginx];
+const GATEWAYS: [Target; 3] = [Target::Corral, Target::Pool, Target::Nginx];
 
 struct Stack {
     dir: PathBuf,
     double: Child,
     corral: Child,
+    pool: Child,
     nginx: Child,
     double_port: u16,
     corral_port: u16,
+    pool_port: u16,
     nginx_port: u16,
     key: String,
     ca_pem: String,
@@ -49,6 +56,7 @@ impl Stack {
         match t {
             Target::Direct => format!("http://127.0.0.1:{}{path}", self.double_port),
             Target::Corral => format!("https://localhost:{}{path}", self.corral_port),
+            Target::Pool => format!("https://localhost:{}{path}", self.pool_port),
             Target::Nginx => format!("https://localhost:{}{path}", self.nginx_port),
         }
     }
@@ -58,6 +66,7 @@ impl Stack {
         let pids: Vec<u32> = match t {
             Target::Direct => vec![self.double.id()],
             Target::Corral => vec![self.corral.id()],
+            Target::Pool => vec![self.pool.id()],
             Target::Nginx => {
                 let out = Command::new("pgrep")
                     .args(["-P", &self.nginx.id().to_string()])
@@ -89,7 +98,12 @@ impl Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        for c in [&mut self.corral, &mut self.nginx, &mut self.double] {
+        for c in [
+            &mut self.corral,
+            &mut self.pool,
+            &mut self.nginx,
+            &mut self.double,
+        ] {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -212,6 +226,39 @@ level = "warn"
         .unwrap();
     wait_port(corral_port, "corral");
 
+    // The same corral with a pool of three nodes: the same double three times, so the upstream's
+    // capacity is the same and only the pool's routing differs.
+    let (pool_port, pool_metrics_port) = (free_port(), free_port());
+    let single = std::fs::read_to_string(dir.join("corral.toml")).unwrap();
+    let nodes: String = ["a", "b", "c"]
+        .iter()
+        .map(|n| {
+            format!(
+                "[[upstream.nodes]]\nname = \"{n}\"\nurl = \"http://127.0.0.1:{double_port}\"\n"
+            )
+        })
+        .collect();
+    let pooled = single
+        .replace(
+            &format!("127.0.0.1:{corral_port}"),
+            &format!("127.0.0.1:{pool_port}"),
+        )
+        .replace(
+            &format!("127.0.0.1:{metrics_port}"),
+            &format!("127.0.0.1:{pool_metrics_port}"),
+        )
+        .replace(&format!("url = \"http://127.0.0.1:{double_port}\"\n"), "")
+        .replace("[auth]", &format!("{nodes}[auth]"));
+    std::fs::write(dir.join("pool.toml"), pooled).unwrap();
+    let pool = Command::new(corral_bin)
+        .args(["serve", "--config"])
+        .arg(dir.join("pool.toml"))
+        .stdout(std::fs::File::create(dir.join("pool-access.log")).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_port(pool_port, "corral with a pool");
+
     // The recipe most Ollama users run today.
     let d = dir.display();
     std::fs::write(
@@ -280,9 +327,11 @@ http {{
         dir,
         double,
         corral,
+        pool,
         nginx,
         double_port,
         corral_port,
+        pool_port,
         nginx_port,
         key,
         ca_pem: ca.cert_pem(),
@@ -440,7 +489,7 @@ fn median(v: &mut [f64]) -> f64 {
 /// Figures per target, kept per round.
 #[derive(Default)]
 struct Results {
-    rows: Vec<(String, [Vec<f64>; 3], bool)>,
+    rows: Vec<(String, [Vec<f64>; 4], bool)>,
 }
 
 impl Results {
@@ -449,7 +498,7 @@ impl Results {
         match self.rows.iter_mut().find(|(r, _, _)| r == row) {
             Some((_, v, _)) => v[i].push(value),
             None => {
-                let mut v: [Vec<f64>; 3] = Default::default();
+                let mut v: [Vec<f64>; 4] = Default::default();
                 v[i].push(value);
                 self.rows.push((row.to_string(), v, higher_is_better));
             }
@@ -458,8 +507,15 @@ impl Results {
 
     fn print(&mut self) {
         println!(
-            "\n{:<44} {:>10} {:>10} {:>10} {:>14} {:>13}",
-            "", "direct", "corral", "nginx", "corral/direct", "corral/nginx"
+            "\n{:<44} {:>10} {:>10} {:>10} {:>10} {:>14} {:>13} {:>12}",
+            "",
+            "direct",
+            "corral",
+            "pool of 3",
+            "nginx",
+            "corral/direct",
+            "corral/nginx",
+            "pool/corral"
         );
         for (row, values, _) in &mut self.rows {
             let m: Vec<f64> = values.iter_mut().map(|v| median(v)).collect();
@@ -480,13 +536,15 @@ impl Results {
                 }
             };
             println!(
-                "{:<44} {:>10} {:>10} {:>10} {:>14} {:>13}",
+                "{:<44} {:>10} {:>10} {:>10} {:>10} {:>14} {:>13} {:>12}",
                 row,
                 cell(m[0]),
                 cell(m[1]),
                 cell(m[2]),
+                cell(m[3]),
                 ratio(m[1], m[0]),
-                ratio(m[1], m[2])
+                ratio(m[1], m[3]),
+                ratio(m[2], m[1])
             );
         }
     }
@@ -561,7 +619,7 @@ fn main() {
             direct.0,
             false,
         );
-        for t in [Target::Corral, Target::Nginx] {
+        for t in GATEWAYS {
             let (ttfb, offsets) = runtime.block_on(stream_timings(&stack, t, streams));
             results.add("stream: time to first byte, ms", t, ttfb, false);
             results.add(
@@ -585,7 +643,7 @@ fn main() {
         }
     }
     eprintln!("{OPEN_STREAMS} concurrent streams");
-    for t in [Target::Corral, Target::Nginx] {
+    for t in GATEWAYS {
         let (peak, idle, failed) = runtime.block_on(open_streams(&stack, t));
         results.add(
             &format!("{OPEN_STREAMS} streams: gateway RSS, MiB"),
@@ -611,6 +669,9 @@ fn main() {
         corral::LONG_VERSION,
         machine()
     );
-    println!("direct: plain HTTP to the Ollama double; corral and nginx: TLS (HTTP/1.1, keep-alive), key check, access log");
+    println!("direct: plain HTTP to the Ollama double; corral and nginx: TLS (HTTP/1.1, keep-alive), key check, access log;");
+    println!(
+        "pool of 3: corral with three nodes (the same double), each request routed among them"
+    );
     results.print();
 }

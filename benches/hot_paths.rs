@@ -1,5 +1,5 @@
 //! Micro-benchmarks of the per-request hot paths: key verification (cold and cached), request
-//! classification (route, body, models), and stream usage parsing.
+//! classification (route, body, models), stream usage parsing, and the choice of a node in a pool.
 //!
 //!   cargo bench --bench hot_paths
 // A benchmark that cannot set itself up stops with the reason.
@@ -193,5 +193,33 @@ fn usage(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, keys, classification, usage);
+fn routing(c: &mut Criterion) {
+    use corral::upstream::choose::{choose, Has, NodeView};
+    // 16 nodes in every state: some down, some without the model, some busy, two warm.
+    let nodes: Vec<NodeView> = (0..16u32)
+        .map(|i| NodeView {
+            up: i % 5 != 4,
+            has: match i % 4 {
+                0 => Has::No,
+                3 => Has::Unknown,
+                _ => Has::Yes,
+            },
+            loaded: i == 6 || i == 9,
+            inflight: i % 3,
+            parallel: Some(2),
+            tried: i == 9,
+        })
+        .collect();
+    let mut g = c.benchmark_group("routing");
+    g.bench_function("choose a node of 16", |b| {
+        let mut turn = 0usize;
+        b.iter(|| {
+            turn = turn.wrapping_add(1);
+            black_box(choose(black_box(&nodes), turn))
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, keys, classification, usage, routing);
 criterion_main!(benches);

@@ -8,7 +8,8 @@
 //! - [`proxy`]: the request path, one pingora `ProxyHttp` with thin hooks: admission, headers,
 //!   response bodies, error responses, the report
 //! - [`access`]: keys, revocation, team policy, per-team limits, caps on what is held at once;
-//!   [`upstream`]: the Ollama server (peer, probe, pinned models, pulls); [`usage`]: token usage
+//!   [`upstream`]: the Ollama nodes (the pool, routing, probes, discovery, pinned models, pulls);
+//!   [`usage`]: token usage
 //!   and stream completeness read from responses
 //! - [`api`]: the route table and the one error type, in each caller's dialect
 //! - [`config`]: typed, validated configuration, one file per section; [`telemetry`]: access

@@ -71,6 +71,9 @@ enum Command {
         /// Also serve a model whose streams break off after 3 tokens (to see truncated streams).
         #[arg(long)]
         failing_model: Option<String>,
+        /// OLLAMA_NUM_PARALLEL: runs at once per model; the rest wait in line.
+        #[arg(long)]
+        parallel: Option<usize>,
     },
 }
 
@@ -183,7 +186,8 @@ pub fn main() -> ExitCode {
             token_delay,
             tokens,
             failing_model,
-        } => double(listen, token_delay, tokens, failing_model),
+            parallel,
+        } => double(listen, token_delay, tokens, failing_model, parallel),
         Command::Keys(cmd) => match keys(cmd) {
             Ok(code) => code,
             Err(e) => fail(&e),
@@ -465,10 +469,12 @@ fn double(
     token_delay: HumanDuration,
     tokens: usize,
     failing_model: Option<String>,
+    parallel: Option<usize>,
 ) -> ExitCode {
     let mut cfg = crate::dev::double::DoubleConfig {
         token_delay: token_delay.0,
         response_tokens: tokens,
+        parallel,
         ..Default::default()
     };
     if let Some(name) = failing_model {

@@ -1,7 +1,8 @@
 //! The request path: one pingora `ProxyHttp` implementation whose hooks stay thin and delegate.
 //! Uses `access`, `upstream`, `usage`, `api`, `telemetry`, `config`, `ollama`; never `runtime`.
 //!
-//! `admit` (route, key, body, policy, body rewrites), `headers` (hygiene toward Ollama),
+//! `admit` (route, key, body, policy, body rewrites), `nodes` (which node each attempt goes to,
+//! failover, the merged model lists of a pool), `headers` (hygiene toward Ollama),
 //! `response_body` (usage metering, model-list filtering), `error_response` (errors corral
 //! answers itself, before forwarding or when Ollama fails), `report` (access log and metrics).
 //! `ctx` is the state one request carries through the hooks; `traffic` counts requests in

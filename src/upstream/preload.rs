@@ -119,8 +119,13 @@ impl Preloader {
                 .metrics
                 .model_loaded
                 .with_label_values(&[node, &model]);
-            let was_loaded = matches!(pins.get(node, &model), Some(ModelState::Loaded { .. }));
-            gauge.set(present.contains(&key) as i64);
+            let state = pins.get(node, &model);
+            let was_loaded = matches!(state, Some(ModelState::Loaded { .. }));
+            // A node that leaves the model to others exports no series for it (it is not
+            // "not loaded" there, it is not meant to be there).
+            if present.contains(&key) || state != Some(ModelState::Absent) {
+                gauge.set(present.contains(&key) as i64);
+            }
             // Loaded by someone else (before corral started, or after Ollama restarted) with a
             // finite keep_alive, it would be evicted: corral loads it again with its own. With
             // a finite pinned keep_alive corral cannot tell, so it re-sends its own once at start.
@@ -180,7 +185,12 @@ impl Shared {
         let route = match show::show(client, model).await.map_err(Unreachable)? {
             Shown::Loadable(route) => route,
             Shown::Missing if self.left_to_others(model) => {
-                self.pins.set(&self.node.name, model, ModelState::Absent);
+                let node = self.node.name.as_str();
+                self.pins.set(node, model, ModelState::Absent);
+                let _ = self
+                    .metrics
+                    .model_loaded
+                    .remove_label_values(&[node, model]);
                 return Ok(Loaded::No);
             }
             Shown::Missing if self.pull_missing => {

@@ -449,6 +449,10 @@ async fn pinned_models_load_on_every_node_that_has_them_and_readiness_needs_one_
         0,
         "b was never asked to load what it lacks"
     );
+    assert!(
+        !m.contains("corral_model_loaded{model=\"nomic-embed-text:latest\",node=\"b\"}"),
+        "no series where the model is not meant to be (the alert would fire):\n{m}"
+    );
 
     // The only node holding the embedding model goes away: not ready until it is back.
     a.shutdown().await;

@@ -513,14 +513,24 @@ async fn the_kubernetes_config_becomes_ready_from_an_empty_model_store() {
     })
     .await;
     let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/kubernetes.toml");
-    let setup = Setup::new(test_config(&double.url()));
+    // The Ollama StatefulSet's headless Service, here a name that resolves to the double.
+    let mut cfg = test_config(&double.url());
+    cfg.upstream.url = None;
+    cfg.upstream.discover = Some(corral::config::DiscoverConfig {
+        dns: format!("localhost:{}", double.addr().port()),
+        parallel: None,
+    });
+    let setup = Setup::new(cfg);
     let mut corral = setup.spawn_file(&file, &[]);
     corral.wait_ready();
     until_ready(&corral).await;
     let (_, body) = readyz(&corral).await;
     assert_eq!(
         body["models"],
-        json!({"llama3.2:latest": "loaded", "nomic-embed-text:latest": "loaded"})
+        json!({
+            "llama3.2:latest": {"127-0-0-1": "loaded"},
+            "nomic-embed-text:latest": {"127-0-0-1": "loaded"},
+        })
     );
     assert_eq!(own_requests(&double, "/api/pull").len(), 2);
 }

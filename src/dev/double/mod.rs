@@ -5,7 +5,9 @@
 //! It speaks real HTTP/1.1 (hyper): NDJSON and SSE streams with a configurable per-token delay,
 //! per-dialect `stream` defaults, usage fields, preload/unload replies, `/api/ps` keep-alive
 //! tracking, the admin routes, Ollama's error shapes, the loopback `Host` guard and CORS check,
-//! models that are slow to load, and a request log plus a disconnect counter for tests.
+//! models that are slow to load, `OLLAMA_NUM_PARALLEL` slots per model with a line behind them
+//! (`OLLAMA_MAX_QUEUE`, then 503 "server busy"), and a request log plus a disconnect counter for
+//! tests. Several instances make a pool.
 //!
 //! Layout, from the outside in:
 //! - `api`: what callers use: [`OllamaDouble`], [`DoubleConfig`], [`Recorded`].

@@ -226,7 +226,10 @@ impl Setup {
                 "CORRAL__SERVER__TLS_KEY",
                 c.server.tls_key.display().to_string(),
             ),
-            ("CORRAL__UPSTREAM__URL", c.upstream.url().to_string()),
+            match &c.upstream.discover {
+                Some(d) => ("CORRAL__UPSTREAM__DISCOVER__DNS", d.dns.clone()),
+                None => ("CORRAL__UPSTREAM__URL", c.upstream.url().to_string()),
+            },
             ("CORRAL__AUTH__VERIFY_KEYS", verify_keys.join(",")),
             (
                 "CORRAL__AUTH__REVOKED_FILE",
