@@ -477,7 +477,12 @@ mod tests {
     fn the_kubernetes_config_is_valid_too() {
         let cfg = shipped("kubernetes.toml");
         assert!(cfg.validate().is_empty(), "{:?}", cfg.validate());
-        assert_eq!(cfg.upstream.url().to_string(), "http://ollama:11434");
+        let discover = cfg.upstream.discover.as_ref().unwrap();
+        assert_eq!(
+            discover.host_port(),
+            Some(("ollama-headless", 11434)),
+            "the Ollama StatefulSet's headless Service"
+        );
         assert!(
             cfg.server.metrics_listen.0.unwrap().ip().is_unspecified(),
             "probes reach the pod IP"
