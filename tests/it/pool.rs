@@ -61,6 +61,28 @@ async fn chat(corral: &Corral, model: &str) -> reqwest::Response {
         .unwrap()
 }
 
+/// Starts a chat stream through corral and reads its first chunk (it holds a slot from then on).
+async fn open_stream(corral: &Corral) -> reqwest::Response {
+    let mut resp = corral
+        .client()
+        .post(format!("{}/api/chat", corral.base()))
+        .json(&json!({"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert!(next_chunk(&mut resp).await.is_some(), "the stream runs");
+    resp
+}
+
+/// Two doubles with these models behind one corral, every node up.
+async fn two_nodes(a: &[&str], b: &[&str]) -> (OllamaDouble, OllamaDouble, Corral) {
+    let a = OllamaDouble::start(double_of(a)).await.unwrap();
+    let b = OllamaDouble::start(double_of(b)).await.unwrap();
+    let corral = Corral::start(pool_config(&[("a", &a, None), ("b", &b, None)]));
+    until_nodes_up(&corral, &["a", "b"]).await;
+    (a, b, corral)
+}
+
 fn chats(double: &OllamaDouble) -> usize {
     forwarded(double)
         .iter()
@@ -70,12 +92,7 @@ fn chats(double: &OllamaDouble) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_goes_to_the_node_that_has_it_and_one_no_node_has_is_a_404() {
-    let a = OllamaDouble::start(double_of(&["llama3.2"])).await.unwrap();
-    let b = OllamaDouble::start(double_of(&["qwen2.5-coder:7b"]))
-        .await
-        .unwrap();
-    let corral = Corral::start(pool_config(&[("a", &a, None), ("b", &b, None)]));
-    until_nodes_up(&corral, &["a", "b"]).await;
+    let (a, b, corral) = two_nodes(&["llama3.2"], &["qwen2.5-coder:7b"]).await;
 
     for _ in 0..3 {
         let resp = chat(&corral, "qwen2.5-coder:7b").await;
@@ -123,17 +140,7 @@ async fn a_warm_node_takes_requests_while_it_has_a_free_slot_then_they_spill() {
 
     // a's one slot is taken by a slow stream: the next request goes to b, which is free.
     a.set_token_delay(Duration::from_millis(300));
-    let mut long = corral
-        .client()
-        .post(format!("{}/api/chat", corral.base()))
-        .json(&json!({"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}))
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        next_chunk(&mut long).await.is_some(),
-        "the stream runs on a"
-    );
+    let mut long = open_stream(&corral).await;
     assert_eq!(chats(&a), 4);
     let resp = chat(&corral, "llama3.2").await;
     assert_eq!(resp.status(), 200);
@@ -214,14 +221,7 @@ async fn a_node_whose_line_is_full_hands_the_request_to_the_next_one() {
     let corral = Corral::start(pool_config(&[("a", &a, None), ("b", &b, None)]));
     until_nodes_up(&corral, &["a", "b"]).await;
     a.set_token_delay(Duration::from_millis(300));
-    let mut long = corral
-        .client()
-        .post(format!("{}/api/chat", corral.base()))
-        .json(&json!({"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}))
-        .send()
-        .await
-        .unwrap();
-    assert!(next_chunk(&mut long).await.is_some());
+    let mut long = open_stream(&corral).await;
     let resp = chat(&corral, "llama3.2").await;
     let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
     assert_eq!(
@@ -238,12 +238,7 @@ async fn a_node_whose_line_is_full_hands_the_request_to_the_next_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_only_a_dead_node_has_is_a_503_with_retry_after() {
-    let a = OllamaDouble::start(double_of(&["llama3.2"])).await.unwrap();
-    let b = OllamaDouble::start(double_of(&["qwen2.5-coder:7b"]))
-        .await
-        .unwrap();
-    let corral = Corral::start(pool_config(&[("a", &a, None), ("b", &b, None)]));
-    until_nodes_up(&corral, &["a", "b"]).await;
+    let (a, b, corral) = two_nodes(&["llama3.2"], &["qwen2.5-coder:7b"]).await;
     a.shutdown().await;
     // Three failures in a row (requests or probes) take a down; until then the request fails as
     // a single upstream's would (no other node has the model).
@@ -268,10 +263,7 @@ async fn a_model_only_a_dead_node_has_is_a_503_with_retry_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_routes_go_to_the_node_the_header_names() {
-    let a = OllamaDouble::start(double_of(&["llama3.2"])).await.unwrap();
-    let b = OllamaDouble::start(double_of(&["llama3.2"])).await.unwrap();
-    let corral = Corral::start(pool_config(&[("a", &a, None), ("b", &b, None)]));
-    until_nodes_up(&corral, &["a", "b"]).await;
+    let (a, b, corral) = two_nodes(&["llama3.2"], &["llama3.2"]).await;
     let copy = json!({"source": "llama3.2", "destination": "team-llama"});
     let send = |node: Option<&str>| {
         let mut req = corral
