@@ -221,7 +221,7 @@ async fn a_node_whose_line_is_full_hands_the_request_to_the_next_one() {
     let corral = Corral::start(pool_config(&[("a", &a, None), ("b", &b, None)]));
     until_nodes_up(&corral, &["a", "b"]).await;
     a.set_token_delay(Duration::from_millis(300));
-    let mut long = open_stream(&corral).await;
+    let long = open_stream(&corral).await;
     let resp = chat(&corral, "llama3.2").await;
     let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
     assert_eq!(
