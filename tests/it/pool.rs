@@ -238,7 +238,7 @@ async fn a_node_whose_line_is_full_hands_the_request_to_the_next_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_only_a_dead_node_has_is_a_503_with_retry_after() {
-    let (a, b, corral) = two_nodes(&["llama3.2"], &["qwen2.5-coder:7b"]).await;
+    let (a, _b, corral) = two_nodes(&["llama3.2"], &["qwen2.5-coder:7b"]).await;
     a.shutdown().await;
     // Three failures in a row (requests or probes) take a down; until then the request fails as
     // a single upstream's would (no other node has the model).
