@@ -93,9 +93,9 @@ fn check_upstream(cfg: &Config) -> Vec<Finding> {
             };
             addrs
                 .into_iter()
-                .map(|a| {
-                    let node = discovered_node(a, d.parallel, up);
-                    (format!("upstream.discover.dns ({})", node.name), node)
+                .filter_map(|a| {
+                    let node = discovered_node(a, d.parallel, up)?;
+                    Some((format!("upstream.discover.dns ({})", node.name), node))
                 })
                 .collect()
         }

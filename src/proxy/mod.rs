@@ -93,10 +93,15 @@ impl ProxyHttp for Gateway {
         let node = self.next_node(ctx)?;
         match node.upstream.peer() {
             Some(peer) => Ok(Box::new(peer)),
-            None => Error::e_explain(
-                nodes::UNRESOLVED,
-                "the upstream host name has not resolved yet",
-            ),
+            None => {
+                // No address: like a connection that cannot be made, another node may take it.
+                let mut e = Error::explain(
+                    nodes::UNRESOLVED,
+                    "the upstream host name has not resolved yet",
+                );
+                e.set_retry(self.attempt_failed(ctx, false));
+                Err(e)
+            }
         }
     }
 
@@ -197,12 +202,16 @@ impl ProxyHttp for Gateway {
         let status = upstream_response.status.as_u16();
         // A node that cannot take the request (502, 503: its queue is full, it is shutting
         // down) before any byte of an answer: the next node that has the model takes it.
-        if matches!(status, 502 | 503) && self.attempt_failed(ctx, true) {
-            let mut e = Error::explain(nodes::FAILOVER, format!("the node answered {status}"));
-            e.set_retry(true);
-            return Err(e);
+        if matches!(status, 502 | 503) {
+            if self.attempt_failed(ctx, true) {
+                let mut e = Error::explain(nodes::FAILOVER, format!("the node answered {status}"));
+                e.as_up();
+                e.set_retry(true);
+                return Err(e);
+            }
+        } else {
+            self.attempt_answered(ctx, status);
         }
-        self.attempt_answered(ctx, status);
         upstream_response.insert_header("x-request-id", ctx.request_id.as_str())?;
         // Ollama answered: the request will not be sent again, so a long conversation is not
         // kept in memory for the rest of a stream.
@@ -258,10 +267,12 @@ impl ProxyHttp for Gateway {
             // A pooled connection the node had closed: the same node, on a fresh connection.
             e.retry.decide_reuse(true);
             ctx.nodes.next = ctx.nodes.node().cloned();
-        } else if matches!(
-            e.etype(),
-            ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
-        ) {
+        } else if matches!(e.esource(), ErrorSource::Upstream)
+            && matches!(
+                e.etype(),
+                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+            )
+        {
             // A fresh connection broke before the answer: the node is in trouble. (A timeout
             // is not retried elsewhere: the node may be loading the model.)
             let failover = self.attempt_failed(ctx, false);

@@ -199,7 +199,13 @@ impl Gateway {
 
     /// Whether another node could take this request after the current one failed.
     pub(super) fn can_fail_over(&self, ctx: &RequestCtx) -> bool {
-        if !self.pool.is_pool() || ctx.nodes.fixed.is_some() {
+        // An admin request changes one node's model store: it is never sent to another.
+        let admin = ctx
+            .admission
+            .route
+            .as_ref()
+            .is_some_and(|r| r.kind.class() == RouteClass::Admin);
+        if admin || !self.pool.is_pool() || ctx.nodes.fixed.is_some() {
             return false;
         }
         let mut tried = ctx.nodes.tried.clone();
@@ -217,8 +223,12 @@ impl Gateway {
         let Some(node) = ctx.nodes.node().cloned() else {
             return false;
         };
-        if !unavailable && node.failed() {
+        if !unavailable && node.failed() && self.pool.is_pool() {
             tracing::warn!(node = %node.name, "node failed 3 times in a row; out of routing until its probe answers");
+        }
+        if unavailable {
+            // It answered: alive, only full.
+            node.succeeded();
         }
         let failover = self.can_fail_over(ctx);
         let outcome = match (failover, unavailable) {

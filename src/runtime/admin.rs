@@ -44,9 +44,10 @@ impl AdminApp {
                 // Not ready while draining, or while a pinned model is not loaded yet.
                 let draining = self.traffic.is_draining();
                 let ready = !draining
-                    && self
-                        .pins
-                        .ready(|node| self.pool.get(node).is_some_and(|n| n.is_up()));
+                    && self.pins.ready(|node| {
+                        // One node is never out of routing; in a pool a holder must be up.
+                        !self.pool.is_pool() || self.pool.get(node).is_some_and(|n| n.is_up())
+                    });
                 let status = if ready {
                     StatusCode::OK
                 } else {

@@ -339,6 +339,35 @@ impl Metrics {
             .insert(node.to_string(), models);
     }
 
+    /// A node left the pool: its series and its models go (a node found in DNS is named after its
+    /// address, so nodes that come and go must not pile up).
+    pub(crate) fn forget_node(&self, node: &str, models: &[String]) {
+        for gauge in [
+            &self.upstream_up,
+            &self.upstream_inflight,
+            &self.upstream_slots,
+        ] {
+            let _ = gauge.remove_label_values(&[node]);
+        }
+        for outcome in ["ok", "connect_error", "unavailable", "failover"] {
+            let _ = self.upstream_attempts.remove_label_values(&[node, outcome]);
+        }
+        for model in models {
+            let _ = self.model_loaded.remove_label_values(&[node, model]);
+            let _ = self.preload_duration.remove_label_values(&[node, model]);
+            for kind in ["completed", "total"] {
+                let _ = self
+                    .model_pull_bytes
+                    .remove_label_values(&[node, model, kind]);
+            }
+        }
+        self.known_models
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .upstream
+            .remove(node);
+    }
+
     /// Models a (reloaded) configuration names.
     pub(crate) fn set_config_models(&self, cfg: &Config) {
         let config = config_models(cfg);

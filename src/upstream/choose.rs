@@ -8,9 +8,9 @@
 //! 3. the model is loaded there (it waits in that node's line);
 //! 4. any other candidate.
 //!
-//! Within a tier, a node whose list is known comes before one whose list is not, then the one
-//! with the fewest requests in flight, then the next in turn from `rotate` (so equal nodes share
-//! the load).
+//! A node whose list is not known yet (just discovered, not probed) comes only after every node
+//! known to have the model: it may not have it. Within a tier, the node with the fewest requests
+//! in flight, then the next in turn from `rotate` (so equal nodes share the load).
 
 /// Whether a node's model list has the model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,7 +58,7 @@ pub enum Choice {
 /// Picks the node for a request (see the module documentation for the order).
 pub fn choose(nodes: &[NodeView], rotate: usize) -> Choice {
     let n = nodes.len();
-    let mut best: Option<(usize, (u8, bool, u32, usize))> = None;
+    let mut best: Option<(usize, (bool, u8, u32, usize))> = None;
     let (mut down_has, mut tried_has) = (false, false);
     for (i, v) in nodes.iter().enumerate() {
         if v.has == Has::No {
@@ -79,7 +79,7 @@ pub fn choose(nodes: &[NodeView], rotate: usize) -> Choice {
             (false, false) => 3,
         };
         let turn = (i + n - rotate % n) % n;
-        let key = (tier, v.has == Has::Unknown, v.inflight, turn);
+        let key = (v.has == Has::Unknown, tier, v.inflight, turn);
         if best.is_none_or(|(_, k)| key < k) {
             best = Some((i, key));
         }
@@ -171,6 +171,15 @@ mod tests {
             node(Has::Yes, false, 3, None),
         ];
         assert_eq!(choose(&nodes, 0), Choice::Node(1));
+        let busy = [
+            node(Has::Unknown, false, 0, Some(1)),
+            node(Has::Yes, false, 3, Some(1)),
+        ];
+        assert_eq!(
+            choose(&busy, 0),
+            Choice::Node(1),
+            "even busy: the unprobed node may answer 404"
+        );
         assert_eq!(
             choose(&[node(Has::Unknown, false, 0, None)], 0),
             Choice::Node(0),

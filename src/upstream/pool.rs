@@ -46,14 +46,15 @@ pub(crate) fn discovered_name(ip: std::net::IpAddr) -> String {
     ip.to_string().replace(['.', ':'], "-").to_ascii_lowercase()
 }
 
-/// A discovered node at `addr`.
+/// A discovered node at `addr`; `None` for an address that is no URL host (an IPv6 link-local
+/// address with a zone).
 pub(crate) fn discovered_node(
     addr: std::net::SocketAddr,
     parallel: Option<u32>,
     cfg: &UpstreamConfig,
-) -> Arc<Node> {
-    let url = UpstreamUrl::parse(&format!("http://{addr}")).unwrap_or_else(|_| cfg.url());
-    make_node(
+) -> Option<Arc<Node>> {
+    let url = UpstreamUrl::parse(&format!("http://{addr}")).ok()?;
+    Some(make_node(
         NodeConfig {
             name: discovered_name(addr.ip()),
             url,
@@ -61,7 +62,7 @@ pub(crate) fn discovered_node(
             models: Vec::new(),
         },
         cfg,
-    )
+    ))
 }
 
 impl Pool {

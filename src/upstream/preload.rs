@@ -59,6 +59,17 @@ pub(crate) struct Preloader {
     shared: Arc<Shared>,
     client: UpstreamClient,
     watch_interval: Duration,
+    /// Pulls under way: they end with the preloader (a node that leaves the pool).
+    pull_tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Preloader {
+    fn drop(&mut self) {
+        let tasks = self.pull_tasks.lock().unwrap_or_else(|e| e.into_inner());
+        for task in tasks.iter() {
+            task.abort();
+        }
+    }
 }
 
 impl Preloader {
@@ -81,6 +92,7 @@ impl Preloader {
                 pulls: Pulls::default(),
             }),
             watch_interval: cfg.watch_interval.0,
+            pull_tasks: std::sync::Mutex::default(),
         }
     }
 
@@ -151,7 +163,9 @@ impl Preloader {
     fn start_pull(&self, model: &str) {
         let shared = self.shared.clone();
         let model = model.to_string();
-        tokio::spawn(async move {
+        let mut tasks = self.pull_tasks.lock().unwrap_or_else(|e| e.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(tokio::spawn(async move {
             let client = UpstreamClient::new(shared.node.upstream.clone());
             let node = shared.node.name.as_str();
             let pulled = pull::pull(
@@ -174,7 +188,7 @@ impl Preloader {
                     shared.pins.set(node, &model, ModelState::Failed(why));
                 }
             }
-        });
+        }));
     }
 }
 

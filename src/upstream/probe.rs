@@ -70,7 +70,7 @@ impl Probe {
         // what a pool's merged `/v1/models` is made of.
         let listed = Listed {
             ps: self.list("/api/ps", "models").await.ok(),
-            openai: match self.pool.is_pool() {
+            openai: match self.pool.is_pool() || self.pool.config().discover.is_some() {
                 true => self.list("/v1/models", "data").await.ok(),
                 false => None,
             },

@@ -94,19 +94,8 @@ impl Supervisor {
     /// Stops the work of a node that left, and forgets its series.
     fn forget(&self, running: Running) {
         let name = running.node.name.as_str();
-        for gauge in [
-            &self.metrics.upstream_up,
-            &self.metrics.upstream_inflight,
-            &self.metrics.upstream_slots,
-        ] {
-            let _ = gauge.remove_label_values(&[name]);
-        }
-        for model in self.pins.names(name) {
-            let _ = self
-                .metrics
-                .model_loaded
-                .remove_label_values(&[name, &model]);
-        }
+        // Its tasks (probe, preloader and its pulls) are aborted as `running` drops.
+        self.metrics.forget_node(name, &self.pins.names(name));
         self.pins.remove_node(name);
     }
 
@@ -171,15 +160,19 @@ fn converge(
 ) -> Option<Vec<Arc<Node>>> {
     let next: Vec<Arc<Node>> = addrs
         .iter()
-        .map(|addr| {
+        .filter_map(|addr| {
             let name = super::pool::discovered_name(addr.ip());
             current
                 .iter()
                 .find(|n| n.name == name && n.upstream.url.port == addr.port())
                 .cloned()
-                .unwrap_or_else(|| {
-                    tracing::info!(node = %name, %addr, "node joined the pool");
-                    discovered_node(*addr, parallel, cfg)
+                .or_else(|| {
+                    let node = discovered_node(*addr, parallel, cfg);
+                    match &node {
+                        Some(_) => tracing::info!(node = %name, %addr, "node joined the pool"),
+                        None => tracing::warn!(%addr, "skipped: not an address corral can reach as http://ADDRESS:PORT"),
+                    }
+                    node
                 })
         })
         .collect();

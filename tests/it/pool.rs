@@ -233,6 +233,19 @@ async fn a_node_whose_line_is_full_hands_the_request_to_the_next_one() {
     assert_eq!((&line["node"], &line["attempts"]), (&json!("b"), &json!(2)));
     assert_eq!(chats(&a), 2, "a was asked and said busy");
     assert_eq!(chats(&b), 1);
+    let m = corral.metrics().await;
+    let a_said = |outcome| {
+        metric_sum(
+            &m,
+            "corral_upstream_attempts_total",
+            &[("node", "a"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(
+        (a_said("ok"), a_said("failover"), a_said("unavailable")),
+        (1.0, 1.0, 0.0),
+        "the stream, then the 503 counted once"
+    );
     drop(long);
 }
 
@@ -531,4 +544,56 @@ async fn check_asks_every_node() {
     let (ok, report) = check();
     assert!(!ok, "a node that does not answer fails the check");
     assert!(report.contains("upstream.nodes[1] (b)"), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_is_not_a_node_failure_and_is_not_sent_elsewhere() {
+    let (a, b, corral) = two_nodes(&["llama3.2"], &["llama3.2"]).await;
+    // Answers take seconds: each client gives up long before.
+    a.set_token_delay(Duration::from_millis(300));
+    b.set_token_delay(Duration::from_millis(300));
+    // HTTP/1.1: the client's leaving is a closed connection, as with most SDKs.
+    let client = corral.client_builder().http1_only().build().unwrap();
+    for _ in 0..4 {
+        let gave_up = client
+            .post(format!("{}/api/chat", corral.base()))
+            .timeout(Duration::from_millis(400))
+            .json(&json!({"model": "llama3.2", "stream": false, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await;
+        assert!(
+            gave_up.is_err(),
+            "the client left first: {:?}",
+            gave_up.map(|r| r.status())
+        );
+    }
+    wait_for_async(Duration::from_secs(10), "the requests logged", || async {
+        (corral
+            .access_log()
+            .iter()
+            .filter(|l| l["route"] == "/api/chat")
+            .count()
+            == 4)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(chats(&a) + chats(&b), 4, "each reached one node, once");
+    let m = corral.metrics().await;
+    for node in ["a", "b"] {
+        assert_eq!(
+            metric_sum(&m, "corral_upstream_up", &[("node", node)]),
+            1.0,
+            "{node} is fine"
+        );
+        let failovers = [("node", node), ("outcome", "failover")];
+        assert_eq!(
+            metric_sum(&m, "corral_upstream_attempts_total", &failovers),
+            0.0
+        );
+        let errors = [("node", node), ("outcome", "connect_error")];
+        assert_eq!(
+            metric_sum(&m, "corral_upstream_attempts_total", &errors),
+            0.0
+        );
+    }
 }
