@@ -164,13 +164,15 @@ mod tests {
     fn discovered_addresses_make_valid_node_names() {
         assert_eq!(discovered_name("10.0.0.11".parse().unwrap()), "10-0-0-11");
         assert_eq!(discovered_name("fd00::1".parse().unwrap()), "fd00--1");
-        let node = discovered_node(
-            "10.0.0.11:11434".parse().unwrap(),
-            Some(4),
-            &UpstreamConfig::default(),
-        );
+        let cfg = UpstreamConfig::default();
+        let node = discovered_node("10.0.0.11:11434".parse().unwrap(), Some(4), &cfg).unwrap();
         assert_eq!(node.upstream.url.to_string(), "http://10.0.0.11:11434");
         assert_eq!(node.parallel, Some(4));
+        let zoned = std::net::SocketAddrV6::new("fe80::1".parse().unwrap(), 11434, 0, 2);
+        assert!(
+            discovered_node(zoned.into(), None, &cfg).is_none(),
+            "a link-local address with a zone is no URL host: skipped, never sent elsewhere"
+        );
     }
 
     #[test]
