@@ -13,6 +13,7 @@ mod auth;
 mod log;
 mod preload;
 mod server;
+mod state;
 mod teams;
 mod units;
 mod upstream;
@@ -21,6 +22,7 @@ pub(crate) use auth::{kid_of, AuthConfig};
 pub use log::{LogConfig, LogFormat};
 pub use preload::{KeepAlivePolicy, PreloadConfig};
 pub use server::{ListenAddr, ServerConfig};
+pub use state::{OnStoreError, StateConfig};
 pub use teams::{valid_team_name, TeamConfig};
 pub use units::{ByteSize, HumanDuration};
 pub use upstream::{DiscoverConfig, NodeConfig, UpstreamConfig, UpstreamUrl};
@@ -76,6 +78,8 @@ pub struct Config {
     pub teams: BTreeMap<String, TeamConfig>,
     pub preload: PreloadConfig,
     pub log: LogConfig,
+    /// State shared by replicas (team limits, leases, revocations).
+    pub state: StateConfig,
 }
 
 /// One thing wrong with the configuration: the key at fault and what to do.
@@ -203,6 +207,7 @@ impl Config {
         };
         self.server.resolve_paths(fix);
         self.auth.resolve_paths(fix);
+        self.state.resolve_paths(fix);
     }
 
     /// Every problem with the values (files are checked where they are loaded), section by
@@ -217,6 +222,7 @@ impl Config {
         teams::check(&self.teams, &mut problems);
         self.preload.check(&mut problems);
         self.log.check(&mut problems);
+        self.state.check(&mut problems);
         problems
     }
 
@@ -248,7 +254,9 @@ fn read_all(mut tree: config::Value) -> (Option<Config>, Vec<Problem>, Vec<Strin
         }
     };
     // Found in the order of the `config` crate's hash maps: put them in file order.
-    const SECTIONS: [&str; 6] = ["server", "upstream", "auth", "teams", "preload", "log"];
+    const SECTIONS: [&str; 7] = [
+        "server", "upstream", "auth", "teams", "preload", "log", "state",
+    ];
     problems.sort_by_cached_key(|p| {
         let section = p.key.split(['.', '[']).next().unwrap_or_default();
         let at = SECTIONS.iter().position(|s| *s == section);
