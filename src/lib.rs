@@ -26,6 +26,7 @@ pub mod dev;
 pub mod ollama;
 pub mod proxy;
 pub mod runtime;
+pub mod state;
 pub mod telemetry;
 pub mod upstream;
 pub mod usage;

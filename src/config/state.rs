@@ -115,7 +115,10 @@ pub(crate) fn redis_url_problem(url: &str) -> Option<String> {
         .strip_prefix("redis://")
         .or_else(|| url.strip_prefix("rediss://"))
     else {
-        return Some(format!("`{}` must be \"local\" or start with redis:// or rediss://, {example}", redact(url)));
+        return Some(format!(
+            "`{}` must be \"local\" or start with redis:// or rediss://, {example}",
+            redact(url)
+        ));
     };
     let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
     let host = host.split('/').next().unwrap_or_default();
@@ -185,7 +188,7 @@ mod tests {
         .unwrap_err();
         assert_eq!(
             keys(&e),
-            ["state.key_prefix", "state.store_file", "state.timeout"]
+            ["state.store_file", "state.timeout", "state.key_prefix"]
         );
         let e = load_str("[state]\non_store_error = \"maybe\"\n").unwrap_err();
         assert_eq!(keys(&e), ["state.on_store_error"]);

@@ -17,4 +17,5 @@
 //!   second and unions it with the file (a store that lost its data cannot un-revoke a key the
 //!   file lists; ids seen once stay revoked until restart, as with the file).
 
+pub(crate) mod redis;
 pub(crate) mod scripts;
