@@ -102,12 +102,29 @@ pub(crate) struct Slot {
     rpm: Option<u32>,
     /// Whether the request holds one of the team's concurrent places.
     concurrent: bool,
+    /// What the request holds in the shared store instead (`[state]`).
+    pub(crate) shared: Option<crate::access::shared::Held>,
 }
 
 impl Slot {
+    /// A request that holds nothing (no limit applies to it).
+    pub(crate) fn free() -> Slot {
+        Slot {
+            limiter: None,
+            team: String::new(),
+            rpm: None,
+            concurrent: false,
+            shared: None,
+        }
+    }
+
     /// Gives back what the request was charged: it was refused before reaching Ollama (a bad
     /// body, a model the key may not use), and a refused request costs nothing.
-    pub(crate) fn refund(self) {
+    pub(crate) fn refund(mut self) {
+        if let Some(held) = self.shared.take() {
+            held.refund();
+            return;
+        }
         let (Some(limiter), Some(rpm)) = (&self.limiter, self.rpm) else {
             return;
         };
@@ -174,12 +191,7 @@ impl Limiter {
         }
         let rpm = (team.rpm > 0).then_some(team.rpm);
         if !inference && rpm.is_none() {
-            return Ok(Slot {
-                limiter: None,
-                team: String::new(),
-                rpm: None,
-                concurrent: false,
-            });
+            return Ok(Slot::free());
         }
         if inference {
             state.in_flight += 1;
@@ -189,6 +201,7 @@ impl Limiter {
             team: team.name.clone(),
             rpm,
             concurrent: inference,
+            shared: None,
         })
     }
 

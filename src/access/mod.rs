@@ -10,6 +10,7 @@ pub(crate) mod caps;
 pub mod keys;
 pub mod limits;
 pub mod policy;
+pub(crate) mod shared;
 
 use crate::access::auth::{AuthFailure, Identity, Verifier};
 use crate::access::policy::Team;

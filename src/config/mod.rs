@@ -22,6 +22,7 @@ pub(crate) use auth::{kid_of, AuthConfig};
 pub use log::{LogConfig, LogFormat};
 pub use preload::{KeepAlivePolicy, PreloadConfig};
 pub use server::{ListenAddr, ServerConfig};
+pub(crate) use state::{redact as redact_store_url, redis_url_problem as state_url_problem};
 pub use state::{OnStoreError, StateConfig};
 pub use teams::{valid_team_name, TeamConfig};
 pub use units::{ByteSize, HumanDuration};

@@ -79,7 +79,7 @@ impl Gateway {
                 .map_err(|failure| refuse(ctx, failure, Some(&key)))?;
             // The team's limits, before its body is read: a team over them makes corral hold
             // nothing. The charge is refunded if the request is refused below.
-            let slot = self.limit(ctx, &team, kind);
+            let slot = self.limit(ctx, &team, kind).await;
             ctx.admission.caller = Some(Caller { identity, team });
             ctx.admission.slot = Some(slot?);
         }
@@ -172,21 +172,30 @@ impl Gateway {
     }
 
     /// The team's rate and concurrency limits.
-    fn limit(
+    async fn limit(
         &self,
         ctx: &mut RequestCtx,
         team: &Team,
         kind: RouteKind,
     ) -> Result<Slot, GatewayError> {
-        self.limiter
-            .admit(team, kind.runs_model(), Instant::now())
-            .map_err(|refused| {
+        use crate::access::shared::Refusal;
+        let admitted = match &self.shared {
+            Some(shared) => shared.admit(team, kind.runs_model()).await,
+            None => self
+                .limiter
+                .admit(team, kind.runs_model(), Instant::now())
+                .map_err(Refusal::Limited),
+        };
+        admitted.map_err(|refusal| match refusal {
+            Refusal::Limited(refused) => {
                 ctx.outcome.rate_limited = Some(refused.limit);
                 GatewayError::RateLimited {
                     message: refused.message(team),
                     retry_after_secs: refused.retry_after.as_secs_f64().ceil() as u64,
                 }
-            })
+            }
+            Refusal::StoreDown => self.full(Full::StateStore),
+        })
     }
 
     /// The gateway holds as much as it may: 503, counted by reason.
@@ -269,16 +278,24 @@ pub(crate) enum Full {
     Requests,
     RequestsPerIp,
     BodyMemory,
+    /// The shared state store failed and `state.on_store_error = "deny"`.
+    StateStore,
 }
 
 impl Full {
-    pub(crate) const ALL: [Full; 3] = [Full::Requests, Full::RequestsPerIp, Full::BodyMemory];
+    pub(crate) const ALL: [Full; 4] = [
+        Full::Requests,
+        Full::RequestsPerIp,
+        Full::BodyMemory,
+        Full::StateStore,
+    ];
 
     pub(crate) fn label(self) -> &'static str {
         match self {
             Full::Requests => "max_requests",
             Full::RequestsPerIp => "max_requests_per_ip",
             Full::BodyMemory => "body_memory",
+            Full::StateStore => "state_store",
         }
     }
 
@@ -292,6 +309,9 @@ impl Full {
             }
             Full::BodyMemory => {
                 "the gateway holds as many request bodies as it may at once; try again shortly"
+            }
+            Full::StateStore => {
+                "the gateway cannot check its shared limits right now; try again shortly"
             }
         }
     }

@@ -46,6 +46,8 @@ pub(crate) struct Gateway {
     pub(crate) access: Arc<AccessHandle>,
     pub(crate) limits: ClientLimits,
     pub(crate) limiter: Arc<Limiter>,
+    /// The team limits in the shared store (`[state]`), when one is configured.
+    pub(crate) shared: Option<Arc<crate::access::shared::SharedLimits>>,
     /// Requests in flight (`server.max_requests`, `server.max_requests_per_ip`).
     pub(crate) requests: Arc<Counter>,
     /// Request bodies held in memory (`server.max_body_memory`).

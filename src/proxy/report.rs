@@ -93,8 +93,12 @@ impl Gateway {
         }
         // Token limits charge what was actually used, now that it is known.
         if let Some(caller) = &ctx.admission.caller {
-            self.limiter
-                .charge(&caller.team, usage.total(), std::time::Instant::now());
+            match &self.shared {
+                Some(shared) => shared.charge(&caller.team, usage.total()),
+                None => self
+                    .limiter
+                    .charge(&caller.team, usage.total(), std::time::Instant::now()),
+            }
         }
 
         let path = logged_path(req.raw_path(), ctx.admission.route.is_some());

@@ -8,6 +8,7 @@
 use crate::access::auth::AuthFailure;
 use crate::access::caps::{Budget, Caps, Counter};
 use crate::access::limits::Limiter;
+use crate::access::shared::{SharedLimits, StoreKeeper};
 use crate::access::{Access, AccessHandle};
 use crate::config::{Config, Source};
 use crate::proxy::Traffic;
@@ -91,6 +92,22 @@ pub(crate) fn prepare(source: Source, cfg: Config) -> Result<Prepared, StartErro
         }),
         _ => Err(StartError(problems)),
     }
+}
+
+/// The shared store's URL: `state.store`, or the contents of `state.store_file`; `None` for
+/// `local`.
+fn state_store_url(cfg: &crate::config::StateConfig) -> Result<Option<String>, String> {
+    if !cfg.store_file.as_os_str().is_empty() {
+        let text = std::fs::read_to_string(&cfg.store_file).map_err(|e| {
+            format!("state.store_file = \"{}\": cannot read it ({e})", cfg.store_file.display())
+        })?;
+        let url = text.trim().to_string();
+        return match crate::config::state_url_problem(&url) {
+            Some(why) => Err(format!("state.store_file = \"{}\": {why}", cfg.store_file.display())),
+            None => Ok(Some(url)),
+        };
+    }
+    Ok(cfg.shared().then(|| cfg.store.clone()))
 }
 
 /// Socket buffers of a client connection. pingora puts a 64 KiB read buffer under every
@@ -214,6 +231,17 @@ pub(crate) fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
             "server.max_body_memory is less than server.max_body: using max_body, so one body of the largest size can be read"
         );
     }
+    let limiter = Arc::new(Limiter::default());
+    let shared = match state_store_url(&cfg.state) {
+        Ok(Some(url)) => Some(SharedLimits::new(
+            url,
+            cfg.state.clone(),
+            limiter.clone(),
+            metrics.clone(),
+        )),
+        Ok(None) => None,
+        Err(e) => return Err(StartError(vec![e])),
+    };
     let gateway = Gateway {
         pins: pins.clone(),
         metrics: metrics.clone(),
@@ -225,7 +253,8 @@ pub(crate) fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
             body_timeout: cfg.server.body_timeout.0,
             header_timeout: cfg.server.header_timeout.0,
         },
-        limiter: Arc::new(Limiter::default()),
+        limiter: limiter.clone(),
+        shared: shared.clone(),
         requests: Counter::new(Caps {
             total: cfg.server.max_requests,
             per_ip: cfg.server.requests_per_ip(),
@@ -321,6 +350,9 @@ pub(crate) fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
     };
     server.add_service(background_service("drain", drainer));
     server.add_service(background_service("config reload", reloader));
+    if let Some(shared) = shared {
+        server.add_service(background_service("state store", StoreKeeper(shared)));
+    }
     server.add_service(background_service(
         "memory trim",
         crate::runtime::memory::Trimmer,

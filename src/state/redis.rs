@@ -37,7 +37,7 @@ pub(crate) enum Admitted {
 pub(crate) struct Ask<'a> {
     pub(crate) team: &'a str,
     pub(crate) rpm: u32,
-    pub(crate) tpm: u32,
+    pub(crate) tpm: u64,
     pub(crate) max_concurrent: u32,
     pub(crate) inference: bool,
     pub(crate) lease: &'a str,
@@ -122,7 +122,7 @@ impl RedisStore {
     }
 
     /// Charges the tokens a finished answer used.
-    pub(crate) async fn charge(&self, team: &str, tpm: u32, tokens: u64) -> Result<(), StoreError> {
+    pub(crate) async fn charge(&self, team: &str, tpm: u64, tokens: u64) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         let mut inv = self.charge.prepare_invoke();
         inv.key(self.key(team, "tpm")).arg(tpm).arg(tokens);

@@ -48,6 +48,9 @@ pub(crate) struct Metrics {
     pub(crate) handshake_failures: IntCounterVec,
     pub(crate) requests_refused: IntCounterVec,
     pub(crate) body_memory: IntGauge,
+    pub(crate) store_up: IntGauge,
+    pub(crate) store_errors: IntCounterVec,
+    pub(crate) store_seconds: HistogramVec,
     known_models: RwLock<KnownModels>,
 }
 
@@ -295,6 +298,26 @@ impl Metrics {
             handshake_failures,
             requests_refused,
             body_memory,
+            store_up: register(
+                &r,
+                IntGauge::new(
+                    "corral_state_store_up",
+                    "1 while the shared state store ([state]) answers, else 0 (always 0 with store = \"local\").",
+                ),
+            ),
+            store_errors: counter(
+                &r,
+                "corral_state_store_errors_total",
+                "Failed calls to the shared state store, by operation (connect, admit, charge, refund, renew, release).",
+                &["op"],
+            ),
+            store_seconds: histogram(
+                &r,
+                "corral_state_store_seconds",
+                "Time of calls to the shared state store, by operation.",
+                &["op"],
+                &[0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0],
+            ),
             known_models: RwLock::new(KnownModels {
                 config: config_models(cfg),
                 upstream: HashMap::new(),

@@ -18,6 +18,7 @@ mod preload;
 mod resilience;
 mod routes;
 mod soak;
+mod state;
 mod streaming;
 mod tls;
 mod upgrade;
