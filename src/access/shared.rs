@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 const LEASE_TTL: Duration = Duration::from_secs(30);
 /// Live leases are renewed this often.
 const RENEW_EVERY: Duration = Duration::from_secs(10);
+/// Revocations recorded in the store are read this often.
+const REVOKED_EVERY: Duration = Duration::from_secs(1);
 /// A store that fails is reported in the log at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
@@ -44,6 +46,9 @@ pub(crate) struct SharedLimits {
     /// This process's part of every lease id.
     instance: String,
     warned: Mutex<Option<Instant>>,
+    /// Key ids revoked through the store, as last read (they stay revoked until restart, like
+    /// ids removed from the file: a store that loses its data un-revokes nothing).
+    revoked: RwLock<std::collections::HashSet<String>>,
 }
 
 /// What a request holds in the store: its charge (refunded if refused) and its lease.
@@ -103,6 +108,7 @@ impl SharedLimits {
             next_lease: AtomicU64::new(0),
             instance: id.iter().map(|b| format!("{b:02x}")).collect(),
             warned: Mutex::default(),
+            revoked: RwLock::default(),
         })
     }
 
@@ -232,6 +238,28 @@ impl SharedLimits {
         });
     }
 
+    /// Whether a key id was revoked through the store.
+    pub(crate) fn is_revoked(&self, id: &str) -> bool {
+        self.revoked
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(id)
+    }
+
+    /// Reads the revoked ids again (every second).
+    async fn refresh_revoked(&self) {
+        let Some(store) = self.store() else {
+            return;
+        };
+        let started = Instant::now();
+        let ids = store.revoked().await;
+        self.observe("revoked", started, ids.as_ref().err());
+        if let Ok(ids) = ids {
+            let mut revoked = self.revoked.write().unwrap_or_else(|e| e.into_inner());
+            revoked.extend(ids);
+        }
+    }
+
     /// Connects to the store until it answers.
     async fn connect(&self) -> bool {
         match RedisStore::connect(&self.url, &self.cfg.key_prefix, self.cfg.timeout.0).await {
@@ -279,11 +307,16 @@ impl BackgroundService for StoreKeeper {
             }
             wait = (wait * 2).min(Duration::from_secs(5));
         }
+        let mut renewed = Instant::now();
         loop {
-            if !crate::clock::pause(RENEW_EVERY, &mut shutdown).await {
+            self.0.refresh_revoked().await;
+            if renewed.elapsed() >= RENEW_EVERY {
+                renewed = Instant::now();
+                self.0.renew_all().await;
+            }
+            if !crate::clock::pause(REVOKED_EVERY, &mut shutdown).await {
                 return;
             }
-            self.0.renew_all().await;
         }
     }
 }

@@ -138,6 +138,24 @@ enum KeysCommand {
     },
 }
 
+/// Records a revoked key id in the shared state store.
+fn record_revocation(url: &str, prefix: &str, id: &str) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    runtime.block_on(async {
+        let timeout = std::time::Duration::from_secs(5);
+        let store = crate::state::redis::RedisStore::connect(url, prefix, timeout)
+            .await
+            .map_err(|e| format!("state store {}: {e}", crate::config::redact_store_url(url)))?;
+        store
+            .revoke(id)
+            .await
+            .map_err(|e| format!("state store {}: {e}", crate::config::redact_store_url(url)))
+    })
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -308,6 +326,17 @@ fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {
             } else {
                 arg
             };
+            // With a configuration that names a shared store, the id goes there too.
+            let shared_cfg = match (&file, &config) {
+                (Some(_), None) => None,
+                _ => Config::load(&Source::locate(config.as_deref())).ok(),
+            };
+            let store_url = shared_cfg.as_ref().and_then(|c| {
+                crate::runtime::server::state_store_url(&c.state)
+                    .ok()
+                    .flatten()
+            });
+            let prefix = shared_cfg.map_or_else(String::new, |c| c.state.key_prefix);
             let list = match file {
                 Some(f) => f,
                 None => {
@@ -337,6 +366,13 @@ fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {
                 eprintln!("revoked key {id} in {shown}");
             } else {
                 eprintln!("key {id} was already revoked in {shown}");
+            }
+            if let Some(url) = store_url {
+                record_revocation(&url, &prefix, &id)?;
+                eprintln!(
+                    "recorded in the state store {}: every gateway that shares it refuses the key within a second",
+                    crate::config::redact_store_url(&url)
+                );
             }
             match kubernetes {
                 None => eprintln!(

@@ -77,6 +77,14 @@ impl Gateway {
             let (identity, team) = access
                 .authenticate(&key, crate::clock::unix_now())
                 .map_err(|failure| refuse(ctx, failure, Some(&key)))?;
+            // Revoked through the shared store (`corral keys revoke` on any replica).
+            if self
+                .shared
+                .as_ref()
+                .is_some_and(|s| s.is_revoked(&identity.key_id))
+            {
+                return Err(refuse(ctx, AuthFailure::Revoked, Some(&key)));
+            }
             // The team's limits, before its body is read: a team over them makes corral hold
             // nothing. The charge is refunded if the request is refused below.
             let slot = self.limit(ctx, &team, kind).await;

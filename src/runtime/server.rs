@@ -96,14 +96,20 @@ pub(crate) fn prepare(source: Source, cfg: Config) -> Result<Prepared, StartErro
 
 /// The shared store's URL: `state.store`, or the contents of `state.store_file`; `None` for
 /// `local`.
-fn state_store_url(cfg: &crate::config::StateConfig) -> Result<Option<String>, String> {
+pub(crate) fn state_store_url(cfg: &crate::config::StateConfig) -> Result<Option<String>, String> {
     if !cfg.store_file.as_os_str().is_empty() {
         let text = std::fs::read_to_string(&cfg.store_file).map_err(|e| {
-            format!("state.store_file = \"{}\": cannot read it ({e})", cfg.store_file.display())
+            format!(
+                "state.store_file = \"{}\": cannot read it ({e})",
+                cfg.store_file.display()
+            )
         })?;
         let url = text.trim().to_string();
         return match crate::config::state_url_problem(&url) {
-            Some(why) => Err(format!("state.store_file = \"{}\": {why}", cfg.store_file.display())),
+            Some(why) => Err(format!(
+                "state.store_file = \"{}\": {why}",
+                cfg.store_file.display()
+            )),
             None => Ok(Some(url)),
         };
     }

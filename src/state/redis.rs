@@ -158,6 +158,32 @@ impl RedisStore {
             .map(|had| had == 1)
     }
 
+    /// Records a revoked key id; every replica reads the set (see [`revoked`](Self::revoked)).
+    pub(crate) async fn revoke(&self, id: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let key = format!("{}revoked", self.prefix);
+        self.deadline(
+            redis::cmd("SADD")
+                .arg(key)
+                .arg(id)
+                .query_async::<i64>(&mut conn),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Every key id revoked through the store.
+    pub(crate) async fn revoked(&self) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        let key = format!("{}revoked", self.prefix);
+        self.deadline(
+            redis::cmd("SMEMBERS")
+                .arg(key)
+                .query_async::<Vec<String>>(&mut conn),
+        )
+        .await
+    }
+
     /// Lets a finished request's lease go.
     pub(crate) async fn release(&self, team: &str, lease: &str) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();

@@ -134,3 +134,37 @@ async fn a_dead_store_does_what_on_store_error_says_and_nothing_hangs() {
         assert!(metric_sum(&m, "corral_state_store_errors_total", &[("op", "admit")]) >= 1.0);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_revoked_on_one_replica_is_refused_by_the_other_within_a_second() {
+    let (_double, _redis, a, b) = two_replicas(OnStoreError::Local).await;
+    let key = a.issue("limited", None, None);
+    assert_eq!(chat(&b, &key).await.0, 200);
+    // The operator revokes it with replica a's configuration (its own list, and the store).
+    let out = Command::new(corral_bin())
+        .args(["keys", "revoke", &key, "--config"])
+        .arg(a.dir.path().join("corral.toml"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("recorded in the state store"), "{said}");
+    assert!(!said.contains(&key), "the key itself is never printed");
+    let revoked_at = Instant::now();
+    wait_for_async(Duration::from_secs(5), "b refuses the key", || async {
+        (chat(&b, &key).await.0 == 401).then_some(())
+    })
+    .await;
+    assert!(
+        revoked_at.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        revoked_at.elapsed()
+    );
+    let line = wait_for(Duration::from_secs(10), "the refusal logged", || {
+        b.access_log()
+            .into_iter()
+            .rev()
+            .find(|l| l["status"] == 401)
+    });
+    assert_eq!(line["auth_failure"], "revoked");
+}
