@@ -15,11 +15,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-/// A lease lives this long without renewal: a replica killed with SIGKILL frees its requests'
-/// places within it.
-const LEASE_TTL: Duration = Duration::from_secs(30);
-/// Live leases are renewed this often.
-const RENEW_EVERY: Duration = Duration::from_secs(10);
 /// Revocations recorded in the store are read this often.
 const REVOKED_EVERY: Duration = Duration::from_secs(1);
 /// A store that fails is reported in the log at most this often.
@@ -181,7 +176,7 @@ impl SharedLimits {
             max_concurrent: team.max_concurrent,
             inference,
             lease: lease.as_deref().unwrap_or(""),
-            lease_ttl: LEASE_TTL,
+            lease_ttl: self.cfg.lease_ttl.0,
         };
         let started = Instant::now();
         let answer = match self.store() {
@@ -288,7 +283,7 @@ impl SharedLimits {
             .collect();
         for (lease, team) in live {
             let started = Instant::now();
-            let result = store.renew(&team, &lease, LEASE_TTL).await;
+            let result = store.renew(&team, &lease, self.cfg.lease_ttl.0).await;
             self.observe("renew", started, result.as_ref().err());
         }
     }
@@ -310,7 +305,8 @@ impl BackgroundService for StoreKeeper {
         let mut renewed = Instant::now();
         loop {
             self.0.refresh_revoked().await;
-            if renewed.elapsed() >= RENEW_EVERY {
+            // Three renewals per lease time: one lost call never costs a live request its place.
+            if renewed.elapsed() >= self.0.cfg.lease_ttl.0 / 3 {
                 renewed = Instant::now();
                 self.0.renew_all().await;
             }

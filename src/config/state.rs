@@ -21,6 +21,9 @@ pub struct StateConfig {
     pub key_prefix: String,
     /// Deadline of one store call: a slow store must not stall requests.
     pub timeout: HumanDuration,
+    /// How long a request's place (`max_concurrent`) outlives a replica that stopped renewing
+    /// it (killed with SIGKILL); live requests renew theirs three times as often.
+    pub lease_ttl: HumanDuration,
 }
 
 fn is_empty_path(p: &std::path::Path) -> bool {
@@ -35,6 +38,7 @@ impl Default for StateConfig {
             on_store_error: OnStoreError::Local,
             key_prefix: "corral:".into(),
             timeout: HumanDuration(std::time::Duration::from_millis(50)),
+            lease_ttl: HumanDuration::secs(30),
         }
     }
 }
@@ -86,6 +90,13 @@ impl StateConfig {
             problems.push(Problem::new(
                 "state.timeout",
                 "must be more than 0 and at most 5s (every admission may wait this long)",
+            ));
+        }
+        let ttl = self.lease_ttl.0;
+        if ttl < std::time::Duration::from_secs(3) || ttl > std::time::Duration::from_secs(300) {
+            problems.push(Problem::new(
+                "state.lease_ttl",
+                "must be between 3s and 5m (30s: a killed replica's places are free within 30 s)",
             ));
         }
         let prefix_ok = !self.key_prefix.is_empty()

@@ -45,11 +45,24 @@ fn replica_config(double: &OllamaDouble, redis: &Redis, on_error: OnStoreError) 
     let mut cfg = test_config(&double.url());
     cfg.state.store = redis.url();
     cfg.state.on_store_error = on_error;
+    cfg.state.lease_ttl = corral::config::HumanDuration::secs(3);
+    // Exact counts must not depend on how busy this machine is: a call that misses its deadline
+    // takes the on_store_error path. Deployments keep the 50 ms default.
+    cfg.state.timeout = corral::config::HumanDuration::secs(1);
     cfg.teams.insert(
         "limited".into(),
         TeamConfig {
             models: vec!["*".into()],
             rpm: 10,
+            ..Default::default()
+        },
+    );
+    cfg.teams.insert(
+        "one".into(),
+        TeamConfig {
+            models: vec!["*".into()],
+            max_concurrent: 1,
+            tpm: 600,
             ..Default::default()
         },
     );
@@ -75,6 +88,27 @@ async fn two_replicas(on_error: OnStoreError) -> (OllamaDouble, Redis, Corral, C
     (double, redis, a, b)
 }
 
+/// A stream through `corral` with its first chunk read: it holds the team's place from then on.
+async fn stream(corral: &Corral, key: &str) -> reqwest::Response {
+    let mut resp = corral
+        .anonymous_client()
+        .post(format!("{}/api/chat", corral.base()))
+        .bearer_auth(key)
+        .json(&json!({"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(next_chunk(&mut resp).await.is_some());
+    resp
+}
+
+/// The requests an rpm of 10 admits over `elapsed`: a minute's allowance, then one every 6 s
+/// (the bucket refills continuously). Exact counts would depend on this machine's speed.
+fn ten_a_minute(elapsed: Duration) -> std::ops::RangeInclusive<u32> {
+    10..=10 + (elapsed.as_secs_f64() / 6.0).ceil() as u32
+}
+
 async fn chat(corral: &Corral, key: &str) -> (u16, Duration) {
     let started = Instant::now();
     let status = corral
@@ -94,6 +128,7 @@ async fn chat(corral: &Corral, key: &str) -> (u16, Duration) {
 async fn two_replicas_admit_exactly_a_teams_rpm_between_them() {
     let (_double, _redis, a, b) = two_replicas(OnStoreError::Local).await;
     let key = a.issue("limited", None, None);
+    let started = Instant::now();
     let mut ok = 0;
     for i in 0..30 {
         let replica = if i % 2 == 0 { &a } else { &b };
@@ -103,7 +138,11 @@ async fn two_replicas_admit_exactly_a_teams_rpm_between_them() {
             other => panic!("unexpected {other}"),
         }
     }
-    assert_eq!(ok, 10, "rpm = 10 across both replicas, not 10 each");
+    let allowed = ten_a_minute(started.elapsed());
+    assert!(
+        allowed.contains(&ok),
+        "rpm = 10 across both replicas, not 10 each: {ok}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,8 +156,12 @@ async fn a_dead_store_does_what_on_store_error_says_and_nothing_hangs() {
         let key = a.issue("limited", None, None);
         drop(redis);
         let (status, took) = chat(&a, &key).await;
+        let started = Instant::now();
         assert_eq!(status, expect, "{mode:?}");
-        assert!(took < Duration::from_secs(2), "{mode:?} took {took:?}");
+        assert!(
+            took < Duration::from_secs(3),
+            "{mode:?} took {took:?}: past the deadline"
+        );
         // The local fallback still limits: 10 a minute on this replica.
         if mode == OnStoreError::Local {
             let mut ok = 1;
@@ -127,7 +170,8 @@ async fn a_dead_store_does_what_on_store_error_says_and_nothing_hangs() {
                     ok += 1;
                 }
             }
-            assert_eq!(ok, 10, "this replica's own rpm");
+            let allowed = ten_a_minute(took + started.elapsed());
+            assert!(allowed.contains(&ok), "this replica's own rpm: {ok}");
         }
         let m = a.metrics().await;
         assert_eq!(metric_sum(&m, "corral_state_store_up", &[]), 0.0);
@@ -167,4 +211,116 @@ async fn a_key_revoked_on_one_replica_is_refused_by_the_other_within_a_second() 
             .find(|l| l["status"] == 401)
     });
     assert_eq!(line["auth_failure"], "revoked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn places_are_shared_a_killed_replica_frees_them_and_a_live_stream_keeps_its_own() {
+    let (double, _redis, mut a, b) = two_replicas(OnStoreError::Deny).await;
+    let key = a.issue("one", None, None);
+    // 12 tokens, 600 ms apart: a stream of about 7 s, more than twice the lease time.
+    double.set_token_delay(Duration::from_millis(600));
+    let held = stream(&a, &key).await;
+    assert_eq!(
+        chat(&b, &key).await.0,
+        429,
+        "max_concurrent = 1 across both"
+    );
+    // Replica a dies without a word: its place lapses within the lease time.
+    a.child.kill().unwrap();
+    drop(held);
+    let killed = Instant::now();
+    let mut live = wait_for_async(Duration::from_secs(10), "the place freed", || async {
+        let mut resp = b
+            .anonymous_client()
+            .post(format!("{}/api/chat", b.base()))
+            .bearer_auth(&key)
+            .json(&json!({"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        if resp.status() != 200 {
+            return None;
+        }
+        next_chunk(&mut resp).await.map(|_| resp)
+    })
+    .await;
+    assert!(
+        killed.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        killed.elapsed()
+    );
+    // The live stream on b outlives its lease time: renewed, never lost, never cut.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        assert_eq!(
+            chat(&b, &key).await.0,
+            429,
+            "the stream still holds the place"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (_, complete) = rest_text(&mut live).await;
+    assert!(complete, "the stream was never cut");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_used_through_one_replica_count_on_the_other() {
+    let (_double, _redis, a, b) = two_replicas(OnStoreError::Deny).await;
+    let key = a.issue("one", None, None);
+    // 600 tokens a minute; each answer here is 13 (1 prompt, 12 completion). Replica a uses
+    // them all up.
+    let mut answered = 0;
+    while chat(&a, &key).await.0 == 200 {
+        answered += 1;
+        assert!(answered < 100, "tpm never ran out");
+    }
+    assert!(answered >= 40, "{answered}");
+    // Replica b has served nothing, yet the team has nothing left there either.
+    assert_eq!(chat(&b, &key).await.0, 429, "b knows what a used");
+    let m = b.metrics().await;
+    assert!(
+        metric_sum(
+            &m,
+            "corral_rate_limited_total",
+            &[("team", "one"), ("limit", "tpm")]
+        ) >= 1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_limits_come_back_with_the_store() {
+    let (_double, redis, a, b) = two_replicas(OnStoreError::Allow).await;
+    let key = a.issue("limited", None, None);
+    let port = redis.port;
+    drop(redis);
+    assert_eq!(
+        chat(&a, &key).await.0,
+        200,
+        "allow: no limit while it is down"
+    );
+    // The store is back (empty, as after a restart without persistence).
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _redis = Redis { child, port };
+    for replica in [&a, &b] {
+        wait_for_async(Duration::from_secs(20), "limits shared again", || async {
+            let m = replica.metrics().await;
+            (metric_sum(&m, "corral_state_store_up", &[]) == 1.0).then_some(())
+        })
+        .await;
+    }
+    let started = Instant::now();
+    let mut ok = 0;
+    for i in 0..30 {
+        let replica = if i % 2 == 0 { &a } else { &b };
+        if chat(replica, &key).await.0 == 200 {
+            ok += 1;
+        }
+    }
+    let allowed = ten_a_minute(started.elapsed());
+    assert!(allowed.contains(&ok), "rpm = 10 across both again: {ok}");
 }
