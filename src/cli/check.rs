@@ -69,8 +69,38 @@ pub(crate) fn run(source: &Source, upstream: bool) -> Vec<Finding> {
     }
     if upstream {
         out.extend(check_upstream(&cfg));
+        out.extend(check_store(&cfg));
     }
     out
+}
+
+/// Asks the shared state store (`[state]`) whether it answers.
+fn check_store(cfg: &Config) -> Vec<Finding> {
+    let url = match crate::runtime::server::state_store_url(&cfg.state) {
+        Ok(Some(url)) => url,
+        Ok(None) => return vec![],
+        Err(e) => return vec![Finding::Error(e)],
+    };
+    let shown = crate::config::redact_store_url(&url);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return vec![Finding::Error(format!("cannot start a runtime: {e}"))],
+    };
+    let connected = runtime.block_on(crate::state::redis::RedisStore::connect(
+        &url,
+        &cfg.state.key_prefix,
+        Duration::from_secs(3),
+    ));
+    vec![match connected {
+        Ok(_) => Finding::Ok(format!("state store {shown} answers")),
+        Err(e) => Finding::Error(format!(
+            "state store {shown}: {e} (replicas fall back to state.on_store_error = {:?} while it is down)",
+            cfg.state.on_store_error
+        )),
+    }]
 }
 
 /// Asks every node: the one `upstream.url`, each of `upstream.nodes`, or every address

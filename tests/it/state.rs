@@ -324,3 +324,30 @@ async fn shared_limits_come_back_with_the_store() {
     let allowed = ten_a_minute(started.elapsed());
     assert!(allowed.contains(&ok), "rpm = 10 across both again: {ok}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_asks_the_store() {
+    let (_double, redis, a, _b) = two_replicas(OnStoreError::Local).await;
+    let config = a.dir.path().join("corral.toml");
+    let check = || {
+        let out = Command::new(corral_bin())
+            .args(["check", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, report) = check();
+    assert!(ok, "{report}");
+    assert!(
+        report.contains(&format!("state store {} answers", redis.url())),
+        "{report}"
+    );
+    drop(redis);
+    let (ok, report) = check();
+    assert!(!ok, "{report}");
+    assert!(report.contains("on_store_error"), "{report}");
+}
