@@ -31,21 +31,32 @@ enum Target {
     Corral,
     /// corral with three nodes.
     Pool,
+    /// corral with its team limits in a local Redis (`[state]`).
+    Shared,
     Nginx,
 }
 
-const TARGETS: [Target; 4] = [Target::Direct, Target::Corral, Target::Pool, Target::Nginx];
-const GATEWAYS: [Target; 3] = [Target::Corral, Target::Pool, Target::Nginx];
+const TARGETS: [Target; 5] = [
+    Target::Direct,
+    Target::Corral,
+    Target::Pool,
+    Target::Shared,
+    Target::Nginx,
+];
+const GATEWAYS: [Target; 4] = [Target::Corral, Target::Pool, Target::Shared, Target::Nginx];
 
 struct Stack {
     dir: PathBuf,
     double: Child,
     corral: Child,
     pool: Child,
+    shared: Child,
+    redis: Child,
     nginx: Child,
     double_port: u16,
     corral_port: u16,
     pool_port: u16,
+    shared_port: u16,
     nginx_port: u16,
     key: String,
     ca_pem: String,
@@ -57,6 +68,7 @@ impl Stack {
             Target::Direct => format!("http://127.0.0.1:{}{path}", self.double_port),
             Target::Corral => format!("https://localhost:{}{path}", self.corral_port),
             Target::Pool => format!("https://localhost:{}{path}", self.pool_port),
+            Target::Shared => format!("https://localhost:{}{path}", self.shared_port),
             Target::Nginx => format!("https://localhost:{}{path}", self.nginx_port),
         }
     }
@@ -67,6 +79,7 @@ impl Stack {
             Target::Direct => vec![self.double.id()],
             Target::Corral => vec![self.corral.id()],
             Target::Pool => vec![self.pool.id()],
+            Target::Shared => vec![self.shared.id()],
             Target::Nginx => {
                 let out = Command::new("pgrep")
                     .args(["-P", &self.nginx.id().to_string()])
@@ -101,6 +114,8 @@ impl Drop for Stack {
         for c in [
             &mut self.corral,
             &mut self.pool,
+            &mut self.shared,
+            &mut self.redis,
             &mut self.nginx,
             &mut self.double,
         ] {
@@ -209,6 +224,9 @@ verify_keys = ["{public}"]
 revoked_file = "revoked.txt"
 [teams.bench]
 models = ["*"]
+# A limit that never bites, so every request is admitted against it (in the store, for the
+# corral+redis column).
+rpm = 100000000
 [log]
 format = "json"
 level = "warn"
@@ -258,6 +276,38 @@ level = "warn"
         .spawn()
         .unwrap();
     wait_port(pool_port, "corral with a pool");
+
+    // The same corral with its team limits in a local Redis.
+    let redis_port = free_port();
+    let redis_bin =
+        which("redis-server").expect("redis-server is needed: apt-get install redis-server");
+    let redis = Command::new(redis_bin)
+        .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_port(redis_port, "redis-server");
+    let (shared_port, shared_metrics_port) = (free_port(), free_port());
+    let with_store = single
+        .replace(
+            &format!("127.0.0.1:{corral_port}"),
+            &format!("127.0.0.1:{shared_port}"),
+        )
+        .replace(
+            &format!("127.0.0.1:{metrics_port}"),
+            &format!("127.0.0.1:{shared_metrics_port}"),
+        )
+        + &format!("[state]\nstore = \"redis://127.0.0.1:{redis_port}/0\"\n");
+    std::fs::write(dir.join("shared.toml"), with_store).unwrap();
+    let shared = Command::new(corral_bin)
+        .args(["serve", "--config"])
+        .arg(dir.join("shared.toml"))
+        .stdout(std::fs::File::create(dir.join("shared-access.log")).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_port(shared_port, "corral with a shared store");
 
     // The recipe most Ollama users run today.
     let d = dir.display();
@@ -328,10 +378,13 @@ http {{
         double,
         corral,
         pool,
+        shared,
+        redis,
         nginx,
         double_port,
         corral_port,
         pool_port,
+        shared_port,
         nginx_port,
         key,
         ca_pem: ca.cert_pem(),
@@ -489,7 +542,7 @@ fn median(v: &mut [f64]) -> f64 {
 /// Figures per target, kept per round.
 #[derive(Default)]
 struct Results {
-    rows: Vec<(String, [Vec<f64>; 4], bool)>,
+    rows: Vec<(String, [Vec<f64>; 5], bool)>,
 }
 
 impl Results {
@@ -498,7 +551,7 @@ impl Results {
         match self.rows.iter_mut().find(|(r, _, _)| r == row) {
             Some((_, v, _)) => v[i].push(value),
             None => {
-                let mut v: [Vec<f64>; 4] = Default::default();
+                let mut v: [Vec<f64>; 5] = Default::default();
                 v[i].push(value);
                 self.rows.push((row.to_string(), v, higher_is_better));
             }
@@ -507,15 +560,17 @@ impl Results {
 
     fn print(&mut self) {
         println!(
-            "\n{:<44} {:>10} {:>10} {:>10} {:>10} {:>14} {:>13} {:>12}",
+            "\n{:<44} {:>10} {:>10} {:>10} {:>12} {:>10} {:>14} {:>13} {:>12} {:>13}",
             "",
             "direct",
             "corral",
             "pool of 3",
+            "corral+redis",
             "nginx",
             "corral/direct",
             "corral/nginx",
-            "pool/corral"
+            "pool/corral",
+            "redis/corral"
         );
         for (row, values, _) in &mut self.rows {
             let m: Vec<f64> = values.iter_mut().map(|v| median(v)).collect();
@@ -536,15 +591,17 @@ impl Results {
                 }
             };
             println!(
-                "{:<44} {:>10} {:>10} {:>10} {:>10} {:>14} {:>13} {:>12}",
+                "{:<44} {:>10} {:>10} {:>10} {:>12} {:>10} {:>14} {:>13} {:>12} {:>13}",
                 row,
                 cell(m[0]),
                 cell(m[1]),
                 cell(m[2]),
                 cell(m[3]),
+                cell(m[4]),
                 ratio(m[1], m[0]),
-                ratio(m[1], m[3]),
-                ratio(m[2], m[1])
+                ratio(m[1], m[4]),
+                ratio(m[2], m[1]),
+                ratio(m[3], m[1])
             );
         }
     }
@@ -671,7 +728,10 @@ fn main() {
     );
     println!("direct: plain HTTP to the Ollama double; corral and nginx: TLS (HTTP/1.1, keep-alive), key check, access log;");
     println!(
-        "pool of 3: corral with three nodes (the same double), each request routed among them"
+        "pool of 3: corral with three nodes (the same double), each request routed among them;"
+    );
+    println!(
+        "corral+redis: team limits in a local redis-server ([state]), one store call per admission"
     );
     results.print();
 }
