@@ -11,6 +11,7 @@
 //!   [`upstream`]: the Ollama nodes (the pool, routing, probes, discovery, pinned models, pulls);
 //!   [`usage`]: token usage
 //!   and stream completeness read from responses
+//! - [`state`]: the store replicas share (Redis/Valkey): limit scripts, leases, revocations
 //! - [`api`]: the route table and the one error type, in each caller's dialect
 //! - [`config`]: typed, validated configuration, one file per section; [`telemetry`]: access
 //!   log, operational log, metrics; [`ollama`]: protocol facts shared with the double; [`clock`]
