@@ -91,8 +91,15 @@ impl SharedLimits {
         local: Arc<Limiter>,
         metrics: Arc<Metrics>,
     ) -> Arc<SharedLimits> {
+        // Lease ids must differ between replicas: random, else the clock and the process id.
         let mut id = [0u8; 6];
-        let _ = getrandom::fill(&mut id);
+        if getrandom::fill(&mut id).is_err() {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            let mixed = nanos ^ (u64::from(std::process::id()) << 32);
+            id.copy_from_slice(&mixed.to_le_bytes()[..6]);
+        }
         Arc::new(SharedLimits {
             url,
             cfg,
@@ -209,14 +216,29 @@ impl SharedLimits {
                 },
                 retry_after: Duration::from_millis(retry_after_ms),
             })),
-            Err(_) => match self.cfg.on_store_error {
-                OnStoreError::Local => self
-                    .local
-                    .admit(team, inference, Instant::now())
-                    .map_err(Refusal::Limited),
-                OnStoreError::Deny => Err(Refusal::StoreDown),
-                OnStoreError::Allow => Ok(Slot::free()),
-            },
+            Err(_) => {
+                // The script may have run after all (the answer came too late): its lease would
+                // hold a place for nothing until it lapses.
+                if let Some(lease) = lease {
+                    let team = team.name.clone();
+                    self.spawn("release", move |store| async move {
+                        store.release(&team, &lease).await
+                    });
+                }
+                self.fallback(team, inference)
+            }
+        }
+    }
+
+    /// Admission while the store fails, as `on_store_error` says.
+    fn fallback(&self, team: &Team, inference: bool) -> Result<Slot, Refusal> {
+        match self.cfg.on_store_error {
+            OnStoreError::Local => self
+                .local
+                .admit(team, inference, Instant::now())
+                .map_err(Refusal::Limited),
+            OnStoreError::Deny => Err(Refusal::StoreDown),
+            OnStoreError::Allow => Ok(Slot::free()),
         }
     }
 
@@ -238,7 +260,7 @@ impl SharedLimits {
         self.revoked
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .contains(id)
+            .contains(&id.to_ascii_lowercase())
     }
 
     /// Reads the revoked ids again (every second).
@@ -251,7 +273,7 @@ impl SharedLimits {
         self.observe("revoked", started, ids.as_ref().err());
         if let Ok(ids) = ids {
             let mut revoked = self.revoked.write().unwrap_or_else(|e| e.into_inner());
-            revoked.extend(ids);
+            revoked.extend(ids.into_iter().map(|id| id.to_ascii_lowercase()));
         }
     }
 
@@ -282,9 +304,18 @@ impl SharedLimits {
             .map(|(l, t)| (l.clone(), t.clone()))
             .collect();
         for (lease, team) in live {
+            // Ended meanwhile: renewing would bring its place back.
+            if !self.lock_leases().contains_key(&lease) {
+                continue;
+            }
             let started = Instant::now();
             let result = store.renew(&team, &lease, self.cfg.lease_ttl.0).await;
             self.observe("renew", started, result.as_ref().err());
+            if result.is_err() {
+                // The store is failing: the next pass tries again, without waiting out one
+                // deadline per live request.
+                return;
+            }
         }
     }
 }
@@ -302,17 +333,21 @@ impl BackgroundService for StoreKeeper {
             }
             wait = (wait * 2).min(Duration::from_secs(5));
         }
-        let mut renewed = Instant::now();
-        loop {
-            self.0.refresh_revoked().await;
-            // Three renewals per lease time: one lost call never costs a live request its place.
-            if renewed.elapsed() >= self.0.cfg.lease_ttl.0 / 3 {
-                renewed = Instant::now();
-                self.0.renew_all().await;
+        // Revocations are read on their own schedule, whatever renewals take.
+        let shared = self.0.clone();
+        let mut revoked_shutdown = shutdown.clone();
+        let revocations = tokio::spawn(async move {
+            loop {
+                shared.refresh_revoked().await;
+                if !crate::clock::pause(REVOKED_EVERY, &mut revoked_shutdown).await {
+                    return;
+                }
             }
-            if !crate::clock::pause(REVOKED_EVERY, &mut shutdown).await {
-                return;
-            }
+        });
+        // Three renewals per lease time: one lost call never costs a live request its place.
+        while crate::clock::pause(self.0.cfg.lease_ttl.0 / 3, &mut shutdown).await {
+            self.0.renew_all().await;
         }
+        revocations.abort();
     }
 }

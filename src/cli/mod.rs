@@ -138,6 +138,37 @@ enum KeysCommand {
     },
 }
 
+/// The revocation list `keys revoke` adds to: `--file`, or the configuration's
+/// `auth.revoked_file` when it is on this machine.
+fn revocation_list(
+    file: Option<PathBuf>,
+    config: Option<&std::path::Path>,
+    id: &str,
+) -> Result<PathBuf, String> {
+    if let Some(f) = file {
+        return Ok(f);
+    }
+    let source = Source::locate(config);
+    let cfg = Config::load(&source).map_err(|e| e.to_string())?;
+    if cfg.auth.revoked_file.as_os_str().is_empty() {
+        return Err(format!(
+            "{}: auth.revoked_file is not set; set it (or give --file) to revoke keys",
+            source.describe()
+        ));
+    }
+    let list = cfg.auth.revoked_file;
+    if list.parent().is_some_and(|d| !d.is_dir()) {
+        return Err(format!(
+            "{}: auth.revoked_file = \"{}\" is where the gateway reads its list, and that folder is not on this machine.\n\
+             If the gateway runs in Kubernetes, revoke into the list its ConfigMap is made from:\n\
+             corral keys revoke {id} --file config/revoked.txt --kubernetes deploy/kubernetes/overlays/production",
+            source.describe(),
+            list.display()
+        ));
+    }
+    Ok(list)
+}
+
 /// Records a revoked key id in the shared state store.
 fn record_revocation(url: &str, prefix: &str, id: &str) -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -326,53 +357,46 @@ fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {
             } else {
                 arg
             };
-            // With a configuration that names a shared store, the id goes there too.
-            let shared_cfg = match (&file, &config) {
-                (Some(_), None) => None,
-                _ => Config::load(&Source::locate(config.as_deref())).ok(),
+            // Key ids are lowercase hex, wherever they are kept.
+            let id = id.to_ascii_lowercase();
+            // With a configuration that names a shared store, the id goes there first: every
+            // replica refuses the key within a second, even where the file cannot be written
+            // (inside a pod, where it is a ConfigMap).
+            let stored = match (&file, &config) {
+                (Some(_), None) => false,
+                _ => match Config::load(&Source::locate(config.as_deref())) {
+                    Ok(cfg) => match crate::runtime::server::state_store_url(&cfg.state)? {
+                        Some(url) => {
+                            record_revocation(&url, &cfg.state.key_prefix, &id)?;
+                            eprintln!(
+                                "recorded in the state store {}: every gateway that shares it refuses the key within a second",
+                                crate::config::redact_store_url(&url)
+                            );
+                            true
+                        }
+                        None => false,
+                    },
+                    // Reported below, where the file is looked for.
+                    Err(_) => false,
+                },
             };
-            let store_url = shared_cfg.as_ref().and_then(|c| {
-                crate::runtime::server::state_store_url(&c.state)
-                    .ok()
-                    .flatten()
-            });
-            let prefix = shared_cfg.map_or_else(String::new, |c| c.state.key_prefix);
-            let list = match file {
-                Some(f) => f,
-                None => {
-                    let source = Source::locate(config.as_deref());
-                    let cfg = Config::load(&source).map_err(|e| e.to_string())?;
-                    if cfg.auth.revoked_file.as_os_str().is_empty() {
-                        return Err(format!(
-                            "{}: auth.revoked_file is not set; set it (or give --file) to revoke keys",
-                            source.describe()
-                        ));
-                    }
-                    let list = cfg.auth.revoked_file;
-                    if list.parent().is_some_and(|d| !d.is_dir()) {
-                        return Err(format!(
-                            "{}: auth.revoked_file = \"{}\" is where the gateway reads its list, and that folder is not on this machine.\n\
-                             If the gateway runs in Kubernetes, revoke into the list its ConfigMap is made from:\n\
-                             corral keys revoke {id} --file config/revoked.txt --kubernetes deploy/kubernetes/overlays/production",
-                            source.describe(),
-                            list.display()
-                        ));
-                    }
-                    list
+            let list = match revocation_list(file, config.as_deref(), &id) {
+                Ok(list) => list,
+                Err(e) if stored => {
+                    eprintln!("warning: {e}\nthe key is refused through the state store; add it to the list too, so it stays revoked if the store is emptied");
+                    return Ok(ExitCode::SUCCESS);
                 }
+                Err(e) => return Err(e),
             };
             let shown = list.display();
-            if keys::revoke(&list, &id)? {
-                eprintln!("revoked key {id} in {shown}");
-            } else {
-                eprintln!("key {id} was already revoked in {shown}");
-            }
-            if let Some(url) = store_url {
-                record_revocation(&url, &prefix, &id)?;
-                eprintln!(
-                    "recorded in the state store {}: every gateway that shares it refuses the key within a second",
-                    crate::config::redact_store_url(&url)
-                );
+            match keys::revoke(&list, &id) {
+                Ok(true) => eprintln!("revoked key {id} in {shown}"),
+                Ok(false) => eprintln!("key {id} was already revoked in {shown}"),
+                Err(e) if stored => {
+                    eprintln!("warning: {e}\nthe key is refused through the state store; add it to {shown} too, so it stays revoked if the store is emptied");
+                    return Ok(ExitCode::SUCCESS);
+                }
+                Err(e) => return Err(e),
             }
             match kubernetes {
                 None => eprintln!(

@@ -12,7 +12,8 @@ pub struct StateConfig {
     /// `local` (this process only), or `redis://` / `rediss://` URL of a Redis or Valkey. A
     /// password belongs in `CORRAL__STATE__STORE` or in `store_file`, never in the file.
     pub store: String,
-    /// A file holding the store's URL (a mounted Secret), read at start and on reload.
+    /// A file holding the store's URL (a mounted Secret), read at start (a change takes a
+    /// restart, as every `[state]` key does).
     #[serde(skip_serializing_if = "is_empty_path")]
     pub store_file: PathBuf,
     /// What admission does while the store fails.
@@ -119,52 +120,48 @@ fn from_environment() -> bool {
     std::env::var_os("CORRAL__STATE__STORE").is_some_and(|v| !v.is_empty())
 }
 
-/// Why `url` is not a store URL, if it is not one.
+/// Why `url` is not a store URL, if it is not one. Parsed as the Redis client parses it, so
+/// what passes here connects.
 pub(crate) fn redis_url_problem(url: &str) -> Option<String> {
     let example = "e.g. \"redis://redis.corral.svc:6379/0\" (or \"local\")";
-    let Some(rest) = url
-        .strip_prefix("redis://")
-        .or_else(|| url.strip_prefix("rediss://"))
-    else {
-        return Some(format!(
-            "`{}` must be \"local\" or start with redis:// or rediss://, {example}",
+    let scheme_ok = url.starts_with("redis://") || url.starts_with("rediss://");
+    let parsed = redis::parse_redis_url(url).filter(|_| scheme_ok);
+    match parsed {
+        None => Some(format!(
+            "`{}` must be \"local\" or a redis:// or rediss:// URL (a password with / ? # @ must be percent-encoded), {example}",
             redact(url)
-        ));
-    };
-    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
-    let host = host.split('/').next().unwrap_or_default();
-    if host.is_empty() {
-        return Some(format!("`{}` needs a host, {example}", redact(url)));
-    }
-    None
-}
-
-/// Whether a store URL carries a password (`redis://:pw@host` or `redis://user:pw@host`).
-fn has_password(url: &str) -> bool {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let authority = rest.split('/').next().unwrap_or_default();
-    authority
-        .rsplit_once('@')
-        .is_some_and(|(user, _)| user.contains(':'))
-}
-
-/// A store URL as it may be shown: without its password.
-pub(crate) fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
-    let shown = match authority.rsplit_once('@') {
-        Some((user, host)) => {
-            let user = user.split(':').next().unwrap_or_default();
-            format!("{user}:***@{host}")
+        )),
+        Some(u) if u.host_str().is_none_or(str::is_empty) => {
+            Some(format!("`{}` needs a host, {example}", redact(url)))
         }
-        None => authority.to_string(),
-    };
-    if path.is_empty() {
-        format!("{scheme}://{shown}")
-    } else {
-        format!("{scheme}://{shown}/{path}")
+        Some(_) if redis::Client::open(url).is_err() => {
+            Some(format!("`{}` is not a URL the Redis client accepts, {example}", redact(url)))
+        }
+        Some(_) => None,
+    }
+}
+
+/// Whether a store URL carries a password (`redis://:pw@host` or `redis://user:pw@host`). A
+/// URL that does not parse but holds an `@` counts as one.
+fn has_password(url: &str) -> bool {
+    match redis::parse_redis_url(url) {
+        Some(u) => u.password().is_some(),
+        None => url.contains('@'),
+    }
+}
+
+/// A store URL as it may be shown: without its password. One that does not parse is not shown
+/// at all when it may hold one.
+pub(crate) fn redact(url: &str) -> String {
+    match redis::parse_redis_url(url) {
+        Some(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        None if url.contains('@') => "(a URL that does not parse; not shown)".to_string(),
+        None => url.to_string(),
     }
 }
 
@@ -217,5 +214,13 @@ mod tests {
         );
         assert_eq!(redact("redis://redis:6379"), "redis://redis:6379");
         assert!(has_password("redis://u:p@h") && !has_password("redis://h:6379"));
+        // A password with a slash, not percent-encoded: never shown, never accepted.
+        let raw = "redis://:ab/cd@host/0";
+        assert!(
+            !redact(raw).contains("ab/cd") && !redact(raw).contains("cd@"),
+            "{}",
+            redact(raw)
+        );
+        assert!(redis_url_problem(raw).is_some() || has_password(raw));
     }
 }

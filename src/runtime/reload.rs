@@ -72,6 +72,7 @@ impl Reloader {
             ("upstream", self.started.upstream != cfg.upstream),
             ("preload", self.started.preload != cfg.preload),
             ("log", self.started.log != cfg.log),
+            ("state", self.started.state != cfg.state),
         ];
         let changed: Vec<&str> = fixed.iter().filter(|(_, c)| *c).map(|(s, _)| *s).collect();
         if !changed.is_empty() {

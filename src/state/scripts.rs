@@ -63,14 +63,16 @@ if l ~= nil then redis.call('HSET', KEYS[1], 'l', math.min(tonumber(ARGV[1]), l 
 return 0
 "#;
 
-/// Renews a lease while its request lives. KEYS: leases. ARGV: lease id, ttl (ms). Returns 0
-/// when the lease had lapsed (the store lost it): it is taken again, so a live stream never
-/// loses its slot.
+/// Renews a lease while its request lives. KEYS: leases. ARGV: lease id, ttl (ms). Returns 1
+/// when renewed. A store that lost the team's leases (restarted empty) gets the lease back, so a
+/// live stream keeps its place; a lease that is gone from a set that still exists (released, or
+/// lapsed) is not brought back, and 0 is returned.
 pub(crate) const RENEW: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[2])
 local had = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not had and redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ttl * 2)
 if had then return 1 else return 0 end

@@ -220,6 +220,38 @@ async fn a_key_revoked_on_one_replica_is_refused_by_the_other_within_a_second() 
             .find(|l| l["status"] == 401)
     });
     assert_eq!(line["auth_failure"], "revoked");
+
+    // Inside a pod the list is a read-only ConfigMap: the store alone revokes, and says so.
+    let other = a.issue("limited", None, None);
+    let text = std::fs::read_to_string(a.dir.path().join("corral.toml")).unwrap();
+    let in_pod = a.dir.path().join("in-pod.toml");
+    let revoked_line = text
+        .lines()
+        .find(|l| l.starts_with("revoked_file"))
+        .unwrap()
+        .to_string();
+    std::fs::write(
+        &in_pod,
+        text.replace(
+            &revoked_line,
+            "revoked_file = \"/nonexistent/revoked/revoked.txt\"",
+        ),
+    )
+    .unwrap();
+    let out = Command::new(corral_bin())
+        .args(["keys", "revoke", &other, "--config"])
+        .arg(&in_pod)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("refused through the state store"), "{said}");
+    wait_for_async(
+        Duration::from_secs(5),
+        "b refuses the other key",
+        || async { (chat(&b, &other).await.0 == 401).then_some(()) },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
