@@ -244,6 +244,14 @@ mod tests {
         }
     }
 
+    /// Two replicas' connections to one store.
+    async fn two_replicas(server: &Server) -> (RedisStore, RedisStore) {
+        let timeout = Duration::from_millis(500);
+        let a = RedisStore::connect(&server.url(), "t:", timeout).await;
+        let b = RedisStore::connect(&server.url(), "t:", timeout).await;
+        (a.unwrap(), b.unwrap())
+    }
+
     fn ask<'a>(lease: &'a str, inference: bool) -> Ask<'a> {
         Ask {
             team: "research",
@@ -259,13 +267,7 @@ mod tests {
     #[tokio::test]
     async fn two_replicas_share_one_minute_of_requests_and_the_concurrent_places() {
         let server = Server::start().expect("redis-server is installed (.ci/run installs it)");
-        let timeout = Duration::from_millis(500);
-        let a = RedisStore::connect(&server.url(), "t:", timeout)
-            .await
-            .unwrap();
-        let b = RedisStore::connect(&server.url(), "t:", timeout)
-            .await
-            .unwrap();
+        let (a, b) = two_replicas(&server).await;
         // 10 rpm across both: 10 admitted, then refused on either.
         let mut admitted = 0;
         for i in 0..30 {
@@ -308,13 +310,7 @@ mod tests {
     #[tokio::test]
     async fn a_lapsed_lease_frees_its_place_and_tokens_are_charged_across_replicas() {
         let server = Server::start().expect("redis-server is installed (.ci/run installs it)");
-        let timeout = Duration::from_millis(500);
-        let a = RedisStore::connect(&server.url(), "t:", timeout)
-            .await
-            .unwrap();
-        let b = RedisStore::connect(&server.url(), "t:", timeout)
-            .await
-            .unwrap();
+        let (a, b) = two_replicas(&server).await;
         let short = |lease| Ask {
             rpm: 0,
             max_concurrent: 1,

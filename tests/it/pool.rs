@@ -518,17 +518,7 @@ async fn check_asks_every_node() {
     cfg.preload.models = vec!["llama3.2".into()];
     let setup = Setup::new(cfg);
     let config = setup.write();
-    let check = || {
-        let out = std::process::Command::new(corral_bin())
-            .args(["check", "--config"])
-            .arg(&config)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
-    };
+    let check = || check_config(&config);
     let (ok, report) = check();
     assert!(ok, "{report}");
     for line in [

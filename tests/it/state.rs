@@ -376,17 +376,7 @@ async fn shared_limits_come_back_with_the_store() {
 async fn check_asks_the_store() {
     let (_double, redis, a, _b) = two_replicas(OnStoreError::Local).await;
     let config = a.dir.path().join("corral.toml");
-    let check = || {
-        let out = Command::new(corral_bin())
-            .args(["check", "--config"])
-            .arg(&config)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
-    };
+    let check = || check_config(&config);
     let (ok, report) = check();
     assert!(ok, "{report}");
     assert!(

@@ -501,3 +501,16 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .sum()
 }
+
+/// Runs `corral check --config FILE`: whether it passed, and its report.
+pub fn check_config(config: &Path) -> (bool, String) {
+    let out = Command::new(corral_bin())
+        .args(["check", "--config"])
+        .arg(config)
+        .output()
+        .expect("corral check runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
