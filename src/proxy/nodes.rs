@@ -55,6 +55,10 @@ impl Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<(), GatewayError> {
         if !self.pool.is_pool() {
+            // One node takes everything: its first attempt needs no model lookup.
+            if let Pick::Node(node) = self.pool.pick(None, &[]) {
+                ctx.nodes.next = Some(node);
+            }
             return Ok(());
         }
         let Some(route) = &ctx.admission.route else {
