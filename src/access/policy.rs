@@ -72,6 +72,10 @@ pub(crate) struct Team {
     pub(crate) rpm: u32,
     pub(crate) tpm: u64,
     pub(crate) max_concurrent: u32,
+    /// Share of the slots under contention.
+    pub(crate) weight: u32,
+    /// Requests it may have waiting for a slot (`None`: only the gateway's cap).
+    pub(crate) max_queued: Option<u32>,
 }
 
 impl Team {
@@ -84,6 +88,8 @@ impl Team {
             rpm: cfg.rpm,
             tpm: cfg.tpm,
             max_concurrent: cfg.max_concurrent,
+            weight: cfg.weight.max(1),
+            max_queued: cfg.max_queued,
         }
     }
 

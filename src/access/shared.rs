@@ -4,21 +4,18 @@
 
 use crate::access::limits::{Limit, Limiter, Refused, Slot};
 use crate::access::policy::Team;
-use crate::config::{OnStoreError, StateConfig};
-use crate::state::redis::{Admitted, Ask, RedisStore, StoreError};
-use crate::telemetry::metrics::Metrics;
+use crate::config::OnStoreError;
+use crate::state::redis::{Admitted, Ask};
+use crate::state::store::Store;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 /// Revocations recorded in the store are read this often.
 const REVOKED_EVERY: Duration = Duration::from_secs(1);
-/// A store that fails is reported in the log at most this often.
-const WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// Why admission refused, beyond a team limit.
 #[derive(Debug)]
@@ -29,26 +26,17 @@ pub(crate) enum Refusal {
 }
 
 pub(crate) struct SharedLimits {
-    url: String,
-    cfg: StateConfig,
-    store: RwLock<Option<Arc<RedisStore>>>,
+    pub(crate) store: Arc<Store>,
     /// This replica's own limits, for `on_store_error = "local"`.
     local: Arc<Limiter>,
-    metrics: Arc<Metrics>,
-    /// Live leases: lease id → team.
-    leases: Mutex<HashMap<String, String>>,
-    next_lease: AtomicU64,
-    /// This process's part of every lease id.
-    instance: String,
-    warned: Mutex<Option<Instant>>,
     /// Key ids revoked through the store, as last read (they stay revoked until restart, like
     /// ids removed from the file: a store that loses its data un-revokes nothing).
-    revoked: RwLock<std::collections::HashSet<String>>,
+    revoked: RwLock<HashSet<String>>,
 }
 
 /// What a request holds in the store: its charge (refunded if refused) and its lease.
 pub(crate) struct Held {
-    shared: Arc<SharedLimits>,
+    store: Arc<Store>,
     team: String,
     rpm: u32,
     lease: Option<String>,
@@ -57,22 +45,13 @@ pub(crate) struct Held {
 impl Held {
     /// Gives back the request a refused request was charged.
     pub(crate) fn refund(mut self) {
-        let shared = self.shared.clone();
         let (team, rpm) = (self.team.clone(), self.rpm);
-        self.release();
-        if rpm > 0 {
-            shared.spawn("refund", move |store| async move {
-                store.refund(&team, rpm).await
-            });
-        }
-    }
-
-    fn release(&mut self) {
         if let Some(lease) = self.lease.take() {
-            self.shared.lock_leases().remove(&lease);
-            let team = self.team.clone();
-            self.shared.spawn("release", move |store| async move {
-                store.release(&team, &lease).await
+            self.store.let_go(lease);
+        }
+        if rpm > 0 {
+            self.store.spawn("refund", move |store| async move {
+                store.refund(&team, rpm).await
             });
         }
     }
@@ -80,85 +59,19 @@ impl Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        self.release();
+        if let Some(lease) = self.lease.take() {
+            self.store.let_go(lease);
+        }
     }
 }
 
 impl SharedLimits {
-    pub(crate) fn new(
-        url: String,
-        cfg: StateConfig,
-        local: Arc<Limiter>,
-        metrics: Arc<Metrics>,
-    ) -> Arc<SharedLimits> {
-        // Lease ids must differ between replicas: random, else the clock and the process id.
-        let mut id = [0u8; 6];
-        if getrandom::fill(&mut id).is_err() {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as u64);
-            let mixed = nanos ^ (u64::from(std::process::id()) << 32);
-            id.copy_from_slice(&mixed.to_le_bytes()[..6]);
-        }
+    pub(crate) fn new(store: Arc<Store>, local: Arc<Limiter>) -> Arc<SharedLimits> {
         Arc::new(SharedLimits {
-            url,
-            cfg,
-            store: RwLock::default(),
+            store,
             local,
-            metrics,
-            leases: Mutex::default(),
-            next_lease: AtomicU64::new(0),
-            instance: id.iter().map(|b| format!("{b:02x}")).collect(),
-            warned: Mutex::default(),
             revoked: RwLock::default(),
         })
-    }
-
-    fn lock_leases(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
-        self.leases.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn store(&self) -> Option<Arc<RedisStore>> {
-        self.store.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// A store call failed: counted, the gauge down, a warning at most once a minute.
-    fn failed(&self, op: &str, e: &StoreError) {
-        self.metrics.store_errors.with_label_values(&[op]).inc();
-        self.metrics.store_up.set(0);
-        let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
-        if warned.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
-            *warned = Some(Instant::now());
-            tracing::warn!(op, error = %e, on_store_error = ?self.cfg.on_store_error, "the state store failed; limits follow state.on_store_error until it answers");
-        }
-    }
-
-    /// Runs a store call in the background (charges, refunds, releases), timed and counted.
-    fn spawn<F, Fut>(self: &Arc<Self>, op: &'static str, call: F)
-    where
-        F: FnOnce(Arc<RedisStore>) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = Result<(), StoreError>> + Send,
-    {
-        let Some(store) = self.store() else {
-            return;
-        };
-        let shared = self.clone();
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let result = call(store).await;
-            shared.observe(op, started, result.as_ref().err());
-        });
-    }
-
-    fn observe(&self, op: &str, started: Instant, error: Option<&StoreError>) {
-        self.metrics
-            .store_seconds
-            .with_label_values(&[op])
-            .observe(started.elapsed().as_secs_f64());
-        match error {
-            Some(e) => self.failed(op, e),
-            None => self.metrics.store_up.set(1),
-        }
     }
 
     /// Admits a request of `team` against the shared limits.
@@ -172,10 +85,7 @@ impl SharedLimits {
         if !needs_store {
             return Ok(Slot::free());
         }
-        let lease = concurrent.then(|| {
-            let n = self.next_lease.fetch_add(1, Ordering::Relaxed);
-            format!("{}-{n}", self.instance)
-        });
+        let lease = concurrent.then(|| self.store.new_lease());
         let ask = Ask {
             team: &team.name,
             rpm: team.rpm,
@@ -183,22 +93,23 @@ impl SharedLimits {
             max_concurrent: team.max_concurrent,
             inference,
             lease: lease.as_deref().unwrap_or(""),
-            lease_ttl: self.cfg.lease_ttl.0,
+            lease_ttl: self.store.lease_ttl(),
         };
         let started = Instant::now();
-        let answer = match self.store() {
+        let redis = self.store.redis();
+        let answer = match &redis {
             Some(store) => store.admit(&ask).await,
-            None => Err(StoreError::Deadline),
+            None => Err(crate::state::redis::StoreError::Deadline),
         };
-        self.observe("admit", started, answer.as_ref().err());
+        self.store.observe("admit", started, answer.as_ref().err());
         match answer {
             Ok(Admitted::Yes) => {
-                if let Some(lease) = &lease {
-                    self.lock_leases().insert(lease.clone(), team.name.clone());
+                if let (Some(lease), Some(redis)) = (&lease, &redis) {
+                    self.store.hold(lease, redis.team_leases(&team.name));
                 }
                 let mut slot = Slot::free();
                 slot.shared = Some(Held {
-                    shared: self.clone(),
+                    store: self.store.clone(),
                     team: team.name.clone(),
                     rpm: team.rpm,
                     lease,
@@ -219,11 +130,9 @@ impl SharedLimits {
             Err(_) => {
                 // The script may have run after all (the answer came too late): its lease would
                 // hold a place for nothing until it lapses.
-                if let Some(lease) = lease {
-                    let team = team.name.clone();
-                    self.spawn("release", move |store| async move {
-                        store.release(&team, &lease).await
-                    });
+                if let (Some(lease), Some(redis)) = (lease, &redis) {
+                    self.store.hold(&lease, redis.team_leases(&team.name));
+                    self.store.let_go(lease);
                 }
                 self.fallback(team, inference)
             }
@@ -232,7 +141,7 @@ impl SharedLimits {
 
     /// Admission while the store fails, as `on_store_error` says.
     fn fallback(&self, team: &Team, inference: bool) -> Result<Slot, Refusal> {
-        match self.cfg.on_store_error {
+        match self.store.on_error() {
             OnStoreError::Local => self
                 .local
                 .admit(team, inference, Instant::now())
@@ -250,7 +159,7 @@ impl SharedLimits {
             return;
         }
         let (name, tpm) = (team.name.clone(), team.tpm);
-        self.spawn("charge", move |store| async move {
+        self.store.spawn("charge", move |store| async move {
             store.charge(&name, tpm, tokens).await
         });
     }
@@ -265,57 +174,15 @@ impl SharedLimits {
 
     /// Reads the revoked ids again (every second).
     async fn refresh_revoked(&self) {
-        let Some(store) = self.store() else {
+        let Some(store) = self.store.redis() else {
             return;
         };
         let started = Instant::now();
         let ids = store.revoked().await;
-        self.observe("revoked", started, ids.as_ref().err());
+        self.store.observe("revoked", started, ids.as_ref().err());
         if let Ok(ids) = ids {
             let mut revoked = self.revoked.write().unwrap_or_else(|e| e.into_inner());
             revoked.extend(ids.into_iter().map(|id| id.to_ascii_lowercase()));
-        }
-    }
-
-    /// Connects to the store until it answers.
-    async fn connect(&self) -> bool {
-        match RedisStore::connect(&self.url, &self.cfg.key_prefix, self.cfg.timeout.0).await {
-            Ok(store) => {
-                *self.store.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(store));
-                self.metrics.store_up.set(1);
-                tracing::info!(store = %crate::config::redact_store_url(&self.url), "state store connected");
-                true
-            }
-            Err(e) => {
-                self.failed("connect", &e);
-                false
-            }
-        }
-    }
-
-    /// Renews every live lease (a lease the store lost is taken again).
-    async fn renew_all(&self) {
-        let Some(store) = self.store() else {
-            return;
-        };
-        let live: Vec<(String, String)> = self
-            .lock_leases()
-            .iter()
-            .map(|(l, t)| (l.clone(), t.clone()))
-            .collect();
-        for (lease, team) in live {
-            // Ended meanwhile: renewing would bring its place back.
-            if !self.lock_leases().contains_key(&lease) {
-                continue;
-            }
-            let started = Instant::now();
-            let result = store.renew(&team, &lease, self.cfg.lease_ttl.0).await;
-            self.observe("renew", started, result.as_ref().err());
-            if result.is_err() {
-                // The store is failing: the next pass tries again, without waiting out one
-                // deadline per live request.
-                return;
-            }
         }
     }
 }
@@ -327,7 +194,7 @@ pub(crate) struct StoreKeeper(pub(crate) Arc<SharedLimits>);
 impl BackgroundService for StoreKeeper {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut wait = Duration::from_millis(200);
-        while !self.0.connect().await {
+        while !self.0.store.connect().await {
             if !crate::clock::pause(wait, &mut shutdown).await {
                 return;
             }
@@ -345,8 +212,8 @@ impl BackgroundService for StoreKeeper {
             }
         });
         // Three renewals per lease time: one lost call never costs a live request its place.
-        while crate::clock::pause(self.0.cfg.lease_ttl.0 / 3, &mut shutdown).await {
-            self.0.renew_all().await;
+        while crate::clock::pause(self.0.store.lease_ttl() / 3, &mut shutdown).await {
+            self.0.store.renew_all().await;
         }
         revocations.abort();
     }

@@ -38,6 +38,12 @@ pub enum GatewayError {
         message: String,
         retry_after_secs: u64,
     },
+    /// Too many requests wait for a slot on a node (the team's `max_queued`, or the gateway's).
+    #[error("{0}")]
+    QueueFull(String),
+    /// No slot on a node freed within `scheduler.queue_timeout`.
+    #[error("every model server that has the model stayed busy for {0}; try again shortly")]
+    QueueTimeout(HumanDuration),
     #[error("the model server is not reachable right now; try again shortly")]
     UpstreamUnavailable,
     /// Every node that has the model is down (a pool of nodes).
@@ -82,11 +88,13 @@ impl GatewayError {
             GatewayError::RequestTimeout => 408,
             GatewayError::PayloadTooLarge { .. } => 413,
             GatewayError::UnsupportedMediaType(_) => 415,
-            GatewayError::RateLimited { .. } => 429,
+            GatewayError::RateLimited { .. } | GatewayError::QueueFull(_) => 429,
             GatewayError::HeadersTooLarge => 431,
             GatewayError::Internal => 500,
             GatewayError::UpstreamUnavailable => 502,
-            GatewayError::Overloaded { .. } | GatewayError::ModelUnavailable(_) => 503,
+            GatewayError::Overloaded { .. }
+            | GatewayError::ModelUnavailable(_)
+            | GatewayError::QueueTimeout(_) => 503,
             GatewayError::UpstreamTimeout(_) | GatewayError::RequestTooLong(_) => 504,
             GatewayError::UpstreamFailed(status) => *status,
         }
@@ -107,6 +115,8 @@ impl GatewayError {
             GatewayError::HeadersTooLarge => "headers_too_large",
             GatewayError::Internal => "internal",
             GatewayError::Overloaded { .. } => "overloaded",
+            GatewayError::QueueFull(_) => "queue_full",
+            GatewayError::QueueTimeout(_) => "queue_timeout",
             GatewayError::UpstreamUnavailable => "upstream_unavailable",
             GatewayError::ModelUnavailable(_) => "model_unavailable",
             GatewayError::UpstreamTimeout(_) => "upstream_timeout",
@@ -127,7 +137,7 @@ impl GatewayError {
     }
 
     fn anthropic_type(&self) -> &'static str {
-        if let GatewayError::Overloaded { .. } = self {
+        if let GatewayError::Overloaded { .. } | GatewayError::QueueTimeout(_) = self {
             return "overloaded_error";
         }
         match self.status() {
@@ -183,8 +193,11 @@ impl GatewayError {
             | GatewayError::Overloaded {
                 retry_after_secs, ..
             } => headers.push(("retry-after", retry_after_secs.max(&1).to_string())),
-            // A node is probed every 5 s; one that answers is back in routing at once.
-            GatewayError::ModelUnavailable(_) => headers.push(("retry-after", "5".to_string())),
+            // A node is probed every 5 s; one that answers is back in routing at once. A full
+            // line empties at the pace of generations: seconds.
+            GatewayError::ModelUnavailable(_)
+            | GatewayError::QueueFull(_)
+            | GatewayError::QueueTimeout(_) => headers.push(("retry-after", "5".to_string())),
             _ => {}
         }
         Rendered {
@@ -283,6 +296,16 @@ mod tests {
         }
         .render(Dialect::Ollama);
         assert!(r.headers.contains(&("allow", "POST".into())));
+        // Waiting for a slot: the openai SDK maps these to RateLimitError and
+        // InternalServerError, and both carry when to come back.
+        let r = GatewayError::QueueFull("line full".into()).render(Dialect::OpenAi);
+        assert_eq!(r.status, 429);
+        assert!(r.headers.contains(&("retry-after", "5".into())));
+        assert_eq!(body(&GatewayError::QueueFull("x".into()), Dialect::OpenAi)["error"]["type"], "rate_limit_error");
+        let r = GatewayError::QueueTimeout(HumanDuration::secs(60)).render(Dialect::Anthropic);
+        assert_eq!(r.status, 503);
+        assert!(r.headers.contains(&("retry-after", "5".into())));
+        assert_eq!(body(&GatewayError::QueueTimeout(HumanDuration::secs(1)), Dialect::Anthropic)["error"]["type"], "overloaded_error");
     }
 
     #[test]

@@ -12,6 +12,7 @@
 mod auth;
 mod log;
 mod preload;
+mod scheduler;
 mod server;
 mod state;
 mod teams;
@@ -21,6 +22,7 @@ mod upstream;
 pub(crate) use auth::{kid_of, AuthConfig};
 pub use log::{LogConfig, LogFormat};
 pub use preload::{KeepAlivePolicy, PreloadConfig};
+pub use scheduler::SchedulerConfig;
 pub use server::{ListenAddr, ServerConfig};
 pub(crate) use state::{redact as redact_store_url, redis_url_problem as state_url_problem};
 pub use state::{OnStoreError, StateConfig};
@@ -81,6 +83,8 @@ pub struct Config {
     pub log: LogConfig,
     /// State shared by replicas (team limits, leases, revocations).
     pub state: StateConfig,
+    /// Waiting for a slot on a node (`parallel`).
+    pub scheduler: SchedulerConfig,
 }
 
 /// One thing wrong with the configuration: the key at fault and what to do.
@@ -224,6 +228,7 @@ impl Config {
         self.preload.check(&mut problems);
         self.log.check(&mut problems);
         self.state.check(&mut problems);
+        self.scheduler.check(&mut problems);
         problems
     }
 

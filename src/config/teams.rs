@@ -5,7 +5,7 @@ use super::Problem;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TeamConfig {
     /// Model globs the team may use (`*` matches any run of characters). Empty: none.
@@ -21,6 +21,27 @@ pub struct TeamConfig {
     pub tpm: u64,
     /// Requests in flight at once; 0 = unlimited.
     pub max_concurrent: u32,
+    /// Share of the nodes' slots while they are all taken (`[scheduler]`); at least 1.
+    pub weight: u32,
+    /// This team's requests waiting for a slot; beyond, 429 at once. Unset: only
+    /// `scheduler.max_queued` applies; 0: the team never waits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_queued: Option<u32>,
+}
+
+impl Default for TeamConfig {
+    fn default() -> Self {
+        TeamConfig {
+            models: Vec::new(),
+            admin: false,
+            cloud: false,
+            rpm: 0,
+            tpm: 0,
+            max_concurrent: 0,
+            weight: 1,
+            max_queued: None,
+        }
+    }
 }
 
 /// Every problem with the `[teams.*]` tables.
@@ -31,6 +52,12 @@ pub(super) fn check(teams: &BTreeMap<String, TeamConfig>, problems: &mut Vec<Pro
             problems.push(Problem::new(
                 &key,
                 "team names are 1-64 lowercase letters, digits, '-' or '_' (so CORRAL__TEAMS__NAME__KEY can address them)",
+            ));
+        }
+        if !(1..=1000).contains(&team.weight) {
+            problems.push(Problem::new(
+                format!("{key}.weight"),
+                "a team's share of the slots is 1 to 1000 (default 1)",
             ));
         }
         for (i, glob) in team.models.iter().enumerate() {

@@ -14,6 +14,11 @@ pub struct UpstreamConfig {
     /// `nodes` are listed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub url: Option<UpstreamUrl>,
+    /// Requests that one Ollama runs at once (its `OLLAMA_NUM_PARALLEL`): excess requests wait
+    /// in corral, fairly between teams (`[scheduler]`). Unset: no slot limit. A pool sets it
+    /// per node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parallel: Option<u32>,
     /// A pool of Ollama servers, instead of `url`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<NodeConfig>,
@@ -33,6 +38,7 @@ impl Default for UpstreamConfig {
     fn default() -> Self {
         UpstreamConfig {
             url: None,
+            parallel: None,
             nodes: Vec::new(),
             discover: None,
             connect_timeout: HumanDuration::secs(3),
@@ -105,7 +111,7 @@ impl UpstreamConfig {
             vec![NodeConfig {
                 name: SINGLE_NODE.into(),
                 url: self.url(),
-                parallel: None,
+                parallel: self.parallel,
                 models: Vec::new(),
             }]
         } else {
@@ -139,6 +145,18 @@ impl UpstreamConfig {
             problems.push(Problem::new(
                 "upstream.url",
                 "set either upstream.url (one Ollama) or upstream.nodes (a pool), not both",
+            ));
+        }
+        if self.parallel == Some(0) {
+            problems.push(Problem::new(
+                "upstream.parallel",
+                "must be at least 1 (leave it out for no slot limit)",
+            ));
+        }
+        if self.parallel.is_some() && (!self.nodes.is_empty() || self.discover.is_some()) {
+            problems.push(Problem::new(
+                "upstream.parallel",
+                "is for one Ollama at upstream.url; in a pool set parallel per node (upstream.nodes[].parallel or upstream.discover.parallel)",
             ));
         }
         if let Some(d) = &self.discover {
@@ -493,5 +511,19 @@ mod tests {
         assert!(e
             .to_string()
             .contains("upstream.discover (a pool found in DNS), not both"));
+    }
+
+    #[test]
+    fn one_ollama_may_have_slots_too() {
+        let cfg = load_str("[upstream]\nurl = \"http://10.0.0.5:11434\"\nparallel = 2\n").unwrap();
+        let nodes = cfg.upstream.node_list();
+        assert_eq!((nodes.len(), nodes[0].parallel), (1, Some(2)));
+        let e = load_str("[upstream]\nparallel = 0\n").unwrap_err();
+        assert_eq!(keys(&e), ["upstream.parallel"]);
+        let e = load_str(
+            "[upstream]\nparallel = 2\n[[upstream.nodes]]\nname = \"a\"\nurl = \"http://a:1\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(keys(&e), ["upstream.parallel"], "a pool sets it per node");
     }
 }

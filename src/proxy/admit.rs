@@ -207,7 +207,7 @@ impl Gateway {
     }
 
     /// The gateway holds as much as it may: 503, counted by reason.
-    fn full(&self, full: Full) -> GatewayError {
+    pub(super) fn full(&self, full: Full) -> GatewayError {
         self.metrics
             .requests_refused
             .with_label_values(&[full.label()])

@@ -77,6 +77,8 @@ pub(crate) struct Attempts {
     pub(crate) current: Option<(Lease, GaugeGuard)>,
     /// Attempts made (the access log's `attempts`).
     pub(crate) count: u32,
+    /// The slot the request holds on its first node (`parallel`), until it ends.
+    pub(crate) slot: Option<crate::upstream::queue::SlotHold>,
 }
 
 impl Attempts {
@@ -119,6 +121,8 @@ pub struct Outcome {
     pub(crate) refused_key: Option<RefusedKey>,
     /// Which limit refused the request (`corral_rate_limited_total{limit}`).
     pub(crate) rate_limited: Option<Limit>,
+    /// How long it waited for a slot on a node (the access log's `queued_ms`).
+    pub(crate) queued: Option<Duration>,
     /// What went wrong talking to Ollama (`corral_upstream_errors_total{kind}`).
     pub(crate) upstream_fault: Option<UpstreamFault>,
 }

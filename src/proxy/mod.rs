@@ -17,6 +17,7 @@ mod nodes;
 mod report;
 mod response_body;
 mod traffic;
+mod wait;
 
 pub(crate) use admit::{ClientLimits, Full};
 use ctx::Failure;
@@ -56,6 +57,8 @@ pub(crate) struct Gateway {
     pub(crate) access_log: Arc<AccessLog>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) pins: Arc<Pins>,
+    /// Slots on the nodes and the line for them.
+    pub(crate) scheduler: Arc<crate::upstream::queue::Scheduler>,
 }
 
 /// `upstream.request_timeout` passed: the error the patched pingora-proxy gives when it ends an
@@ -78,12 +81,21 @@ impl ProxyHttp for Gateway {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
-        match self.admit(session, ctx).await {
-            Ok(()) => Ok(self.answer_merged(session, ctx).await),
-            Err(e) => {
+        if let Err(e) = self.admit(session, ctx).await {
+            self.respond(session, ctx, &e).await;
+            return Ok(true);
+        }
+        if self.answer_merged(session, ctx).await {
+            return Ok(true);
+        }
+        match self.take_slot(session, ctx).await {
+            Ok(()) => Ok(false),
+            Err(Some(e)) => {
                 self.respond(session, ctx, &e).await;
                 Ok(true)
             }
+            // The client left while waiting: nothing to answer.
+            Err(None) => Ok(true),
         }
     }
 

@@ -134,6 +134,7 @@ impl Gateway {
             auth_failure: ctx.outcome.auth_failure.map(AuthFailure::reason),
             node: ctx.nodes.node().map(|n| n.name.as_str()),
             attempts: ctx.nodes.count,
+            queued_ms: ctx.outcome.queued.map(|q| q.as_millis() as u64),
         });
     }
 }

@@ -1,5 +1,5 @@
 //! Reload without restart: on SIGHUP, and when the configuration file, a verification key or the
-//! revocation list changes. Teams, keys and revocations are swapped whole; requests and streams in
+//! revocation list changes. Teams, keys, revocations and `[scheduler]` are swapped whole; requests and streams in
 //! flight are not touched. A bad new configuration is refused with its reasons logged, and the
 //! running one stays in force. SIGHUP also re-reads the TLS certificate.
 
@@ -34,6 +34,8 @@ pub(crate) struct Reloader {
     pub(crate) access: Arc<AccessHandle>,
     pub(crate) certs: Option<Arc<CertStore>>,
     pub(crate) metrics: Arc<Metrics>,
+    /// `[scheduler]` applies to the next requests that wait.
+    pub(crate) scheduler: Arc<crate::upstream::queue::Scheduler>,
 }
 
 /// What the files a reload reads held: the configuration file, keys and revocation list.
@@ -66,6 +68,7 @@ impl Reloader {
         let revoked = access.verifier.revoked_count();
         self.access.replace(access);
         self.metrics.set_config_models(&cfg);
+        self.scheduler.reconfigure(cfg.scheduler.clone());
         tracing::info!(teams, verify_keys = keys, revoked, "configuration reloaded");
         let fixed = [
             ("server", self.started.server != cfg.server),

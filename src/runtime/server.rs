@@ -9,6 +9,8 @@ use crate::access::auth::AuthFailure;
 use crate::access::caps::{Budget, Caps, Counter};
 use crate::access::limits::Limiter;
 use crate::access::shared::{SharedLimits, StoreKeeper};
+use crate::state::store::Store;
+use crate::upstream::queue::{Scheduler, SharedLine};
 use crate::access::{Access, AccessHandle};
 use crate::config::{Config, Source};
 use crate::proxy::Traffic;
@@ -238,16 +240,15 @@ pub(crate) fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
         );
     }
     let limiter = Arc::new(Limiter::default());
-    let shared = match state_store_url(&cfg.state) {
-        Ok(Some(url)) => Some(SharedLimits::new(
-            url,
-            cfg.state.clone(),
-            limiter.clone(),
-            metrics.clone(),
-        )),
+    let store = match state_store_url(&cfg.state) {
+        Ok(Some(url)) => Some(Store::new(url, cfg.state.clone(), metrics.clone())),
         Ok(None) => None,
         Err(e) => return Err(StartError(vec![e])),
     };
+    let shared = store
+        .as_ref()
+        .map(|store| SharedLimits::new(store.clone(), limiter.clone()));
+    let scheduler = Scheduler::new(cfg.scheduler.clone(), store.clone(), metrics.clone());
     let gateway = Gateway {
         pins: pins.clone(),
         metrics: metrics.clone(),
@@ -261,6 +262,7 @@ pub(crate) fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
         },
         limiter: limiter.clone(),
         shared: shared.clone(),
+        scheduler: scheduler.clone(),
         requests: Counter::new(Caps {
             total: cfg.server.max_requests,
             per_ip: cfg.server.requests_per_ip(),
@@ -335,6 +337,7 @@ pub(crate) fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
         access,
         certs: certs.clone(),
         metrics: metrics.clone(),
+        scheduler: scheduler.clone(),
     };
     server.add_service(background_service(
         "nodes",
@@ -358,6 +361,13 @@ pub(crate) fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
     server.add_service(background_service("config reload", reloader));
     if let Some(shared) = shared {
         server.add_service(background_service("state store", StoreKeeper(shared)));
+        server.add_service(background_service(
+            "shared slots",
+            SharedLine {
+                scheduler: scheduler.clone(),
+                pool: pool.clone(),
+            },
+        ));
     }
     server.add_service(background_service(
         "memory trim",

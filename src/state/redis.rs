@@ -52,6 +52,7 @@ pub(crate) struct RedisStore {
     charge: redis::Script,
     refund: redis::Script,
     renew: redis::Script,
+    take_slot: redis::Script,
 }
 
 impl RedisStore {
@@ -80,12 +81,24 @@ impl RedisStore {
             charge: redis::Script::new(scripts::CHARGE),
             refund: redis::Script::new(scripts::REFUND),
             renew: redis::Script::new(scripts::RENEW),
+            take_slot: redis::Script::new(scripts::TAKE_SLOT),
         })
     }
 
     fn key(&self, team: &str, what: &str) -> String {
         // `{team}` keeps a team's keys in one hash slot (Redis Cluster).
         format!("{}{{{team}}}:{what}", self.prefix)
+    }
+
+    /// The set of a team's leases (`max_concurrent`).
+    pub(crate) fn team_leases(&self, team: &str) -> String {
+        self.key(team, "leases")
+    }
+
+    /// The set of leases on a node's slots (`parallel`). Every node's set shares one hash slot
+    /// (`{@nodes}`, which no team name can be), so one script can look at several nodes.
+    pub(crate) fn node_slots(&self, node: &str) -> String {
+        format!("{}{{@nodes}}:{node}", self.prefix)
     }
 
     async fn deadline<T>(
@@ -104,7 +117,7 @@ impl RedisStore {
         let mut inv = self.admit.prepare_invoke();
         inv.key(self.key(ask.team, "rpm"))
             .key(self.key(ask.team, "tpm"))
-            .key(self.key(ask.team, "leases"))
+            .key(self.team_leases(ask.team))
             .arg(ask.rpm)
             .arg(ask.tpm)
             .arg(ask.max_concurrent)
@@ -141,16 +154,16 @@ impl RedisStore {
             .map(|_| ())
     }
 
-    /// Renews a live request's lease; `false` when it had lapsed (it is taken again).
+    /// Renews a live request's lease in the set `key`; `false` when it had lapsed.
     pub(crate) async fn renew(
         &self,
-        team: &str,
+        key: &str,
         lease: &str,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
         let mut inv = self.renew.prepare_invoke();
-        inv.key(self.key(team, "leases"))
+        inv.key(key)
             .arg(lease)
             .arg(ttl.as_millis() as u64);
         self.deadline(inv.invoke_async::<i64>(&mut conn))
@@ -184,10 +197,27 @@ impl RedisStore {
         .await
     }
 
-    /// Lets a finished request's lease go.
-    pub(crate) async fn release(&self, team: &str, lease: &str) -> Result<(), StoreError> {
+    /// Takes a slot on the first of `nodes` (name, parallel) with one free, in that order, for
+    /// `lease`: the index of the node, or `None` when every one is full. One round trip.
+    pub(crate) async fn take_slot(
+        &self,
+        nodes: &[(&str, u32)],
+        lease: &str,
+        ttl: Duration,
+    ) -> Result<Option<usize>, StoreError> {
         let mut conn = self.conn.clone();
-        let key = self.key(team, "leases");
+        let mut inv = self.take_slot.prepare_invoke();
+        inv.arg(lease).arg(ttl.as_millis() as u64);
+        for (name, parallel) in nodes {
+            inv.key(self.node_slots(name)).arg(*parallel);
+        }
+        let taken: usize = self.deadline(inv.invoke_async(&mut conn)).await?;
+        Ok(taken.checked_sub(1))
+    }
+
+    /// Lets a finished request's lease in the set `key` go.
+    pub(crate) async fn release(&self, key: &str, lease: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
         self.deadline(
             redis::cmd("ZREM")
                 .arg(key)
@@ -297,10 +327,10 @@ mod tests {
             a.admit(&ask2("c3")).await.unwrap(),
             Admitted::No { limit: 3, .. }
         ));
-        b.release("research", "c2").await.unwrap();
+        b.release(&b.team_leases("research"), "c2").await.unwrap();
         assert_eq!(a.admit(&ask2("c3")).await.unwrap(), Admitted::Yes);
         assert!(
-            b.renew("research", "c1", Duration::from_secs(30))
+            b.renew(&b.team_leases("research"), "c1", Duration::from_secs(30))
                 .await
                 .unwrap(),
             "still held"
@@ -347,6 +377,26 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn replicas_share_a_nodes_slots_and_take_the_first_node_with_one_free() {
+        let server = Server::start().expect("redis-server is installed (.ci/run installs it)");
+        let (a, b) = two_replicas(&server).await;
+        let ttl = Duration::from_secs(30);
+        let nodes = [("gpu-a", 1), ("gpu-b", 2)];
+        assert_eq!(a.take_slot(&nodes, "a1", ttl).await.unwrap(), Some(0));
+        assert_eq!(b.take_slot(&nodes, "b1", ttl).await.unwrap(), Some(1));
+        assert_eq!(a.take_slot(&nodes, "a2", ttl).await.unwrap(), Some(1));
+        assert_eq!(b.take_slot(&nodes, "b2", ttl).await.unwrap(), None, "3 slots, 3 taken");
+        b.release(&b.node_slots("gpu-a"), "a1").await.unwrap();
+        assert_eq!(b.take_slot(&nodes, "b2", ttl).await.unwrap(), Some(0));
+        // A replica that stops renewing loses its slot when the lease lapses.
+        let short = Duration::from_millis(200);
+        assert_eq!(a.take_slot(&[("gpu-c", 1)], "dies", short).await.unwrap(), Some(0));
+        assert_eq!(b.take_slot(&[("gpu-c", 1)], "w", short).await.unwrap(), None);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(b.take_slot(&[("gpu-c", 1)], "w", short).await.unwrap(), Some(0));
     }
 
     #[tokio::test]

@@ -77,3 +77,21 @@ redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ttl * 2)
 if had then return 1 else return 0 end
 "#;
+
+/// Takes a slot on the first node with one free. KEYS: the nodes' lease sets, in order of
+/// preference. ARGV: lease id, ttl (ms), then each node's `parallel`. Returns the 1-based index
+/// of the node taken, 0 when every one is full.
+pub(crate) const TAKE_SLOT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease, ttl = ARGV[1], tonumber(ARGV[2])
+for i, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  if redis.call('ZCARD', key) < tonumber(ARGV[2 + i]) then
+    redis.call('ZADD', key, now + ttl, lease)
+    redis.call('PEXPIRE', key, ttl * 2)
+    return i
+  end
+end
+return 0
+"#;

@@ -43,6 +43,8 @@ pub(crate) struct AccessRecord<'a> {
     pub(crate) node: Option<&'a str>,
     /// Nodes tried: more than 1 when a request failed over.
     pub(crate) attempts: u32,
+    /// Time spent waiting for a slot on a node (`parallel`); `None` when it needed none.
+    pub(crate) queued_ms: Option<u64>,
 }
 
 impl AccessRecord<'_> {
@@ -63,6 +65,7 @@ impl AccessRecord<'_> {
         field("team", self.team.map(str::to_string));
         field("model", self.model.map(str::to_string));
         field("node", self.node.map(str::to_string));
+        field("queued", self.queued_ms.map(|q| format!("{q}ms")));
         field("ttft", self.ttft_ms.map(|t| format!("{t}ms")));
         field(
             "tokens",

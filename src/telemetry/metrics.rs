@@ -51,6 +51,9 @@ pub(crate) struct Metrics {
     pub(crate) store_up: IntGauge,
     pub(crate) store_errors: IntCounterVec,
     pub(crate) store_seconds: HistogramVec,
+    pub(crate) queue_depth: IntGaugeVec,
+    pub(crate) queue_wait: HistogramVec,
+    pub(crate) queue_rejected: IntCounterVec,
     known_models: RwLock<KnownModels>,
 }
 
@@ -133,6 +136,9 @@ impl Metrics {
             m.upstream_slots
                 .with_label_values(&[&node.name])
                 .set(node.parallel.unwrap_or(0).into());
+        }
+        for team in cfg.teams.keys() {
+            m.queue_depth.with_label_values(&[team]).set(0);
         }
         m
     }
@@ -308,7 +314,7 @@ impl Metrics {
             store_errors: counter(
                 &r,
                 "corral_state_store_errors_total",
-                "Failed calls to the shared state store, by operation (connect, admit, charge, refund, renew, release).",
+                "Failed calls to the shared state store, by operation (connect, admit, charge, refund, renew, release, revoked, slot).",
                 &["op"],
             ),
             store_seconds: histogram(
@@ -317,6 +323,25 @@ impl Metrics {
                 "Time of calls to the shared state store, by operation.",
                 &["op"],
                 &[0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0],
+            ),
+            queue_depth: gauge(
+                &r,
+                "corral_queue_depth",
+                "Requests waiting for a slot on a node, by team.",
+                &["team"],
+            ),
+            queue_wait: histogram(
+                &r,
+                "corral_queue_wait_seconds",
+                "Time requests waited for a slot on a node (those that got one, and those that timed out), by team.",
+                &["team"],
+                DURATION_BUCKETS,
+            ),
+            queue_rejected: counter(
+                &r,
+                "corral_queue_rejected_total",
+                "Requests refused while waiting for a slot, by team and reason (timeout: 503, full: 429).",
+                &["team", "reason"],
             ),
             known_models: RwLock::new(KnownModels {
                 config: config_models(cfg),

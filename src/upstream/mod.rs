@@ -4,12 +4,14 @@
 
 pub mod choose;
 pub(crate) mod client;
+pub(crate) mod fair;
 pub(crate) mod node;
 pub(crate) mod pins;
 pub(crate) mod pool;
 pub(crate) mod preload;
 pub(crate) mod probe;
 pub(crate) mod pull;
+pub(crate) mod queue;
 pub(crate) mod show;
 pub(crate) mod supervise;
 

@@ -20,6 +20,8 @@ pub(crate) struct Node {
     /// Keys of the pinned models placed on it (`models`); empty: no placement.
     pub(crate) placement: HashSet<String>,
     inflight: AtomicU32,
+    /// Slots this replica holds on it (of `parallel`), while requests wait for them.
+    taken: AtomicU32,
     failures: AtomicU32,
     up: AtomicBool,
     lists: RwLock<Lists>,
@@ -73,6 +75,7 @@ impl Node {
             parallel,
             placement,
             inflight: AtomicU32::new(0),
+            taken: AtomicU32::new(0),
             failures: AtomicU32::new(0),
             up: AtomicBool::new(true),
             lists: RwLock::default(),
@@ -86,6 +89,37 @@ impl Node {
 
     pub(crate) fn inflight(&self) -> u32 {
         self.inflight.load(Ordering::Relaxed)
+    }
+
+    /// Takes one of its `parallel` slots for a request (see `upstream::queue`); false when
+    /// every slot is taken. A node without `parallel` has no slots to take.
+    pub(crate) fn try_take_slot(&self) -> bool {
+        let Some(parallel) = self.parallel else {
+            return false;
+        };
+        self.taken
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < parallel).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// A slot taken with [`try_take_slot`](Self::try_take_slot) is free again.
+    pub(crate) fn give_back_slot(&self) {
+        let _ = self
+            .taken
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// Slots taken on it (by this replica).
+    pub(crate) fn slots_taken(&self) -> u32 {
+        self.taken.load(Ordering::Relaxed)
+    }
+
+    /// Whether a request for `model` (a key; `None`: any) could run here now: it is up and has
+    /// the model, or its list is not known yet.
+    pub(crate) fn may_run(&self, model: Option<&str>) -> bool {
+        self.is_up() && self.view(model, false).has != Has::No
     }
 
     /// Counts a request in flight on this node until the lease is dropped.
@@ -125,7 +159,8 @@ impl Node {
             up: self.is_up(),
             has,
             loaded,
-            inflight: self.inflight(),
+            // A slot held for a request not yet sent counts as much as one in flight.
+            inflight: self.inflight().max(self.slots_taken()),
             parallel: self.parallel,
             tried,
         }
@@ -230,6 +265,21 @@ mod tests {
         assert_eq!(n.inflight(), 1);
         drop(b);
         assert_eq!(n.inflight(), 0);
+    }
+
+    #[test]
+    fn slots_are_taken_up_to_parallel_and_given_back() {
+        let n = node("a", Some(2));
+        assert!(n.try_take_slot() && n.try_take_slot());
+        assert!(!n.try_take_slot(), "two slots");
+        assert_eq!(n.view(None, false).inflight, 2, "held slots count as busy");
+        n.give_back_slot();
+        assert!(n.try_take_slot());
+        for _ in 0..3 {
+            n.give_back_slot();
+        }
+        assert_eq!(n.slots_taken(), 0, "never below zero");
+        assert!(!node("b", None).try_take_slot(), "no parallel: no slots");
     }
 
     #[test]

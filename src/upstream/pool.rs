@@ -134,6 +134,16 @@ impl Pool {
         })
     }
 
+    /// Every node that could take a request for `model` now, best first (the order
+    /// [`choose`](choose::choose) prefers them in).
+    pub(crate) fn ranked(&self, model: Option<&str>) -> Vec<Arc<Node>> {
+        let mut ranked: Vec<Arc<Node>> = Vec::new();
+        while let Pick::Node(next) = self.pick(model, &ranked) {
+            ranked.push(next);
+        }
+        ranked
+    }
+
     /// The node for a request for `model` (a key; `None`: any node) that has tried `tried`.
     /// Outside a pool the one node takes everything, as a single upstream always did.
     pub(crate) fn pick(&self, model: Option<&str>, tried: &[Arc<Node>]) -> Pick {

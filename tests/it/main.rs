@@ -14,6 +14,7 @@ mod keys;
 mod lifecycle;
 mod limits;
 mod pool;
+mod queue;
 mod preload;
 mod resilience;
 mod routes;

@@ -388,3 +388,70 @@ async fn check_asks_the_store() {
     assert!(!ok, "{report}");
     assert!(report.contains("on_store_error"), "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_a_nodes_slots_and_a_killed_replicas_slot_comes_back() {
+    let double = double_with(|c| c.token_delay = Duration::from_millis(20)).await;
+    let redis = Redis::start();
+    let slotted = |verify_keys: Option<&Config>| {
+        let mut cfg = replica_config(&double, &redis, OnStoreError::Deny);
+        cfg.upstream.parallel = Some(1);
+        if let Some(first) = verify_keys {
+            cfg.auth.verify_keys = first.auth.verify_keys.clone();
+        }
+        cfg
+    };
+    let mut a = Corral::start(slotted(None));
+    let b = Corral::start(slotted(Some(&a.cfg)));
+    for corral in [&a, &b] {
+        wait_for_async(Duration::from_secs(10), "the store connected", || async {
+            let m = corral.metrics().await;
+            (metric_sum(&m, "corral_state_store_up", &[]) == 1.0).then_some(())
+        })
+        .await;
+    }
+    let key = a.issue("limited", None, None);
+    // Replica a's stream holds the node's one slot: b's request waits in b's line.
+    let held = a
+        .anonymous_client()
+        .post(format!("{}/api/generate", a.base()))
+        .bearer_auth(&key)
+        .json(&json!({"model": "llama3.2", "prompt": "x", "options": {"num_predict": 100000}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(held.status(), 200);
+    let (client, base, k) = (b.anonymous_client(), b.base(), key.clone());
+    let waiting = tokio::spawn(async move {
+        client
+            .post(format!("{base}/api/chat"))
+            .bearer_auth(&k)
+            .json(&json!({"model": "llama3.2", "stream": false, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    wait_for_async(Duration::from_secs(10), "b's request in line", || async {
+        let m = b.metrics().await;
+        (metric_sum(&m, "corral_queue_depth", &[("team", "limited")]) == 1.0).then_some(())
+    })
+    .await;
+    // Replica a dies without a word: its slot lapses within the lease time, and b's request
+    // gets it.
+    a.child.kill().unwrap();
+    drop(held);
+    let killed = Instant::now();
+    assert_eq!(waiting.await.unwrap(), 200);
+    assert!(
+        killed.elapsed() < Duration::from_secs(9),
+        "within the lease time: {:?}",
+        killed.elapsed()
+    );
+    let generated = forwarded(&double)
+        .iter()
+        .filter(|r| r.target.starts_with("/api/"))
+        .filter(|r| r.method == "POST")
+        .count();
+    assert_eq!(generated, 2, "one request at a time on the node");
+}

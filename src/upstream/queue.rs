@@ -1,0 +1,410 @@
+//! Slots on the nodes, and the line for them. A request that runs a model takes one of its
+//! node's `parallel` slots and holds it until it ends (a stream until its last byte). With no
+//! slot free on any node that has its model, it waits in its team's queue, and each slot that
+//! frees goes to the request whose turn it is ([`fair`](super::fair): weighted across teams,
+//! first in first out within one, among the requests the freed node can serve). Nodes without
+//! `parallel` have no slots: nothing waits for them.
+//!
+//! With a shared store (`[state]`) the slots are leases in the store, so replicas together
+//! never put more than `parallel` requests on a node; each replica's line stays its own. A slot
+//! another replica frees is noticed by [`SharedLine`], which looks for free slots while
+//! requests wait.
+
+use super::fair::{Fair, Ticket};
+use super::node::Node;
+use super::Pool;
+use crate::config::{OnStoreError, SchedulerConfig};
+use crate::state::store::Store;
+use crate::telemetry::metrics::Metrics;
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use std::future::Future;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// How often waiting requests look for slots other replicas freed (shared store only).
+const SHARED_POLL: Duration = Duration::from_millis(50);
+
+pub(crate) struct Scheduler {
+    line: Mutex<Fair<Waiter>>,
+    cfg: RwLock<SchedulerConfig>,
+    store: Option<Arc<Store>>,
+    metrics: Arc<Metrics>,
+}
+
+/// A request waiting for a slot.
+struct Waiter {
+    /// The model it runs (a key), so a freed slot goes only to a request its node can serve.
+    model: Option<String>,
+    team: String,
+    tx: oneshot::Sender<SlotHold>,
+}
+
+/// Who asks for a slot: the team, its weight and its own cap on waiting requests.
+pub(crate) struct Asker<'a> {
+    pub(crate) team: &'a str,
+    pub(crate) weight: u32,
+    /// `None`: only `scheduler.max_queued` applies.
+    pub(crate) max_queued: Option<u32>,
+}
+
+/// Where the request goes: a node, with the slot it holds there (none on a node without
+/// `parallel`, or while the store fails with `on_store_error = "allow"`).
+pub(crate) struct Granted {
+    pub(crate) node: Arc<Node>,
+    pub(crate) slot: Option<SlotHold>,
+    /// How long it waited in line.
+    pub(crate) waited: Duration,
+}
+
+/// Why a request got no slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NoSlot {
+    /// The line (all of it, or the team's) is full: 429.
+    Full,
+    /// No slot within `scheduler.queue_timeout`: 503.
+    Timeout,
+    /// The client left while waiting.
+    Gone,
+    /// The store failed and `on_store_error = "deny"`.
+    StoreDown,
+}
+
+impl NoSlot {
+    /// `corral_queue_rejected_total{reason}`, for the refusals that have one.
+    pub(crate) fn reason(self) -> Option<&'static str> {
+        match self {
+            NoSlot::Full => Some("full"),
+            NoSlot::Timeout => Some("timeout"),
+            NoSlot::Gone | NoSlot::StoreDown => None,
+        }
+    }
+}
+
+/// A slot on a node, held while its request lives. Dropped, it goes to the next request in
+/// line that the node can serve, or is freed.
+pub(crate) struct SlotHold {
+    held: Option<(Arc<Node>, Kind)>,
+    scheduler: Arc<Scheduler>,
+}
+
+#[derive(Clone, Debug)]
+enum Kind {
+    /// Counted on the node, in this process.
+    Local,
+    /// A lease in the store's set of the node's slots.
+    Shared(String),
+}
+
+impl Drop for SlotHold {
+    fn drop(&mut self) {
+        if let Some((node, kind)) = self.held.take() {
+            self.scheduler.offer(node, kind);
+        }
+    }
+}
+
+impl Scheduler {
+    pub(crate) fn new(
+        cfg: SchedulerConfig,
+        store: Option<Arc<Store>>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Scheduler> {
+        Arc::new(Scheduler {
+            line: Mutex::new(Fair::default()),
+            cfg: RwLock::new(cfg),
+            store,
+            metrics,
+        })
+    }
+
+    /// `[scheduler]` changed on reload: the next requests wait by the new settings.
+    pub(crate) fn reconfigure(&self, cfg: SchedulerConfig) {
+        *self.cfg.write().unwrap_or_else(|e| e.into_inner()) = cfg;
+    }
+
+    /// `scheduler.queue_timeout` now.
+    pub(crate) fn queue_timeout(&self) -> Duration {
+        self.cfg.read().unwrap_or_else(|e| e.into_inner()).queue_timeout.0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Fair<Waiter>> {
+        self.line.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn hold(self: &Arc<Self>, node: Arc<Node>, kind: Kind) -> SlotHold {
+        SlotHold {
+            held: Some((node, kind)),
+            scheduler: self.clone(),
+        }
+    }
+
+    /// Requests waiting in all.
+    pub(crate) fn waiting(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// A slot on `node` is free: the request whose turn it is among those the node can serve
+    /// gets it, else it is freed.
+    fn offer(self: &Arc<Self>, node: Arc<Node>, kind: Kind) {
+        let mut line = self.lock();
+        let mut kind = kind;
+        while let Some(waiter) = line.pop_where(|w| node.may_run(w.model.as_deref())) {
+            self.metrics
+                .queue_depth
+                .with_label_values(&[&waiter.team])
+                .dec();
+            match waiter.tx.send(self.hold(node.clone(), kind)) {
+                Ok(()) => return,
+                // It stopped waiting a moment ago: the next one.
+                Err(mut back) => {
+                    let Some((_, k)) = back.held.take() else {
+                        return;
+                    };
+                    kind = k;
+                }
+            }
+        }
+        drop(line);
+        match kind {
+            Kind::Local => node.give_back_slot(),
+            Kind::Shared(lease) => {
+                if let Some(store) = &self.store {
+                    store.let_go(lease);
+                }
+            }
+        }
+    }
+
+    /// A slot for a request for `model` on one of `ranked` (the nodes that could take it, best
+    /// first): at once when one is free (or a node has no slot limit), else after waiting in
+    /// line, until `scheduler.queue_timeout` or until `gone` (the client left) completes.
+    pub(crate) async fn acquire(
+        self: &Arc<Self>,
+        ranked: &[Arc<Node>],
+        model: Option<&str>,
+        asker: &Asker<'_>,
+        gone: impl Future<Output = ()>,
+    ) -> Result<Granted, NoSlot> {
+        let Some(first) = ranked.first() else {
+            return Err(NoSlot::Timeout);
+        };
+        let at_once = |node: &Arc<Node>, slot| Granted {
+            node: node.clone(),
+            slot,
+            waited: Duration::ZERO,
+        };
+        if first.parallel.is_none() {
+            return Ok(at_once(first, None));
+        }
+        let local = match self.take_shared(ranked).await {
+            Shared::Taken(granted) => return Ok(granted),
+            Shared::Full => false,
+            Shared::NoStore => true,
+            Shared::Failed => match self.store.as_ref().map(|s| s.on_error()) {
+                Some(OnStoreError::Deny) => return Err(NoSlot::StoreDown),
+                Some(OnStoreError::Allow) => return Ok(at_once(first, None)),
+                _ => true,
+            },
+        };
+        let started = Instant::now();
+        let (timeout, rx, ticket) = {
+            let mut line = self.lock();
+            if local {
+                for node in ranked {
+                    if node.parallel.is_none() {
+                        return Ok(at_once(node, None));
+                    }
+                    if node.try_take_slot() {
+                        return Ok(at_once(node, Some(self.hold(node.clone(), Kind::Local))));
+                    }
+                }
+            } else if let Some(free) = ranked.iter().find(|n| n.parallel.is_none()) {
+                return Ok(at_once(free, None));
+            }
+            let cfg = self.cfg.read().unwrap_or_else(|e| e.into_inner()).clone();
+            let team_full = asker
+                .max_queued
+                .is_some_and(|cap| line.depth(asker.team) >= cap as usize);
+            if line.len() >= cfg.max_queued as usize || team_full {
+                drop(line);
+                return Err(self.refused(asker.team, NoSlot::Full, Duration::ZERO));
+            }
+            let (tx, rx) = oneshot::channel();
+            let waiter = Waiter {
+                model: model.map(str::to_string),
+                team: asker.team.to_string(),
+                tx,
+            };
+            let ticket = line.push(asker.team, asker.weight, waiter);
+            self.metrics
+                .queue_depth
+                .with_label_values(&[asker.team])
+                .inc();
+            (cfg.queue_timeout.0, rx, ticket)
+        };
+        let outcome = tokio::select! {
+            granted = rx => granted.ok(),
+            () = tokio::time::sleep(timeout) => None,
+            () = gone => {
+                self.leave(asker.team, ticket);
+                return Err(NoSlot::Gone);
+            }
+        };
+        let waited = started.elapsed();
+        match outcome {
+            Some(mut slot) => {
+                self.observe_wait(asker.team, waited);
+                let node = slot.held.as_ref().map(|(n, _)| n.clone());
+                match node {
+                    Some(node) => Ok(Granted {
+                        node,
+                        slot: Some(slot),
+                        waited,
+                    }),
+                    None => {
+                        slot.held = None;
+                        Err(NoSlot::Timeout)
+                    }
+                }
+            }
+            None => {
+                self.leave(asker.team, ticket);
+                Err(self.refused(asker.team, NoSlot::Timeout, waited))
+            }
+        }
+    }
+
+    /// Takes a waiting request out of line (its slot, if one was handed to it meanwhile, goes
+    /// on to the next when the channel drops it).
+    fn leave(&self, team: &str, ticket: Ticket) {
+        if self.lock().remove(team, ticket).is_some() {
+            self.metrics.queue_depth.with_label_values(&[team]).dec();
+        }
+    }
+
+    fn observe_wait(&self, team: &str, waited: Duration) {
+        self.metrics
+            .queue_wait
+            .with_label_values(&[team])
+            .observe(waited.as_secs_f64());
+    }
+
+    fn refused(&self, team: &str, why: NoSlot, waited: Duration) -> NoSlot {
+        if let Some(reason) = why.reason() {
+            self.metrics
+                .queue_rejected
+                .with_label_values(&[team, reason])
+                .inc();
+        }
+        if why == NoSlot::Timeout {
+            self.observe_wait(team, waited);
+        }
+        why
+    }
+
+    /// A slot in the store on the first of `ranked` with one free (one round trip).
+    async fn take_shared(self: &Arc<Self>, ranked: &[Arc<Node>]) -> Shared {
+        let Some(store) = &self.store else {
+            return Shared::NoStore;
+        };
+        let Some(redis) = store.redis() else {
+            return Shared::Failed;
+        };
+        // Up to the first node without a slot limit: it takes the request if these are full.
+        let limited: Vec<(&str, u32)> = ranked
+            .iter()
+            .map_while(|n| n.parallel.map(|p| (n.name.as_str(), p)))
+            .collect();
+        let lease = store.new_lease();
+        let started = Instant::now();
+        let taken = redis.take_slot(&limited, &lease, store.lease_ttl()).await;
+        store.observe("slot", started, taken.as_ref().err());
+        match taken {
+            Ok(Some(i)) => {
+                let node = ranked[i].clone();
+                store.hold(&lease, redis.node_slots(&node.name));
+                Shared::Taken(Granted {
+                    slot: Some(self.hold(node.clone(), Kind::Shared(lease))),
+                    node,
+                    waited: Duration::ZERO,
+                })
+            }
+            Ok(None) => Shared::Full,
+            Err(_) => {
+                // The script may have run after all: the lease is let go, not left to lapse.
+                for (name, _) in &limited {
+                    store.hold(&lease, redis.node_slots(name));
+                    store.let_go(lease.clone());
+                }
+                Shared::Failed
+            }
+        }
+    }
+
+    /// Looks for slots other replicas freed, for requests waiting here (shared store only).
+    async fn poll_shared(self: &Arc<Self>, pool: &Pool) {
+        let (Some(store), Some(redis)) = (&self.store, self.store.as_ref().and_then(|s| s.redis()))
+        else {
+            return;
+        };
+        for node in pool.nodes().iter() {
+            let Some(parallel) = node.parallel else {
+                continue;
+            };
+            loop {
+                let wanted = {
+                    let line = self.lock();
+                    line.len() > 0 && line_fits(&line, node)
+                };
+                if !wanted {
+                    break;
+                }
+                let lease = store.new_lease();
+                let started = Instant::now();
+                let taken = redis
+                    .take_slot(&[(&node.name, parallel)], &lease, store.lease_ttl())
+                    .await;
+                store.observe("slot", started, taken.as_ref().err());
+                match taken {
+                    Ok(Some(_)) => {
+                        store.hold(&lease, redis.node_slots(&node.name));
+                        self.offer(node.clone(), Kind::Shared(lease));
+                    }
+                    _ => break,
+                }
+            }
+        }
+    }
+}
+
+/// Whether any request in line could run on `node`.
+fn line_fits(line: &Fair<Waiter>, node: &Node) -> bool {
+    line.any(|w| node.may_run(w.model.as_deref()))
+}
+
+enum Shared {
+    Taken(Granted),
+    Full,
+    NoStore,
+    Failed,
+}
+
+/// Hands slots other replicas freed to the requests waiting here (with a shared store).
+pub(crate) struct SharedLine {
+    pub(crate) scheduler: Arc<Scheduler>,
+    pub(crate) pool: Arc<Pool>,
+}
+
+#[async_trait]
+impl BackgroundService for SharedLine {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        while crate::clock::pause(SHARED_POLL, &mut shutdown).await {
+            if self.scheduler.waiting() > 0 {
+                self.scheduler.poll_shared(&self.pool).await;
+            }
+        }
+    }
+}
