@@ -221,5 +221,20 @@ fn routing(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, keys, classification, usage, routing);
+fn slots(c: &mut Criterion) {
+    use corral::upstream::queue::FreeSlotPath;
+    // What the scheduler adds to a request when a slot is free: nothing waits.
+    let mut g = c.benchmark_group("slots");
+    let limited = FreeSlotPath::new(Some(4));
+    g.bench_function("take and give back a free slot", |b| {
+        b.iter(|| assert!(black_box(limited.take_and_give_back())))
+    });
+    let unlimited = FreeSlotPath::new(None);
+    g.bench_function("a node without parallel", |b| {
+        b.iter(|| assert!(black_box(unlimited.take_and_give_back())))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, keys, classification, usage, routing, slots);
 criterion_main!(benches);

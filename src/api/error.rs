@@ -301,11 +301,20 @@ mod tests {
         let r = GatewayError::QueueFull("line full".into()).render(Dialect::OpenAi);
         assert_eq!(r.status, 429);
         assert!(r.headers.contains(&("retry-after", "5".into())));
-        assert_eq!(body(&GatewayError::QueueFull("x".into()), Dialect::OpenAi)["error"]["type"], "rate_limit_error");
+        assert_eq!(
+            body(&GatewayError::QueueFull("x".into()), Dialect::OpenAi)["error"]["type"],
+            "rate_limit_error"
+        );
         let r = GatewayError::QueueTimeout(HumanDuration::secs(60)).render(Dialect::Anthropic);
         assert_eq!(r.status, 503);
         assert!(r.headers.contains(&("retry-after", "5".into())));
-        assert_eq!(body(&GatewayError::QueueTimeout(HumanDuration::secs(1)), Dialect::Anthropic)["error"]["type"], "overloaded_error");
+        assert_eq!(
+            body(
+                &GatewayError::QueueTimeout(HumanDuration::secs(1)),
+                Dialect::Anthropic
+            )["error"]["type"],
+            "overloaded_error"
+        );
     }
 
     #[test]

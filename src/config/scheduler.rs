@@ -45,11 +45,20 @@ mod tests {
         assert_eq!(cfg.scheduler.queue_timeout.0.as_secs(), 60);
         assert_eq!(cfg.scheduler.max_queued, 1000);
         let cfg = load_str("[scheduler]\nqueue_timeout = \"5s\"\nmax_queued = 0\n").unwrap();
-        assert_eq!((cfg.scheduler.queue_timeout.0.as_secs(), cfg.scheduler.max_queued), (5, 0));
+        assert_eq!(
+            (
+                cfg.scheduler.queue_timeout.0.as_secs(),
+                cfg.scheduler.max_queued
+            ),
+            (5, 0)
+        );
         assert_eq!(
             keys(&load_str("[scheduler]\nqueue_timeout = \"0s\"\n").unwrap_err()),
             vec!["scheduler.queue_timeout"]
         );
-        assert!(load_str("[scheduler]\nqueue = 3\n").is_err(), "unknown keys are refused");
+        assert!(
+            load_str("[scheduler]\nqueue = 3\n").is_err(),
+            "unknown keys are refused"
+        );
     }
 }

@@ -23,7 +23,11 @@ impl Gateway {
             .as_ref()
             .is_some_and(|r| r.kind.class() == RouteClass::Inference);
         // The node admission chose has no slot limit: nothing to take, nothing to wait for.
-        let limited = ctx.nodes.next.as_ref().is_some_and(|n| n.parallel.is_some());
+        let limited = ctx
+            .nodes
+            .next
+            .as_ref()
+            .is_some_and(|n| n.parallel.is_some());
         let (true, true, Some(caller)) = (runs_model, limited, &ctx.admission.caller) else {
             return Ok(());
         };

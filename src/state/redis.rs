@@ -163,9 +163,7 @@ impl RedisStore {
     ) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
         let mut inv = self.renew.prepare_invoke();
-        inv.key(key)
-            .arg(lease)
-            .arg(ttl.as_millis() as u64);
+        inv.key(key).arg(lease).arg(ttl.as_millis() as u64);
         self.deadline(inv.invoke_async::<i64>(&mut conn))
             .await
             .map(|had| had == 1)
@@ -388,15 +386,28 @@ mod tests {
         assert_eq!(a.take_slot(&nodes, "a1", ttl).await.unwrap(), Some(0));
         assert_eq!(b.take_slot(&nodes, "b1", ttl).await.unwrap(), Some(1));
         assert_eq!(a.take_slot(&nodes, "a2", ttl).await.unwrap(), Some(1));
-        assert_eq!(b.take_slot(&nodes, "b2", ttl).await.unwrap(), None, "3 slots, 3 taken");
+        assert_eq!(
+            b.take_slot(&nodes, "b2", ttl).await.unwrap(),
+            None,
+            "3 slots, 3 taken"
+        );
         b.release(&b.node_slots("gpu-a"), "a1").await.unwrap();
         assert_eq!(b.take_slot(&nodes, "b2", ttl).await.unwrap(), Some(0));
         // A replica that stops renewing loses its slot when the lease lapses.
         let short = Duration::from_millis(200);
-        assert_eq!(a.take_slot(&[("gpu-c", 1)], "dies", short).await.unwrap(), Some(0));
-        assert_eq!(b.take_slot(&[("gpu-c", 1)], "w", short).await.unwrap(), None);
+        assert_eq!(
+            a.take_slot(&[("gpu-c", 1)], "dies", short).await.unwrap(),
+            Some(0)
+        );
+        assert_eq!(
+            b.take_slot(&[("gpu-c", 1)], "w", short).await.unwrap(),
+            None
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(b.take_slot(&[("gpu-c", 1)], "w", short).await.unwrap(), Some(0));
+        assert_eq!(
+            b.take_slot(&[("gpu-c", 1)], "w", short).await.unwrap(),
+            Some(0)
+        );
     }
 
     #[tokio::test]

@@ -24,6 +24,11 @@ const TTFT_BUCKETS: &[f64] = &[
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0,
 ];
 
+/// The calls corral makes to the shared store (`corral_state_store_errors_total{op}`).
+const STORE_OPS: [&str; 8] = [
+    "connect", "admit", "charge", "refund", "renew", "release", "revoked", "slot",
+];
+
 pub(crate) struct Metrics {
     registry: Registry,
     pub(crate) requests: IntCounterVec,
@@ -139,6 +144,12 @@ impl Metrics {
         }
         for team in cfg.teams.keys() {
             m.queue_depth.with_label_values(&[team]).set(0);
+            for reason in ["full", "timeout"] {
+                m.queue_rejected.with_label_values(&[team, reason]);
+            }
+        }
+        for op in STORE_OPS {
+            m.store_errors.with_label_values(&[op]);
         }
         m
     }
@@ -314,7 +325,7 @@ impl Metrics {
             store_errors: counter(
                 &r,
                 "corral_state_store_errors_total",
-                "Failed calls to the shared state store, by operation (connect, admit, charge, refund, renew, release, revoked, slot).",
+                "Failed or late calls to the shared state store, by operation (connect, admit, charge, refund, renew, release, revoked, slot).",
                 &["op"],
             ),
             store_seconds: histogram(
@@ -333,7 +344,7 @@ impl Metrics {
             queue_wait: histogram(
                 &r,
                 "corral_queue_wait_seconds",
-                "Time requests waited for a slot on a node (those that got one, and those that timed out), by team.",
+                "Time requests that needed a slot on a node (parallel) waited for it (0 when one was free; those that timed out too), by team.",
                 &["team"],
                 DURATION_BUCKETS,
             ),

@@ -175,7 +175,11 @@ mod tests {
         fair.push("a", 1, 2);
         fair.push("b", 1, 20);
         let served: Vec<i32> = std::iter::from_fn(|| fair.pop_where(|_| true)).collect();
-        assert_eq!(served, vec![1, 10, 2, 20], "equal weights alternate, each in order");
+        assert_eq!(
+            served,
+            vec![1, 10, 2, 20],
+            "equal weights alternate, each in order"
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ pub(crate) mod pool;
 pub(crate) mod preload;
 pub(crate) mod probe;
 pub(crate) mod pull;
-pub(crate) mod queue;
+pub mod queue;
 pub(crate) mod show;
 pub(crate) mod supervise;
 

@@ -127,7 +127,11 @@ impl Scheduler {
 
     /// `scheduler.queue_timeout` now.
     pub(crate) fn queue_timeout(&self) -> Duration {
-        self.cfg.read().unwrap_or_else(|e| e.into_inner()).queue_timeout.0
+        self.cfg
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .queue_timeout
+            .0
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Fair<Waiter>> {
@@ -200,7 +204,10 @@ impl Scheduler {
             return Ok(at_once(first, None));
         }
         let local = match self.take_shared(ranked).await {
-            Shared::Taken(granted) => return Ok(granted),
+            Shared::Taken(granted) => {
+                self.observe_wait(asker.team, Duration::ZERO);
+                return Ok(granted);
+            }
             Shared::Full => false,
             Shared::NoStore => true,
             Shared::Failed => match self.store.as_ref().map(|s| s.on_error()) {
@@ -218,6 +225,7 @@ impl Scheduler {
                         return Ok(at_once(node, None));
                     }
                     if node.try_take_slot() {
+                        self.observe_wait(asker.team, Duration::ZERO);
                         return Ok(at_once(node, Some(self.hold(node.clone(), Kind::Local))));
                     }
                 }
@@ -406,5 +414,156 @@ impl BackgroundService for SharedLine {
                 self.scheduler.poll_shared(&self.pool).await;
             }
         }
+    }
+}
+
+/// The scheduler's path when a slot is free, on its own, for `benches/hot_paths.rs`: one node,
+/// with `parallel` slots or none.
+#[doc(hidden)]
+pub struct FreeSlotPath {
+    scheduler: Arc<Scheduler>,
+    nodes: Vec<Arc<Node>>,
+}
+
+impl FreeSlotPath {
+    pub fn new(parallel: Option<u32>) -> FreeSlotPath {
+        let cfg = crate::config::Config::default();
+        let mut node = cfg.upstream.node_list().remove(0);
+        node.parallel = parallel;
+        FreeSlotPath {
+            scheduler: Scheduler::new(cfg.scheduler.clone(), None, Arc::new(Metrics::new(&cfg))),
+            nodes: vec![super::pool::make_node(node, &cfg.upstream)],
+        }
+    }
+
+    /// Takes a slot (one is always free, so nothing waits) and gives it back; true when the
+    /// request went at once.
+    pub fn take_and_give_back(&self) -> bool {
+        let asker = Asker {
+            team: "bench",
+            weight: 1,
+            max_queued: None,
+        };
+        let acquire = self.scheduler.acquire(
+            &self.nodes,
+            Some("llama3.2:latest"),
+            &asker,
+            std::future::pending(),
+        );
+        let mut acquire = std::pin::pin!(acquire);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        matches!(
+            acquire.as_mut().poll(&mut cx),
+            std::task::Poll::Ready(Ok(ref g)) if g.waited.is_zero()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scheduler(max_queued: u32) -> Arc<Scheduler> {
+        let cfg = crate::config::Config::default();
+        let sched = SchedulerConfig {
+            queue_timeout: crate::config::HumanDuration::secs(30),
+            max_queued,
+        };
+        Scheduler::new(sched, None, Arc::new(Metrics::new(&cfg)))
+    }
+
+    fn node(name: &str, parallel: Option<u32>) -> Arc<Node> {
+        let cfg = crate::config::UpstreamConfig::default();
+        let mut n = cfg.node_list().remove(0);
+        n.name = name.into();
+        n.parallel = parallel;
+        super::super::pool::make_node(n, &cfg)
+    }
+
+    fn asker(team: &str) -> Asker<'_> {
+        Asker {
+            team,
+            weight: 1,
+            max_queued: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_freed_slot_goes_to_the_waiting_request_and_a_full_line_refuses() {
+        let sched = scheduler(1);
+        let a = node("a", Some(1));
+        let nodes = [a.clone()];
+        let first = sched
+            .acquire(&nodes, None, &asker("t"), std::future::pending())
+            .await
+            .unwrap();
+        assert!(first.slot.is_some() && first.waited.is_zero());
+        let waiting = {
+            let sched = sched.clone();
+            let nodes = nodes.clone();
+            tokio::spawn(async move {
+                sched
+                    .acquire(&nodes, None, &asker("t"), std::future::pending())
+                    .await
+                    .map(|g| g.node.name.clone())
+            })
+        };
+        while sched.waiting() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let refused = sched
+            .acquire(&nodes, None, &asker("u"), std::future::pending())
+            .await;
+        assert_eq!(refused.err(), Some(NoSlot::Full), "max_queued = 1 in all");
+        drop(first);
+        assert_eq!(waiting.await.unwrap().ok(), Some("a".to_string()));
+        assert_eq!(
+            a.slots_taken(),
+            0,
+            "the handed-over slot was given back when it ended"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_node_without_slots_takes_requests_at_once_and_a_leaver_is_taken_out() {
+        let sched = scheduler(10);
+        let free = node("free", None);
+        let granted = sched
+            .acquire(&[free], None, &asker("t"), std::future::pending())
+            .await
+            .unwrap();
+        assert!(granted.slot.is_none(), "nothing to hold");
+        let busy = node("busy", Some(1));
+        let _held = sched
+            .acquire(
+                std::slice::from_ref(&busy),
+                None,
+                &asker("t"),
+                std::future::pending(),
+            )
+            .await
+            .unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let leaver = {
+            let (sched, busy) = (sched.clone(), busy.clone());
+            tokio::spawn(async move {
+                let gone = async {
+                    let _ = rx.await;
+                };
+                sched.acquire(&[busy], None, &asker("t"), gone).await.err()
+            })
+        };
+        while sched.waiting() == 0 {
+            tokio::task::yield_now().await;
+        }
+        tx.send(()).unwrap();
+        assert_eq!(leaver.await.unwrap(), Some(NoSlot::Gone));
+        assert_eq!(sched.waiting(), 0, "out of line");
+    }
+
+    #[test]
+    fn the_free_slot_path_never_waits() {
+        assert!(FreeSlotPath::new(Some(4)).take_and_give_back());
+        assert!(FreeSlotPath::new(None).take_and_give_back());
     }
 }

@@ -41,6 +41,13 @@ def stack(tmp_path_factory):
     dir = tmp_path_factory.mktemp("observability")
     double_port, port, metrics, prom_port = free_port(), free_port(), free_port(), free_port()
     procs = {"double": start_double(double_port)}
+    # A shared state store, so its panels have calls to show.
+    redis_port = free_port()
+    procs["redis"] = subprocess.Popen(
+        [need("redis-server"), "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    wait_port(redis_port, procs["redis"])
     ca = trustme.CA()
     cert = ca.issue_cert("localhost")
     cert.private_key_pem.write_to_path(str(dir / "tls.key"))
@@ -56,6 +63,10 @@ tls_key = "tls.key"
 metrics_listen = "127.0.0.1:{metrics}"
 [upstream]
 url = "http://127.0.0.1:{double_port}"
+# Slots: requests wait in corral's line when both are taken (the Queue row).
+parallel = 2
+[state]
+store = "redis://127.0.0.1:{redis_port}/0"
 [auth]
 verify_keys = ["keys/obs.pub.pem"]
 revoked_file = "revoked.txt"
