@@ -243,6 +243,9 @@ impl Gateway {
         self.count_attempt(&node, outcome);
         if failover {
             ctx.nodes.tried.push(node);
+            // The slot held there goes to the next request in line; the next node is tried
+            // without one (it answers or fails over in turn).
+            ctx.nodes.slot = None;
         }
         failover
     }

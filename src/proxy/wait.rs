@@ -51,10 +51,17 @@ impl Gateway {
             weight: team.weight,
             max_queued: team.max_queued,
         };
-        // Resolves when the client closes the connection (or the HTTP/2 stream) while waiting.
+        // Resolves when the client closes the connection (or resets the HTTP/2 stream) while
+        // waiting. Bytes it sends meanwhile (a pipelined request, a stray CRLF) are no sign it
+        // left: the connection is just not reused.
         let downstream = &mut session.downstream_session;
         let gone = async move {
-            let _ = downstream.read_body_or_idle(true).await;
+            if let Err(e) = downstream.read_body_or_idle(true).await {
+                if e.etype() == &pingora::ErrorType::ConnectError {
+                    downstream.set_keepalive(None);
+                    std::future::pending::<()>().await;
+                }
+            }
         };
         let granted = self
             .scheduler

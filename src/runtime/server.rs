@@ -22,7 +22,7 @@ use crate::state::store::Store;
 use crate::telemetry::access_log::{AccessLog, AccessLogFlusher};
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::pins::Pins;
-use crate::upstream::queue::{Scheduler, SharedLine};
+use crate::upstream::queue::{LineKeeper, Scheduler};
 use crate::upstream::supervise::Supervisor;
 use crate::upstream::Pool;
 use pingora::apps::HttpServerOptions;
@@ -361,14 +361,14 @@ pub(crate) fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
     server.add_service(background_service("config reload", reloader));
     if let Some(shared) = shared {
         server.add_service(background_service("state store", StoreKeeper(shared)));
-        server.add_service(background_service(
-            "shared slots",
-            SharedLine {
-                scheduler: scheduler.clone(),
-                pool: pool.clone(),
-            },
-        ));
     }
+    server.add_service(background_service(
+        "slot line",
+        LineKeeper {
+            scheduler: scheduler.clone(),
+            pool: pool.clone(),
+        },
+    ));
     server.add_service(background_service(
         "memory trim",
         crate::runtime::memory::Trimmer,

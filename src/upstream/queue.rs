@@ -7,7 +7,7 @@
 //!
 //! With a shared store (`[state]`) the slots are leases in the store, so replicas together
 //! never put more than `parallel` requests on a node; each replica's line stays its own. A slot
-//! another replica frees is noticed by [`SharedLine`], which looks for free slots while
+//! another replica frees is noticed by [`LineKeeper`], which looks for free slots while
 //! requests wait.
 
 use super::fair::{Fair, Ticket};
@@ -24,8 +24,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
-/// How often waiting requests look for slots other replicas freed (shared store only).
-const SHARED_POLL: Duration = Duration::from_millis(50);
+/// How often waiting requests look for slots no slot's end handed them (see [`LineKeeper`]).
+const POLL: Duration = Duration::from_millis(50);
 
 pub(crate) struct Scheduler {
     line: Mutex<Fair<Waiter>>,
@@ -38,8 +38,19 @@ pub(crate) struct Scheduler {
 struct Waiter {
     /// The model it runs (a key), so a freed slot goes only to a request its node can serve.
     model: Option<String>,
+    /// The nodes it may go to (those that could take it when it came).
+    nodes: Vec<Arc<Node>>,
     team: String,
     tx: oneshot::Sender<SlotHold>,
+}
+
+impl Waiter {
+    /// Whether a slot on `node` can serve this request: one of its nodes, and (in a pool of
+    /// several) still up with its model. One node takes everything, as routing does.
+    fn fits(&self, node: &Arc<Node>) -> bool {
+        self.nodes.iter().any(|n| Arc::ptr_eq(n, node))
+            && (self.nodes.len() == 1 || node.may_run(self.model.as_deref()))
+    }
 }
 
 /// Who asks for a slot: the team, its weight and its own cap on waiting requests.
@@ -155,7 +166,7 @@ impl Scheduler {
     fn offer(self: &Arc<Self>, node: Arc<Node>, kind: Kind) {
         let mut line = self.lock();
         let mut kind = kind;
-        while let Some(waiter) = line.pop_where(|w| node.may_run(w.model.as_deref())) {
+        while let Some(waiter) = line.pop_where(|w| w.fits(&node)) {
             self.metrics
                 .queue_depth
                 .with_label_values(&[&waiter.team])
@@ -171,7 +182,7 @@ impl Scheduler {
                 }
             }
         }
-        drop(line);
+        // Freed before the line is let go: a request joining it meanwhile would miss the slot.
         match kind {
             Kind::Local => node.give_back_slot(),
             Kind::Shared(lease) => {
@@ -203,7 +214,15 @@ impl Scheduler {
         if first.parallel.is_none() {
             return Ok(at_once(first, None));
         }
-        let local = match self.take_shared(ranked).await {
+        // Requests already waiting here for these nodes go first: a newcomer joins the line
+        // rather than take a slot another replica freed before the line sees it.
+        let behind = self.store.is_some() && self.lock().any(|w| ranked.iter().any(|n| w.fits(n)));
+        let shared = if behind {
+            Shared::Full
+        } else {
+            self.take_shared(ranked).await
+        };
+        let local = match shared {
             Shared::Taken(granted) => {
                 self.observe_wait(asker.team, Duration::ZERO);
                 return Ok(granted);
@@ -243,6 +262,7 @@ impl Scheduler {
             let (tx, rx) = oneshot::channel();
             let waiter = Waiter {
                 model: model.map(str::to_string),
+                nodes: ranked.to_vec(),
                 team: asker.team.to_string(),
                 tx,
             };
@@ -253,14 +273,21 @@ impl Scheduler {
                 .inc();
             (cfg.queue_timeout.0, rx, ticket)
         };
+        // Out of line however this ends, the request's task dropped included.
+        let mut in_line = InLine {
+            scheduler: self,
+            team: asker.team,
+            ticket: Some(ticket),
+        };
         let outcome = tokio::select! {
             granted = rx => granted.ok(),
             () = tokio::time::sleep(timeout) => None,
             () = gone => {
-                self.leave(asker.team, ticket);
+                in_line.leave();
                 return Err(NoSlot::Gone);
             }
         };
+        in_line.leave();
         let waited = started.elapsed();
         match outcome {
             Some(mut slot) => {
@@ -278,10 +305,7 @@ impl Scheduler {
                     }
                 }
             }
-            None => {
-                self.leave(asker.team, ticket);
-                Err(self.refused(asker.team, NoSlot::Timeout, waited))
-            }
+            None => Err(self.refused(asker.team, NoSlot::Timeout, waited)),
         }
     }
 
@@ -352,24 +376,27 @@ impl Scheduler {
         }
     }
 
-    /// Looks for slots other replicas freed, for requests waiting here (shared store only).
-    async fn poll_shared(self: &Arc<Self>, pool: &Pool) {
-        let (Some(store), Some(redis)) = (&self.store, self.store.as_ref().and_then(|s| s.redis()))
-        else {
-            return;
-        };
+    /// Looks for free slots for requests waiting here: ones other replicas freed (shared
+    /// store), and ones a request could not use until now (its node came back, or listed its
+    /// model).
+    async fn poll(self: &Arc<Self>, pool: &Pool) {
+        let redis = self.store.as_ref().and_then(|s| s.redis());
         for node in pool.nodes().iter() {
             let Some(parallel) = node.parallel else {
                 continue;
             };
             loop {
-                let wanted = {
-                    let line = self.lock();
-                    line.len() > 0 && line_fits(&line, node)
-                };
-                if !wanted {
+                if !self.lock().any(|w| w.fits(node)) {
                     break;
                 }
+                let (Some(store), Some(redis)) = (&self.store, &redis) else {
+                    // This process's own count (no store, or on_store_error = "local").
+                    if !node.try_take_slot() {
+                        break;
+                    }
+                    self.offer(node.clone(), Kind::Local);
+                    continue;
+                };
                 let lease = store.new_lease();
                 let started = Instant::now();
                 let taken = redis
@@ -381,16 +408,38 @@ impl Scheduler {
                         store.hold(&lease, redis.node_slots(&node.name));
                         self.offer(node.clone(), Kind::Shared(lease));
                     }
-                    _ => break,
+                    Ok(None) => break,
+                    Err(_) => {
+                        // The script may have run after all: let the lease go, not lapse.
+                        store.hold(&lease, redis.node_slots(&node.name));
+                        store.let_go(lease);
+                        break;
+                    }
                 }
             }
         }
     }
 }
 
-/// Whether any request in line could run on `node`.
-fn line_fits(line: &Fair<Waiter>, node: &Node) -> bool {
-    line.any(|w| node.may_run(w.model.as_deref()))
+/// A request in line; taken out when dropped (its task may be dropped while it waits).
+struct InLine<'a> {
+    scheduler: &'a Scheduler,
+    team: &'a str,
+    ticket: Option<Ticket>,
+}
+
+impl InLine<'_> {
+    fn leave(&mut self) {
+        if let Some(ticket) = self.ticket.take() {
+            self.scheduler.leave(self.team, ticket);
+        }
+    }
+}
+
+impl Drop for InLine<'_> {
+    fn drop(&mut self) {
+        self.leave();
+    }
 }
 
 enum Shared {
@@ -400,18 +449,19 @@ enum Shared {
     Failed,
 }
 
-/// Hands slots other replicas freed to the requests waiting here (with a shared store).
-pub(crate) struct SharedLine {
+/// Hands free slots to requests waiting here that no slot's end would reach: slots other
+/// replicas freed (shared store), nodes that came back or now list the model.
+pub(crate) struct LineKeeper {
     pub(crate) scheduler: Arc<Scheduler>,
     pub(crate) pool: Arc<Pool>,
 }
 
 #[async_trait]
-impl BackgroundService for SharedLine {
+impl BackgroundService for LineKeeper {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        while crate::clock::pause(SHARED_POLL, &mut shutdown).await {
+        while crate::clock::pause(POLL, &mut shutdown).await {
             if self.scheduler.waiting() > 0 {
-                self.scheduler.poll_shared(&self.pool).await;
+                self.scheduler.poll(&self.pool).await;
             }
         }
     }
@@ -559,6 +609,67 @@ mod tests {
         tx.send(()).unwrap();
         assert_eq!(leaver.await.unwrap(), Some(NoSlot::Gone));
         assert_eq!(sched.waiting(), 0, "out of line");
+    }
+
+    #[tokio::test]
+    async fn one_node_serves_its_line_whatever_it_lists_and_a_dropped_waiter_leaves() {
+        let sched = scheduler(10);
+        let only = node("only", Some(1));
+        // Its list lacks the model: routing sends everything to a single node anyway (Ollama
+        // answers 404 itself), so the line must too.
+        only.set_lists(&super::super::node::Listed::default());
+        let nodes = [only.clone()];
+        let first = sched
+            .acquire(
+                &nodes,
+                Some("typo:latest"),
+                &asker("t"),
+                std::future::pending(),
+            )
+            .await
+            .unwrap();
+        let waiting = {
+            let (sched, nodes) = (sched.clone(), nodes.clone());
+            tokio::spawn(async move {
+                sched
+                    .acquire(
+                        &nodes,
+                        Some("typo:latest"),
+                        &asker("t"),
+                        std::future::pending(),
+                    )
+                    .await
+                    .is_ok()
+            })
+        };
+        while sched.waiting() == 0 {
+            tokio::task::yield_now().await;
+        }
+        drop(first);
+        assert!(waiting.await.unwrap(), "the freed slot reached it");
+
+        let _held = sched
+            .acquire(&nodes, None, &asker("t"), std::future::pending())
+            .await
+            .unwrap();
+        let dropped = {
+            let (sched, nodes) = (sched.clone(), nodes.clone());
+            tokio::spawn(async move {
+                let _ = sched
+                    .acquire(&nodes, None, &asker("t"), std::future::pending())
+                    .await;
+            })
+        };
+        while sched.waiting() == 0 {
+            tokio::task::yield_now().await;
+        }
+        dropped.abort();
+        let _ = dropped.await;
+        assert_eq!(
+            sched.waiting(),
+            0,
+            "a request whose task was dropped is out of line"
+        );
     }
 
     #[test]
