@@ -37,14 +37,14 @@ impl Gateway {
             .as_deref()
             .and_then(crate::ollama::ModelName::parse)
             .map(|m| m.key());
-        let mut ranked = if self.pool.is_pool() {
-            self.pool.ranked(model.as_deref())
-        } else {
-            Vec::new()
+        let Some(first) = &ctx.nodes.next else {
+            return Ok(());
         };
-        if ranked.is_empty() {
-            ranked.extend(ctx.nodes.next.clone());
-        }
+        let ranked = if self.pool.is_pool() {
+            self.pool.ranked(model.as_deref(), first)
+        } else {
+            vec![first.clone()]
+        };
         let team = caller.team.clone();
         let asker = Asker {
             team: &team.name,

@@ -134,11 +134,13 @@ impl Pool {
         })
     }
 
-    /// Every node that could take a request for `model` now, best first (the order
-    /// [`choose`](choose::choose) prefers them in).
-    pub(crate) fn ranked(&self, model: Option<&str>) -> Vec<Arc<Node>> {
-        let mut ranked: Vec<Arc<Node>> = Vec::new();
-        while let Pick::Node(next) = self.pick(model, &ranked) {
+    /// Every node that could take a request for `model` now, best first: `first` (the node
+    /// [`pick`](Self::pick) chose for it), then the others in the order `choose` prefers them.
+    /// Ranking takes no turn: equal nodes still alternate request by request.
+    pub(crate) fn ranked(&self, model: Option<&str>, first: &Arc<Node>) -> Vec<Arc<Node>> {
+        let turn = self.turn.load(Ordering::Relaxed);
+        let mut ranked = vec![first.clone()];
+        while let Pick::Node(next) = self.pick_in_turn(model, &ranked, turn) {
             ranked.push(next);
         }
         ranked
@@ -147,6 +149,10 @@ impl Pool {
     /// The node for a request for `model` (a key; `None`: any node) that has tried `tried`.
     /// Outside a pool the one node takes everything, as a single upstream always did.
     pub(crate) fn pick(&self, model: Option<&str>, tried: &[Arc<Node>]) -> Pick {
+        self.pick_in_turn(model, tried, self.turn.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn pick_in_turn(&self, model: Option<&str>, tried: &[Arc<Node>], turn: usize) -> Pick {
         let nodes = self.nodes();
         let was_tried = |n: &Arc<Node>| tried.iter().any(|t| Arc::ptr_eq(t, n));
         match &nodes[..] {
@@ -157,7 +163,7 @@ impl Pool {
         }
         let views: Vec<choose::NodeView> =
             nodes.iter().map(|n| n.view(model, was_tried(n))).collect();
-        match choose::choose(&views, self.turn.fetch_add(1, Ordering::Relaxed)) {
+        match choose::choose(&views, turn) {
             Choice::Node(i) => Pick::Node(nodes[i].clone()),
             Choice::Down => Pick::Down,
             Choice::Missing => Pick::Missing,
@@ -195,5 +201,31 @@ mod tests {
         pool.replace(vec![]);
         assert!(matches!(pool.pick(None, &[]), Pick::Down));
         assert!(pool.merged(List::Tags).is_none());
+    }
+
+    #[test]
+    fn ranking_the_nodes_keeps_equal_nodes_taking_turns() {
+        let node = |name: &str| NodeConfig {
+            name: name.into(),
+            url: UpstreamUrl::parse("http://127.0.0.1:1").unwrap(),
+            parallel: Some(2),
+            models: Vec::new(),
+        };
+        let cfg = UpstreamConfig {
+            nodes: vec![node("a"), node("b")],
+            ..UpstreamConfig::default()
+        };
+        let pool = Pool::new(&cfg);
+        let mut firsts = Vec::new();
+        for _ in 0..4 {
+            let Pick::Node(first) = pool.pick(Some("llama3.2:latest"), &[]) else {
+                panic!("both may have it");
+            };
+            let ranked = pool.ranked(Some("llama3.2:latest"), &first);
+            assert_eq!(ranked.len(), 2);
+            assert!(Arc::ptr_eq(&ranked[0], &first));
+            firsts.push(first.name.clone());
+        }
+        assert_eq!(firsts, ["a", "b", "a", "b"]);
     }
 }
