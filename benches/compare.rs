@@ -2,11 +2,13 @@
 //!
 //!   cargo bench --bench compare            (needs `oha` and `nginx` on PATH)
 //!   cargo bench --bench compare -- --quick (one short round, to try it out)
+//!   cargo bench --bench compare -- --canned (small requests only, against an upstream that costs
+//!                                          next to nothing: nginx with fixed answers)
 //!   CORRAL_BENCH_BIN=path/to/corral cargo bench --bench compare (measure another build)
 //!
 //! Starts the Ollama double, corral (TLS, keys, access log, metrics: as in production), corral
-//! with a pool of three nodes (the same double three times, so only the pool's own cost differs)
-//! and nginx (TLS, a static key check with `map`, `proxy_buffering off`, long timeouts, access
+//! with a pool of three nodes (the same double three times, so only the pool's own cost differs),
+//! a bare pingora proxy (`corral bare-proxy`: the cost of pingora without corral's hooks) and nginx (TLS, a static key check with `map`, `proxy_buffering off`, long timeouts, access
 //! log), then drives them and direct access with the same load generator, interleaved, over
 //! several rounds, and prints one table of medians with every figure also as a ratio to direct
 //! and nginx, and the pool's to one node.
@@ -33,17 +35,26 @@ enum Target {
     Pool,
     /// corral with its team limits in a local Redis (`[state]`).
     Shared,
+    /// pingora's minimal proxy with corral's TLS and runtime settings (`corral bare-proxy`).
+    Bare,
     Nginx,
 }
 
-const TARGETS: [Target; 5] = [
+const TARGETS: [Target; 6] = [
     Target::Direct,
     Target::Corral,
     Target::Pool,
     Target::Shared,
+    Target::Bare,
     Target::Nginx,
 ];
-const GATEWAYS: [Target; 4] = [Target::Corral, Target::Pool, Target::Shared, Target::Nginx];
+const GATEWAYS: [Target; 5] = [
+    Target::Corral,
+    Target::Pool,
+    Target::Shared,
+    Target::Bare,
+    Target::Nginx,
+];
 
 struct Stack {
     dir: PathBuf,
@@ -52,11 +63,16 @@ struct Stack {
     pool: Child,
     shared: Child,
     redis: Child,
+    bare: Child,
     nginx: Child,
-    double_port: u16,
+    /// The canned upstream (`--canned`): nginx answering every request with a fixed body.
+    canned: Option<Child>,
+    /// Where the gateways send requests: the double, or the canned upstream.
+    upstream_port: u16,
     corral_port: u16,
     pool_port: u16,
     shared_port: u16,
+    bare_port: u16,
     nginx_port: u16,
     key: String,
     ca_pem: String,
@@ -65,10 +81,11 @@ struct Stack {
 impl Stack {
     fn url(&self, t: Target, path: &str) -> String {
         match t {
-            Target::Direct => format!("http://127.0.0.1:{}{path}", self.double_port),
+            Target::Direct => format!("http://127.0.0.1:{}{path}", self.upstream_port),
             Target::Corral => format!("https://localhost:{}{path}", self.corral_port),
             Target::Pool => format!("https://localhost:{}{path}", self.pool_port),
             Target::Shared => format!("https://localhost:{}{path}", self.shared_port),
+            Target::Bare => format!("https://localhost:{}{path}", self.bare_port),
             Target::Nginx => format!("https://localhost:{}{path}", self.nginx_port),
         }
     }
@@ -76,10 +93,11 @@ impl Stack {
     /// Resident memory of the gateway (nginx: master and workers).
     fn rss_kib(&self, t: Target) -> u64 {
         let pids: Vec<u32> = match t {
-            Target::Direct => vec![self.double.id()],
+            Target::Direct => vec![self.canned.as_ref().map_or(self.double.id(), Child::id)],
             Target::Corral => vec![self.corral.id()],
             Target::Pool => vec![self.pool.id()],
             Target::Shared => vec![self.shared.id()],
+            Target::Bare => vec![self.bare.id()],
             Target::Nginx => {
                 let out = Command::new("pgrep")
                     .args(["-P", &self.nginx.id().to_string()])
@@ -116,9 +134,14 @@ impl Drop for Stack {
             &mut self.pool,
             &mut self.shared,
             &mut self.redis,
+            &mut self.bare,
             &mut self.nginx,
             &mut self.double,
         ] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(c) = &mut self.canned {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -165,7 +188,51 @@ fn which(tool: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn start(oha_ok: bool) -> Stack {
+/// nginx answering like Ollama with fixed bodies, for `--canned`: an upstream that costs next to
+/// nothing, so the gateways' own costs are what the figures show.
+fn canned_upstream(nginx_bin: &Path, dir: &Path, port: u16) -> Child {
+    let d = dir.join("canned");
+    std::fs::create_dir_all(&d).unwrap();
+    let d = d.display();
+    let show = r#"{"license":"","modelfile":"FROM llama3.2","parameters":"","template":"{{ .Prompt }}","details":{"parent_model":"","format":"gguf","family":"llama","families":["llama"],"parameter_size":"3.2B","quantization_level":"Q4_K_M"},"model_info":{},"capabilities":["completion"]}"#;
+    let tags = r#"{"models":[{"name":"llama3.2:latest","model":"llama3.2:latest","modified_at":"2026-11-01T00:00:00Z","size":2019393189,"digest":"a80c4f17acd55265feec403c7aef86be0c25983ab279d83f3bcd3abbcb5b8b72","details":{"format":"gguf","family":"llama","parameter_size":"3.2B","quantization_level":"Q4_K_M"}}]}"#;
+    std::fs::write(
+        dir.join("canned/nginx.conf"),
+        format!(
+            r#"worker_processes auto;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body;
+  keepalive_requests 1000000;
+  keepalive_timeout 300s;
+  default_type application/json;
+  server {{
+    listen 127.0.0.1:{port};
+    location = /api/tags {{ return 200 '{tags}'; }}
+    location = /api/ps {{ return 200 '{{"models":[]}}'; }}
+    location = /api/version {{ return 200 '{{"version":"0.33.0"}}'; }}
+    location / {{ return 200 '{show}'; }}
+  }}
+}}
+"#
+        ),
+    )
+    .unwrap();
+    let child = Command::new(nginx_bin)
+        .args(["-p", &d.to_string(), "-c", &format!("{d}/nginx.conf")])
+        .args(["-g", "daemon off;"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_port(port, "the canned upstream (nginx)");
+    child
+}
+
+fn start(oha_ok: bool, canned: bool) -> Stack {
     let nginx_bin = which("nginx").expect("nginx is needed: apt-get install nginx");
     assert!(oha_ok, "oha is needed: cargo install oha");
     // CORRAL_BENCH_BIN compares another build of corral (A/B of a change).
@@ -204,6 +271,14 @@ fn start(oha_ok: bool) -> Stack {
         .spawn()
         .unwrap();
     wait_port(double_port, "the double");
+    // Where every gateway (and "direct") sends its requests.
+    let canned_port = free_port();
+    let canned = canned.then(|| canned_upstream(&nginx_bin, &dir, canned_port));
+    let upstream_port = if canned.is_some() {
+        canned_port
+    } else {
+        double_port
+    };
 
     let (corral_port, metrics_port, nginx_port) = (free_port(), free_port(), free_port());
     std::fs::write(
@@ -218,7 +293,7 @@ metrics_listen = "127.0.0.1:{metrics_port}"
 max_connections_per_ip = 0
 max_requests_per_ip = 0
 [upstream]
-url = "http://127.0.0.1:{double_port}"
+url = "http://127.0.0.1:{upstream_port}"
 [auth]
 verify_keys = ["{public}"]
 revoked_file = "revoked.txt"
@@ -252,7 +327,7 @@ level = "warn"
         .iter()
         .map(|n| {
             format!(
-                "[[upstream.nodes]]\nname = \"{n}\"\nurl = \"http://127.0.0.1:{double_port}\"\n"
+                "[[upstream.nodes]]\nname = \"{n}\"\nurl = \"http://127.0.0.1:{upstream_port}\"\n"
             )
         })
         .collect();
@@ -265,7 +340,7 @@ level = "warn"
             &format!("127.0.0.1:{metrics_port}"),
             &format!("127.0.0.1:{pool_metrics_port}"),
         )
-        .replace(&format!("url = \"http://127.0.0.1:{double_port}\"\n"), "")
+        .replace(&format!("url = \"http://127.0.0.1:{upstream_port}\"\n"), "")
         .replace("[auth]", &format!("{nodes}[auth]"));
     std::fs::write(dir.join("pool.toml"), pooled).unwrap();
     let pool = Command::new(corral_bin)
@@ -331,14 +406,17 @@ http {{
     default 0;
   }}
   upstream ollama {{
-    server 127.0.0.1:{double_port};
+    server 127.0.0.1:{upstream_port};
     keepalive 128;
+    keepalive_requests 1000000;
   }}
   server {{
     listen 127.0.0.1:{nginx_port} ssl;
     ssl_certificate {d}/tls.crt;
     ssl_certificate_key {d}/tls.key;
     client_max_body_size 32m;
+    # As corral recycles a client connection after 10,000 requests.
+    keepalive_requests 10000;
     location / {{
       if ($api_key_ok = 0) {{ return 401; }}
       proxy_pass http://ollama;
@@ -373,6 +451,23 @@ http {{
         .unwrap();
     wait_port(nginx_port, "nginx");
 
+    // pingora's minimal proxy, built and run like corral, with the same key.
+    let bare_port = free_port();
+    let bare = Command::new(corral_bin)
+        .arg("bare-proxy")
+        .args(["--listen", &format!("127.0.0.1:{bare_port}")])
+        .args(["--upstream", &format!("127.0.0.1:{upstream_port}")])
+        .arg("--tls-cert")
+        .arg(dir.join("tls.crt"))
+        .arg("--tls-key")
+        .arg(dir.join("tls.key"))
+        .args(["--api-key", &key])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_port(bare_port, "the bare pingora proxy");
+
     Stack {
         dir,
         double,
@@ -380,11 +475,14 @@ http {{
         pool,
         shared,
         redis,
+        bare,
         nginx,
-        double_port,
+        canned,
+        upstream_port,
         corral_port,
         pool_port,
         shared_port,
+        bare_port,
         nginx_port,
         key,
         ca_pem: ca.cert_pem(),
@@ -542,7 +640,7 @@ fn median(v: &mut [f64]) -> f64 {
 /// Figures per target, kept per round.
 #[derive(Default)]
 struct Results {
-    rows: Vec<(String, [Vec<f64>; 5], bool)>,
+    rows: Vec<(String, [Vec<f64>; 6], bool)>,
 }
 
 impl Results {
@@ -551,7 +649,7 @@ impl Results {
         match self.rows.iter_mut().find(|(r, _, _)| r == row) {
             Some((_, v, _)) => v[i].push(value),
             None => {
-                let mut v: [Vec<f64>; 5] = Default::default();
+                let mut v: [Vec<f64>; 6] = Default::default();
                 v[i].push(value);
                 self.rows.push((row.to_string(), v, higher_is_better));
             }
@@ -559,19 +657,29 @@ impl Results {
     }
 
     fn print(&mut self) {
-        println!(
-            "\n{:<44} {:>10} {:>10} {:>10} {:>12} {:>10} {:>14} {:>13} {:>12} {:>13}",
+        const HEAD: [&str; 13] = [
             "",
             "direct",
             "corral",
             "pool of 3",
             "corral+redis",
+            "bare pingora",
             "nginx",
             "corral/direct",
             "corral/nginx",
+            "corral/bare",
+            "bare/nginx",
             "pool/corral",
-            "redis/corral"
-        );
+            "redis/corral",
+        ];
+        let line = |cells: &[String]| {
+            let mut out = format!("{:<44}", cells[0]);
+            for c in &cells[1..] {
+                out.push_str(&format!(" {c:>13}"));
+            }
+            println!("{}", out.trim_end());
+        };
+        line(&HEAD.map(str::to_string));
         for (row, values, _) in &mut self.rows {
             let m: Vec<f64> = values.iter_mut().map(|v| median(v)).collect();
             let cell = |x: f64| {
@@ -590,19 +698,22 @@ impl Results {
                     format!("{:.2}x", a / b)
                 }
             };
-            println!(
-                "{:<44} {:>10} {:>10} {:>10} {:>12} {:>10} {:>14} {:>13} {:>12} {:>13}",
-                row,
-                cell(m[0]),
-                cell(m[1]),
-                cell(m[2]),
-                cell(m[3]),
-                cell(m[4]),
-                ratio(m[1], m[0]),
-                ratio(m[1], m[4]),
-                ratio(m[2], m[1]),
-                ratio(m[3], m[1])
-            );
+            let [direct, corral, pool, redis, bare, nginx] = [m[0], m[1], m[2], m[3], m[4], m[5]];
+            line(&[
+                row.clone(),
+                cell(direct),
+                cell(corral),
+                cell(pool),
+                cell(redis),
+                cell(bare),
+                cell(nginx),
+                ratio(corral, direct),
+                ratio(corral, nginx),
+                ratio(corral, bare),
+                ratio(bare, nginx),
+                ratio(pool, corral),
+                ratio(redis, corral),
+            ]);
         }
     }
 }
@@ -628,12 +739,15 @@ fn main() {
         return; // cargo test --benches asks for the list of tests: none here.
     }
     let quick = args.iter().any(|a| a == "--quick");
+    // An upstream that costs next to nothing (nginx with fixed answers): the gateways' own costs,
+    // not the double's, bound the figures. Streams need the double, so only small requests run.
+    let canned = args.iter().any(|a| a == "--canned");
     let (rounds, seconds, streams) = if quick { (1, 3, 10) } else { (3, 8, 40) };
     let oha_ok = Command::new("oha")
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
-    let stack = start(oha_ok);
+    let stack = start(oha_ok, canned);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -668,6 +782,9 @@ fn main() {
                 );
             }
         }
+        if canned {
+            continue;
+        }
         eprintln!("round {round}/{rounds}: streams");
         let direct = runtime.block_on(stream_timings(&stack, Target::Direct, streams));
         results.add(
@@ -700,7 +817,7 @@ fn main() {
         }
     }
     eprintln!("{OPEN_STREAMS} concurrent streams");
-    for t in GATEWAYS {
+    for t in GATEWAYS.into_iter().filter(|_| !canned) {
         let (peak, idle, failed) = runtime.block_on(open_streams(&stack, t));
         results.add(
             &format!("{OPEN_STREAMS} streams: gateway RSS, MiB"),
@@ -726,7 +843,12 @@ fn main() {
         corral::LONG_VERSION,
         machine()
     );
-    println!("direct: plain HTTP to the Ollama double; corral and nginx: TLS (HTTP/1.1, keep-alive), key check, access log;");
+    if canned {
+        println!("--canned: every gateway's upstream is nginx answering fixed bodies (a separate process, a worker per core); direct: plain HTTP to it;");
+    } else {
+        println!("direct: plain HTTP to the Ollama double;");
+    }
+    println!("corral and nginx: TLS (HTTP/1.1, keep-alive), key check, access log; bare pingora: pingora's minimal proxy, same TLS and runtime as corral, key check, no log;");
     println!(
         "pool of 3: corral with three nodes (the same double), each request routed among them;"
     );

@@ -58,6 +58,22 @@ enum Command {
         #[arg(long, default_value = "50ms")]
         token_delay: HumanDuration,
     },
+    /// Run a bare pingora proxy (pingora's minimal proxy, corral's TLS and runtime settings), the
+    /// baseline `cargo bench --bench compare` measures corral against.
+    #[command(hide = true)]
+    BareProxy {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        upstream: SocketAddr,
+        #[arg(long)]
+        tls_cert: PathBuf,
+        #[arg(long)]
+        tls_key: PathBuf,
+        /// The one API key it accepts (as `Authorization: Bearer KEY`).
+        #[arg(long)]
+        api_key: String,
+    },
     /// Make signing keys and API keys, inspect and revoke keys.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -130,6 +146,16 @@ pub fn main() -> ExitCode {
             failing_model,
             parallel,
         } => double(listen, token_delay, tokens, failing_model, parallel),
+        Command::BareProxy {
+            listen,
+            upstream,
+            tls_cert,
+            tls_key,
+            api_key,
+        } => match crate::dev::bare_proxy::run(listen, upstream, &tls_cert, &tls_key, &api_key) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        },
         Command::Keys(cmd) => match keys::keys(cmd) {
             Ok(code) => code,
             Err(e) => fail(&e),
