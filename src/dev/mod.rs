@@ -2,6 +2,8 @@
 //! Ollama double, and a bare pingora proxy to compare corral with. Not on the request path; uses
 //! only `ollama` and `clock` (and pingora, for the bare proxy).
 
+#[cfg(feature = "count-allocations")]
+pub mod allocations;
 pub mod bare_proxy;
 pub mod devcert;
 pub mod double;
