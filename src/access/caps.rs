@@ -184,7 +184,10 @@ impl Budget {
         held.total = total;
         if mine == 0 {
             held.by_key.remove(key);
+        } else if let Some(entry) = held.by_key.get_mut(key) {
+            *entry = mine;
         } else {
+            // The key's first bytes: its name is copied once, not at every change.
             held.by_key.insert(key.to_string(), mine);
         }
         if let Some(g) = &self.gauge {

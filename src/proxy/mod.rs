@@ -156,10 +156,13 @@ impl ProxyHttp for Gateway {
             client_tls,
         )?;
         if let Some(m) = &ctx.admission.route {
-            // Exactly the matched path: no query string, nothing corral did not check.
-            let uri = http::Uri::try_from(m.path.as_str())
-                .map_err(|_| Error::new(ErrorType::InternalError))?;
-            upstream_request.set_uri(uri);
+            // Exactly the matched path: no query string, nothing corral did not check. (The
+            // raw target is compared, not the parsed one, which may differ from what is sent.)
+            if upstream_request.raw_path() != m.path.as_bytes() {
+                let uri = http::Uri::try_from(m.path.as_str())
+                    .map_err(|_| Error::new(ErrorType::InternalError))?;
+                upstream_request.set_uri(uri);
+            }
         }
         // corral frames every body it holds itself, with its exact length, and sends routes that
         // take none without any framing (admission made sure they carried nothing). Only blob
@@ -177,6 +180,11 @@ impl ProxyHttp for Gateway {
             upstream_request.remove_header(&http::header::CONTENT_LENGTH);
             if len > 0 {
                 upstream_request.insert_header(http::header::CONTENT_LENGTH, len.to_string())?;
+                // The whole body is held: it is sent in the same write as the header
+                // (patched pingora-core, see its PATCHED.md).
+                upstream_request
+                    .extensions_mut()
+                    .insert(pingora::protocols::http::v1::client::BodyFollows);
             }
         }
         Ok(())

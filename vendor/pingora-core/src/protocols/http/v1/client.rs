@@ -31,6 +31,12 @@ use crate::protocols::http::HttpTask;
 use crate::protocols::{Digest, SocketAddr, Stream, UniqueID, UniqueIDType};
 use crate::utils::{BufRef, KVRef};
 
+/// corral patch: a request extension saying that the whole request body is ready and will be
+/// written right after the header (the proxy holds it), so the header need not be flushed on
+/// its own: header and body leave in one write instead of two.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyFollows;
+
 /// The HTTP 1.x client session
 pub struct HttpSession {
     buf: Bytes,
@@ -121,6 +127,9 @@ impl HttpSession {
         // TODO: make sure this can only be called once
         // init body writer
         self.init_req_body_writer(&req);
+        // corral patch: a request marked `BodyFollows` has its whole body ready to write next,
+        // so the header stays in the write buffer and goes out in the same write as the body.
+        let defer_flush = req.extensions.get::<BodyFollows>().is_some();
 
         let to_wire = http_req_header_to_wire(&req).ok_or_else(|| {
             Error::explain(
@@ -145,10 +154,12 @@ impl HttpSession {
             _ => Error::because(WriteError, "while writing request headers", e),
         })?;
 
-        self.underlying_stream
-            .flush()
-            .await
-            .or_err(WriteError, "flushing request header")?;
+        if !defer_flush {
+            self.underlying_stream
+                .flush()
+                .await
+                .or_err(WriteError, "flushing request header")?;
+        }
 
         // write was successful
         self.request_written = Some(req);
