@@ -199,6 +199,8 @@ pub(crate) fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
         work_stealing: false,
         daemon: mode.daemon,
         daemon_wait_for_ready: mode.daemon,
+        // Upstream connections are pooled per runtime thread (upstream/mod.rs): room for each.
+        upstream_keepalive_pool_size: 128 * threads,
         pid_file: cfg.server.pid_file.display().to_string(),
         upgrade_sock: cfg.server.upgrade_sock.display().to_string(),
         ..ServerConf::default()

@@ -89,8 +89,22 @@ impl Upstream {
         o.idle_timeout = Some(POOL_IDLE_TIMEOUT);
         // Ollama never upgrades a connection; nobody gets a WebSocket tunnel through corral.
         o.http_upstream_request_policy = HttpUpstreamRequestPolicy::deny_upgrades();
+        // Each runtime thread keeps its own pooled connections: a connection is registered with
+        // the I/O driver of the thread that opened it, and used from another thread every
+        // readiness event would cost a cross-thread wake-up (an eventfd write and a context
+        // switch) on both.
+        peer.group_key = runtime_thread_key();
         Some(peer)
     }
+}
+
+/// This thread's key for the upstream connection pool (see [`Upstream::peer`]).
+fn runtime_thread_key() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    thread_local! {
+        static KEY: u64 = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    KEY.with(|k| *k)
 }
 
 /// Keeps a DNS upstream's address fresh.

@@ -29,6 +29,8 @@ const POLL: Duration = Duration::from_millis(50);
 
 pub(crate) struct Scheduler {
     line: Mutex<Fair<Waiter>>,
+    /// Wakes the [`LineKeeper`] when a request starts waiting (it sleeps while none does).
+    kick: tokio::sync::Notify,
     cfg: RwLock<SchedulerConfig>,
     store: Option<Arc<Store>>,
     metrics: Arc<Metrics>,
@@ -125,6 +127,7 @@ impl Scheduler {
     ) -> Arc<Scheduler> {
         Arc::new(Scheduler {
             line: Mutex::new(Fair::default()),
+            kick: tokio::sync::Notify::new(),
             cfg: RwLock::new(cfg),
             store,
             metrics,
@@ -267,6 +270,7 @@ impl Scheduler {
                 tx,
             };
             let ticket = line.push(asker.team, asker.weight, waiter);
+            self.kick.notify_one();
             self.metrics
                 .queue_depth
                 .with_label_values(&[asker.team])
@@ -459,8 +463,16 @@ pub(crate) struct LineKeeper {
 #[async_trait]
 impl BackgroundService for LineKeeper {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        while crate::clock::pause(POLL, &mut shutdown).await {
-            if self.scheduler.waiting() > 0 {
+        loop {
+            // Asleep while nobody waits: an idle gateway is not woken 20 times a second.
+            tokio::select! {
+                () = self.scheduler.kick.notified() => {}
+                _ = shutdown.changed() => return,
+            }
+            while self.scheduler.waiting() > 0 {
+                if !crate::clock::pause(POLL, &mut shutdown).await {
+                    return;
+                }
                 self.scheduler.poll(&self.pool).await;
             }
         }

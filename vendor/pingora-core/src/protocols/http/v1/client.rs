@@ -31,6 +31,62 @@ use crate::protocols::http::HttpTask;
 use crate::protocols::{Digest, SocketAddr, Stream, UniqueID, UniqueIDType};
 use crate::utils::{BufRef, KVRef};
 
+/// corral patch: writes `head` before the first bytes written through it, in one vectored write
+/// where the stream takes it (the header and the body's first bytes leave together).
+struct PrependHeader<'a> {
+    stream: &'a mut Stream,
+    head: Option<Bytes>,
+}
+
+impl tokio::io::AsyncWrite for PrependHeader<'_> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use bytes::Buf;
+        use std::task::Poll;
+        let this = &mut *self;
+        while let Some(head) = this.head.as_mut() {
+            if buf.is_empty() {
+                break;
+            }
+            let slices = [std::io::IoSlice::new(head), std::io::IoSlice::new(buf)];
+            let n = match std::pin::Pin::new(&mut *this.stream).poll_write_vectored(cx, &slices) {
+                Poll::Ready(Ok(n)) => n,
+                other => return other,
+            };
+            if n == 0 {
+                return Poll::Ready(Ok(0));
+            }
+            if n >= head.len() {
+                let body = n - head.len();
+                this.head = None;
+                if body > 0 {
+                    return Poll::Ready(Ok(body));
+                }
+            } else {
+                head.advance(n);
+            }
+        }
+        std::pin::Pin::new(&mut *this.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.stream).poll_shutdown(cx)
+    }
+}
+
 /// corral patch: a request extension saying that the whole request body is ready and will be
 /// written right after the header (the proxy holds it), so the header need not be flushed on
 /// its own: header and body leave in one write instead of two.
@@ -60,6 +116,8 @@ pub struct HttpSession {
     pub(crate) digest: Box<Digest>,
     response_header: Option<Box<ResponseHeader>>,
     request_written: Option<Box<RequestHeader>>,
+    /// corral patch: a request header held back to leave with the body (`BodyFollows`).
+    deferred_header: Option<Bytes>,
     bytes_sent: usize,
     /// Total response body payload bytes received from upstream
     body_recv: usize,
@@ -97,6 +155,7 @@ impl HttpSession {
             keepalive_timeout: KeepaliveStatus::Off,
             response_header: None,
             request_written: None,
+            deferred_header: None,
             read_timeout: None,
             write_timeout: None,
             digest,
@@ -139,6 +198,14 @@ impl HttpSession {
         })?;
         trace!("Writing request header: {to_wire:?}");
 
+        if defer_flush {
+            // Written with the first body bytes (see `do_write_body`), or before anything else
+            // happens on the connection (`write_deferred_header`).
+            let len = to_wire.len();
+            self.deferred_header = Some(to_wire.freeze());
+            self.request_written = Some(req);
+            return Ok(len);
+        }
         let write_fut = self.underlying_stream.write_all(to_wire.as_ref());
         match self.write_timeout {
             Some(t) => match timeout(t, write_fut).await {
@@ -154,23 +221,54 @@ impl HttpSession {
             _ => Error::because(WriteError, "while writing request headers", e),
         })?;
 
-        if !defer_flush {
-            self.underlying_stream
-                .flush()
-                .await
-                .or_err(WriteError, "flushing request header")?;
-        }
+        self.underlying_stream
+            .flush()
+            .await
+            .or_err(WriteError, "flushing request header")?;
 
         // write was successful
         self.request_written = Some(req);
         Ok(to_wire.len())
     }
 
+    /// corral patch: writes a header held back by `BodyFollows` on its own (no body came, or
+    /// the response is read first).
+    async fn write_deferred_header(&mut self) -> Result<()> {
+        if let Some(head) = self.deferred_header.take() {
+            self.underlying_stream
+                .write_all(&head)
+                .await
+                .or_err(WriteError, "while writing request headers")?;
+            self.underlying_stream
+                .flush()
+                .await
+                .or_err(WriteError, "flushing request header")?;
+        }
+        Ok(())
+    }
+
     async fn do_write_body(&mut self, buf: &[u8]) -> Result<Option<usize>> {
-        let written = self
-            .body_writer
-            .write_body(&mut self.underlying_stream, buf)
-            .await;
+        let written = match self.deferred_header.take() {
+            // corral patch: the held-back header leaves in the same write as the body.
+            Some(head) => {
+                let mut w = PrependHeader {
+                    stream: &mut self.underlying_stream,
+                    head: Some(head),
+                };
+                let written = self.body_writer.write_body(&mut w, buf).await;
+                if let Some(head) = w.head.take() {
+                    // Nothing of the body was written (an empty chunk): the header still goes.
+                    self.deferred_header = Some(head);
+                    self.write_deferred_header().await?;
+                }
+                written
+            }
+            None => {
+                self.body_writer
+                    .write_body(&mut self.underlying_stream, buf)
+                    .await
+            }
+        };
 
         if let Ok(Some(num_bytes)) = written {
             self.bytes_sent += num_bytes;
@@ -202,6 +300,7 @@ impl HttpSession {
     /// Flush local buffer and notify the server by sending the last chunk if chunked encoding is
     /// used.
     pub async fn finish_body(&mut self) -> Result<Option<usize>> {
+        self.write_deferred_header().await?;
         let res = self.body_writer.finish(&mut self.underlying_stream).await?;
         self.underlying_stream
             .flush()
@@ -256,6 +355,8 @@ impl HttpSession {
     /// This function can be called multiple times, if the headers received are just informational
     /// headers.
     pub async fn read_response(&mut self) -> Result<usize> {
+        // corral patch: a response is never awaited before the request header is out.
+        self.write_deferred_header().await?;
         let mut parse_existing_buffer = true;
 
         if self.response_header_read_buf.is_empty() {
