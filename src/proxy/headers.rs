@@ -49,16 +49,27 @@ pub(crate) fn prepare_upstream(
         while req.remove_header(&name).is_some() {}
     }
     req.insert_header(http::header::HOST, upstream_authority)?;
+    // Names and fixed values are static: nothing is parsed or copied for them per request.
     if let Some(ip) = client_ip {
-        req.insert_header("x-forwarded-for", ip.to_string())?;
+        req.insert_header(X_FORWARDED_FOR, ip_text(ip))?;
     }
-    req.insert_header(
-        "x-forwarded-proto",
-        if client_tls { "https" } else { "http" },
-    )?;
-    req.insert_header("x-request-id", request_id)?;
+    let proto = http::HeaderValue::from_static(if client_tls { "https" } else { "http" });
+    req.insert_header(X_FORWARDED_PROTO, proto)?;
+    req.insert_header(X_REQUEST_ID, request_id)?;
     Ok(())
 }
+
+/// An address as text, in one allocation (`to_string` grows its string a few times).
+pub(crate) fn ip_text(ip: IpAddr) -> String {
+    let mut text = String::with_capacity(45);
+    let _ = std::fmt::Write::write_fmt(&mut text, format_args!("{ip}"));
+    text
+}
+
+const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
+/// The request id header, to Ollama and back to the client.
+pub(crate) const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
 /// The client's `X-Request-Id` if it is well-formed (1-128 of `[A-Za-z0-9._:-]`), else a new one.
 pub(crate) fn request_id(incoming: Option<&[u8]>) -> String {

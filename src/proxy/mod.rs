@@ -75,7 +75,8 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let req = session.req_header();
-        ctx.request_id = headers::request_id(req.headers.get("x-request-id").map(|v| v.as_bytes()));
+        ctx.request_id =
+            headers::request_id(req.headers.get(headers::X_REQUEST_ID).map(|v| v.as_bytes()));
         ctx.dialect = crate::api::routes::dialect_of_path(req.raw_path());
         ctx.client_ip = session
             .client_addr()
@@ -234,7 +235,7 @@ impl ProxyHttp for Gateway {
         } else {
             self.attempt_answered(ctx, status);
         }
-        upstream_response.insert_header("x-request-id", ctx.request_id.as_str())?;
+        upstream_response.insert_header(headers::X_REQUEST_ID, ctx.request_id.as_str())?;
         // Ollama answered: the request will not be sent again, so a long conversation is not
         // kept in memory for the rest of a stream.
         ctx.admission.body = None;

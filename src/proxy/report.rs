@@ -123,7 +123,7 @@ impl Gateway {
             claimed_key_id: refused
                 .filter(|r| !r.signed)
                 .and_then(|r| r.key_id.as_deref()),
-            client_ip: ctx.client_ip.map(|ip| ip.to_string()),
+            client_ip: ctx.client_ip.map(super::headers::ip_text),
             method: Some(logged_method(&req.method)),
             path: Some(&path),
             route: ctx.admission.route.as_ref().map(|r| r.kind.name()),
