@@ -11,8 +11,7 @@
 
 mod common;
 
-use common::{canned_upstream, free_port, wait_port, which};
-use corral::dev::devcert::DevCa;
+use common::{canned_upstream, free_port, identity, wait_port, which};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -122,16 +121,7 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("corral-allocs-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let ca = DevCa::new("corral bench CA").unwrap();
-    let (cert, key_pem) = ca.issue("localhost", &["localhost", "127.0.0.1"]).unwrap();
-    std::fs::write(dir.join("tls.crt"), cert).unwrap();
-    std::fs::write(dir.join("tls.key"), key_pem).unwrap();
-    let (signing, _) = corral::access::keys::init(&dir.join("keys"), "bench").unwrap();
-    let req = corral::access::keys::IssueRequest {
-        team: "bench".into(),
-        ..Default::default()
-    };
-    let (key, _) = corral::access::keys::issue(&signing, &req, corral::clock::unix_now()).unwrap();
+    let (key, _, _) = identity(&dir);
     let upstream_port = free_port();
     let mut canned = canned_upstream(&nginx, &dir, upstream_port);
 

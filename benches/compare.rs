@@ -17,8 +17,7 @@
 
 mod common;
 
-use common::{canned_upstream, free_port, wait_port, which};
-use corral::dev::devcert::DevCa;
+use common::{canned_upstream, free_port, identity, wait_port, which};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -174,16 +173,7 @@ fn start(oha_ok: bool, canned: bool) -> Stack {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("nginx")).unwrap();
 
-    let ca = DevCa::new("corral bench CA").unwrap();
-    let (cert, key_pem) = ca.issue("localhost", &["localhost", "127.0.0.1"]).unwrap();
-    std::fs::write(dir.join("tls.crt"), cert).unwrap();
-    std::fs::write(dir.join("tls.key"), key_pem).unwrap();
-    let (signing, public) = corral::access::keys::init(&dir.join("keys"), "bench").unwrap();
-    let req = corral::access::keys::IssueRequest {
-        team: "bench".into(),
-        ..Default::default()
-    };
-    let (key, _) = corral::access::keys::issue(&signing, &req, corral::clock::unix_now()).unwrap();
+    let (key, ca_pem, public) = identity(&dir);
 
     // The double in "fast mode": no load time, 20 ms per token, 400 tokens unless limited.
     let double_port = free_port();
@@ -416,7 +406,7 @@ http {{
         bare_port,
         nginx_port,
         key,
-        ca_pem: ca.cert_pem(),
+        ca_pem,
     }
 }
 

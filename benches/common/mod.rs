@@ -78,3 +78,19 @@ http {{
     wait_port(port, "the canned upstream (nginx)");
     child
 }
+
+/// A certificate for `localhost` (`tls.crt`, `tls.key`) and an API key of team `bench`
+/// (`keys/bench.{key,pub}.pem`) in `dir`: (the key, the CA certificate, the public key file).
+pub fn identity(dir: &Path) -> (String, String, PathBuf) {
+    let ca = corral::dev::devcert::DevCa::new("corral bench CA").unwrap();
+    let (cert, key_pem) = ca.issue("localhost", &["localhost", "127.0.0.1"]).unwrap();
+    std::fs::write(dir.join("tls.crt"), cert).unwrap();
+    std::fs::write(dir.join("tls.key"), key_pem).unwrap();
+    let (signing, public) = corral::access::keys::init(&dir.join("keys"), "bench").unwrap();
+    let req = corral::access::keys::IssueRequest {
+        team: "bench".into(),
+        ..Default::default()
+    };
+    let (key, _) = corral::access::keys::issue(&signing, &req, corral::clock::unix_now()).unwrap();
+    (key, ca.cert_pem(), public)
+}

@@ -44,6 +44,15 @@ async fn hold_slot(corral: &Corral, key: &str) -> reqwest::Response {
     resp
 }
 
+/// Two streams of team `hold` holding two slots until they are dropped.
+async fn hold_two_slots(corral: &Corral) -> [reqwest::Response; 2] {
+    let hold = corral.issue("hold", None, None);
+    [
+        hold_slot(corral, &hold).await,
+        hold_slot(corral, &hold).await,
+    ]
+}
+
 async fn chat(client: &reqwest::Client, base: &str, key: &str) -> reqwest::Response {
     client
         .post(format!("{base}/api/chat"))
@@ -108,11 +117,7 @@ async fn teams_weighted_three_to_one_get_busy_slots_three_to_one() {
     cfg.teams.insert("research".into(), team(3, None));
     cfg.teams.insert("batch".into(), team(1, None));
     let corral = Corral::start(cfg);
-    let hold = corral.issue("hold", None, None);
-    let blockers = [
-        hold_slot(&corral, &hold).await,
-        hold_slot(&corral, &hold).await,
-    ];
+    let blockers = hold_two_slots(&corral).await;
 
     let done = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = flood(
@@ -185,11 +190,7 @@ async fn batch_answers_before_an_interactive_one(parallel: Option<u32>) -> usize
     cfg.teams.insert("batch".into(), team(1, None));
     cfg.teams.insert("chat".into(), team(1, None));
     let corral = Corral::start(cfg);
-    let hold = corral.issue("hold", None, None);
-    let blockers = [
-        hold_slot(&corral, &hold).await,
-        hold_slot(&corral, &hold).await,
-    ];
+    let blockers = hold_two_slots(&corral).await;
     let done = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = flood(
         &corral,
