@@ -278,7 +278,10 @@ where
         /* duplex mode, wait for either to complete */
         while !request_done || !response_done {
             tokio::select! {
-                res = client_session.read_response_task(), if !response_done => {
+                // corral patch: while a held-back request header (`BodyFollows`) waits for its
+                // body, the response is not read yet: reading it would send the header alone.
+                res = client_session.read_response_task(),
+                    if !response_done && !(client_session.has_deferred_header() && !request_done) => {
                     match res {
                         Ok(task) => {
                             response_done = task.is_end();

@@ -329,7 +329,10 @@ impl TransportConnector {
         let idle_meta = IdleConnection::new(meta);
         let pool = self.connection_pool.clone(); //clone the arc
         let keepalive_pool_callback = self.keepalive_pool_callback.clone();
-        let rt = pingora_runtime::current_handle();
+        // corral patch: the idle watcher runs on this thread's runtime, where the connection's
+        // I/O is registered (`current_handle` picks any runtime of a no-steal pool, so every
+        // release and reuse was a cross-thread spawn and wake-up).
+        let rt = tokio::runtime::Handle::current();
         rt.spawn(async move {
             if pool
                 .idle_poll(

@@ -231,20 +231,44 @@ impl HttpSession {
         Ok(to_wire.len())
     }
 
+    /// corral patch: whether a header held back by `BodyFollows` is still to be written.
+    pub fn has_deferred_header(&self) -> bool {
+        self.deferred_header.is_some()
+    }
+
     /// corral patch: writes a header held back by `BodyFollows` on its own (no body came, or
-    /// the response is read first).
+    /// the response is read first), under the write timeout. Cancel-safe: what is not written
+    /// yet stays held, so a dropped call loses nothing and writes nothing twice.
     async fn write_deferred_header(&mut self) -> Result<()> {
-        if let Some(head) = self.deferred_header.take() {
-            self.underlying_stream
-                .write_all(&head)
-                .await
-                .or_err(WriteError, "while writing request headers")?;
+        use bytes::Buf;
+        let write = async {
+            while let Some(head) = self.deferred_header.as_mut() {
+                if head.is_empty() {
+                    self.deferred_header = None;
+                    break;
+                }
+                let n = self
+                    .underlying_stream
+                    .write(head)
+                    .await
+                    .or_err(WriteError, "while writing request headers")?;
+                if n == 0 {
+                    return Error::e_explain(WriteError, "while writing request headers: closed");
+                }
+                head.advance(n);
+            }
             self.underlying_stream
                 .flush()
                 .await
-                .or_err(WriteError, "flushing request header")?;
+                .or_err(WriteError, "flushing request header")
+        };
+        match self.write_timeout {
+            Some(t) => match timeout(t, write).await {
+                Ok(res) => res,
+                Err(_) => Error::e_explain(WriteTimedout, "while writing request headers (timeout)"),
+            },
+            None => write.await,
         }
-        Ok(())
     }
 
     async fn do_write_body(&mut self, buf: &[u8]) -> Result<Option<usize>> {
@@ -257,9 +281,12 @@ impl HttpSession {
                 };
                 let written = self.body_writer.write_body(&mut w, buf).await;
                 if let Some(head) = w.head.take() {
-                    // Nothing of the body was written (an empty chunk): the header still goes.
+                    // Nothing of the body was written (an empty chunk, or a failed write): the
+                    // header is still held, and goes alone unless the connection failed.
                     self.deferred_header = Some(head);
-                    self.write_deferred_header().await?;
+                    if written.is_ok() {
+                        self.write_deferred_header().await?;
+                    }
                 }
                 written
             }
