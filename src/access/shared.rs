@@ -131,8 +131,8 @@ impl SharedLimits {
                 // The script may have run after all (the answer came too late): its lease would
                 // hold a place for nothing until it lapses.
                 if let (Some(lease), Some(redis)) = (lease, &redis) {
-                    self.store.hold(&lease, redis.team_leases(&team.name));
-                    self.store.let_go(lease);
+                    self.store
+                        .let_go_late(&lease, redis.team_leases(&team.name));
                 }
                 self.fallback(team, inference)
             }

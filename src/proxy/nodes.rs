@@ -189,7 +189,9 @@ impl Gateway {
         Ok(node)
     }
 
-    fn model_key(&self, ctx: &RequestCtx) -> Option<String> {
+    /// The key of the model the request runs (none for admin routes, which name a model they
+    /// change rather than run).
+    pub(super) fn model_key(&self, ctx: &RequestCtx) -> Option<String> {
         let named = ctx.admission.model.as_deref()?;
         let admin = ctx
             .admission

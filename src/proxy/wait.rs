@@ -31,12 +31,7 @@ impl Gateway {
         let (true, true, Some(caller)) = (runs_model, limited, &ctx.admission.caller) else {
             return Ok(());
         };
-        let model = ctx
-            .admission
-            .model
-            .as_deref()
-            .and_then(crate::ollama::ModelName::parse)
-            .map(|m| m.key());
+        let model = self.model_key(ctx);
         let Some(first) = &ctx.nodes.next else {
             return Ok(());
         };

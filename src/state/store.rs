@@ -86,6 +86,13 @@ impl Store {
         }
     }
 
+    /// A call that would have taken `lease` in the set `key` got no answer in time: the store
+    /// may have taken it all the same, so it is released rather than left to lapse.
+    pub(crate) fn let_go_late(self: &Arc<Self>, lease: &str, key: String) {
+        self.hold(lease, key);
+        self.let_go(lease.to_string());
+    }
+
     /// A store call failed: counted, the gauge down, a warning at most once a minute.
     pub(crate) fn failed(&self, op: &str, e: &StoreError) {
         self.metrics.store_errors.with_label_values(&[op]).inc();

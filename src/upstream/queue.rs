@@ -294,7 +294,7 @@ impl Scheduler {
         in_line.leave();
         let waited = started.elapsed();
         match outcome {
-            Some(mut slot) => {
+            Some(slot) => {
                 self.observe_wait(asker.team, waited);
                 let node = slot.held.as_ref().map(|(n, _)| n.clone());
                 match node {
@@ -303,10 +303,7 @@ impl Scheduler {
                         slot: Some(slot),
                         waited,
                     }),
-                    None => {
-                        slot.held = None;
-                        Err(NoSlot::Timeout)
-                    }
+                    None => Err(NoSlot::Timeout),
                 }
             }
             None => Err(self.refused(asker.team, NoSlot::Timeout, waited)),
@@ -372,8 +369,7 @@ impl Scheduler {
             Err(_) => {
                 // The script may have run after all: the lease is let go, not left to lapse.
                 for (name, _) in &limited {
-                    store.hold(&lease, redis.node_slots(name));
-                    store.let_go(lease.clone());
+                    store.let_go_late(&lease, redis.node_slots(name));
                 }
                 Shared::Failed
             }
@@ -415,8 +411,7 @@ impl Scheduler {
                     Ok(None) => break,
                     Err(_) => {
                         // The script may have run after all: let the lease go, not lapse.
-                        store.hold(&lease, redis.node_slots(&node.name));
-                        store.let_go(lease);
+                        store.let_go_late(&lease, redis.node_slots(&node.name));
                         break;
                     }
                 }
