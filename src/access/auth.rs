@@ -70,10 +70,18 @@ pub enum AuthFailure {
     Revoked,
     /// Its team is not in the configuration.
     UnknownTeam,
+    /// An OpenID Connect token whose issuer no `[auth.oidc.*]` names.
+    UnknownIssuer,
+    /// An OpenID Connect token for another audience.
+    WrongAudience,
+    /// An OpenID Connect token whose groups map to no team (403).
+    NoTeam,
+    /// An OpenID Connect token, and its provider's keys have not loaded yet (503).
+    IdpUnavailable,
 }
 
 impl AuthFailure {
-    pub(crate) const ALL: [AuthFailure; 10] = [
+    pub(crate) const ALL: [AuthFailure; 14] = [
         AuthFailure::Missing,
         AuthFailure::Ambiguous,
         AuthFailure::Malformed,
@@ -84,6 +92,10 @@ impl AuthFailure {
         AuthFailure::NotYetValid,
         AuthFailure::Revoked,
         AuthFailure::UnknownTeam,
+        AuthFailure::UnknownIssuer,
+        AuthFailure::WrongAudience,
+        AuthFailure::NoTeam,
+        AuthFailure::IdpUnavailable,
     ];
 
     /// The `reason` label of `corral_auth_failures_total`.
@@ -99,6 +111,10 @@ impl AuthFailure {
             AuthFailure::NotYetValid => "not_yet_valid",
             AuthFailure::Revoked => "revoked",
             AuthFailure::UnknownTeam => "unknown_team",
+            AuthFailure::UnknownIssuer => "unknown_issuer",
+            AuthFailure::WrongAudience => "wrong_audience",
+            AuthFailure::NoTeam => "no_team",
+            AuthFailure::IdpUnavailable => "idp_unavailable",
         }
     }
 
@@ -116,6 +132,24 @@ impl AuthFailure {
             AuthFailure::NotYetValid => "the API key is not valid yet",
             AuthFailure::Revoked => "the API key has been revoked",
             AuthFailure::UnknownTeam => "the API key's team is not configured on this gateway",
+            AuthFailure::UnknownIssuer => "the token's issuer is not trusted by this gateway",
+            AuthFailure::WrongAudience => "the token is for another audience, not this gateway",
+            AuthFailure::NoTeam => "the token's groups map to no team on this gateway",
+            AuthFailure::IdpUnavailable => {
+                "the identity provider's signing keys have not loaded yet; try again shortly"
+            }
+        }
+    }
+
+    /// The answer: 401, except a token that proves who it is but has no team here (403) and one
+    /// that cannot be checked yet (503).
+    pub(crate) fn error(self) -> crate::api::error::GatewayError {
+        use crate::api::error::GatewayError;
+        let message = self.message().to_string();
+        match self {
+            AuthFailure::NoTeam => GatewayError::Forbidden(message),
+            AuthFailure::IdpUnavailable => GatewayError::IdentityProviderUnavailable(message),
+            _ => GatewayError::Unauthorized(message),
         }
     }
 }
@@ -164,13 +198,57 @@ pub fn key_from_headers(headers: &HeaderMap) -> Result<String, AuthFailure> {
     found.ok_or(AuthFailure::Missing)
 }
 
+/// Keys whose signature held, by their SHA-256 (never the key itself), so a key is verified
+/// once. Holds at most [`CACHE_CAPACITY`]; only keys that verified get in.
+#[derive(Default)]
+pub(crate) struct VerifiedCache {
+    map: RwLock<HashMap<[u8; 32], Arc<Identity>>>,
+    signature_checks: AtomicU64,
+}
+
+impl VerifiedCache {
+    /// The identity of `token`, from the cache or from `verify` (counted as a signature check).
+    pub(crate) fn get_or_insert(
+        &self,
+        token: &str,
+        verify: impl FnOnce() -> Result<Identity, AuthFailure>,
+    ) -> Result<Arc<Identity>, AuthFailure> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let cached = self
+            .map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&digest)
+            .cloned();
+        if let Some(identity) = cached {
+            return Ok(identity);
+        }
+        self.signature_checks.fetch_add(1, Ordering::Relaxed);
+        let identity = Arc::new(verify()?);
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= CACHE_CAPACITY {
+            map.clear();
+        }
+        map.insert(digest, identity.clone());
+        Ok(identity)
+    }
+
+    pub(crate) fn clear(&self) {
+        self.map.write().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    #[cfg(test)]
+    pub(crate) fn signature_checks(&self) -> u64 {
+        self.signature_checks.load(Ordering::Relaxed)
+    }
+}
+
 /// The verification keys and revocation list, with a cache of verified keys.
 pub struct Verifier {
     keys: HashMap<String, DecodingKey>,
     revoked: HashSet<String>,
     validation: Validation,
-    cache: RwLock<HashMap<[u8; 32], Arc<Identity>>>,
-    signature_checks: AtomicU64,
+    cache: VerifiedCache,
 }
 
 impl Verifier {
@@ -185,8 +263,7 @@ impl Verifier {
             keys,
             revoked,
             validation,
-            cache: RwLock::default(),
-            signature_checks: AtomicU64::new(0),
+            cache: VerifiedCache::default(),
         }
     }
 
@@ -208,33 +285,23 @@ impl Verifier {
     /// How many keys had their signature checked (cache misses).
     #[cfg(test)]
     pub(crate) fn signature_checks(&self) -> u64 {
-        self.signature_checks.load(Ordering::Relaxed)
+        self.cache.signature_checks()
+    }
+
+    /// Whether a key id is on the revocation list.
+    pub(crate) fn is_revoked(&self, key_id: &str) -> bool {
+        self.revoked.contains(key_id)
     }
 
     /// Verifies a key at unix time `now`.
     pub fn verify(&self, token: &str, now: u64) -> Result<Arc<Identity>, AuthFailure> {
+        let token = crate::access::keys::unprefixed(token);
         if token.len() > MAX_KEY_LEN || !token.is_ascii() {
             return Err(AuthFailure::Malformed);
         }
-        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let cached = self
+        let identity = self
             .cache
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&digest)
-            .cloned();
-        let identity = match cached {
-            Some(identity) => identity,
-            None => {
-                let identity = Arc::new(self.verify_signature(token)?);
-                let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
-                if cache.len() >= CACHE_CAPACITY {
-                    cache.clear();
-                }
-                cache.insert(digest, identity.clone());
-                identity
-            }
-        };
+            .get_or_insert(token, || self.verify_signature(token))?;
         // Checked on every use: a cached key still expires and can still be revoked.
         if identity
             .expires_at
@@ -250,7 +317,6 @@ impl Verifier {
 
     fn verify_signature(&self, token: &str) -> Result<Identity, AuthFailure> {
         use jsonwebtoken::errors::ErrorKind;
-        self.signature_checks.fetch_add(1, Ordering::Relaxed);
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthFailure::Malformed)?;
         if header.alg != Algorithm::EdDSA {
             return Err(AuthFailure::WrongAlgorithm);
@@ -299,6 +365,7 @@ pub(crate) fn refused_key(token: &str, failure: AuthFailure) -> RefusedKey {
         team: None,
         signed: false,
     };
+    let token = crate::access::keys::unprefixed(token);
     if token.len() > MAX_KEY_LEN || !token.is_ascii() {
         return unknown;
     }
@@ -321,9 +388,13 @@ pub(crate) fn refused_key(token: &str, failure: AuthFailure) -> RefusedKey {
             | AuthFailure::NotYetValid
             | AuthFailure::UnknownTeam
     );
+    // An identity provider's `sub` is a user or client, not a team.
+    let corral_key = data.claims.get("iss").is_none();
     RefusedKey {
         key_id: plain(&data.claims["jti"]),
-        team: signed.then(|| plain(&data.claims["sub"])).flatten(),
+        team: (signed && corral_key)
+            .then(|| plain(&data.claims["sub"]))
+            .flatten(),
         signed,
     }
 }

@@ -1,12 +1,23 @@
-//! Key management: Ed25519 signing key pairs, issuing API keys, reading them back, revoking them.
-//! The signing key stays with the operator; gateways get only the public half.
+//! Key management: Ed25519 signing key pairs, issuing API keys, reading them back, revoking them,
+//! and the ledger of issued keys. The signing key stays with the operator; gateways get only the
+//! public half.
 
 use crate::access::auth::Claims;
 pub(crate) use crate::config::kid_of;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
+use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// What every issued key starts with, so secret scanners can tell a leaked corral key (README,
+/// "Keys and secret scanners"). Gateways strip it before verifying; keys without it still work.
+pub const KEY_PREFIX: &str = "corral_";
+
+/// The key without [`KEY_PREFIX`].
+pub(crate) fn unprefixed(key: &str) -> &str {
+    key.strip_prefix(KEY_PREFIX).unwrap_or(key)
+}
 
 /// A key id for `keys init`: letters, digits, '.', '-', '_'.
 pub(crate) fn valid_kid(id: &str) -> bool {
@@ -16,7 +27,7 @@ pub(crate) fn valid_kid(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
-/// Writes `DIR/ID.key.pem` (PKCS#8, mode 0600) and `DIR/ID.pub.pem`; never overwrites.
+/// Writes `DIR/ID.key.pem` (PKCS#8 v1, mode 0600) and `DIR/ID.pub.pem`; never overwrites.
 pub fn init(dir: &Path, id: &str) -> Result<(PathBuf, PathBuf), String> {
     if !valid_kid(id) {
         return Err(format!(
@@ -37,9 +48,45 @@ pub fn init(dir: &Path, id: &str) -> Result<(PathBuf, PathBuf), String> {
         }
     }
     let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).map_err(|e| e.to_string())?;
-    write_new(&private, pair.serialize_pem().as_bytes(), 0o600)?;
+    let der = pkcs8_v1(&pair.serialize_der())?;
+    write_new(&private, pem("PRIVATE KEY", &der).as_bytes(), 0o600)?;
     write_new(&public, pair.public_key_pem().as_bytes(), 0o644)?;
     Ok((private, public))
+}
+
+/// The PKCS#8 v1 form (RFC 8410 section 7: the seed alone) of an Ed25519 key in PKCS#8 v2 (seed
+/// and public key, what ring writes). OpenSSL 3.0 and Python's `cryptography` read only v1;
+/// jsonwebtoken reads both, so keys written before stay usable.
+fn pkcs8_v1(v2: &[u8]) -> Result<Vec<u8>, String> {
+    // SEQUENCE { INTEGER version, SEQUENCE { OID 1.3.101.112 }, OCTET STRING { OCTET STRING seed } }
+    const V1_HEAD: [u8; 16] = [
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    // The same fields in v2 (ring's), after the outer SEQUENCE's tag and length: version 1, the
+    // algorithm, the seed; the public key follows.
+    const V2_FIELDS: [u8; 14] = [
+        0x02, 0x01, 0x01, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+    ];
+    let seed = v2
+        .strip_prefix(&[0x30])
+        .and_then(|rest| rest.get(1..))
+        .and_then(|rest| rest.strip_prefix(&V2_FIELDS))
+        .and_then(|rest| rest.get(..32))
+        .ok_or("the generated Ed25519 key has an unexpected encoding")?;
+    Ok([&V1_HEAD[..], seed].concat())
+}
+
+fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let text = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in text.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(line));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
 }
 
 fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), String> {
@@ -91,9 +138,106 @@ pub fn issue(signing_key: &Path, req: &IssueRequest, now: u64) -> Result<(String
         name: req.name.clone(),
     };
     let mut header = Header::new(Algorithm::EdDSA);
-    header.kid = Some(kid);
+    header.kid = Some(kid.clone());
     let token = jsonwebtoken::encode(&header, &claims, &key).map_err(|e| e.to_string())?;
-    Ok((token, claims))
+    // Recorded before the key is handed out: a key nobody can list is never issued.
+    let ledger = ledger_of(signing_key);
+    append_line(&ledger, &Issued::of(&claims, &kid))
+        .map_err(|e| format!("{e}; the key was not issued"))?;
+    Ok((format!("{KEY_PREFIX}{token}"), claims))
+}
+
+/// One line of the ledger beside a signing key: what was issued, never the key itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Issued {
+    pub id: String,
+    pub kid: String,
+    pub team: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+    /// RFC 3339, UTC.
+    pub issued_at: String,
+    /// RFC 3339, UTC; `None`: never expires.
+    #[serde(default)]
+    pub expires_at: Option<String>,
+}
+
+impl Issued {
+    fn of(claims: &Claims, kid: &str) -> Issued {
+        Issued {
+            id: claims.jti.clone(),
+            kid: kid.to_string(),
+            team: claims.sub.clone(),
+            name: claims.name.clone(),
+            models: claims.models.clone(),
+            issued_at: rfc3339(claims.iat),
+            expires_at: claims.exp.map(rfc3339),
+        }
+    }
+
+    /// Whether the key has expired at unix time `now`.
+    pub fn expired(&self, now: u64) -> bool {
+        self.expires_at
+            .as_deref()
+            .and_then(|t| humantime::parse_rfc3339(t).ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .is_some_and(|exp| now > exp.as_secs())
+    }
+}
+
+/// Unix seconds as RFC 3339 (UTC, seconds).
+pub(crate) fn rfc3339(unix: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(unix)).to_string()
+}
+
+/// The ledger of keys issued with a signing key: `DIR/ID.issued.jsonl` beside `DIR/ID.key.pem`.
+pub fn ledger_of(signing_key: &Path) -> PathBuf {
+    let id = kid_of(signing_key).unwrap_or_default();
+    signing_key.with_file_name(format!("{id}.issued.jsonl"))
+}
+
+/// Appends one JSON line in a single write (mode 0600 when it creates the file).
+fn append_line(file: &Path, record: &Issued) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut line = serde_json::to_vec(record).map_err(|e| e.to_string())?;
+    line.push(b'\n');
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(file)
+        .map_err(|e| {
+            format!(
+                "{}: cannot write the ledger of issued keys: {e}",
+                file.display()
+            )
+        })?;
+    f.write_all(&line).map_err(|e| {
+        format!(
+            "{}: cannot write the ledger of issued keys: {e}",
+            file.display()
+        )
+    })
+}
+
+/// Reads a ledger. A missing file is an empty ledger; a line that is not a record is an error
+/// naming its line.
+pub fn read_ledger(file: &Path) -> Result<Vec<Issued>, String> {
+    let text = match std::fs::read_to_string(file) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("{}: cannot read: {e}", file.display())),
+    };
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .map_err(|e| format!("{}:{}: not a key record: {e}", file.display(), i + 1))
+        })
+        .collect()
 }
 
 /// 128 random bits, hex: the `jti` of a new key.
@@ -105,6 +249,7 @@ pub fn new_key_id() -> Result<String, String> {
 
 /// The header and claims of a key, NOT verified (for `inspect` and `revoke`).
 pub fn peek(token: &str) -> Result<(Header, Claims), String> {
+    let token = unprefixed(token);
     let header = jsonwebtoken::decode_header(token)
         .map_err(|_| "not a corral API key (not a JWT)".to_string())?;
     let data = jsonwebtoken::dangerous::insecure_decode::<Claims>(token)
@@ -200,6 +345,121 @@ mod tests {
         let id = verifier.verify(&token, crate::clock::unix_now()).unwrap();
         assert_eq!(id.team, "research");
         assert_eq!(id.key_id, claims.jti);
+    }
+
+    /// A signing key `keys init` wrote before it wrote PKCS#8 v1 (ring's v2, with the public
+    /// key), made for this test only.
+    const V2_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MFECAQEwBQYDK2VwBCIEIJGe0af4flwzLpMGlThhBo5M8TFGHGqWRGFHrZ8GTz1w
+gSEAxqg7pWVDg3MIXVLz+73pwBQMfQ1/immpe+4dbTfGgW8=
+-----END PRIVATE KEY-----
+";
+    const V2_PUB: &str = "-----BEGIN PUBLIC KEY-----
+MCowBQYDK2VwAyEAxqg7pWVDg3MIXVLz+73pwBQMfQ1/immpe+4dbTfGgW8=
+-----END PUBLIC KEY-----
+";
+
+    #[test]
+    fn new_signing_keys_are_pkcs8_v1_and_v2_keys_still_sign() {
+        use base64::Engine;
+        let dir = tempfile::tempdir().unwrap();
+        let (private, _) = init(dir.path(), "v1").unwrap();
+        let text = std::fs::read_to_string(&private).unwrap();
+        let body: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(body)
+            .unwrap();
+        // RFC 8410: SEQUENCE of 46 bytes, version 0, the Ed25519 OID, the 32-byte seed; no more.
+        assert_eq!(der.len(), 48);
+        assert_eq!(&der[..5], [0x30, 0x2e, 0x02, 0x01, 0x00]);
+
+        std::fs::write(dir.path().join("old.key.pem"), V2_KEY).unwrap();
+        std::fs::write(dir.path().join("old.pub.pem"), V2_PUB).unwrap();
+        let req = IssueRequest {
+            team: "t".into(),
+            ..Default::default()
+        };
+        let now = crate::clock::unix_now();
+        let (token, claims) = issue(&dir.path().join("old.key.pem"), &req, now).unwrap();
+        let key = load_verify_key(&dir.path().join("old.pub.pem")).unwrap();
+        let verifier = crate::access::auth::Verifier::new(
+            [("old".to_string(), key)].into(),
+            Default::default(),
+        );
+        assert_eq!(verifier.verify(&token, now).unwrap().key_id, claims.jti);
+    }
+
+    #[test]
+    fn issued_keys_carry_the_prefix_and_verify_with_or_without_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (private, public) = init(dir.path(), "k").unwrap();
+        let now = crate::clock::unix_now();
+        let req = IssueRequest {
+            team: "t".into(),
+            ..Default::default()
+        };
+        let (token, claims) = issue(&private, &req, now).unwrap();
+        let bare = token.strip_prefix(KEY_PREFIX).unwrap();
+        assert!(bare.starts_with("eyJ"), "a JWT follows the prefix");
+        let key = load_verify_key(&public).unwrap();
+        let verifier =
+            crate::access::auth::Verifier::new([("k".to_string(), key)].into(), Default::default());
+        for t in [token.as_str(), bare] {
+            assert_eq!(verifier.verify(t, now).unwrap().key_id, claims.jti);
+            assert_eq!(peek(t).unwrap().1, claims);
+        }
+        // The prefix is stripped once: a key with it twice is not a key.
+        assert!(verifier
+            .verify(&format!("{KEY_PREFIX}{token}"), now)
+            .is_err());
+    }
+
+    #[test]
+    fn the_ledger_records_every_issued_key_and_never_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (private, _) = init(dir.path(), "k").unwrap();
+        let now = crate::clock::unix_now();
+        let mut keys = Vec::new();
+        for (team, expires) in [("a", Some(60)), ("b", None)] {
+            let req = IssueRequest {
+                team: team.into(),
+                name: Some(format!("{team}-app")),
+                models: Some(vec!["llama3.2:*".into()]),
+                expires_in: expires.map(Duration::from_secs),
+            };
+            keys.push(issue(&private, &req, now).unwrap());
+        }
+        let ledger = ledger_of(&private);
+        assert_eq!(ledger, dir.path().join("k.issued.jsonl"));
+        let text = std::fs::read_to_string(&ledger).unwrap();
+        for (token, _) in &keys {
+            let signature = token.rsplit('.').next().unwrap();
+            assert!(!text.contains(signature), "the ledger holds a key");
+        }
+        let records = read_ledger(&ledger).unwrap();
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[0].id, keys[0].1.jti);
+        assert_eq!(
+            (records[0].team.as_str(), records[0].kid.as_str()),
+            ("a", "k")
+        );
+        assert_eq!(records[0].name.as_deref(), Some("a-app"));
+        assert!(!records[0].expired(now) && records[0].expired(now + 61));
+        assert!(records[1].expires_at.is_none() && !records[1].expired(u64::MAX / 2));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&ledger).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+
+        // A damaged line is named, not skipped.
+        std::fs::write(&ledger, format!("{text}not json\n")).unwrap();
+        assert!(read_ledger(&ledger)
+            .unwrap_err()
+            .contains("k.issued.jsonl:3"));
+        assert!(read_ledger(&dir.path().join("none.jsonl"))
+            .unwrap()
+            .is_empty());
     }
 
     #[test]

@@ -9,18 +9,23 @@ pub mod auth;
 pub(crate) mod caps;
 pub mod keys;
 pub mod limits;
+pub(crate) mod oidc;
 pub mod policy;
 pub(crate) mod shared;
 
 use crate::access::auth::{AuthFailure, Identity, Verifier};
+use crate::access::oidc::{MakeFetch, Provider, Why};
 use crate::access::policy::Team;
 use crate::config::Config;
+use crate::telemetry::metrics::Metrics;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 pub(crate) struct Access {
     pub(crate) verifier: Verifier,
+    /// `[auth.oidc.*]`: identity providers whose tokens are accepted beside corral's keys.
+    pub(crate) oidc: Vec<Provider>,
     pub(crate) teams: HashMap<String, Arc<Team>>,
     /// Where the revocation list was read from.
     pub(crate) revoked_file: PathBuf,
@@ -28,7 +33,11 @@ pub(crate) struct Access {
 
 impl Access {
     /// Loads the key files and the revocation list. Every problem names its key and file.
-    pub(crate) fn from_config(cfg: &Config) -> Result<(Access, Vec<String>), Vec<String>> {
+    /// `make_fetch` makes what fetches each identity provider's keys.
+    pub(crate) fn from_config(
+        cfg: &Config,
+        make_fetch: &MakeFetch,
+    ) -> Result<(Access, Vec<String>), Vec<String>> {
         let mut problems = Vec::new();
         let mut warnings = Vec::new();
         let mut keys = HashMap::new();
@@ -49,7 +58,14 @@ impl Access {
                 Err(e) => problems.push(format!("{at}: {e}")),
             }
         }
-        if cfg.auth.verify_keys.is_empty() {
+        let mut oidc = Vec::new();
+        for (name, o) in &cfg.auth.oidc {
+            match Provider::new(name, o, make_fetch) {
+                Ok(p) => oidc.push(p),
+                Err(e) => problems.push(e),
+            }
+        }
+        if cfg.auth.verify_keys.is_empty() && oidc.is_empty() {
             warnings.push(
                 "auth.verify_keys is empty: every API key is refused (only public routes work)"
                     .to_string(),
@@ -85,6 +101,7 @@ impl Access {
         Ok((
             Access {
                 verifier: Verifier::new(keys, revoked),
+                oidc,
                 teams,
                 revoked_file: cfg.auth.revoked_file.clone(),
             },
@@ -92,13 +109,58 @@ impl Access {
         ))
     }
 
-    /// Verifies a key and finds its team.
-    pub(crate) fn authenticate(
+    /// Verifies a key (corral's, or an identity provider's token) and finds its team. A token
+    /// whose provider's keys lack its `kid` (or have not loaded) has them fetched once more,
+    /// within the provider's rate limit.
+    pub(crate) async fn identify(
         &self,
         token: &str,
         now: u64,
+        metrics: &Metrics,
     ) -> Result<(Arc<Identity>, Arc<Team>), AuthFailure> {
-        let identity = self.verifier.verify(token, now)?;
+        let Some(provider) = self.provider_of(token)? else {
+            return self.team_of(self.verifier.verify(token, now)?);
+        };
+        let identity = match provider.verify(token, now) {
+            Err(AuthFailure::UnknownKid | AuthFailure::IdpUnavailable)
+                if provider.keys.refresh(Why::UnknownKid, metrics).await =>
+            {
+                provider.verify(token, now)
+            }
+            verified => verified,
+        };
+        self.team_of(self.checked(identity)?)
+    }
+
+    /// The identity provider a token names as its issuer; `None` for corral's own keys.
+    fn provider_of(&self, token: &str) -> Result<Option<&Provider>, AuthFailure> {
+        if self.oidc.is_empty() || token.starts_with(crate::access::keys::KEY_PREFIX) {
+            return Ok(None);
+        }
+        match oidc::claimed_issuer(token) {
+            None => Ok(None),
+            Some(iss) => self
+                .oidc
+                .iter()
+                .find(|p| p.issues(&iss))
+                .map(Some)
+                .ok_or(AuthFailure::UnknownIssuer),
+        }
+    }
+
+    /// A provider's verdict, with the revocation list applied (a token's `jti` may be revoked).
+    fn checked(
+        &self,
+        verdict: Result<Arc<Identity>, AuthFailure>,
+    ) -> Result<Arc<Identity>, AuthFailure> {
+        let identity = verdict?;
+        if self.verifier.is_revoked(&identity.key_id) {
+            return Err(AuthFailure::Revoked);
+        }
+        Ok(identity)
+    }
+
+    fn team_of(&self, identity: Arc<Identity>) -> Result<(Arc<Identity>, Arc<Team>), AuthFailure> {
         let team = self
             .teams
             .get(&identity.team)
@@ -116,7 +178,7 @@ impl Access {
     }
 }
 
-fn read_revoked(path: &std::path::Path) -> Result<HashSet<String>, String> {
+pub(crate) fn read_revoked(path: &std::path::Path) -> Result<HashSet<String>, String> {
     if path.as_os_str().is_empty() {
         return Ok(HashSet::new());
     }
@@ -148,6 +210,16 @@ pub(crate) fn keep_revocations(running: &Access, next: &mut Access) -> Option<St
             running.revoked_file.display()
         )
     })
+}
+
+/// Keeps the keys each identity provider fetched, where `next` has the same provider (issuer
+/// and CA file): a reload does not make their tokens wait for a fetch.
+pub(crate) fn keep_fetched_keys(running: &Access, next: &mut Access) {
+    for provider in &mut next.oidc {
+        for earlier in &running.oidc {
+            provider.keep_keys(earlier);
+        }
+    }
 }
 
 /// The current [`Access`], shared by all requests and replaced on reload.

@@ -46,6 +46,9 @@ pub enum GatewayError {
     QueueTimeout(HumanDuration),
     #[error("the model server is not reachable right now; try again shortly")]
     UpstreamUnavailable,
+    /// An OpenID Connect token, and its provider's keys have not loaded yet.
+    #[error("{0}")]
+    IdentityProviderUnavailable(String),
     /// Every node that has the model is down (a pool of nodes).
     #[error("no model server that has model '{0}' is up right now; try again shortly")]
     ModelUnavailable(String),
@@ -93,6 +96,7 @@ impl GatewayError {
             GatewayError::Internal => 500,
             GatewayError::UpstreamUnavailable => 502,
             GatewayError::Overloaded { .. }
+            | GatewayError::IdentityProviderUnavailable(_)
             | GatewayError::ModelUnavailable(_)
             | GatewayError::QueueTimeout(_) => 503,
             GatewayError::UpstreamTimeout(_) | GatewayError::RequestTooLong(_) => 504,
@@ -118,6 +122,7 @@ impl GatewayError {
             GatewayError::QueueFull(_) => "queue_full",
             GatewayError::QueueTimeout(_) => "queue_timeout",
             GatewayError::UpstreamUnavailable => "upstream_unavailable",
+            GatewayError::IdentityProviderUnavailable(_) => "idp_unavailable",
             GatewayError::ModelUnavailable(_) => "model_unavailable",
             GatewayError::UpstreamTimeout(_) => "upstream_timeout",
             GatewayError::RequestTooLong(_) => "request_too_long",
@@ -196,6 +201,7 @@ impl GatewayError {
             // A node is probed every 5 s; one that answers is back in routing at once. A full
             // line empties at the pace of generations: seconds.
             GatewayError::ModelUnavailable(_)
+            | GatewayError::IdentityProviderUnavailable(_)
             | GatewayError::QueueFull(_)
             | GatewayError::QueueTimeout(_) => headers.push(("retry-after", "5".to_string())),
             _ => {}

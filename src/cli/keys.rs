@@ -39,6 +39,24 @@ pub(crate) enum KeysCommand {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// List the keys issued with a signing key (from its ledger, ID.issued.jsonl beside it) and
+    /// whether each is active, expired, or, with a configuration, revoked (its
+    /// auth.revoked_file and shared state store) or of a team it no longer has.
+    List {
+        /// The private key the keys were issued with (ID.key.pem).
+        #[arg(long)]
+        signing_key: PathBuf,
+        /// Only this team's keys.
+        #[arg(long)]
+        team: Option<String>,
+        /// The gateway's configuration (else $CORRAL_CONFIG, else ./config/corral.toml; without
+        /// any, revocations are not shown).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// One JSON object per line (the ledger's record and a `status`), for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a key's claims and whether the configuration accepts it (and why not).
     /// Give the key as an argument, or `-` to read it from stdin.
     Inspect {
@@ -100,20 +118,7 @@ fn revocation_list(
 
 /// Records a revoked key id in the shared state store.
 fn record_revocation(url: &str, prefix: &str, id: &str) -> Result<(), String> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start a runtime: {e}"))?;
-    runtime.block_on(async {
-        let timeout = std::time::Duration::from_secs(5);
-        let store = crate::state::redis::RedisStore::connect(url, prefix, timeout)
-            .await
-            .map_err(|e| format!("state store {}: {e}", crate::config::redact_store_url(url)))?;
-        store
-            .revoke(id)
-            .await
-            .map_err(|e| format!("state store {}: {e}", crate::config::redact_store_url(url)))
-    })
+    with_store(url, prefix, async |store| store.revoke(id).await)
 }
 
 pub(crate) fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {
@@ -172,6 +177,12 @@ pub(crate) fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        KeysCommand::List {
+            signing_key,
+            team,
+            config,
+            json,
+        } => list(&signing_key, team.as_deref(), config.as_deref(), json),
         KeysCommand::Inspect { key, config } => {
             let key = read_key_arg(key)?;
             let (header, claims) = keys::peek(&key)?;
@@ -194,8 +205,17 @@ pub(crate) fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {
             );
             let source = Source::locate(config.as_deref());
             let cfg = Config::load(&source).map_err(|e| e.to_string())?;
-            let (access, _) = crate::access::Access::from_config(&cfg).map_err(|p| p.join("\n"))?;
-            match access.authenticate(&key, crate::clock::unix_now()) {
+            let (access, _) =
+                crate::access::Access::from_config(&cfg, &crate::runtime::oidc::make_fetch)
+                    .map_err(|p| p.join("\n"))?;
+            // An identity provider's token has its keys fetched, as the gateway would.
+            let metrics = crate::telemetry::metrics::Metrics::new(&cfg);
+            let verdict = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start a runtime: {e}"))?
+                .block_on(access.identify(&key, crate::clock::unix_now(), &metrics));
+            match verdict {
                 Ok((_, team)) => {
                     let globs = cfg.teams[&team.name].models.join(", ");
                     println!(
@@ -311,6 +331,119 @@ pub(crate) fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {
     }
 }
 
+/// `keys list`: the ledger, with each key's status.
+fn list(
+    signing_key: &std::path::Path,
+    team: Option<&str>,
+    config: Option<&std::path::Path>,
+    json: bool,
+) -> Result<ExitCode, String> {
+    use crate::access::keys;
+    if !signing_key.is_file() {
+        return Err(format!("{}: no such signing key", signing_key.display()));
+    }
+    let ledger = keys::ledger_of(signing_key);
+    let issued = keys::read_ledger(&ledger)?;
+    let gateway = gateway_view(config)?;
+    let now = crate::clock::unix_now();
+    let mut shown = 0;
+    if !json {
+        println!(
+            "{:<32}  {:<16}  {:<16}  {:<20}  {:<20}  STATUS",
+            "ID", "TEAM", "NAME", "ISSUED", "EXPIRES"
+        );
+    }
+    for key in issued.iter().filter(|k| team.is_none_or(|t| k.team == t)) {
+        let status = match &gateway {
+            Some(g) if g.revoked.contains(&key.id) => "revoked",
+            _ if key.expired(now) => "expired",
+            Some(g) if !g.teams.contains(&key.team) => "no-team",
+            _ => "active",
+        };
+        shown += 1;
+        if json {
+            let mut record = serde_json::to_value(key).map_err(|e| e.to_string())?;
+            record["status"] = status.into();
+            println!("{record}");
+        } else {
+            println!(
+                "{:<32}  {:<16}  {:<16}  {:<20}  {:<20}  {status}",
+                key.id,
+                key.team,
+                key.name.as_deref().unwrap_or("-"),
+                key.issued_at,
+                key.expires_at.as_deref().unwrap_or("never"),
+            );
+        }
+    }
+    eprintln!(
+        "{shown} key(s) issued with {} (ledger: {}){}",
+        signing_key.display(),
+        ledger.display(),
+        if gateway.is_some() {
+            ""
+        } else {
+            "; no configuration found, so revocations are not shown (--config)"
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What a gateway's configuration says about keys: its teams and every revoked id.
+struct GatewayView {
+    teams: std::collections::HashSet<String>,
+    revoked: std::collections::HashSet<String>,
+}
+
+fn gateway_view(config: Option<&std::path::Path>) -> Result<Option<GatewayView>, String> {
+    let source = Source::locate(config);
+    if source == Source::BuiltIn {
+        return Ok(None);
+    }
+    let cfg = Config::load(&source).map_err(|e| e.to_string())?;
+    let mut revoked = crate::access::read_revoked(&cfg.auth.revoked_file)?;
+    if let Some(url) = crate::runtime::server::state_store_url(&cfg.state)? {
+        match store_revocations(&url, &cfg.state.key_prefix) {
+            Ok(ids) => revoked.extend(ids),
+            Err(e) => eprintln!(
+                "warning: state store {}: {e}; revocations recorded only there are not shown",
+                crate::config::redact_store_url(&url)
+            ),
+        }
+    }
+    Ok(Some(GatewayView {
+        teams: cfg.teams.keys().cloned().collect(),
+        revoked,
+    }))
+}
+
+/// Runs one call on the shared state store, on a runtime of its own (the CLI has none).
+fn with_store<T>(
+    url: &str,
+    prefix: &str,
+    call: impl AsyncFnOnce(
+        &crate::state::redis::RedisStore,
+    ) -> Result<T, crate::state::redis::StoreError>,
+) -> Result<T, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    runtime.block_on(async {
+        let timeout = std::time::Duration::from_secs(5);
+        let store = crate::state::redis::RedisStore::connect(url, prefix, timeout)
+            .await
+            .map_err(|e| format!("state store {}: {e}", crate::config::redact_store_url(url)))?;
+        call(&store)
+            .await
+            .map_err(|e| format!("state store {}: {e}", crate::config::redact_store_url(url)))
+    })
+}
+
+fn store_revocations(url: &str, prefix: &str) -> Result<Vec<String>, String> {
+    with_store(url, prefix, async |store| store.revoked().await)
+}
+
 /// What happens after a revocation list's ConfigMap changes.
 const KUBELET_DELAY: &str = "the kubelet updates the file in every corral pod within about a minute \
 (its sync period plus its ConfigMap cache); each gateway refuses the key within a second after that";
@@ -352,10 +485,7 @@ fn read_key_arg(arg: String) -> Result<String, String> {
     Ok(key.trim().to_string())
 }
 
-fn rfc3339(unix: u64) -> String {
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix))
-        .to_string()
-}
+use crate::access::keys::rfc3339;
 
 fn current_year() -> String {
     rfc3339(crate::clock::unix_now())[..4].to_string()

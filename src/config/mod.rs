@@ -19,7 +19,8 @@ mod teams;
 mod units;
 mod upstream;
 
-pub(crate) use auth::{kid_of, AuthConfig};
+pub(crate) use auth::{issuer_problem, kid_of};
+pub use auth::{AuthConfig, OidcConfig};
 pub use log::{LogConfig, LogFormat};
 pub use preload::{KeepAlivePolicy, PreloadConfig};
 pub use scheduler::SchedulerConfig;
@@ -223,7 +224,8 @@ impl Config {
         self.upstream.check(&mut problems);
         self.upstream
             .check_placement(&self.preload.models, &mut problems);
-        self.auth.check(&mut problems);
+        let teams: Vec<&str> = self.teams.keys().map(String::as_str).collect();
+        self.auth.check(&teams, &mut problems);
         teams::check(&self.teams, &mut problems);
         self.preload.check(&mut problems);
         self.log.check(&mut problems);
@@ -287,7 +289,7 @@ fn remove_key(tree: &mut config::Value, key: &str) -> bool {
         }
     }
     match &mut node.kind {
-        config::ValueKind::Table(t) => !last.is_empty() && t.remove(last).is_some(),
+        config::ValueKind::Table(t) => !last.is_empty() && t.shift_remove(last).is_some(),
         _ => false,
     }
 }
@@ -314,7 +316,7 @@ fn problem_from_config_error(e: config::ConfigError) -> Problem {
 
 /// Loading from text, for the tests of every section.
 #[cfg(test)]
-mod testing {
+pub(crate) mod testing {
     use super::*;
     use std::io::Write;
 

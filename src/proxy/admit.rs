@@ -70,12 +70,13 @@ impl Gateway {
             let refuse = |ctx: &mut RequestCtx, failure: AuthFailure, key: Option<&str>| {
                 ctx.outcome.auth_failure = Some(failure);
                 ctx.outcome.refused_key = key.map(|k| auth::refused_key(k, failure));
-                GatewayError::Unauthorized(failure.message().to_string())
+                failure.error()
             };
             let key = auth::key_from_headers(&session.req_header().headers)
                 .map_err(|failure| refuse(ctx, failure, None))?;
             let (identity, team) = access
-                .authenticate(&key, crate::clock::unix_now())
+                .identify(&key, crate::clock::unix_now(), &self.metrics)
+                .await
                 .map_err(|failure| refuse(ctx, failure, Some(&key)))?;
             // Revoked through the shared store (`corral keys revoke` on any replica).
             if self

@@ -5,6 +5,7 @@
 pub(crate) mod admin;
 pub(crate) mod connections;
 pub(crate) mod memory;
+pub(crate) mod oidc;
 pub(crate) mod reload;
 pub(crate) mod server;
 pub(crate) mod shutdown;

@@ -56,10 +56,12 @@ impl Reloader {
                 .map(str::to_string)
                 .collect::<Vec<_>>()
         })?;
-        let (mut access, warnings) = Access::from_config(&cfg)?;
-        if let Some(why) = crate::access::keep_revocations(&self.access.current(), &mut access) {
+        let (mut access, warnings) = Access::from_config(&cfg, &crate::runtime::oidc::make_fetch)?;
+        let running = self.access.current();
+        if let Some(why) = crate::access::keep_revocations(&running, &mut access) {
             tracing::warn!("{why}");
         }
+        crate::access::keep_fetched_keys(&running, &mut access);
         for w in warnings {
             tracing::warn!("{w}");
         }

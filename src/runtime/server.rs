@@ -58,7 +58,7 @@ pub(crate) struct Prepared {
 /// Loads certificates, keys and the upstream; collects every problem.
 pub(crate) fn prepare(source: Source, cfg: Config) -> Result<Prepared, StartError> {
     let mut problems = Vec::new();
-    let (access, warnings) = match Access::from_config(&cfg) {
+    let (access, warnings) = match Access::from_config(&cfg, &crate::runtime::oidc::make_fetch) {
         Ok((a, w)) => (Some(a), w),
         Err(p) => {
             problems.extend(p);
@@ -336,7 +336,7 @@ pub(crate) fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
     let reloader = Reloader {
         source,
         started: cfg.clone(),
-        access,
+        access: access.clone(),
         certs: certs.clone(),
         metrics: metrics.clone(),
         scheduler: scheduler.clone(),
@@ -361,6 +361,13 @@ pub(crate) fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
     };
     server.add_service(background_service("drain", drainer));
     server.add_service(background_service("config reload", reloader));
+    server.add_service(background_service(
+        "identity provider keys",
+        crate::runtime::oidc::KeyKeeper {
+            access: access.clone(),
+            metrics: metrics.clone(),
+        },
+    ));
     if let Some(shared) = shared {
         server.add_service(background_service("state store", StoreKeeper(shared)));
     }

@@ -55,6 +55,8 @@ pub(crate) struct Metrics {
     pub(crate) body_memory: IntGauge,
     pub(crate) store_up: IntGauge,
     pub(crate) store_errors: IntCounterVec,
+    pub(crate) oidc_up: IntGaugeVec,
+    pub(crate) oidc_refresh: IntCounterVec,
     pub(crate) store_seconds: HistogramVec,
     pub(crate) queue_depth: IntGaugeVec,
     pub(crate) queue_wait: HistogramVec,
@@ -150,6 +152,13 @@ impl Metrics {
         }
         for op in STORE_OPS {
             m.store_errors.with_label_values(&[op]);
+        }
+        for provider in cfg.auth.oidc.values() {
+            m.oidc_up.with_label_values(&[&provider.issuer]).set(0);
+            for outcome in ["ok", "error"] {
+                m.oidc_refresh
+                    .with_label_values(&[&provider.issuer, outcome]);
+            }
         }
         m
     }
@@ -321,6 +330,18 @@ impl Metrics {
                     "corral_state_store_up",
                     "1 while the shared state store ([state]) answers, else 0 (always 0 with store = \"local\").",
                 ),
+            ),
+            oidc_up: gauge(
+                &r,
+                "corral_oidc_jwks_up",
+                "1 while the identity provider's last key fetch succeeded, by issuer ([auth.oidc.*]).",
+                &["issuer"],
+            ),
+            oidc_refresh: counter(
+                &r,
+                "corral_oidc_jwks_refresh_total",
+                "Fetches of identity providers' keys (JWKS), by issuer and outcome (ok, error).",
+                &["issuer", "outcome"],
             ),
             store_errors: counter(
                 &r,

@@ -1,11 +1,13 @@
 //! corral's own small HTTP client for talking to Ollama outside the request path:
 //! `corral check` (is Ollama up?) and the model preloader. It uses pingora's connector and the
-//! same peer (address, timeouts, `Host`) as proxied requests.
+//! same peer (address, timeouts, `Host`) as proxied requests. [`exchange`] is the one exchange
+//! it makes, also used to fetch identity providers' keys (`runtime/oidc.rs`).
 
 use crate::upstream::Upstream;
 use bytes::{Bytes, BytesMut};
 use pingora::connectors::http::Connector;
-use pingora::http::RequestHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::upstreams::peer::HttpPeer;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -124,7 +126,7 @@ impl UpstreamClient {
         path: &str,
         body: Option<&serde_json::Value>,
         read_timeout: Duration,
-        mut on_body: impl FnMut(&[u8]) -> Result<(), String>,
+        on_body: impl FnMut(&[u8]) -> Result<(), String>,
     ) -> Result<u16, String> {
         if self.upstream.addr().is_none() {
             self.upstream
@@ -137,52 +139,83 @@ impl UpstreamClient {
             .peer()
             .ok_or("the upstream address is unknown")?;
         peer.options.read_timeout = Some(read_timeout);
-        let (mut session, _) = self.connector.get_http_session(&peer).await.map_err(|e| {
-            format!(
-                "cannot connect to {}: {}",
-                self.upstream.url.authority(),
-                e.etype().as_str()
-            )
-        })?;
         let body = body.map(|b| Bytes::from(b.to_string()));
         let mut req =
             RequestHeader::build(method, path.as_bytes(), None).map_err(|e| e.to_string())?;
         let _ = req.insert_header("host", self.upstream.url.authority());
-        let _ = req.insert_header("user-agent", concat!("corral/", env!("CARGO_PKG_VERSION")));
-        if let Some(b) = &body {
+        if body.is_some() {
             let _ = req.insert_header("content-type", "application/json");
-            let _ = req.insert_header("content-length", b.len().to_string());
         }
-        let fail = |what: &str, e: Box<pingora::Error>| format!("{what}: {}", e.etype().as_str());
-        session
-            .write_request_header(Box::new(req))
+        let answer = exchange(&self.connector, &peer, req, body, on_body)
             .await
-            .map_err(|e| fail("sending the request", e))?;
-        if let Some(b) = body {
-            session
-                .write_request_body(b, true)
-                .await
-                .map_err(|e| fail("sending the body", e))?;
-        }
+            .map_err(|e| match e {
+                Failed::Connect(etype) => format!(
+                    "cannot connect to {}: {etype}",
+                    self.upstream.url.authority()
+                ),
+                Failed::Other(e) => e,
+            })?;
+        Ok(answer.status.as_u16())
+    }
+}
+
+/// Why an [`exchange`] failed.
+pub(crate) enum Failed {
+    /// No connection (pingora's error type, e.g. `ConnectRefused`).
+    Connect(&'static str),
+    Other(String),
+}
+
+/// One HTTP exchange over pingora's connector: sends `req` (with `user-agent`, and
+/// `content-length` for a body), then each piece of the answer's body to `on_body`; returns the
+/// answer's header. The connection goes back to the connector's pool when the answer was whole.
+pub(crate) async fn exchange(
+    connector: &Connector,
+    peer: &HttpPeer,
+    mut req: RequestHeader,
+    body: Option<Bytes>,
+    mut on_body: impl FnMut(&[u8]) -> Result<(), String>,
+) -> Result<Box<ResponseHeader>, Failed> {
+    let (mut session, _) = connector
+        .get_http_session(peer)
+        .await
+        .map_err(|e| Failed::Connect(e.etype().as_str()))?;
+    let _ = req.insert_header("user-agent", concat!("corral/", env!("CARGO_PKG_VERSION")));
+    if let Some(b) = &body {
+        let _ = req.insert_header("content-length", b.len().to_string());
+    }
+    let fail = |what: &str, e: Box<pingora::Error>| {
+        Failed::Other(format!("{what}: {}", e.etype().as_str()))
+    };
+    session
+        .write_request_header(Box::new(req))
+        .await
+        .map_err(|e| fail("sending the request", e))?;
+    if let Some(b) = body {
         session
-            .finish_request_body()
+            .write_request_body(b, true)
             .await
             .map_err(|e| fail("sending the body", e))?;
-        session
-            .read_response_header()
-            .await
-            .map_err(|e| fail("waiting for the answer", e))?;
-        let status = session.response_header().map_or(0, |h| h.status.as_u16());
-        while let Some(chunk) = session
-            .read_response_body()
-            .await
-            .map_err(|e| fail("reading the answer", e))?
-        {
-            on_body(&chunk)?;
-        }
-        self.connector
-            .release_http_session(session, &peer, None)
-            .await;
-        Ok(status)
     }
+    session
+        .finish_request_body()
+        .await
+        .map_err(|e| fail("sending the body", e))?;
+    session
+        .read_response_header()
+        .await
+        .map_err(|e| fail("waiting for the answer", e))?;
+    let header = session
+        .response_header()
+        .cloned()
+        .ok_or_else(|| Failed::Other("no answer".into()))?;
+    while let Some(chunk) = session
+        .read_response_body()
+        .await
+        .map_err(|e| fail("reading the answer", e))?
+    {
+        on_body(&chunk).map_err(Failed::Other)?;
+    }
+    connector.release_http_session(session, peer, None).await;
+    Ok(Box::new(header))
 }

@@ -762,6 +762,17 @@ fn keys_cli_issues_inspects_and_revokes() {
     assert!(out.status.success());
     assert!(out.stdout.is_empty(), "init prints to stderr only");
     let signing = keys_dir.join("ops-1.key.pem");
+    // Standard tools read the signing key (OpenSSL 3.0 reads only PKCS#8 v1 Ed25519 keys).
+    let openssl = std::process::Command::new("openssl")
+        .args(["pkey", "-noout", "-in"])
+        .arg(&signing)
+        .output()
+        .expect("openssl (CI installs it)");
+    assert!(
+        openssl.status.success(),
+        "openssl pkey: {}",
+        String::from_utf8_lossy(&openssl.stderr)
+    );
     let out = run(&[
         "keys",
         "issue",
@@ -788,6 +799,7 @@ fn keys_cli_issues_inspects_and_revokes() {
         "only the key on stdout: {stdout}"
     );
     let key = stdout.trim().to_string();
+    assert!(key.starts_with("corral_eyJ"), "{key}");
     let (header, claims): (_, Claims) = corral::access::keys::peek(&key).unwrap();
     assert_eq!(header.kid.as_deref(), Some("ops-1"));
     assert_eq!(claims.models.unwrap(), ["llama3.2:*", "nomic-embed-text"]);
@@ -835,6 +847,74 @@ fn keys_cli_issues_inspects_and_revokes() {
     let out = run(&["keys", "revoke", &key, "--config", config.to_str().unwrap()]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already revoked"));
+
+    // The ledger lists what was issued, and the configuration says what is revoked.
+    let with_ops = dir.path().join("with-ops.toml");
+    std::fs::write(&with_ops, format!("{toml}[teams.ops]\nmodels = [\"*\"]\n")).unwrap();
+    let other = run(&[
+        "keys",
+        "issue",
+        "--signing-key",
+        signing.to_str().unwrap(),
+        "--team",
+        "ops",
+        "--config",
+        with_ops.to_str().unwrap(),
+    ]);
+    let other_id = corral::access::keys::peek(String::from_utf8_lossy(&other.stdout).trim())
+        .unwrap()
+        .1
+        .jti;
+    let list = |extra: &[&str]| {
+        let mut args = vec!["keys", "list", "--signing-key", signing.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let out = run(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let status_of = |text: &str, id: &str| {
+        text.lines()
+            .find(|l| l.starts_with(id))
+            .map(|l| l.split_whitespace().last().unwrap().to_string())
+    };
+    let table = list(&["--config", config.to_str().unwrap()]);
+    assert_eq!(
+        status_of(&table, &claims.jti).as_deref(),
+        Some("revoked"),
+        "{table}"
+    );
+    // `ops` is not a team of this configuration: its key would be refused.
+    assert_eq!(
+        status_of(&table, &other_id).as_deref(),
+        Some("no-team"),
+        "{table}"
+    );
+    assert!(
+        table.contains("research") && table.contains(" ci "),
+        "{table}"
+    );
+    assert!(
+        !table.contains(key.trim_start_matches("corral_")),
+        "a key in the list"
+    );
+    let only_ops = list(&[
+        "--team",
+        "ops",
+        "--json",
+        "--config",
+        with_ops.to_str().unwrap(),
+    ]);
+    let records: Vec<Value> = only_ops
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 1, "{only_ops}");
+    assert_eq!(records[0]["id"], other_id);
+    assert_eq!(records[0]["status"], "active");
     // A key that would be born expired is not issued.
     let out = run(&[
         "keys",
