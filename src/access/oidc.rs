@@ -51,7 +51,8 @@ pub(crate) trait Fetch: Send + Sync {
 }
 
 /// Makes the [`Fetch`] for a provider, given its optional CA file.
-pub(crate) type MakeFetch = dyn Fn(&PathBuf) -> Result<Arc<dyn Fetch>, String> + Send + Sync;
+pub(crate) type MakeFetch =
+    dyn Fn(&std::path::Path) -> Result<Arc<dyn Fetch>, String> + Send + Sync;
 
 /// A provider's published keys, by `kid`.
 struct KeySet {

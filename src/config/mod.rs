@@ -24,7 +24,7 @@ pub use auth::{AuthConfig, OidcConfig};
 pub use log::{LogConfig, LogFormat};
 pub use preload::{KeepAlivePolicy, PreloadConfig};
 pub use scheduler::SchedulerConfig;
-pub use server::{ListenAddr, ServerConfig};
+pub use server::{CorsConfig, ListenAddr, ServerConfig};
 pub(crate) use state::{redact as redact_store_url, redis_url_problem as state_url_problem};
 pub use state::{OnStoreError, StateConfig};
 pub use teams::{valid_team_name, TeamConfig};

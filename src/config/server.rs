@@ -51,6 +51,75 @@ pub struct ServerConfig {
     /// Unix socket through which a new corral takes over the listening sockets of a running one
     /// (`corral serve --upgrade`, then SIGQUIT to the old process).
     pub upgrade_sock: PathBuf,
+    /// Browser pages from these origins may call corral (CORS). Unset: no CORS at all.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cors: Option<CorsConfig>,
+}
+
+/// `[server.cors]`: the web origins whose pages may call corral from a browser.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CorsConfig {
+    /// Exact origins (`https://chat.example.com`, `chrome-extension://ID`); `*` is refused.
+    pub origins: Vec<String>,
+    /// How long a browser may remember a preflight's answer.
+    #[serde(default = "CorsConfig::default_max_age")]
+    pub max_age: HumanDuration,
+}
+
+impl CorsConfig {
+    fn default_max_age() -> HumanDuration {
+        HumanDuration::secs(600)
+    }
+
+    fn check(&self, problems: &mut Vec<Problem>) {
+        if self.origins.is_empty() {
+            problems.push(Problem::new(
+                "server.cors.origins",
+                "list the origins whose pages may call corral, e.g. [\"https://chat.example.com\"] (or remove [server.cors])",
+            ));
+        }
+        for origin in &self.origins {
+            if let Some(why) = origin_problem(origin) {
+                problems.push(Problem::new(
+                    "server.cors.origins",
+                    format!("`{origin}`: {why}"),
+                ));
+            }
+        }
+    }
+}
+
+/// Why `origin` cannot be an allowed origin: browsers send `scheme://host[:port]`, lowercase,
+/// nothing after it, and an allowed origin must match that exactly.
+fn origin_problem(origin: &str) -> Option<String> {
+    if origin == "*" || origin == "null" {
+        return Some(format!(
+            "`{origin}` would let any page (or any sandboxed one) spend your teams' keys; list exact origins"
+        ));
+    }
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        return Some("an origin is scheme://host[:port], e.g. https://chat.example.com".into());
+    };
+    if rest.is_empty() || rest.contains(['/', '?', '#', '*', ' ', '@']) {
+        return Some(
+            "an origin is scheme://host[:port]: no path, no trailing slash, no wildcard".into(),
+        );
+    }
+    if origin.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Some(format!(
+            "browsers send origins in lowercase; write `{}`",
+            origin.to_ascii_lowercase()
+        ));
+    }
+    if scheme.is_empty()
+        || !scheme
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+    {
+        return Some("the scheme is not valid".into());
+    }
+    None
 }
 
 impl ServerConfig {
@@ -90,6 +159,7 @@ impl Default for ServerConfig {
             max_body_memory: ByteSize::mib(256),
             pid_file: PathBuf::from("/run/corral/corral.pid"),
             upgrade_sock: PathBuf::from("/run/corral/upgrade.sock"),
+            cors: None,
         }
     }
 }
@@ -106,6 +176,9 @@ impl ServerConfig {
     /// Every problem with `[server]`.
     pub(super) fn check(&self, problems: &mut Vec<Problem>) {
         let s = self;
+        if let Some(cors) = &s.cors {
+            cors.check(problems);
+        }
         if s.listen.0.is_none() && s.plain_listen.0.is_none() {
             problems.push(Problem::new(
                 "server.listen",

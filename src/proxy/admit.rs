@@ -326,7 +326,11 @@ impl Full {
     }
 }
 
-fn route_error(e: RouteError, req: &RequestHeader, ctx: &mut RequestCtx) -> GatewayError {
+pub(super) fn route_error(
+    e: RouteError,
+    req: &RequestHeader,
+    ctx: &mut RequestCtx,
+) -> GatewayError {
     match e {
         RouteError::BadPath(why) => GatewayError::BadRequest(format!("{why}; the request was not forwarded")),
         RouteError::NotFound => GatewayError::NotFound(format!(

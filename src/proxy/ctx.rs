@@ -34,6 +34,8 @@ pub(crate) struct RequestCtx {
     pub(crate) client_ip: Option<IpAddr>,
     /// How errors are written for this caller (guessed from the path until a route matches).
     pub(crate) dialect: Dialect,
+    /// The request's `Origin` when `[server.cors]` allows it.
+    pub(crate) cors_origin: Option<http::HeaderValue>,
     pub(crate) admission: Admission,
     pub(crate) nodes: Attempts,
     pub(crate) response: ResponseState,
@@ -193,6 +195,7 @@ impl RequestCtx {
             request_id: String::new(),
             client_ip: None,
             dialect: Dialect::Ollama,
+            cors_origin: None,
             admission: Admission::default(),
             nodes: Attempts::default(),
             response: ResponseState::default(),

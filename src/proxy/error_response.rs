@@ -31,6 +31,7 @@ impl Gateway {
             let _ = resp.insert_header(*k, v.as_str());
         }
         let _ = resp.insert_header("x-request-id", ctx.request_id.as_str());
+        self.cors_headers(ctx, &mut resp);
         // The request body may be unread: don't reuse the connection.
         session.set_keepalive(None);
         // A full gateway does not wait on the client: the answer goes out at once, read or not.

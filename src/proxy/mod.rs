@@ -9,6 +9,7 @@
 //! flight for readiness and shutdown.
 
 mod admit;
+mod cors;
 mod ctx;
 mod error_response;
 pub mod framing;
@@ -59,6 +60,8 @@ pub(crate) struct Gateway {
     pub(crate) pins: Arc<Pins>,
     /// Slots on the nodes and the line for them.
     pub(crate) scheduler: Arc<crate::upstream::queue::Scheduler>,
+    /// `[server.cors]`: browser pages from these origins may call corral.
+    pub(crate) cors: Option<Arc<crate::api::cors::Cors>>,
 }
 
 /// `upstream.request_timeout` passed: the error the patched pingora-proxy gives when it ends an
@@ -82,6 +85,17 @@ impl ProxyHttp for Gateway {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
+        if let Some(cors) = &self.cors {
+            let origin = req.headers.get(http::header::ORIGIN);
+            ctx.cors_origin = origin
+                .filter(|o| cors.allows(Some(o.as_bytes())).is_some())
+                .cloned();
+            if crate::api::cors::is_preflight(&req.method, &req.headers) {
+                let cors = cors.clone();
+                self.preflight(session, ctx, &cors).await;
+                return Ok(true);
+            }
+        }
         if let Err(e) = self.admit(session, ctx).await {
             self.respond(session, ctx, &e).await;
             return Ok(true);
@@ -236,6 +250,7 @@ impl ProxyHttp for Gateway {
             self.attempt_answered(ctx, status);
         }
         upstream_response.insert_header(headers::X_REQUEST_ID, ctx.request_id.as_str())?;
+        self.cors_headers(ctx, upstream_response);
         // Ollama answered: the request will not be sent again, so a long conversation is not
         // kept in memory for the rest of a stream.
         ctx.admission.body = None;

@@ -136,6 +136,7 @@ impl Gateway {
         };
         let _ = resp.insert_header("content-type", "application/json; charset=utf-8");
         let _ = resp.insert_header("x-request-id", ctx.request_id.as_str());
+        self.cors_headers(ctx, &mut resp);
         let head_only = session.req_header().method == http::Method::HEAD;
         if !head_only {
             // A HEAD answer has no length: the list's would tell what the team may not see.

@@ -31,7 +31,7 @@ pub(crate) struct HttpFetch {
 }
 
 /// The [`MakeFetch`](crate::access::oidc::MakeFetch) of a running gateway.
-pub(crate) fn make_fetch(ca_file: &std::path::PathBuf) -> Result<Arc<dyn Fetch>, String> {
+pub(crate) fn make_fetch(ca_file: &Path) -> Result<Arc<dyn Fetch>, String> {
     let mut options = ConnectorOptions::new(0);
     if !ca_file.as_os_str().is_empty() {
         check_ca_file(ca_file)?;
@@ -152,9 +152,8 @@ impl BackgroundService for KeyKeeper {
                 }
             }
             drop(access);
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = shutdown.changed() => return,
+            if !crate::clock::pause(Duration::from_secs(1), &mut shutdown).await {
+                return;
             }
         }
     }

@@ -265,6 +265,11 @@ pub(crate) fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
         limiter: limiter.clone(),
         shared: shared.clone(),
         scheduler: scheduler.clone(),
+        cors: cfg
+            .server
+            .cors
+            .as_ref()
+            .map(|c| Arc::new(crate::api::cors::Cors::new(c))),
         requests: Counter::new(Caps {
             total: cfg.server.max_requests,
             per_ip: cfg.server.requests_per_ip(),

@@ -28,7 +28,7 @@ fn ed25519(kid: &str) -> Signer {
         kid: kid.into(),
         alg: Algorithm::EdDSA,
         key: EncodingKey::from_ed_der(pair.serialized_der()),
-        jwk: json!({"kty": "OKP", "crv": "Ed25519", "kid": kid, "x": b64(&pair.public_key_raw())}),
+        jwk: json!({"kty": "OKP", "crv": "Ed25519", "kid": kid, "x": b64(pair.public_key_raw())}),
     }
 }
 
