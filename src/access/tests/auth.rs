@@ -361,3 +361,74 @@ fn a_reloaded_list_keeps_earlier_revocations_and_counts_what_it_dropped() {
     assert_eq!(same.keep_revoked(&running), 0, "nothing dropped");
     assert_eq!(same.revoked_count(), 3);
 }
+
+#[test]
+fn each_failure_has_its_own_reason_and_answer() {
+    use crate::api::error::GatewayError;
+    let reasons: HashSet<&str> = AuthFailure::ALL.iter().map(|f| f.reason()).collect();
+    assert_eq!(
+        reasons.len(),
+        AuthFailure::ALL.len(),
+        "two failures share a reason"
+    );
+    for failure in AuthFailure::ALL {
+        let error = failure.error();
+        let expected = match failure {
+            AuthFailure::NoTeam => 403,
+            AuthFailure::IdpUnavailable => 503,
+            _ => 401,
+        };
+        assert_eq!(error.status(), expected, "{failure:?}");
+        assert_eq!(error.to_string(), failure.message(), "{failure:?}");
+    }
+    assert_eq!(AuthFailure::NoTeam.reason(), "no_team");
+    assert_eq!(AuthFailure::IdpUnavailable.reason(), "idp_unavailable");
+    assert_eq!(AuthFailure::UnknownIssuer.reason(), "unknown_issuer");
+    assert_eq!(AuthFailure::WrongAudience.reason(), "wrong_audience");
+    let rendered = AuthFailure::IdpUnavailable
+        .error()
+        .render(crate::api::routes::Dialect::OpenAi);
+    assert!(rendered.headers.contains(&("retry-after", "5".to_string())));
+    assert!(matches!(
+        AuthFailure::NoTeam.error(),
+        GatewayError::Forbidden(_)
+    ));
+}
+
+#[test]
+fn a_refused_identity_provider_token_never_names_its_sub_as_a_team() {
+    let claims = serde_json::json!({"iss": "https://idp.example", "sub": "app-client", "jti": "t-1", "exp": 1});
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(b"x"),
+    )
+    .unwrap();
+    let refused = refused_key(&token, AuthFailure::Expired);
+    assert_eq!(refused.key_id.as_deref(), Some("t-1"));
+    assert_eq!(refused.team, None);
+    assert!(refused.signed);
+    // A corral key's team is named when its signature held, prefixed or not.
+    let corral = serde_json::json!({"sub": "research", "jti": "k-1", "iat": 1});
+    let key = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(Algorithm::HS256),
+        &corral,
+        &jsonwebtoken::EncodingKey::from_secret(b"x"),
+    )
+    .unwrap();
+    for k in [key.clone(), format!("corral_{key}")] {
+        assert_eq!(
+            refused_key(&k, AuthFailure::Expired).team.as_deref(),
+            Some("research")
+        );
+        assert_eq!(refused_key(&k, AuthFailure::BadSignature).team, None);
+    }
+}
+
+#[test]
+fn revocation_names_key_ids_exactly() {
+    let (_dir, v) = verifier_with_key(&["abc123"]);
+    assert!(v.is_revoked("abc123"));
+    assert!(!v.is_revoked("abc12"));
+    assert!(!v.is_revoked("other"));
+}

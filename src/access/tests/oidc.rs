@@ -209,9 +209,19 @@ async fn rotation_is_picked_up_and_unknown_kids_fetch_at_most_once_per_interval(
         p.verify(&token, unix_now()).unwrap_err(),
         AuthFailure::UnknownKid
     );
+    let before = old.sign(&claims(json!("ml")));
+    assert!(
+        p.verify(&before, unix_now()).is_ok(),
+        "verified (and cached) before the rotation"
+    );
     assert!(p.keys.refresh(Why::UnknownKid, &m).await);
     assert!(p.verify(&token, unix_now()).is_ok());
     assert_eq!(served.jwks_fetches.load(Ordering::Relaxed), 2);
+    // The old key is gone from the provider's set: tokens it signed are not taken from the cache.
+    assert_eq!(
+        p.verify(&before, unix_now()).unwrap_err(),
+        AuthFailure::UnknownKid
+    );
 
     // A flood of made-up kids right after: no more fetches.
     for i in 0..50 {
