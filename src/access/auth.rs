@@ -208,12 +208,18 @@ pub(crate) struct VerifiedCache {
 
 impl VerifiedCache {
     /// The identity of `token`, from the cache or from `verify` (counted as a signature check).
+    /// `generation` names the keys that verify it: a token is found only under the same one.
     pub(crate) fn get_or_insert(
         &self,
+        generation: u64,
         token: &str,
         verify: impl FnOnce() -> Result<Identity, AuthFailure>,
     ) -> Result<Arc<Identity>, AuthFailure> {
-        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let digest: [u8; 32] = Sha256::new()
+            .chain_update(generation.to_le_bytes())
+            .chain_update(token.as_bytes())
+            .finalize()
+            .into();
         let cached = self
             .map
             .read()
@@ -231,10 +237,6 @@ impl VerifiedCache {
         }
         map.insert(digest, identity.clone());
         Ok(identity)
-    }
-
-    pub(crate) fn clear(&self) {
-        self.map.write().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     #[cfg(test)]
@@ -288,9 +290,10 @@ impl Verifier {
         self.cache.signature_checks()
     }
 
-    /// Whether a key id is on the revocation list.
+    /// Whether a key id is on the revocation list (which holds them lowercase; an identity
+    /// provider's `jti` may not be).
     pub(crate) fn is_revoked(&self, key_id: &str) -> bool {
-        self.revoked.contains(key_id)
+        self.revoked.contains(&key_id.to_ascii_lowercase())
     }
 
     /// Verifies a key at unix time `now`.
@@ -301,7 +304,7 @@ impl Verifier {
         }
         let identity = self
             .cache
-            .get_or_insert(token, || self.verify_signature(token))?;
+            .get_or_insert(0, token, || self.verify_signature(token))?;
         // Checked on every use: a cached key still expires and can still be revoked.
         if identity
             .expires_at

@@ -264,14 +264,31 @@ pub(crate) fn read_revoked(text: &str) -> impl Iterator<Item = &str> {
         .filter(|l| !l.is_empty())
 }
 
-/// Appends a key id to the revocation list (creating it). `Ok(false)` if it was already there.
-pub(crate) fn revoke(file: &Path, key_id: &str) -> Result<bool, String> {
-    // Key ids are what `keys issue` makes: 32 hex digits (written lowercase).
-    if key_id.len() != 32 || !key_id.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!(
-            "`{key_id}` is neither an API key nor a key id (32 hex digits, as `corral keys inspect` shows)"
-        ));
+/// Refuses what cannot be a key id: a corral key's id is what `keys issue` makes, 32 hex digits;
+/// with `sso`, the id of a single sign-on token as the access log shows it (its `jti`: 1-64 of
+/// letters, digits, '.', '-', '_').
+pub(crate) fn check_key_id(key_id: &str, sso: bool) -> Result<(), String> {
+    let corral = key_id.len() == 32 && key_id.bytes().all(|b| b.is_ascii_hexdigit());
+    let plain = (1..=64).contains(&key_id.len())
+        && key_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    match (corral, sso && plain) {
+        (false, false) if sso => Err(format!(
+            "`{key_id}` is not a token id (1-64 letters, digits, '.', '-', '_', as the access log's key_id shows)"
+        )),
+        (false, false) => Err(format!(
+            "`{key_id}` is neither an API key nor a key id (32 hex digits, as `corral keys inspect` shows; a single sign-on token's id needs --sso)"
+        )),
+        _ => Ok(()),
     }
+}
+
+/// Appends a key id to the revocation list (creating it). `Ok(false)` if it was already there.
+/// `sso`: the id of a single sign-on token (see [`check_key_id`]).
+pub(crate) fn revoke(file: &Path, key_id: &str, sso: bool) -> Result<bool, String> {
+    check_key_id(key_id, sso)?;
+    // Ids are kept lowercase (and compared so).
     let key_id = &key_id.to_ascii_lowercase();
     let existing = match std::fs::read_to_string(file) {
         Ok(text) => text,
@@ -462,20 +479,44 @@ MCowBQYDK2VwAyEAxqg7pWVDg3MIXVLz+73pwBQMfQ1/immpe+4dbTfGgW8=
             .is_empty());
     }
 
+    fn revoke_id(file: &Path, id: &str) -> Result<bool, String> {
+        revoke(file, id, false)
+    }
+
+    #[test]
+    fn single_sign_on_token_ids_are_revoked_only_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("revoked.txt");
+        assert!(
+            revoke(&file, "AT.Okta_jti-1", false).is_err(),
+            "a typo guard for corral ids"
+        );
+        assert!(revoke(&file, "AT.Okta_jti-1", true).unwrap());
+        assert!(
+            !revoke(&file, "at.okta_JTI-1", true).unwrap(),
+            "the same id"
+        );
+        for bad in ["has space", "", &"a".repeat(65), "a/b"] {
+            assert!(revoke(&file, bad, true).is_err(), "{bad}");
+        }
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert_eq!(read_revoked(&text).collect::<Vec<_>>(), ["at.okta_jti-1"]);
+    }
+
     #[test]
     fn revocation_list_appends_once() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("revoked.txt");
         let (a, d) = ("a".repeat(32), "d".repeat(32));
-        assert!(revoke(&file, &a).unwrap());
-        assert!(!revoke(&file, &a).unwrap());
-        assert!(!revoke(&file, &a.to_uppercase()).unwrap(), "the same id");
+        assert!(revoke_id(&file, &a).unwrap());
+        assert!(!revoke_id(&file, &a).unwrap());
+        assert!(!revoke_id(&file, &a.to_uppercase()).unwrap(), "the same id");
         std::fs::write(&file, format!("# comment\n{a} # first\n\nxyz")).unwrap();
-        assert!(revoke(&file, &d.to_uppercase()).unwrap());
+        assert!(revoke_id(&file, &d.to_uppercase()).unwrap());
         let text = std::fs::read_to_string(&file).unwrap();
         assert_eq!(read_revoked(&text).collect::<Vec<_>>(), [&a, "xyz", &d]);
         for bad in ["has space", "notakey", "abc", &"g".repeat(32)] {
-            assert!(revoke(&file, bad).is_err(), "{bad}");
+            assert!(revoke_id(&file, bad).is_err(), "{bad}");
         }
     }
 }

@@ -36,6 +36,8 @@ const DEFAULT_MAX_AGE: Duration = Duration::from_secs(600);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A JWKS or discovery document larger than this is refused (the fetcher enforces it).
 pub(crate) const MAX_DOCUMENT: usize = 1 << 20;
+/// Discovery and the JWKS together, so a provider that hangs holds nothing for long.
+const FETCH_DEADLINE: Duration = Duration::from_secs(15);
 
 /// What a [`Fetch`] got.
 pub(crate) struct Fetched {
@@ -57,6 +59,9 @@ pub(crate) type MakeFetch =
 /// A provider's published keys, by `kid`.
 struct KeySet {
     keys: HashMap<String, (Algorithm, DecodingKey)>,
+    /// Which fetch this is: tokens verified with these keys are cached under it, so a token
+    /// checked against keys the provider has since dropped is never taken from the cache.
+    generation: u64,
 }
 
 /// The keys of one issuer and when to fetch them, kept across reloads while the issuer and its
@@ -68,9 +73,7 @@ pub(crate) struct Keys {
     set: RwLock<Option<Arc<KeySet>>>,
     /// Held while fetching: one fetch at a time per issuer.
     timing: tokio::sync::Mutex<Timing>,
-    /// Tokens verified with the current keys (cleared when they change).
-    verified: VerifiedCache,
-    /// Bumped by each completed fetch, so a request that waited for another's fetch uses it.
+    /// Counts successful fetches (the [`KeySet::generation`]).
     generation: AtomicU64,
 }
 
@@ -91,7 +94,7 @@ pub(crate) enum Why {
 }
 
 impl Keys {
-    fn new(issuer: &str, ca_file: PathBuf, fetch: Arc<dyn Fetch>) -> Keys {
+    fn new(issuer: &str, ca_file: std::path::PathBuf, fetch: Arc<dyn Fetch>) -> Keys {
         Keys {
             issuer: issuer.to_string(),
             ca_file,
@@ -102,7 +105,6 @@ impl Keys {
                 failures: 0,
                 last_unknown_kid: None,
             }),
-            verified: VerifiedCache::default(),
             generation: AtomicU64::new(0),
         }
     }
@@ -123,15 +125,16 @@ impl Keys {
     }
 
     /// Fetches the keys, unless `why` is an unknown kid and one was fetched for that within
-    /// [`UNKNOWN_KID_INTERVAL`]. Returns whether new keys may be there (a fetch succeeded, by
-    /// this call or one it waited for).
+    /// [`UNKNOWN_KID_INTERVAL`], or a fetch is running (a request never waits for a fetch it
+    /// did not start). Returns whether this call fetched new keys.
     pub(crate) async fn refresh(&self, why: Why, metrics: &Metrics) -> bool {
-        let seen = self.generation.load(Ordering::Acquire);
-        let mut timing = self.timing.lock().await;
-        if self.generation.load(Ordering::Acquire) != seen {
-            // Another request fetched while this one waited.
-            return self.loaded();
-        }
+        let mut timing = match why {
+            Why::UnknownKid => match self.timing.try_lock() {
+                Ok(timing) => timing,
+                Err(_) => return false,
+            },
+            Why::Due => self.timing.lock().await,
+        };
         let now = Instant::now();
         match why {
             Why::UnknownKid
@@ -142,16 +145,17 @@ impl Keys {
                 return false
             }
             Why::UnknownKid => timing.last_unknown_kid = Some(now),
-            Why::Due if now < timing.due => return self.loaded(),
+            Why::Due if now < timing.due => return false,
             Why::Due => {}
         }
-        let outcome = self.fetch_keys().await;
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        let outcome = tokio::time::timeout(FETCH_DEADLINE, self.fetch_keys())
+            .await
+            .unwrap_or_else(|_| Err(format!("no keys within {FETCH_DEADLINE:?}")));
         let label = [self.issuer.as_str()];
         match outcome {
-            Ok((set, max_age)) => {
+            Ok((mut set, max_age)) => {
+                set.generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
                 *self.set.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(set));
-                self.verified.clear();
                 timing.failures = 0;
                 timing.due = Instant::now() + max_age;
                 metrics.oidc_up.with_label_values(&label).set(1);
@@ -239,7 +243,10 @@ fn parse_jwks(body: &[u8]) -> Result<KeySet, String> {
     if keys.is_empty() {
         return Err("no RS256, ES256 or EdDSA signing key with a kid".into());
     }
-    Ok(KeySet { keys })
+    Ok(KeySet {
+        keys,
+        generation: 0,
+    })
 }
 
 /// The algorithm a JWK is for: its `alg`, else what its type implies; only RS256, ES256, EdDSA.
@@ -266,6 +273,9 @@ pub(crate) struct Provider {
     claim_path: Vec<String>,
     teams: Vec<(String, String)>,
     pub(crate) keys: Arc<Keys>,
+    /// Tokens verified under this provider's settings (a reload makes a new provider, so a
+    /// changed audience or team table applies to every token at once), by key generation.
+    verified: VerifiedCache,
 }
 
 impl Provider {
@@ -277,6 +287,7 @@ impl Provider {
             claim_path: cfg.team_claim.split('.').map(str::to_string).collect(),
             teams: cfg.teams.clone(),
             keys: Arc::new(Keys::new(&cfg.issuer, cfg.ca_file.clone(), fetch)),
+            verified: VerifiedCache::default(),
         })
     }
 
@@ -297,9 +308,8 @@ impl Provider {
     pub(crate) fn verify(&self, token: &str, now: u64) -> Result<Arc<Identity>, AuthFailure> {
         let set = self.keys.current().ok_or(AuthFailure::IdpUnavailable)?;
         let identity = self
-            .keys
             .verified
-            .get_or_insert(token, || self.verify_signature(&set, token))?;
+            .get_or_insert(set.generation, token, || self.verify_signature(&set, token))?;
         if identity
             .expires_at
             .is_some_and(|exp| now > exp.saturating_add(LEEWAY))

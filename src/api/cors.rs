@@ -19,6 +19,8 @@ const ALLOWED_HEADERS: &[&str] = &[
     "anthropic-version",
     "anthropic-beta",
     "anthropic-dangerous-direct-browser-access",
+    // ollama-js sets it; Firefox asks for it in the preflight (Chromium drops it instead).
+    "user-agent",
 ];
 /// A family of headers (the OpenAI and Anthropic SDKs' platform and retry headers).
 const ALLOWED_PREFIX: &str = "x-stainless-";

@@ -82,6 +82,10 @@ pub(crate) enum KeysCommand {
         /// With --kubernetes: run `kubectl apply -k OVERLAY` now.
         #[arg(long, requires = "kubernetes")]
         apply: bool,
+        /// KEY_OR_ID is the id of a single sign-on token ([auth.oidc.*]), as the access log's
+        /// key_id shows it, rather than a corral key id.
+        #[arg(long)]
+        sso: bool,
     },
 }
 
@@ -185,6 +189,24 @@ pub(crate) fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {
         } => list(&signing_key, team.as_deref(), config.as_deref(), json),
         KeysCommand::Inspect { key, config } => {
             let key = read_key_arg(key)?;
+            if let Some(issuer) = crate::access::oidc::claimed_issuer(&key) {
+                // A single sign-on token: its claims are the provider's, not a corral key's.
+                let claims = token_claims(&key)?;
+                let text = |name: &str| match &claims[name] {
+                    serde_json::Value::Null => "-".to_string(),
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                println!("issuer:  {issuer}");
+                println!("subject: {}", text("sub"));
+                println!("audience: {}", text("aud"));
+                println!("token id: {}", text("jti"));
+                println!(
+                    "expires: {}",
+                    claims["exp"].as_u64().map_or("-".to_string(), rfc3339)
+                );
+                return verdict(&key, config.as_deref());
+            }
             let (header, claims) = keys::peek(&key)?;
             println!("kid:     {}", header.kid.as_deref().unwrap_or("(none)"));
             println!("alg:     {:?}", header.alg);
@@ -203,38 +225,7 @@ pub(crate) fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {
                     .as_ref()
                     .map_or("(the team's)".to_string(), |m| m.join(", "))
             );
-            let source = Source::locate(config.as_deref());
-            let cfg = Config::load(&source).map_err(|e| e.to_string())?;
-            let (access, _) =
-                crate::access::Access::from_config(&cfg, &crate::runtime::oidc::make_fetch)
-                    .map_err(|p| p.join("\n"))?;
-            // An identity provider's token has its keys fetched, as the gateway would.
-            let metrics = crate::telemetry::metrics::Metrics::new(&cfg);
-            let verdict = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| format!("cannot start a runtime: {e}"))?
-                .block_on(access.identify(&key, crate::clock::unix_now(), &metrics));
-            match verdict {
-                Ok((_, team)) => {
-                    let globs = cfg.teams[&team.name].models.join(", ");
-                    println!(
-                        "verdict: accepted by {} (team models: {globs}; admin: {})",
-                        source.describe(),
-                        team.admin
-                    );
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(failure) => {
-                    println!(
-                        "verdict: refused by {}: {} ({})",
-                        source.describe(),
-                        failure.message(),
-                        failure.reason()
-                    );
-                    Ok(ExitCode::FAILURE)
-                }
-            }
+            verdict(&key, config.as_deref())
         }
         KeysCommand::Revoke {
             key_or_id,
@@ -242,14 +233,19 @@ pub(crate) fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {
             file,
             kubernetes,
             apply,
+            sso,
         } => {
             let arg = read_key_arg(key_or_id)?;
-            let id = if arg.matches('.').count() == 2 {
-                keys::peek(&arg)?.1.jti
-            } else {
-                arg
+            let (id, sso) = match crate::access::oidc::claimed_issuer(&arg) {
+                // A single sign-on token: its jti.
+                Some(_) => (token_claims(&arg)?["jti"].as_str().map(str::to_string).ok_or(
+                    "the token has no `jti`, so it cannot be revoked by id; remove its team mapping or wait for it to expire",
+                )?, true),
+                None if arg.matches('.').count() == 2 => (keys::peek(&arg)?.1.jti, false),
+                None => (arg, sso),
             };
-            // Key ids are lowercase hex, wherever they are kept.
+            keys::check_key_id(&id, sso)?;
+            // Ids are kept lowercase, wherever they are kept.
             let id = id.to_ascii_lowercase();
             // With a configuration that names a shared store, the id goes there first: every
             // replica refuses the key within a second, even where the file cannot be written
@@ -281,7 +277,7 @@ pub(crate) fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {
                 Err(e) => return Err(e),
             };
             let shown = list.display();
-            match keys::revoke(&list, &id) {
+            match keys::revoke(&list, &id, sso) {
                 Ok(true) => eprintln!("revoked key {id} in {shown}"),
                 Ok(false) => eprintln!("key {id} was already revoked in {shown}"),
                 Err(e) if stored => {
@@ -329,6 +325,60 @@ pub(crate) fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Whether the gateway's configuration accepts a key or token, and why not (an identity
+/// provider's keys are fetched, as the gateway would).
+fn verdict(key: &str, config: Option<&std::path::Path>) -> Result<ExitCode, String> {
+    let source = Source::locate(config);
+    let cfg = Config::load(&source).map_err(|e| e.to_string())?;
+    let (access, _) = crate::access::Access::from_config(&cfg, &crate::runtime::oidc::make_fetch)
+        .map_err(|p| p.join("\n"))?;
+    let metrics = crate::telemetry::metrics::Metrics::new(&cfg);
+    let verdict = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?
+        .block_on(async {
+            // The keys of the provider the token names, first (a gateway loads them at start).
+            for provider in &access.oidc {
+                provider
+                    .keys
+                    .refresh(crate::access::oidc::Why::Due, &metrics)
+                    .await;
+            }
+            access
+                .identify(key, crate::clock::unix_now(), &metrics)
+                .await
+        });
+    match verdict {
+        Ok((_, team)) => {
+            let globs = cfg.teams[&team.name].models.join(", ");
+            println!(
+                "verdict: accepted by {} as team {} (team models: {globs}; admin: {})",
+                source.describe(),
+                team.name,
+                team.admin
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(failure) => {
+            println!(
+                "verdict: refused by {}: {} ({})",
+                source.describe(),
+                failure.message(),
+                failure.reason()
+            );
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// The claims of a token, not verified (to show them).
+fn token_claims(token: &str) -> Result<serde_json::Value, String> {
+    jsonwebtoken::dangerous::insecure_decode::<serde_json::Value>(token)
+        .map(|d| d.claims)
+        .map_err(|e| format!("the token's claims cannot be read: {e}"))
 }
 
 /// `keys list`: the ledger, with each key's status.

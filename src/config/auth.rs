@@ -36,7 +36,8 @@ pub struct OidcConfig {
     /// Claim value -> corral team, tried in the table's order: the first match wins.
     #[serde(default, with = "ordered_map")]
     pub teams: Vec<(String, String)>,
-    /// A PEM file of CA certificates to trust for the issuer, beside the system's.
+    /// A PEM file of CA certificates to trust for the issuer (and its jwks_uri) instead of the
+    /// system's.
     #[serde(default, skip_serializing_if = "path_is_empty")]
     pub ca_file: PathBuf,
 }
@@ -101,6 +102,10 @@ pub(crate) fn issuer_problem(url: &str) -> Option<&'static str> {
             .is_ok_and(|ip| ip.is_loopback());
     match uri.scheme_str() {
         _ if host.is_empty() => Some("is not a URL with a host"),
+        // It is logged and a metric label: no credentials in it.
+        _ if uri.authority().is_some_and(|a| a.as_str().contains('@')) => {
+            Some("must not hold a user or password")
+        }
         Some("https") => None,
         Some("http") if loopback => None,
         Some("http") => Some("must be https:// (http:// only on a loopback address)"),
@@ -243,6 +248,7 @@ teams = {{ "ML-Research" = "research", "platform.admins" = "platform", "a" = "re
             "http://login.example.com",
             "ftp://x",
             "not a url",
+            "https://user:secret@login.example.com",
             "https://x/?a=b",
         ] {
             let e = load_str(&provider(bad, ok)).unwrap_err();

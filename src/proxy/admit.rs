@@ -345,7 +345,10 @@ pub(super) fn route_error(
 }
 
 /// Refuses header blocks over the limit (431).
-fn check_header_size(req: &RequestHeader, max_header_size: ByteSize) -> Result<(), GatewayError> {
+pub(super) fn check_header_size(
+    req: &RequestHeader,
+    max_header_size: ByteSize,
+) -> Result<(), GatewayError> {
     let size: usize = req.raw_path().len()
         + req
             .headers

@@ -12,6 +12,10 @@ impl Gateway {
     /// Answers a preflight without a key and without Ollama: 204 with what the origin may do on
     /// this route, or a refusal with no CORS headers (the browser then blocks the page's call).
     pub(super) async fn preflight(&self, session: &mut Session, ctx: &mut RequestCtx, cors: &Cors) {
+        let limit = self.limits.max_header_size;
+        if let Err(e) = super::admit::check_header_size(session.req_header(), limit) {
+            return self.respond(session, ctx, &e).await;
+        }
         let req = session.req_header();
         let header =
             |name: http::header::HeaderName| req.headers.get(name).and_then(|v| v.to_str().ok());

@@ -18,11 +18,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Connecting, and each read, of a fetch.
+/// Connecting, and each read, of a fetch (the access layer bounds discovery and JWKS together).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// A whole fetch (so a provider that trickles cannot hold a request that waits for it).
-const FETCH_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Fetches a provider's documents over pingora's connector, trusting the system's CAs or, with
 /// `ca_file`, that file's only.
@@ -62,14 +60,6 @@ fn check_ca_file(path: &Path) -> Result<(), String> {
 #[async_trait]
 impl Fetch for HttpFetch {
     async fn get(&self, url: &str) -> Result<Fetched, String> {
-        tokio::time::timeout(FETCH_TIMEOUT, self.fetch(url))
-            .await
-            .map_err(|_| format!("{url}: no whole answer within {FETCH_TIMEOUT:?}"))?
-    }
-}
-
-impl HttpFetch {
-    async fn fetch(&self, url: &str) -> Result<Fetched, String> {
         let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
         let tls = uri.scheme_str() == Some("https");
         let host = uri.host().ok_or_else(|| format!("{url}: no host"))?;
@@ -145,13 +135,14 @@ pub(crate) struct KeyKeeper {
 impl BackgroundService for KeyKeeper {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         loop {
-            let access = self.access.current();
-            for provider in &access.oidc {
+            // Each provider on its own: one that hangs delays no other. A fetch in progress holds
+            // its provider's lock, so `due` is false for it meanwhile.
+            for provider in &self.access.current().oidc {
                 if provider.keys.due() {
-                    provider.keys.refresh(Why::Due, &self.metrics).await;
+                    let (keys, metrics) = (provider.keys.clone(), self.metrics.clone());
+                    tokio::spawn(async move { keys.refresh(Why::Due, &metrics).await });
                 }
             }
-            drop(access);
             if !crate::clock::pause(Duration::from_secs(1), &mut shutdown).await {
                 return;
             }

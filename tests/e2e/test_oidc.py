@@ -39,8 +39,8 @@ class Sso:
                          verify=ssl.create_default_context(cafile=self.ca), timeout=30)
 
 
-def serve(dir, gateway, issuer, port, metrics):
-    (dir / "corral.toml").write_text(
+def config(gateway, issuer, port, metrics, audience="corral"):
+    return (
         f"""
 [server]
 listen = "127.0.0.1:{port}"
@@ -53,11 +53,11 @@ url = "{gateway.double_url}"
 
 [auth]
 verify_keys = ["{gateway.dir / 'keys' / 'e2e.pub.pem'}"]
-revoked_file = ""
+revoked_file = "revoked.txt"
 
 [auth.oidc.corp]
 issuer = "{issuer}"
-audience = "corral"
+audience = "{audience}"
 team_claim = "groups"
 teams = {{ "platform-admins" = "ops", "ml-research" = "research", "staff" = "ops" }}
 
@@ -69,6 +69,10 @@ models = ["*"]
 admin = true
 """
     )
+
+
+def serve(dir, gateway, issuer, port, metrics):
+    (dir / "corral.toml").write_text(config(gateway, issuer, port, metrics))
     log = open(dir / "access.log", "w")
     proc = subprocess.Popen([CORRAL, "serve", "--config", str(dir / "corral.toml")],
                             stdout=log, stderr=subprocess.PIPE, text=True)
@@ -176,6 +180,34 @@ def test_a_flood_of_unknown_kids_does_not_hammer_the_provider(sso):
     # refresh fell in it.
     assert fetched <= 2 + int(took // 10), (fetched, took)
     assert sso.metric("corral_auth_failures_total", reason="unknown_kid") >= 40
+
+
+def test_a_token_is_inspected_and_revoked_with_the_cli(sso):
+    token = sso.idp.token("ml-app", "ml-secret")
+    assert sso.get("/api/tags", token).status_code == 200
+    config = str(sso.log.parent / "corral.toml")
+    out = subprocess.run([CORRAL, "keys", "inspect", token, "--config", config], capture_output=True, text=True)
+    assert out.returncode == 0 and "accepted" in out.stdout and "team research" in out.stdout, out
+    assert f"issuer:  {sso.idp.issuer}" in out.stdout
+    out = subprocess.run([CORRAL, "keys", "revoke", token, "--config", config], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: sso.get("/api/tags", token).status_code == 401, "the revocation to apply", timeout=30)
+    assert sso.get("/api/tags", sso.idp.token("ml-app", "ml-secret")).status_code == 200, "only that token"
+
+
+def test_a_reload_applies_a_new_audience_to_tokens_already_accepted(tmp_path, sso, gateway):
+    port, metrics = free_port(), free_port()
+    proc, _ = serve(tmp_path, gateway, sso.idp.issuer, port, metrics)
+    try:
+        s = Sso(f"https://localhost:{port}", gateway.ca, gateway.keys, sso.idp, sso.key,
+                f"http://127.0.0.1:{metrics}", None, proc)
+        token = sso.idp.token("ml-app", "ml-secret")
+        wait_for(lambda: s.get("/api/tags", token).status_code == 200, "the provider's keys")
+        (tmp_path / "corral.toml").write_text(config(gateway, sso.idp.issuer, port, metrics, audience="other"))
+        wait_for(lambda: s.get("/api/tags", token).status_code == 401, "the reload", timeout=30)
+    finally:
+        proc.terminate()
+        proc.wait()
 
 
 def test_the_provider_going_down_does_not_affect_corral_keys_or_loaded_tokens(sso):

@@ -429,6 +429,10 @@ fn a_refused_identity_provider_token_never_names_its_sub_as_a_team() {
 fn revocation_names_key_ids_exactly() {
     let (_dir, v) = verifier_with_key(&["abc123"]);
     assert!(v.is_revoked("abc123"));
+    assert!(
+        v.is_revoked("ABC123"),
+        "an identity provider's jti, as it wrote it"
+    );
     assert!(!v.is_revoked("abc12"));
     assert!(!v.is_revoked("other"));
 }

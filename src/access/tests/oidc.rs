@@ -274,3 +274,75 @@ fn only_usable_signing_keys_are_taken_from_a_jwks() {
     assert!(parse_jwks(b"{\"keys\": []}").is_err());
     assert!(parse_jwks(b"<html>").is_err());
 }
+
+/// A provider that never answers.
+struct Hangs;
+
+#[async_trait]
+impl Fetch for Hangs {
+    async fn get(&self, _url: &str) -> Result<Fetched, String> {
+        std::future::pending().await
+    }
+}
+
+#[tokio::test]
+async fn a_request_never_waits_for_a_fetch_it_did_not_start() {
+    let cfg = OidcConfig {
+        issuer: ISSUER.into(),
+        audience: "corral".into(),
+        team_claim: "groups".into(),
+        teams: vec![("ml".into(), "research".into())],
+        ca_file: PathBuf::new(),
+    };
+    let hangs: Arc<dyn Fetch> = Arc::new(Hangs);
+    let p = Provider::new("corp", &cfg, &move |_| Ok(hangs.clone())).unwrap();
+    let m = Arc::new(metrics());
+    // The background fetch hangs (until its deadline) holding the provider's fetch lock.
+    let (keys, bg) = (p.keys.clone(), m.clone());
+    let background = tokio::spawn(async move { keys.refresh(Why::Due, &bg).await });
+    while p.keys.due() {
+        tokio::task::yield_now().await;
+    }
+    // A token naming an unknown kid, or coming before the keys loaded, is answered at once
+    // (the guard below fails the test instead of hanging it; it is not a timing condition).
+    let answered =
+        tokio::time::timeout(Duration::from_secs(60), p.keys.refresh(Why::UnknownKid, &m)).await;
+    assert_eq!(answered, Ok(false));
+    let token = ed25519("k").sign(&claims(json!("ml")));
+    assert_eq!(
+        p.verify(&token, unix_now()).unwrap_err(),
+        AuthFailure::IdpUnavailable
+    );
+    background.abort();
+}
+
+#[tokio::test]
+async fn a_reload_applies_a_new_audience_and_team_table_to_tokens_already_seen() {
+    let ed = ed25519("k");
+    let (served, first) = provider(&[&ed], &[("ml", "research")], "groups");
+    assert!(first.keys.refresh(Why::Due, &metrics()).await);
+    let token = ed.sign(&claims(json!("ml")));
+    assert_eq!(first.verify(&token, unix_now()).unwrap().team, "research");
+    // The reloaded provider maps `ml` elsewhere; it keeps the fetched keys, not the verdicts.
+    let cfg = OidcConfig {
+        issuer: ISSUER.into(),
+        audience: "corral".into(),
+        team_claim: "groups".into(),
+        teams: vec![("ml".into(), "platform".into())],
+        ca_file: PathBuf::new(),
+    };
+    let fetch: Arc<dyn Fetch> = served.clone();
+    let mut second = Provider::new("corp", &cfg, &move |_| Ok(fetch.clone())).unwrap();
+    second.keep_keys(&first);
+    assert!(second.keys.loaded(), "no fetch needed");
+    assert_eq!(second.verify(&token, unix_now()).unwrap().team, "platform");
+    let mut cfg = cfg;
+    cfg.audience = "other".into();
+    let fetch: Arc<dyn Fetch> = served.clone();
+    let mut third = Provider::new("corp", &cfg, &move |_| Ok(fetch.clone())).unwrap();
+    third.keep_keys(&first);
+    assert_eq!(
+        third.verify(&token, unix_now()).unwrap_err(),
+        AuthFailure::WrongAudience
+    );
+}
