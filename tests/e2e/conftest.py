@@ -123,3 +123,35 @@ rpm = 1
     yield Gateway(f"https://localhost:{port}", str(dir / "ca.pem"), dir, proc, double_url, keys)
     proc.terminate()
     proc.wait()
+
+
+def gateway_config(gateway, port: int, metrics: int | None, body: str, revoked: str = "") -> str:
+    """A corral configuration on the session gateway's certificate and verification key: [server]
+    on `port` (metrics on `metrics`, none for None), [auth] with the e2e key and the revocation
+    list `revoked`, then `body` (upstream, teams, sub-tables such as [server.cors])."""
+    metrics_listen = f"127.0.0.1:{metrics}" if metrics else ""
+    return f"""
+[server]
+listen = "127.0.0.1:{port}"
+tls_cert = "{gateway.dir / 'tls.crt'}"
+tls_key = "{gateway.dir / 'tls.key'}"
+metrics_listen = "{metrics_listen}"
+
+[auth]
+verify_keys = ["{gateway.dir / 'keys' / 'e2e.pub.pem'}"]
+revoked_file = "{revoked}"
+{body}"""
+
+
+def serve(config: pathlib.Path, port: int, stdout=subprocess.DEVNULL) -> subprocess.Popen:
+    """`corral serve --config CONFIG`, once it listens on `port`."""
+    proc = subprocess.Popen([CORRAL, "serve", "--config", str(config)], stdout=stdout, stderr=subprocess.PIPE,
+                            text=True)
+    wait_port(port, proc)
+    return proc
+
+
+def stop(*procs: subprocess.Popen) -> None:
+    for proc in procs:
+        proc.terminate()
+        proc.wait()

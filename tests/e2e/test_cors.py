@@ -5,12 +5,11 @@ from any other origin is blocked by the browser. Raw preflights check the exact 
 import http.client
 import json
 import ssl
-import subprocess
 
 import pytest
 
 from browser import run_page
-from conftest import CORRAL, free_port, wait_port
+from conftest import free_port, gateway_config, serve, stop
 
 
 class Site:
@@ -24,14 +23,7 @@ class Site:
 def site(tmp_path_factory, gateway):
     dir = tmp_path_factory.mktemp("cors")
     port, allowed_port, other_port = free_port(), free_port(), free_port()
-    (dir / "corral.toml").write_text(
-        f"""
-[server]
-listen = "127.0.0.1:{port}"
-tls_cert = "{gateway.dir / 'tls.crt'}"
-tls_key = "{gateway.dir / 'tls.key'}"
-metrics_listen = ""
-
+    (dir / "corral.toml").write_text(gateway_config(gateway, port, None, f"""
 [server.cors]
 origins = ["http://127.0.0.1:{allowed_port}", "chrome-extension://abcdefghijklmnop"]
 max_age = "10m"
@@ -39,24 +31,16 @@ max_age = "10m"
 [upstream]
 url = "{gateway.double_url}"
 
-[auth]
-verify_keys = ["{gateway.dir / 'keys' / 'e2e.pub.pem'}"]
-revoked_file = ""
-
 [teams.research]
 models = ["llama3.2:*"]
 
 [teams.tiny]
 models = ["llama3.2:*"]
 rpm = 1
-"""
-    )
-    proc = subprocess.Popen([CORRAL, "serve", "--config", str(dir / "corral.toml")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_port(port, proc)
+"""))
+    proc = serve(dir / "corral.toml", port)
     yield Site(f"https://localhost:{port}", port, gateway.ca, gateway.keys, allowed_port, other_port)
-    proc.terminate()
-    proc.wait()
+    stop(proc)
 
 
 def request(site_or_gateway, method, path, headers, body=None):

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import CORRAL, free_port, wait_port
+from conftest import CORRAL, free_port, gateway_config, serve, stop
 from idp import make_jwk, mint, start_idp
 from test_clients import openai_client
 
@@ -40,20 +40,9 @@ class Sso:
 
 
 def config(gateway, issuer, port, metrics, audience="corral"):
-    return (
-        f"""
-[server]
-listen = "127.0.0.1:{port}"
-tls_cert = "{gateway.dir / 'tls.crt'}"
-tls_key = "{gateway.dir / 'tls.key'}"
-metrics_listen = "127.0.0.1:{metrics}"
-
+    return gateway_config(gateway, port, metrics, revoked="revoked.txt", body=f"""
 [upstream]
 url = "{gateway.double_url}"
-
-[auth]
-verify_keys = ["{gateway.dir / 'keys' / 'e2e.pub.pem'}"]
-revoked_file = "revoked.txt"
 
 [auth.oidc.corp]
 issuer = "{issuer}"
@@ -67,17 +56,13 @@ models = ["llama3.2:*"]
 [teams.ops]
 models = ["*"]
 admin = true
-"""
-    )
+""")
 
 
-def serve(dir, gateway, issuer, port, metrics):
+def start(dir, gateway, issuer, port, metrics):
     (dir / "corral.toml").write_text(config(gateway, issuer, port, metrics))
-    log = open(dir / "access.log", "w")
-    proc = subprocess.Popen([CORRAL, "serve", "--config", str(dir / "corral.toml")],
-                            stdout=log, stderr=subprocess.PIPE, text=True)
-    wait_port(port, proc)
-    return proc, dir / "access.log"
+    with open(dir / "access.log", "w") as log:
+        return serve(dir / "corral.toml", port, stdout=log), dir / "access.log"
 
 
 @pytest.fixture(scope="module")
@@ -86,12 +71,11 @@ def sso(tmp_path_factory, gateway):
     key = make_jwk("ES256", "k1")
     idp = start_idp({"keys": [key]}, CLIENTS)
     port, metrics = free_port(), free_port()
-    proc, log = serve(dir, gateway, idp.issuer, port, metrics)
+    proc, log = start(dir, gateway, idp.issuer, port, metrics)
     s = Sso(f"https://localhost:{port}", gateway.ca, gateway.keys, idp, key, f"http://127.0.0.1:{metrics}", log, proc)
     wait_for(lambda: s.metric("corral_oidc_jwks_up", issuer=idp.issuer) == 1, "the provider's keys to load")
     yield s
-    proc.terminate()
-    proc.wait()
+    stop(proc)
     idp.stop()
 
 
@@ -197,7 +181,7 @@ def test_a_token_is_inspected_and_revoked_with_the_cli(sso):
 
 def test_a_reload_applies_a_new_audience_to_tokens_already_accepted(tmp_path, sso, gateway):
     port, metrics = free_port(), free_port()
-    proc, _ = serve(tmp_path, gateway, sso.idp.issuer, port, metrics)
+    proc, _ = start(tmp_path, gateway, sso.idp.issuer, port, metrics)
     try:
         s = Sso(f"https://localhost:{port}", gateway.ca, gateway.keys, sso.idp, sso.key,
                 f"http://127.0.0.1:{metrics}", None, proc)
@@ -206,8 +190,7 @@ def test_a_reload_applies_a_new_audience_to_tokens_already_accepted(tmp_path, ss
         (tmp_path / "corral.toml").write_text(config(gateway, sso.idp.issuer, port, metrics, audience="other"))
         wait_for(lambda: s.get("/api/tags", token).status_code == 401, "the reload", timeout=30)
     finally:
-        proc.terminate()
-        proc.wait()
+        stop(proc)
 
 
 def test_the_provider_going_down_does_not_affect_corral_keys_or_loaded_tokens(sso):
@@ -226,7 +209,7 @@ def test_a_provider_down_at_start_gives_503_until_its_keys_load(tmp_path, gatewa
     key = make_jwk("EdDSA", "k1")
     port, metrics, idp_port = free_port(), free_port(), free_port()
     issuer = f"http://127.0.0.1:{idp_port}"
-    proc, _ = serve(tmp_path, gateway, issuer, port, metrics)
+    proc, _ = start(tmp_path, gateway, issuer, port, metrics)
     try:
         s = Sso(f"https://localhost:{port}", gateway.ca, gateway.keys, None, key, f"http://127.0.0.1:{metrics}",
                 None, proc)
@@ -246,5 +229,4 @@ def test_a_provider_down_at_start_gives_503_until_its_keys_load(tmp_path, gatewa
         finally:
             idp.stop()
     finally:
-        proc.terminate()
-        proc.wait()
+        stop(proc)

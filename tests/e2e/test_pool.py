@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from conftest import CORRAL, corral, free_port, wait_port
+from conftest import CORRAL, corral, free_port, gateway_config, serve, stop
 from test_clients import ollama_client, openai_client
 
 
@@ -55,35 +55,16 @@ def pool(tmp_path_factory, gateway):
     doubles = {n: start_double(p) for n, p in ports.items()}
     port, metrics = free_port(), free_port()
     nodes = "".join(f'[[upstream.nodes]]\nname = "{n}"\nurl = "http://127.0.0.1:{p}"\nparallel = 4\n' for n, p in ports.items())
-    keys_dir = gateway.dir / "keys"
-    (dir / "corral.toml").write_text(
-        f"""
-[server]
-listen = "127.0.0.1:{port}"
-tls_cert = "{gateway.dir / 'tls.crt'}"
-tls_key = "{gateway.dir / 'tls.key'}"
-metrics_listen = "127.0.0.1:{metrics}"
-
+    (dir / "corral.toml").write_text(gateway_config(gateway, port, metrics, f"""
 {nodes}
-[auth]
-verify_keys = ["{keys_dir / 'e2e.pub.pem'}"]
-revoked_file = ""
-
 [teams.research]
 models = ["llama3.2:*", "nomic-embed-text*"]
-"""
-    )
-    proc = subprocess.Popen([CORRAL, "serve", "--config", str(dir / "corral.toml")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_port(port, proc)
+"""))
+    proc = serve(dir / "corral.toml", port)
     p = Pool(f"https://localhost:{port}", gateway.ca, f"http://127.0.0.1:{metrics}", ports, doubles, gateway.keys)
     wait_until("both nodes up", lambda: p.metric("corral_upstream_up") == 2)
     yield p
-    proc.terminate()
-    proc.wait()
-    for d in p.doubles.values():
-        d.terminate()
-        d.wait()
+    stop(proc, *p.doubles.values())
 
 
 def every_client_works(pool):

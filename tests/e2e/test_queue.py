@@ -14,7 +14,7 @@ import ollama
 import openai
 import pytest
 
-from conftest import CORRAL, free_port, wait_port
+from conftest import CORRAL, free_port, gateway_config, serve, stop
 from test_clients import ollama_client, openai_client
 
 
@@ -36,14 +36,7 @@ def line(tmp_path_factory, gateway):
     double = subprocess.Popen([CORRAL, "double", "--listen", f"127.0.0.1:{double_port}", "--token-delay", "1s"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert double.stdout.readline().startswith("http://")
-    (dir / "corral.toml").write_text(
-        f"""
-[server]
-listen = "127.0.0.1:{port}"
-tls_cert = "{gateway.dir / 'tls.crt'}"
-tls_key = "{gateway.dir / 'tls.key'}"
-metrics_listen = "127.0.0.1:{metrics}"
-
+    (dir / "corral.toml").write_text(gateway_config(gateway, port, metrics, f"""
 [upstream]
 url = "http://127.0.0.1:{double_port}"
 parallel = 1
@@ -51,26 +44,16 @@ parallel = 1
 [scheduler]
 queue_timeout = "2s"
 
-[auth]
-verify_keys = ["{gateway.dir / 'keys' / 'e2e.pub.pem'}"]
-revoked_file = ""
-
 [teams.research]
 models = ["llama3.2:*"]
 max_queued = 1
 
 [teams.ops]
 models = ["*"]
-"""
-    )
-    proc = subprocess.Popen([CORRAL, "serve", "--config", str(dir / "corral.toml")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_port(port, proc)
+"""))
+    proc = serve(dir / "corral.toml", port)
     yield Gateway(f"https://localhost:{port}", gateway.ca, f"http://127.0.0.1:{metrics}", gateway.keys)
-    proc.terminate()
-    proc.wait()
-    double.terminate()
-    double.wait()
+    stop(proc, double)
 
 
 def hold_the_slot(gw):
