@@ -155,3 +155,14 @@ def stop(*procs: subprocess.Popen) -> None:
     for proc in procs:
         proc.terminate()
         proc.wait()
+
+
+def wait_until(what: str, check, timeout: float = 60) -> None:
+    """Polls `check` until it is true; a TimeoutError naming `what` after `timeout` seconds (a
+    guard against hanging, never a pass condition)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"waited {timeout} s for {what}")

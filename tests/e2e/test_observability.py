@@ -14,7 +14,7 @@ import httpx
 import pytest
 import trustme
 
-from conftest import CORRAL, ROOT, corral, free_port, wait_port
+from conftest import CORRAL, ROOT, corral, free_port, wait_port, wait_until
 
 DASHBOARD = ROOT / "grafana" / "dashboards" / "corral.json"
 ALERTS = ROOT / "grafana" / "alerts"
@@ -123,14 +123,6 @@ def query(stack, expr: str) -> dict:
     url = f"{stack['prometheus']}/api/v1/query?query={urllib.parse.quote(expr)}"
     return httpx.get(url, timeout=10).json()
 
-
-def wait_until(what, check, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.25)
-    raise TimeoutError(what)
 
 
 def traffic(stack):

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import CORRAL, free_port, gateway_config, serve, stop
+from conftest import CORRAL, free_port, gateway_config, serve, stop, wait_until
 from idp import make_jwk, mint, start_idp
 from test_clients import openai_client
 
@@ -73,19 +73,11 @@ def sso(tmp_path_factory, gateway):
     port, metrics = free_port(), free_port()
     proc, log = start(dir, gateway, idp.issuer, port, metrics)
     s = Sso(f"https://localhost:{port}", gateway.ca, gateway.keys, idp, key, f"http://127.0.0.1:{metrics}", log, proc)
-    wait_for(lambda: s.metric("corral_oidc_jwks_up", issuer=idp.issuer) == 1, "the provider's keys to load")
+    wait_until("the provider's keys to load", lambda: s.metric("corral_oidc_jwks_up", issuer=idp.issuer) == 1)
     yield s
     stop(proc)
     idp.stop()
 
-
-def wait_for(check, what, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"waited {timeout} s for {what}")
 
 
 def claims(sso, **over):
@@ -108,7 +100,7 @@ def test_a_token_from_the_provider_works_with_the_real_openai_client(sso):
     models = [m.id for m in client.models.list().data]
     assert models and all(m.startswith("llama3.2") for m in models), models
     # The access log names the team and the token's jti, never the token.
-    wait_for(lambda: '"research"' in sso.log.read_text(), "the access log")
+    wait_until("the access log", lambda: '"research"' in sso.log.read_text())
     text = sso.log.read_text()
     assert token not in text and token.split(".")[2] not in text
     assert '"team":"research"' in text.replace(" ", ""), text[-2000:]
@@ -149,7 +141,7 @@ def test_a_key_rotation_at_the_provider_is_picked_up(sso):
     assert '"k2"' in __import__("base64").urlsafe_b64decode(token.split(".")[0] + "==").decode()
     # The first token under the new kid fetches the keys again (within the unknown-kid rate
     # limit; a test before this one may have used it up, so it may take one more interval).
-    wait_for(lambda: sso.get("/api/tags", token).status_code == 200, "the rotated key", timeout=30)
+    wait_until("the rotated key", lambda: sso.get("/api/tags", token).status_code == 200, timeout=30)
 
 
 def test_a_flood_of_unknown_kids_does_not_hammer_the_provider(sso):
@@ -175,7 +167,7 @@ def test_a_token_is_inspected_and_revoked_with_the_cli(sso):
     assert f"issuer:  {sso.idp.issuer}" in out.stdout
     out = subprocess.run([CORRAL, "keys", "revoke", token, "--config", config], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    wait_for(lambda: sso.get("/api/tags", token).status_code == 401, "the revocation to apply", timeout=30)
+    wait_until("the revocation to apply", lambda: sso.get("/api/tags", token).status_code == 401, timeout=30)
     assert sso.get("/api/tags", sso.idp.token("ml-app", "ml-secret")).status_code == 200, "only that token"
 
 
@@ -186,9 +178,9 @@ def test_a_reload_applies_a_new_audience_to_tokens_already_accepted(tmp_path, ss
         s = Sso(f"https://localhost:{port}", gateway.ca, gateway.keys, sso.idp, sso.key,
                 f"http://127.0.0.1:{metrics}", None, proc)
         token = sso.idp.token("ml-app", "ml-secret")
-        wait_for(lambda: s.get("/api/tags", token).status_code == 200, "the provider's keys")
+        wait_until("the provider's keys", lambda: s.get("/api/tags", token).status_code == 200)
         (tmp_path / "corral.toml").write_text(config(gateway, sso.idp.issuer, port, metrics, audience="other"))
-        wait_for(lambda: s.get("/api/tags", token).status_code == 401, "the reload", timeout=30)
+        wait_until("the reload", lambda: s.get("/api/tags", token).status_code == 401, timeout=30)
     finally:
         stop(proc)
 
@@ -222,7 +214,7 @@ def test_a_provider_down_at_start_gives_503_until_its_keys_load(tmp_path, gatewa
         assert s.metric("corral_oidc_jwks_up", issuer=issuer) == 0
         idp = start_idp({"keys": [key]}, CLIENTS, port=idp_port)
         try:
-            wait_for(lambda: s.get("/api/tags", token).status_code == 200, "the provider's keys", timeout=60)
+            wait_until("the provider's keys", lambda: s.get("/api/tags", token).status_code == 200, timeout=60)
             assert s.metric("corral_oidc_jwks_up", issuer=issuer) == 1
             assert s.metric("corral_oidc_jwks_refresh_total", issuer=issuer, outcome="error") >= 1
             assert s.metric("corral_oidc_jwks_refresh_total", issuer=issuer, outcome="ok") >= 1

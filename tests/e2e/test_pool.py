@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from conftest import CORRAL, corral, free_port, gateway_config, serve, stop
+from conftest import CORRAL, corral, free_port, gateway_config, serve, stop, wait_until
 from test_clients import ollama_client, openai_client
 
 
@@ -38,14 +38,6 @@ class Pool:
                 total += float(m.group(2))
         return total
 
-
-def wait_until(what, check, timeout=40):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    raise TimeoutError(what)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import ollama
 import openai
 import pytest
 
-from conftest import CORRAL, free_port, gateway_config, serve, stop
+from conftest import CORRAL, free_port, gateway_config, serve, stop, wait_until
 from test_clients import ollama_client, openai_client
 
 
@@ -68,14 +68,6 @@ def hold_the_slot(gw):
     next(lines)
     return client, stream, lines
 
-
-def wait_until(what, check, timeout=20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise TimeoutError(what)
 
 
 def test_the_real_clients_see_a_full_line_and_a_timeout(line):
