@@ -148,9 +148,7 @@ impl Keys {
             Why::Due if now < timing.due => return false,
             Why::Due => {}
         }
-        let outcome = tokio::time::timeout(FETCH_DEADLINE, self.fetch_keys())
-            .await
-            .unwrap_or_else(|_| Err(format!("no keys within {FETCH_DEADLINE:?}")));
+        let outcome = self.fetch_keys().await;
         let label = [self.issuer.as_str()];
         match outcome {
             Ok((mut set, max_age)) => {
@@ -185,8 +183,19 @@ impl Keys {
         }
     }
 
-    /// Discovery, then the JWKS it names.
+    /// Fetches the keys once, keeping nothing (`corral check`): how many are usable, or why none.
+    pub(crate) async fn check(&self) -> Result<usize, String> {
+        self.fetch_keys().await.map(|(set, _)| set.keys.len())
+    }
+
+    /// Discovery, then the JWKS it names, within [`FETCH_DEADLINE`].
     async fn fetch_keys(&self) -> Result<(KeySet, Duration), String> {
+        tokio::time::timeout(FETCH_DEADLINE, self.discover_and_fetch())
+            .await
+            .unwrap_or_else(|_| Err(format!("no keys within {FETCH_DEADLINE:?}")))
+    }
+
+    async fn discover_and_fetch(&self) -> Result<(KeySet, Duration), String> {
         let base = self.issuer.trim_end_matches('/');
         let url = format!("{base}/.well-known/openid-configuration");
         let discovery = self.fetch.get(&url).await?;

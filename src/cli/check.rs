@@ -70,6 +70,36 @@ pub(crate) fn run(source: &Source, upstream: bool) -> Vec<Finding> {
     if upstream {
         out.extend(check_upstream(&cfg));
         out.extend(check_store(&cfg));
+        out.extend(check_identity_providers(&cfg));
+    }
+    out
+}
+
+/// Fetches each identity provider's keys (`[auth.oidc.*]`) as the gateway will.
+fn check_identity_providers(cfg: &Config) -> Vec<Finding> {
+    if cfg.auth.oidc.is_empty() {
+        return vec![];
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return vec![Finding::Error(format!("cannot start a runtime: {e}"))],
+    };
+    let mut out = Vec::new();
+    for (name, o) in &cfg.auth.oidc {
+        let found = crate::access::oidc::Provider::new(name, o, &crate::runtime::oidc::make_fetch)
+            .map(|p| runtime.block_on(p.keys.check()));
+        out.push(match found {
+            Ok(Ok(n)) => Finding::Ok(format!(
+                "auth.oidc.{name}: {} publishes {n} signing key(s) corral can use",
+                o.issuer
+            )),
+            Ok(Err(e)) | Err(e) => Finding::Error(format!(
+                "auth.oidc.{name}: {e} (its tokens get 503 until its keys load; corral keys are not affected)"
+            )),
+        });
     }
     out
 }

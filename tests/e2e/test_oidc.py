@@ -212,8 +212,13 @@ def test_a_provider_down_at_start_gives_503_until_its_keys_load(tmp_path, gatewa
         assert "identity provider" in r.json()["error"]
         assert s.get("/api/tags", gateway.keys["research"]).status_code == 200
         assert s.metric("corral_oidc_jwks_up", issuer=issuer) == 0
+        check = [CORRAL, "check", "--config", str(tmp_path / "corral.toml")]
+        out = subprocess.run(check, capture_output=True, text=True)
+        assert out.returncode != 0 and "error    auth.oidc.corp:" in out.stdout, out
         idp = start_idp({"keys": [key]}, CLIENTS, port=idp_port)
         try:
+            out = subprocess.run(check, capture_output=True, text=True)
+            assert "ok       auth.oidc.corp: " in out.stdout and "1 signing key" in out.stdout, out
             wait_until("the provider's keys", lambda: s.get("/api/tags", token).status_code == 200, timeout=60)
             assert s.metric("corral_oidc_jwks_up", issuer=issuer) == 1
             assert s.metric("corral_oidc_jwks_refresh_total", issuer=issuer, outcome="error") >= 1
