@@ -242,7 +242,7 @@ async fn every_refused_key_is_logged_with_its_reason_and_its_id() {
         format!("{}\n", jti(&revoked)),
     )
     .unwrap();
-    wait_for(Duration::from_secs(10), "the revocation to load", || {
+    wait_for(Duration::from_secs(30), "the revocation to load", || {
         corral.stderr_text().contains("\"revoked\":1").then_some(())
     });
     let expired = {

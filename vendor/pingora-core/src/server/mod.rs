@@ -247,6 +247,9 @@ impl Server {
         match run_args.shutdown_signal.recv().await {
             ShutdownSignal::FastShutdown => {
                 info!("SIGINT received, exiting");
+                // corral patch: services are told too (accept loops stop before their
+                // runtimes go away; see services/listening.rs).
+                let _ = self.shutdown_watch.send(true);
                 ShutdownType::Quick
             }
             ShutdownSignal::GracefulTerminate => {

@@ -300,6 +300,14 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
                     });
                 }
                 Err(e) => {
+                    // corral patch: a runtime that is shutting down fails every accept() at
+                    // once; without a shutdown notice (a fast shutdown sent none) this loop
+                    // spun inside one poll, logging without end, and the runtime never stopped.
+                    // Stop when shut down, and yield after any error so a stopping runtime can
+                    // drop this task.
+                    if *shutdown.borrow() {
+                        break;
+                    }
                     error!("Accept() failed {e}");
                     if let Some(io_error) = e
                         .root_cause()
@@ -314,6 +322,7 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
                             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                         }
                     }
+                    tokio::task::yield_now().await;
                 }
             }
         }
