@@ -4,6 +4,8 @@
 //!   cargo bench --bench compare -- --quick (one short round, to try it out)
 //!   cargo bench --bench compare -- --canned (small requests only, against an upstream that costs
 //!                                          next to nothing: nginx with fixed answers)
+//!   cargo bench --bench compare -- --canned --http2 (the same with HTTP/2 clients; direct access
+//!                                          stays HTTP/1.1, Ollama's only protocol)
 //!   CORRAL_BENCH_BIN=path/to/corral cargo bench --bench compare (measure another build)
 //!
 //! Starts the Ollama double, corral (TLS, keys, access log, metrics: as in production), corral
@@ -78,6 +80,8 @@ struct Stack {
     nginx_port: u16,
     key: String,
     ca_pem: String,
+    /// `--http2`: the load generator speaks HTTP/2 to the gateways.
+    http2: bool,
 }
 
 impl Stack {
@@ -162,7 +166,7 @@ fn rss_of(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn start(oha_ok: bool, canned: bool) -> Stack {
+fn start(oha_ok: bool, canned: bool, http2: bool) -> Stack {
     let nginx_bin = which("nginx").expect("nginx is needed: apt-get install nginx");
     assert!(oha_ok, "oha is needed: cargo install oha");
     // CORRAL_BENCH_BIN compares another build of corral (A/B of a change).
@@ -332,7 +336,7 @@ http {{
     keepalive_requests 1000000;
   }}
   server {{
-    listen 127.0.0.1:{nginx_port} ssl;
+    listen 127.0.0.1:{nginx_port} ssl http2;
     ssl_certificate {d}/tls.crt;
     ssl_certificate_key {d}/tls.key;
     client_max_body_size 32m;
@@ -407,6 +411,7 @@ http {{
         nginx_port,
         key,
         ca_pem,
+        http2,
     }
 }
 
@@ -434,6 +439,10 @@ fn oha(stack: &Stack, t: Target, rate: Option<u32>, seconds: u32) -> (f64, f64, 
         "--insecure",
     ]);
     cmd.args(["-H", &format!("Authorization: Bearer {}", stack.key)]);
+    // HTTP/2 to the gateways (over TLS, by ALPN); Ollama itself speaks HTTP/1.1 only.
+    if stack.http2 && t != Target::Direct {
+        cmd.arg("--http2");
+    }
     if let Some(r) = rate {
         cmd.args(["-q", &r.to_string(), "--latency-correction"]);
     }
@@ -668,7 +677,9 @@ fn main() {
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
-    let stack = start(oha_ok, canned);
+    // HTTP/2 clients (oha --http2) against the gateways, to compare with HTTP/1.1 ones.
+    let http2 = args.iter().any(|a| a == "--http2");
+    let stack = start(oha_ok, canned, http2);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

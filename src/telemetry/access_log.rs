@@ -110,14 +110,26 @@ impl AccessLog {
     }
 
     pub(crate) fn write(&self, rec: &AccessRecord<'_>) {
-        let mut line = match self.format {
-            LogFormat::Json => serde_json::to_string(rec).unwrap_or_default(),
-            LogFormat::Pretty => rec.pretty(),
-        };
-        line.push('\n');
-        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
-        // A closed stdout must not take the gateway down; the line is lost.
-        let _ = out.write_all(line.as_bytes());
+        thread_local! {
+            /// The line being written, kept per thread: no allocation per request once it has
+            /// grown to the longest line.
+            static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        LINE.with_borrow_mut(|line| {
+            line.clear();
+            match self.format {
+                LogFormat::Json => {
+                    if serde_json::to_writer(&mut *line, rec).is_err() {
+                        return;
+                    }
+                }
+                LogFormat::Pretty => line.extend_from_slice(rec.pretty().as_bytes()),
+            }
+            line.push(b'\n');
+            let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+            // A closed stdout must not take the gateway down; the line is lost.
+            let _ = out.write_all(line);
+        });
     }
 
     pub(crate) fn flush(&self) {

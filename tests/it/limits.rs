@@ -84,13 +84,11 @@ async fn rpm_is_429_with_retry_after_in_each_dialect() {
         before,
         "a refused request reached Ollama"
     );
-    let m = corral.metrics().await;
+    let rpm = [("team", "limited"), ("limit", "rpm")];
     assert_eq!(
-        metric_sum(
-            &m,
-            "corral_rate_limited_total",
-            &[("team", "limited"), ("limit", "rpm")]
-        ),
+        corral
+            .metric_settled("corral_rate_limited_total", &rpm, 2.0)
+            .await,
         2.0
     );
     // Another team is not affected.
@@ -133,9 +131,11 @@ async fn tpm_charges_the_tokens_actually_used() {
         .parse()
         .unwrap();
     assert!((40..=45).contains(&retry), "{retry}");
-    let m = corral.metrics().await;
+    let tpm = [("limit", "tpm")];
     assert_eq!(
-        metric_sum(&m, "corral_rate_limited_total", &[("limit", "tpm")]),
+        corral
+            .metric_settled("corral_rate_limited_total", &tpm, 1.0)
+            .await,
         1.0
     );
     // Listing models is not a model run: still allowed.
@@ -204,9 +204,11 @@ async fn max_concurrent_counts_streams_in_flight() {
             .then_some(())
     })
     .await;
-    let m = corral.metrics().await;
+    let concurrency = [("limit", "concurrency")];
     assert_eq!(
-        metric_sum(&m, "corral_rate_limited_total", &[("limit", "concurrency")]),
+        corral
+            .metric_settled("corral_rate_limited_total", &concurrency, 1.0)
+            .await,
         1.0
     );
 }

@@ -482,6 +482,20 @@ impl Corral {
             .await
             .unwrap()
     }
+
+    /// The sum of `name`'s samples with `labels` once it equals `expected` (a request is
+    /// counted by the report, which runs after its answer is out, so a client can read the
+    /// metrics first); after 10 s, whatever it is, for the caller's assertion to show.
+    pub async fn metric_settled(&self, name: &str, labels: &[(&str, &str)], expected: f64) -> f64 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let sum = metric_sum(&self.metrics().await, name, labels);
+            if sum == expected || std::time::Instant::now() > deadline {
+                return sum;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 /// Sums the samples of `name` whose labels include all of `labels`.
