@@ -53,6 +53,21 @@ struct Shared {
     load_timeout: Duration,
     pull_missing: bool,
     pulls: Pulls,
+    /// Models being loaded now: a pull's own load and the watcher's round never both load one.
+    loading: std::sync::Mutex<HashSet<String>>,
+}
+
+/// A model's place in [`Shared::loading`], given back when the load ends (or is dropped).
+struct Loading<'a>(&'a Shared, String);
+
+impl Drop for Loading<'_> {
+    fn drop(&mut self) {
+        self.0
+            .loading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.1);
+    }
 }
 
 pub(crate) struct Preloader {
@@ -90,6 +105,7 @@ impl Preloader {
                 metrics,
                 pull_missing: cfg.pull_missing,
                 pulls: Pulls::default(),
+                loading: std::sync::Mutex::default(),
             }),
             watch_interval: cfg.watch_interval.0,
             pull_tasks: std::sync::Mutex::default(),
@@ -196,6 +212,17 @@ impl Shared {
     /// Loads one model, recording the outcome in the pins. `Loaded::Pulling`: Ollama lacks it
     /// and a pull may start (the caller starts it).
     async fn load(&self, client: &UpstreamClient, model: &str) -> Result<Loaded, Unreachable> {
+        // Someone else is loading it (a pull that just ended, while the watcher's round runs):
+        // its outcome is recorded by that load.
+        let fresh = self
+            .loading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(model.to_string());
+        if !fresh {
+            return Ok(Loaded::No);
+        }
+        let _loading = Loading(self, model.to_string());
         let route = match show::show(client, model).await.map_err(Unreachable)? {
             Shown::Loadable(route) => route,
             Shown::Missing if self.left_to_others(model) => {
