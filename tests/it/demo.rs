@@ -6,25 +6,39 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+/// A demo process, killed when its test ends however it ends (a failed test must not leave a
+/// gateway running: one left spinning slowed every later run on the machine).
+struct Demo(std::process::Child);
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn the_demo_serves_and_its_curl_examples_work_as_printed() {
     let (port, metrics) = (reserve_port(), reserve_port());
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(corral_bin())
-        .args([
-            "demo",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--metrics-listen",
-            &format!("127.0.0.1:{metrics}"),
-        ])
-        .arg("--dir")
-        .arg(dir.path())
-        .args(["--token-delay", "5ms"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut demo = Demo(
+        Command::new(corral_bin())
+            .args([
+                "demo",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--metrics-listen",
+                &format!("127.0.0.1:{metrics}"),
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .args(["--token-delay", "5ms"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut demo.0;
     let mut banner = Vec::new();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     for line in lines.by_ref() {
@@ -97,8 +111,7 @@ fn the_demo_serves_and_its_curl_examples_work_as_printed() {
         .find(|l| !l.trim().is_empty())
         .unwrap();
     assert!(logged.contains(" 200 GET /api/version"), "{logged}");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(demo);
 }
 
 /// Without --dir the demo writes into a temporary folder of its own (its signing key among the
@@ -108,19 +121,22 @@ fn the_demo_removes_its_own_files_when_it_stops() {
     for signal in ["TERM", "INT"] {
         let tmp = tempfile::tempdir().unwrap();
         let (port, metrics) = (reserve_port(), reserve_port());
-        let mut child = Command::new(corral_bin())
-            .args([
-                "demo",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--metrics-listen",
-                &format!("127.0.0.1:{metrics}"),
-            ])
-            .env("TMPDIR", tmp.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut demo = Demo(
+            Command::new(corral_bin())
+                .args([
+                    "demo",
+                    "--listen",
+                    &format!("127.0.0.1:{port}"),
+                    "--metrics-listen",
+                    &format!("127.0.0.1:{metrics}"),
+                ])
+                .env("TMPDIR", tmp.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let child = &mut demo.0;
         let own = tmp.path().join(format!("corral-demo-{}", child.id()));
         wait_for(Duration::from_secs(30), "the demo to listen", || {
             TcpStream::connect(loopback(port)).is_ok().then_some(())
