@@ -273,14 +273,16 @@ pub(crate) fn check_key_id(key_id: &str, sso: bool) -> Result<(), String> {
         && key_id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    match (corral, sso && plain) {
-        (false, false) if sso => Err(format!(
+    if corral || (sso && plain) {
+        Ok(())
+    } else if sso {
+        Err(format!(
             "`{key_id}` is not a token id (1-64 letters, digits, '.', '-', '_', as the access log's key_id shows)"
-        )),
-        (false, false) => Err(format!(
+        ))
+    } else {
+        Err(format!(
             "`{key_id}` is neither an API key nor a key id (32 hex digits, as `corral keys inspect` shows; a single sign-on token's id needs --sso)"
-        )),
-        _ => Ok(()),
+        ))
     }
 }
 

@@ -21,7 +21,6 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -32,8 +31,8 @@ pub(crate) const UNKNOWN_KID_INTERVAL: Duration = Duration::from_secs(10);
 const MIN_MAX_AGE: Duration = Duration::from_secs(60);
 const MAX_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 const DEFAULT_MAX_AGE: Duration = Duration::from_secs(600);
-/// After a failed fetch, the next one waits 1 s, 2 s, 4 s ... up to this.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// After a failed fetch, the next one waits 1 s, 2 s, 4 s, 8 s, then 16 s each time.
+const MAX_DOUBLINGS: u32 = 4;
 /// A JWKS or discovery document larger than this is refused (the fetcher enforces it).
 pub(crate) const MAX_DOCUMENT: usize = 1 << 20;
 /// Discovery and the JWKS together, so a provider that hangs holds nothing for long.
@@ -73,11 +72,11 @@ pub(crate) struct Keys {
     set: RwLock<Option<Arc<KeySet>>>,
     /// Held while fetching: one fetch at a time per issuer.
     timing: tokio::sync::Mutex<Timing>,
-    /// Counts successful fetches (the [`KeySet::generation`]).
-    generation: AtomicU64,
 }
 
 struct Timing {
+    /// Successful fetches so far (the [`KeySet::generation`] of the next one, less one).
+    generation: u64,
     /// When the next scheduled fetch is due.
     due: Instant,
     failures: u32,
@@ -101,11 +100,11 @@ impl Keys {
             fetch,
             set: RwLock::new(None),
             timing: tokio::sync::Mutex::new(Timing {
+                generation: 0,
                 due: Instant::now(),
                 failures: 0,
                 last_unknown_kid: None,
             }),
-            generation: AtomicU64::new(0),
         }
     }
 
@@ -152,7 +151,8 @@ impl Keys {
         let label = [self.issuer.as_str()];
         match outcome {
             Ok((mut set, max_age)) => {
-                set.generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+                timing.generation += 1;
+                set.generation = timing.generation;
                 *self.set.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(set));
                 timing.failures = 0;
                 timing.due = Instant::now() + max_age;
@@ -165,8 +165,8 @@ impl Keys {
             }
             Err(e) => {
                 timing.failures += 1;
-                let backoff = Duration::from_secs(1u64 << timing.failures.min(5)) / 2;
-                timing.due = Instant::now() + backoff.min(MAX_BACKOFF);
+                let backoff = Duration::from_secs(1 << (timing.failures - 1).min(MAX_DOUBLINGS));
+                timing.due = Instant::now() + backoff;
                 metrics.oidc_up.with_label_values(&label).set(0);
                 metrics
                     .oidc_refresh

@@ -327,8 +327,8 @@ pub(crate) fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {
     }
 }
 
-/// Whether the gateway's configuration accepts a key or token, and why not (an identity
-/// provider's keys are fetched, as the gateway would).
+/// Whether the gateway's configuration accepts a key or token, and why not (a token of an
+/// identity provider has that provider's keys fetched, as the gateway would: `identify` does).
 fn verdict(key: &str, config: Option<&std::path::Path>) -> Result<ExitCode, String> {
     let source = Source::locate(config);
     let cfg = Config::load(&source).map_err(|e| e.to_string())?;
@@ -339,18 +339,7 @@ fn verdict(key: &str, config: Option<&std::path::Path>) -> Result<ExitCode, Stri
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start a runtime: {e}"))?
-        .block_on(async {
-            // The keys of the provider the token names, first (a gateway loads them at start).
-            for provider in &access.oidc {
-                provider
-                    .keys
-                    .refresh(crate::access::oidc::Why::Due, &metrics)
-                    .await;
-            }
-            access
-                .identify(key, crate::clock::unix_now(), &metrics)
-                .await
-        });
+        .block_on(access.identify(key, crate::clock::unix_now(), &metrics));
     match verdict {
         Ok((_, team)) => {
             let globs = cfg.teams[&team.name].models.join(", ");

@@ -10,6 +10,25 @@ use std::time::Duration;
 /// gateway running: one left spinning slowed every later run on the machine).
 struct Demo(std::process::Child);
 
+impl Demo {
+    /// `corral demo` on these ports; the caller adds what it needs, then [`Demo::spawn`].
+    fn command(port: u16, metrics: u16) -> Command {
+        let mut cmd = Command::new(corral_bin());
+        cmd.args([
+            "demo",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--metrics-listen",
+            &format!("127.0.0.1:{metrics}"),
+        ]);
+        cmd
+    }
+
+    fn spawn(cmd: &mut Command) -> Demo {
+        Demo(cmd.spawn().unwrap())
+    }
+}
+
 impl Drop for Demo {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -21,22 +40,13 @@ impl Drop for Demo {
 fn the_demo_serves_and_its_curl_examples_work_as_printed() {
     let (port, metrics) = (reserve_port(), reserve_port());
     let dir = tempfile::tempdir().unwrap();
-    let mut demo = Demo(
-        Command::new(corral_bin())
-            .args([
-                "demo",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--metrics-listen",
-                &format!("127.0.0.1:{metrics}"),
-            ])
+    let mut demo = Demo::spawn(
+        Demo::command(port, metrics)
             .arg("--dir")
             .arg(dir.path())
             .args(["--token-delay", "5ms"])
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+            .stderr(Stdio::piped()),
     );
     let child = &mut demo.0;
     let mut banner = Vec::new();
@@ -121,20 +131,11 @@ fn the_demo_removes_its_own_files_when_it_stops() {
     for signal in ["TERM", "INT"] {
         let tmp = tempfile::tempdir().unwrap();
         let (port, metrics) = (reserve_port(), reserve_port());
-        let mut demo = Demo(
-            Command::new(corral_bin())
-                .args([
-                    "demo",
-                    "--listen",
-                    &format!("127.0.0.1:{port}"),
-                    "--metrics-listen",
-                    &format!("127.0.0.1:{metrics}"),
-                ])
+        let mut demo = Demo::spawn(
+            Demo::command(port, metrics)
                 .env("TMPDIR", tmp.path())
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
+                .stderr(Stdio::null()),
         );
         let child = &mut demo.0;
         let own = tmp.path().join(format!("corral-demo-{}", child.id()));

@@ -5,7 +5,7 @@ use crate::clock::unix_now;
 use base64::Engine;
 use jsonwebtoken::{EncodingKey, Header};
 use serde_json::json;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 const ISSUER: &str = "https://idp.example.com/realms/main";
