@@ -1,7 +1,9 @@
-//! Gives freed memory back to the system. glibc's allocator keeps what a burst of connections
-//! freed in its per-thread arenas, so without this corral's resident memory would stay at its
-//! peak for good. Every few seconds, when the arenas hold more than a few MiB of free memory,
-//! `malloc_trim` returns the free pages (milliseconds of work, none in a steady state).
+//! Gives memory freed in glibc's allocator back to the system. The corral binary allocates with
+//! mimalloc, set to purge freed pages at once (`src/main.rs`); glibc's malloc still serves C code
+//! and builds with the counting allocator (`--features count-allocations`). It keeps what a burst
+//! of connections freed in its per-thread arenas, so without this the resident memory would stay
+//! at its peak for good. Every few seconds, when the arenas hold more than a few MiB of free
+//! memory, `malloc_trim` returns the free pages (milliseconds of work, none in a steady state).
 
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
