@@ -328,6 +328,12 @@ impl UninitializedStream {
         }
     }
 
+    /// corral patch: registers the socket with this thread's runtime (see
+    /// `L4Stream::register_here`).
+    pub fn register_here(&mut self) -> std::io::Result<()> {
+        self.l4.register_here()
+    }
+
     /// Get the peer address of the connection if available
     pub fn peer_addr(&self) -> Option<SocketAddr> {
         self.l4

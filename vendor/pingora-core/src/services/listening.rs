@@ -275,8 +275,19 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
                     let app = app_logic.clone();
                     let shutdown = shutdown.clone();
                     let gate = gate.clone();
+                    let accepted_on = std::thread::current().id();
+                    let mut io = io;
                     current_handle().spawn(async move {
                         let _permit = permit;
+                        // corral patch: a connection served on another runtime than the accept
+                        // loop's moves its socket's registration there, so its I/O events are
+                        // not delivered by the accepting thread (one wake-up each).
+                        if std::thread::current().id() != accepted_on {
+                            if let Err(e) = io.register_here() {
+                                debug!("Cannot move the connection from {peer_addr:?}: {e}");
+                                return;
+                            }
+                        }
                         // corral patch: handshake failures are ordinary on a public port
                         // (scanners, clients that distrust the certificate): debug, not error.
                         // corral patch: the handshake's state (rustls's included) is boxed, so it

@@ -543,6 +543,49 @@ pub struct Stream {
 }
 
 impl Stream {
+    /// corral patch: registers a freshly accepted TCP socket with the I/O driver of the runtime
+    /// this is called on. A socket is registered where it was accepted, and the accept loop runs
+    /// on one runtime of a no-steal pool while each connection is served on a random one: every
+    /// readiness event of a connection served elsewhere was a cross-thread wake-up (an eventfd
+    /// write and a context switch), for the connection's whole life. Only a stream nothing has
+    /// been buffered in yet (right after accept) is moved; others are left as they are (its buffer
+    /// sizes are set later, at the handshake). The file
+    /// descriptor stays the same (the socket digest refers to it).
+    pub(crate) fn register_here(&mut self) -> io::Result<()> {
+        match self.stream.take() {
+            Some(BufferedStream::UnbufferedRead(writer))
+                if writer.buffer().is_empty()
+                    && matches!(writer.get_ref().stream, RawStream::Tcp(_)) =>
+            {
+                let RawStreamWrapper {
+                    stream,
+                    rx_ts,
+                    #[cfg(target_os = "linux")]
+                    enable_rx_ts,
+                    #[cfg(target_os = "linux")]
+                    reusable_cmsg_space,
+                } = writer.into_inner();
+                let RawStream::Tcp(tcp) = stream else {
+                    unreachable!("matched as TCP above")
+                };
+                // Deregisters from the accepting runtime's driver (the socket stays nonblocking),
+                // then registers with this one's. On an error the connection is dropped.
+                let tcp = TcpStream::from_std(tcp.into_std()?)?;
+                let wrapper = RawStreamWrapper {
+                    stream: RawStream::Tcp(tcp),
+                    rx_ts,
+                    #[cfg(target_os = "linux")]
+                    enable_rx_ts,
+                    #[cfg(target_os = "linux")]
+                    reusable_cmsg_space,
+                };
+                self.stream = Some(BufferedStream::with_capacity(0, 0, wrapper));
+            }
+            other => self.stream = other,
+        }
+        Ok(())
+    }
+
     fn stream(&self) -> &BufferedStream {
         self.stream.as_ref().expect("stream should always be set")
     }
