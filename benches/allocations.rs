@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{canned_upstream, free_port, identity, wait_port, which};
+use common::{canned_upstream, free_port, identity, stop_nginx, wait_port, which};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -204,7 +204,6 @@ level = "warn"
         per[0].1 / per[1].1
     );
     drop((corral, bare));
-    let _ = canned.kill();
-    let _ = canned.wait();
+    stop_nginx(&mut canned);
     let _ = std::fs::remove_dir_all(&dir);
 }

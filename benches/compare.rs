@@ -19,7 +19,7 @@
 
 mod common;
 
-use common::{canned_upstream, free_port, identity, wait_port, which};
+use common::{canned_upstream, free_port, identity, stop_nginx, wait_port, which};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -141,15 +141,14 @@ impl Drop for Stack {
             &mut self.shared,
             &mut self.redis,
             &mut self.bare,
-            &mut self.nginx,
             &mut self.double,
         ] {
             let _ = c.kill();
             let _ = c.wait();
         }
+        stop_nginx(&mut self.nginx);
         if let Some(c) = &mut self.canned {
-            let _ = c.kill();
-            let _ = c.wait();
+            stop_nginx(c);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

@@ -79,6 +79,16 @@ http {{
     child
 }
 
+/// Stops an nginx started by a benchmark. Its master stops its workers on SIGTERM; a SIGKILL
+/// (`Child::kill`) leaves them running, still listening and taking CPU from the next run.
+pub fn stop_nginx(nginx: &mut Child) {
+    // SAFETY: signals a child process this benchmark started and has not yet waited for.
+    unsafe {
+        libc::kill(nginx.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let _ = nginx.wait();
+}
+
 /// A certificate for `localhost` (`tls.crt`, `tls.key`) and an API key of team `bench`
 /// (`keys/bench.{key,pub}.pem`) in `dir`: (the key, the CA certificate, the public key file).
 pub fn identity(dir: &Path) -> (String, String, PathBuf) {
