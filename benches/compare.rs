@@ -96,28 +96,29 @@ impl Stack {
         }
     }
 
-    /// Resident memory of the gateway (nginx: master and workers).
-    fn rss_kib(&self, t: Target) -> u64 {
-        let pids: Vec<u32> = match t {
-            Target::Direct => vec![self.canned.as_ref().map_or(self.double.id(), Child::id)],
+    /// The gateway's processes (nginx: master and workers; direct: the upstream).
+    fn pids(&self, t: Target) -> Vec<u32> {
+        match t {
+            Target::Direct => match &self.canned {
+                Some(canned) => with_children(canned.id()),
+                None => vec![self.double.id()],
+            },
             Target::Corral => vec![self.corral.id()],
             Target::Pool => vec![self.pool.id()],
             Target::Shared => vec![self.shared.id()],
             Target::Bare => vec![self.bare.id()],
-            Target::Nginx => {
-                let out = Command::new("pgrep")
-                    .args(["-P", &self.nginx.id().to_string()])
-                    .output()
-                    .unwrap();
-                let mut pids: Vec<u32> = String::from_utf8_lossy(&out.stdout)
-                    .lines()
-                    .filter_map(|l| l.trim().parse().ok())
-                    .collect();
-                pids.push(self.nginx.id());
-                pids
-            }
-        };
-        pids.iter().map(|p| rss_of(*p)).sum()
+            Target::Nginx => with_children(self.nginx.id()),
+        }
+    }
+
+    /// Resident memory of the gateway.
+    fn rss_kib(&self, t: Target) -> u64 {
+        self.pids(t).iter().map(|p| rss_of(*p)).sum()
+    }
+
+    /// CPU time the gateway has used so far (all its threads and processes), in seconds.
+    fn cpu_secs(&self, t: Target) -> f64 {
+        self.pids(t).iter().map(|p| cpu_of(*p)).sum()
     }
 
     fn client(&self, streams: usize) -> reqwest::Client {
@@ -152,6 +153,41 @@ impl Drop for Stack {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A process and its children (nginx's master and its workers).
+fn with_children(pid: u32) -> Vec<u32> {
+    let out = Command::new("pgrep")
+        .args(["-P", &pid.to_string()])
+        .output()
+        .unwrap();
+    let mut pids: Vec<u32> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    pids.push(pid);
+    pids
+}
+
+/// User and system CPU time of a process, in seconds (`/proc/PID/stat`, clock ticks).
+fn cpu_of(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces), from the third: utime is the
+    // 14th field, stime the 15th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    // SAFETY: sysconf only reads a system constant.
+    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    ticks as f64 / per_sec as f64
 }
 
 fn rss_of(pid: u32) -> u64 {
@@ -698,8 +734,20 @@ fn main() {
         eprintln!("round {round}/{rounds}: small requests");
         for rate in RATES {
             for t in TARGETS {
+                let cpu_before = stack.cpu_secs(t);
                 let (rps, p50, p99, errors) = oha(&stack, t, rate, seconds);
+                let cpu = stack.cpu_secs(t) - cpu_before;
                 let label = rate.map_or("saturation".to_string(), |r| format!("{r} rps"));
+                // What a request costs the gateway at a fixed rate (the CPU it leaves to Ollama
+                // on a shared machine); at saturation the load generator's share decides it.
+                if rate.is_some() && rps > 0.0 {
+                    results.add(
+                        &format!("small requests, {label}: CPU µs per request"),
+                        t,
+                        cpu * 1e6 / (rps * f64::from(seconds)),
+                        false,
+                    );
+                }
                 if rate.is_none() {
                     results.add("small requests, saturation: req/s", t, rps, true);
                 }

@@ -400,6 +400,7 @@ pub(crate) fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
         .map(|n| format!("{}={}", n.name, n.upstream.url))
         .collect();
     tracing::info!(upstream = %nodes.join(" "), version = env!("CARGO_PKG_VERSION"), "corral started");
+    crate::runtime::shutdown::note_stop_signals();
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals),
     });

@@ -13,6 +13,7 @@ use crate::telemetry::access_log::AccessLog;
 use async_trait::async_trait;
 use pingora::server::{ExecutionPhase, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::BackgroundService;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -75,6 +76,36 @@ async fn next(signal: &mut Option<Signal>) {
     }
 }
 
+/// The last SIGTERM or SIGINT noted by [`note_stop_signals`]'s handler (0: none).
+static NOTED: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn note(signal: libc::c_int) {
+    // An atomic store is async-signal-safe.
+    NOTED.store(signal, Ordering::SeqCst);
+}
+
+/// From now on SIGTERM and SIGINT are noted instead of killing the process. Called before the
+/// listeners open: pingora watches signals (`Signals`) only once its services run, and a signal
+/// that came between the two (the port already accepting) killed the process with the default
+/// action, so `corral demo` left its temporary files behind. A signal noted early stops corral
+/// the usual way as soon as `Signals` starts; tokio's handlers, installed then, call this one
+/// too (signal-hook chains them).
+pub(crate) fn note_stop_signals() {
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: installs a handler that only stores to an atomic; the sigaction struct is
+        // zeroed (no flags, empty mask) and then filled in.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = note as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            if libc::sigaction(signal, &action, std::ptr::null_mut()) != 0 {
+                tracing::warn!(signal, "cannot note stop signals during start-up");
+            }
+        }
+    }
+}
+
 /// Maps signals to pingora's shutdown kinds.
 pub(crate) struct Signals;
 
@@ -84,14 +115,21 @@ impl ShutdownSignalWatch for Signals {
         let mut term = watch(SignalKind::terminate(), "SIGTERM");
         let mut quit = watch(SignalKind::quit(), "SIGQUIT");
         let mut int = watch(SignalKind::interrupt(), "SIGINT");
-        tokio::select! {
-            _ = next(&mut term) => ShutdownSignal::GracefulTerminate,
-            _ = next(&mut quit) => ShutdownSignal::GracefulUpgrade,
-            _ = next(&mut int) => {
-                tracing::info!("SIGINT: stopping now");
-                ShutdownSignal::FastShutdown
-            }
+        // Watched from here on; one that came during start-up is acted on now.
+        let kind = match NOTED.swap(0, Ordering::SeqCst) {
+            libc::SIGTERM => ShutdownSignal::GracefulTerminate,
+            libc::SIGINT => ShutdownSignal::FastShutdown,
+            _ => tokio::select! {
+                _ = next(&mut term) => ShutdownSignal::GracefulTerminate,
+                _ = next(&mut quit) => ShutdownSignal::GracefulUpgrade,
+                _ = next(&mut int) => ShutdownSignal::FastShutdown,
+            },
+        };
+        NOTED.store(0, Ordering::SeqCst);
+        if matches!(kind, ShutdownSignal::FastShutdown) {
+            tracing::info!("SIGINT: stopping now");
         }
+        kind
     }
 }
 

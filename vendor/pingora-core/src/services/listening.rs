@@ -282,7 +282,11 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
                         // corral patch: a connection served on another runtime than the accept
                         // loop's moves its socket's registration there, so its I/O events are
                         // not delivered by the accepting thread (one wake-up each).
-                        if std::thread::current().id() != accepted_on {
+                        // With a work-stealing runtime there is one driver: nothing to move.
+                        if std::thread::current().id() != accepted_on
+                            && tokio::runtime::Handle::current().runtime_flavor()
+                                == tokio::runtime::RuntimeFlavor::CurrentThread
+                        {
                             if let Err(e) = io.register_here() {
                                 debug!("Cannot move the connection from {peer_addr:?}: {e}");
                                 return;

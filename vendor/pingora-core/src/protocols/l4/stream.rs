@@ -569,7 +569,9 @@ impl Stream {
                     unreachable!("matched as TCP above")
                 };
                 // Deregisters from the accepting runtime's driver (the socket stays nonblocking),
-                // then registers with this one's. On an error the connection is dropped.
+                // then registers with this one's (epoll reports what is already waiting in the
+                // socket). On an error the socket is closed and no stream is left: the caller
+                // drops this `Stream` (its `Drop` expects that).
                 let tcp = TcpStream::from_std(tcp.into_std()?)?;
                 let wrapper = RawStreamWrapper {
                     stream: RawStream::Tcp(tcp),
@@ -849,8 +851,13 @@ impl Drop for Stream {
         if let Some(t) = self.tracer.as_ref() {
             t.0.on_disconnected();
         }
+        // corral patch: `register_here` leaves no stream when moving the socket failed (the
+        // socket is closed by then); there is nothing left to check.
+        let Some(stream) = self.stream.as_ref() else {
+            return;
+        };
         /* use nodelay/local_addr function to detect socket status */
-        let ret = match &self.stream().get_ref().stream {
+        let ret = match &stream.get_ref().stream {
             RawStream::Tcp(s) => s.nodelay().err(),
             #[cfg(unix)]
             RawStream::Unix(s) => s.local_addr().err(),
