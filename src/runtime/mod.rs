@@ -4,7 +4,6 @@
 
 pub(crate) mod admin;
 pub(crate) mod connections;
-pub(crate) mod memory;
 pub(crate) mod oidc;
 pub(crate) mod reload;
 pub(crate) mod server;

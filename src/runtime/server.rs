@@ -383,10 +383,6 @@ pub(crate) fn run(prepared: Prepared, mode: RunMode) -> Result<(), StartError> {
             pool: pool.clone(),
         },
     ));
-    server.add_service(background_service(
-        "memory trim",
-        crate::runtime::memory::Trimmer,
-    ));
     if let Some(certs) = certs.filter(|c| c.watches_files()) {
         server.add_service(background_service("tls reload", CertWatcher(certs)));
     }

@@ -260,7 +260,7 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
                 }
             };
             match new_io {
-                Ok(io) => {
+                Ok(mut io) => {
                     let peer_addr = io.peer_addr();
                     let peer_inet = peer_addr.as_ref().and_then(|a| a.as_inet()).copied();
                     // corral patch: the gate admits or refuses the connection before any byte is
@@ -276,7 +276,6 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
                     let shutdown = shutdown.clone();
                     let gate = gate.clone();
                     let accepted_on = std::thread::current().id();
-                    let mut io = io;
                     current_handle().spawn(async move {
                         let _permit = permit;
                         // corral patch: a connection served on another runtime than the accept
