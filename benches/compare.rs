@@ -6,6 +6,9 @@
 //!                                          next to nothing: nginx with fixed answers)
 //!   cargo bench --bench compare -- --canned --http2 (the same with HTTP/2 clients; direct access
 //!                                          stays HTTP/1.1, Ollama's only protocol)
+//!   cargo bench --bench compare -- --streams (only the open streams' memory)
+//!   cargo bench --bench compare -- --canned --hold (start everything, print where each gateway
+//!                                          listens and the key, and wait: for profiling by hand)
 //!   CORRAL_BENCH_BIN=path/to/corral cargo bench --bench compare (measure another build)
 //!
 //! Starts the Ollama double, corral (TLS, keys, access log, metrics: as in production), corral
@@ -594,6 +597,36 @@ async fn open_streams(stack: &Stack, t: Target) -> (u64, u64, usize) {
     (peak, idle, failed.load(Ordering::SeqCst))
 }
 
+/// `--hold`: what a profiler needs to drive the stack by hand, until Ctrl-C (which also stops it).
+fn hold(stack: &Stack, runtime: &tokio::runtime::Runtime) {
+    let dir = stack.dir.display();
+    println!("key:         {}", stack.key);
+    println!("CA:          {dir}/ca.pem");
+    std::fs::write(stack.dir.join("ca.pem"), &stack.ca_pem).unwrap();
+    for (name, t) in [
+        ("direct", Target::Direct),
+        ("corral", Target::Corral),
+        ("bare", Target::Bare),
+        ("nginx", Target::Nginx),
+    ] {
+        let pids: Vec<String> = stack.pids(t).iter().map(u32::to_string).collect();
+        println!(
+            "{name:<12} {}  pids {}",
+            stack.url(t, "/api/show"),
+            pids.join(",")
+        );
+    }
+    println!("(Ctrl-C or SIGTERM stops everything)");
+    runtime.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).unwrap();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    });
+}
+
 fn median(v: &mut [f64]) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -725,6 +758,12 @@ fn main() {
         corral::LONG_VERSION,
         machine()
     );
+    if args.iter().any(|a| a == "--hold") {
+        hold(&stack, &runtime);
+        return;
+    }
+    let only_streams = args.iter().any(|a| a == "--streams");
+    let rounds = if only_streams { 0 } else { rounds };
     let mut results = Results::default();
     // Warm up connections, caches and the model.
     for t in TARGETS {

@@ -444,7 +444,17 @@ impl HttpSession {
                             return self.fail_response_header_read(e);
                         }
 
-                        let buf = std::mem::take(&mut self.response_header_read_buf).freeze();
+                        // corral patch: a response header (with any body bytes read past it)
+                        // that fills less than half of its read buffer is copied into an
+                        // allocation of its own size. The header values point into this buffer,
+                        // so otherwise a 200-byte header holds 4 KiB or more for as long as the
+                        // response streams.
+                        let read_buf = std::mem::take(&mut self.response_header_read_buf);
+                        let buf = if read_buf.len() * 2 <= read_buf.capacity() {
+                            Bytes::copy_from_slice(&read_buf)
+                        } else {
+                            read_buf.freeze()
+                        };
 
                         for header in header_refs {
                             let header_name = header.get_name_bytes(&buf);

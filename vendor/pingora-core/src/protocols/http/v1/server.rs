@@ -380,7 +380,11 @@ impl HttpSession {
                             }
                             rest
                         };
-                        let buf = buf.freeze();
+                        // corral patch: small headers and small read-ahead move out of the 4 KiB
+                        // read buffer into allocations of their own size, so the buffer is freed
+                        // now instead of living as long as the request (its header values point
+                        // into it). See `compact_small`.
+                        let (buf, preread_body) = compact_small(buf, preread_body);
 
                         for header in header_refs {
                             let header_name = header.get_name_bytes(&buf);
@@ -1852,6 +1856,29 @@ fn http_resp_header_to_buf(
 
     buf.put_slice(CRLF);
     Ok(())
+}
+
+
+/// corral patch: a header of at most this many bytes is copied out of its read buffer.
+const COMPACT_HEADER_MAX: usize = INIT_HEADER_BUF_SIZE / 2;
+/// corral patch: read-ahead (the start of a body) of at most this many bytes is copied too.
+const COMPACT_REST_MAX: usize = 1024;
+
+/// corral patch: the request header `header` (and `rest`, the bytes read past it) as they are
+/// kept for the request's life. Both were split from one read buffer of `INIT_HEADER_BUF_SIZE`
+/// bytes or more, which neither releases while it lives: a typical 300-byte header would hold
+/// 4 KiB for as long as a response streams. When both are small they are copied into exact-size
+/// allocations and the read buffer is freed; a large header or read-ahead stays zero-copy.
+fn compact_small(header: BytesMut, rest: BytesMut) -> (Bytes, BytesMut) {
+    if header.len() > COMPACT_HEADER_MAX || rest.len() > COMPACT_REST_MAX {
+        return (header.freeze(), rest);
+    }
+    let rest = if rest.is_empty() {
+        BytesMut::new()
+    } else {
+        BytesMut::from(&rest[..])
+    };
+    (Bytes::copy_from_slice(&header), rest)
 }
 
 #[cfg(test)]
