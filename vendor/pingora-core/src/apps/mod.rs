@@ -297,74 +297,22 @@ where
             }
         }
         if h2c || matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            // create a shared connection digest
-            let digest = Arc::new(Digest {
-                ssl_digest: stream.get_ssl_digest(),
-                // TODO: log h2 handshake time
-                timing_digest: stream.get_timing_digest(),
-                proxy_digest: stream.get_proxy_digest(),
-                socket_digest: stream.get_socket_digest(),
-            });
-
-            let h2_options = self.h2_options();
-            let h2_conn = match server::handshake(stream, h2_options).await {
-                Err(e) => {
-                    error!("H2 handshake error {e}");
-                    return None;
-                }
-                Ok(c) => c,
-            };
-
-            // The accept-loop body — including the graceful-shutdown state
-            // machine — lives in `server::accept_downstream_sessions` so that
-            // the same code path is exercised by tests in `protocols::http::v2`.
-            let app = self.clone();
-            let shutdown_for_session = shutdown.clone();
-            let h2_idle_timeout = self.server_options().and_then(|o| o.h2_idle_timeout);
-            server::accept_downstream_sessions(
-                h2_conn,
-                digest,
-                shutdown.clone(),
-                h2_idle_timeout,
-                |h2_stream, guard| {
-                    let app = app.clone();
-                    let shutdown = shutdown_for_session.clone();
-                    pingora_runtime::current_handle().spawn(async move {
-                        // hold `guard` for the session's lifetime so the accept
-                        // loop's idle timeout sees this connection as busy.
-                        let _guard = guard;
-                        // Note, `PersistentSettings` not currently relevant for h2
-                        app.process_new_http(ServerSession::new_http2(h2_stream), &shutdown)
-                            .await;
-                    });
-                },
-            )
-            .await;
+            // corral patch: the HTTP/2 handshake and session loop (about 3 KiB of state) are
+            // boxed, so they do not size every HTTP/1 connection's future; see `serve_h2`.
+            Box::pin(serve_h2(self, stream, shutdown)).await;
         } else if custom || matches!(stream.selected_alpn_proto(), Some(ALPN::Custom(_))) {
             return self.clone().process_custom_session(stream, shutdown).await;
         } else {
             // No ALPN or ALPN::H1 and h2c was not configured, fallback to HTTP/1.1
-            let mut session = ServerSession::new_http1(stream);
-            if *shutdown.borrow() {
-                // stop downstream from reusing if this service is shutting down soon
-                session.set_keepalive(None);
-            } else {
-                // default 60s
-                session.set_keepalive(Some(60));
-            }
-            session.set_keepalive_reuses_remaining(
-                self.server_options()
-                    .and_then(|opts| opts.keepalive_request_limit),
-            );
-
-            let mut result = self.process_new_http(session, shutdown).await;
+            // corral patch: each session is made in the statement that makes its future, so
+            // it is moved into that (boxed) future and not also kept, moved-out, in this one
+            // (680 bytes twice).
+            let first = self.process_new_http(first_h1_session(self, stream, shutdown), shutdown);
+            let mut result = first.await;
             while let Some((stream, persistent_settings)) = result.map(|r| r.consume()) {
-                let mut session = ServerSession::new_http1(stream);
-                if let Some(persistent_settings) = persistent_settings {
-                    persistent_settings.apply_to_session(&mut session);
-                }
-
-                result = self.process_new_http(session, shutdown).await;
+                let next =
+                    self.process_new_http(next_h1_session(stream, persistent_settings), shutdown);
+                result = next.await;
             }
         }
         None
@@ -373,6 +321,91 @@ where
     async fn cleanup(&self) {
         self.http_cleanup().await;
     }
+}
+
+/// corral patch: an HTTP/2 connection, from its handshake to its last stream. A function of its
+/// own so that `process_new` can box it: an `async fn` is as large as its largest state, and
+/// this one's (the handshake, then `accept_downstream_sessions`, about 3 KiB) made every HTTP/1
+/// connection's future 3.7 KiB for the connection's whole life.
+async fn serve_h2<T>(app_logic: &Arc<T>, stream: Stream, shutdown: &ShutdownWatch)
+where
+    T: HttpServerApp + Send + Sync + 'static,
+{
+    // create a shared connection digest
+    let digest = Arc::new(Digest {
+        ssl_digest: stream.get_ssl_digest(),
+        // TODO: log h2 handshake time
+        timing_digest: stream.get_timing_digest(),
+        proxy_digest: stream.get_proxy_digest(),
+        socket_digest: stream.get_socket_digest(),
+    });
+
+    let h2_options = app_logic.h2_options();
+    let h2_conn = match server::handshake(stream, h2_options).await {
+        Err(e) => {
+            error!("H2 handshake error {e}");
+            return;
+        }
+        Ok(c) => c,
+    };
+
+    // The accept-loop body — including the graceful-shutdown state
+    // machine — lives in `server::accept_downstream_sessions` so that
+    // the same code path is exercised by tests in `protocols::http::v2`.
+    let app = app_logic.clone();
+    let shutdown_for_session = shutdown.clone();
+    let h2_idle_timeout = app_logic.server_options().and_then(|o| o.h2_idle_timeout);
+    server::accept_downstream_sessions(
+        h2_conn,
+        digest,
+        shutdown.clone(),
+        h2_idle_timeout,
+        |h2_stream, guard| {
+            let app = app.clone();
+            let shutdown = shutdown_for_session.clone();
+            pingora_runtime::current_handle().spawn(async move {
+                // hold `guard` for the session's lifetime so the accept
+                // loop's idle timeout sees this connection as busy.
+                let _guard = guard;
+                // Note, `PersistentSettings` not currently relevant for h2
+                app.process_new_http(ServerSession::new_http2(h2_stream), &shutdown)
+                    .await;
+            });
+        },
+    )
+    .await;
+}
+
+/// corral patch: the HTTP/1 session for a connection's first request, with the keep-alive
+/// settings the stock loop gave it.
+fn first_h1_session<T: HttpServerApp>(
+    app_logic: &Arc<T>,
+    stream: Stream,
+    shutdown: &ShutdownWatch,
+) -> ServerSession {
+    let mut session = ServerSession::new_http1(stream);
+    if *shutdown.borrow() {
+        // stop downstream from reusing if this service is shutting down soon
+        session.set_keepalive(None);
+    } else {
+        // default 60s
+        session.set_keepalive(Some(60));
+    }
+    session.set_keepalive_reuses_remaining(
+        app_logic
+            .server_options()
+            .and_then(|opts| opts.keepalive_request_limit),
+    );
+    session
+}
+
+/// corral patch: the HTTP/1 session for the next request on a kept-alive connection.
+fn next_h1_session(stream: Stream, persistent: Option<HttpPersistentSettings>) -> ServerSession {
+    let mut session = ServerSession::new_http1(stream);
+    if let Some(persistent_settings) = persistent {
+        persistent_settings.apply_to_session(&mut session);
+    }
+    session
 }
 
 #[cfg(test)]
