@@ -412,6 +412,7 @@ impl Server {
             blocking_opts,
             runtime_opts,
         );
+        spawn_thread_housekeeping(&service_runtime, threads);
         let service_name = service.name().to_string();
         service_runtime.get_handle().spawn(async move {
             // Wait for all dependencies to be ready
@@ -871,6 +872,41 @@ impl Server {
             .blocking_pool_opts(blocking_opts)
             .runtime_opts(runtime_opts)
             .build()
+    }
+}
+
+/// corral patch: work run on every thread of every service runtime at a fixed period (see
+/// [`set_thread_housekeeping`]).
+static THREAD_HOUSEKEEPING: std::sync::OnceLock<(Duration, fn())> = std::sync::OnceLock::new();
+
+/// corral patch: run `work` every `period` on each thread of each service runtime, for the life
+/// of the runtime. For per-thread state that only its own thread can tidy, such as an
+/// allocator's thread-local heap: a thread that goes quiet after a burst would otherwise never
+/// give back what it freed. Set it once, before the server runs; returns `false` if it was set
+/// already. On a work-stealing runtime as many tasks as threads are spawned, wherever tokio runs
+/// them.
+pub fn set_thread_housekeeping(period: Duration, work: fn()) -> bool {
+    THREAD_HOUSEKEEPING.set((period, work)).is_ok()
+}
+
+fn spawn_thread_housekeeping(runtime: &Runtime, threads: usize) {
+    let Some(&(period, work)) = THREAD_HOUSEKEEPING.get() else {
+        return;
+    };
+    let task = move || async move {
+        let mut ticks = tokio::time::interval(period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.tick().await; // the first tick is immediate
+        loop {
+            ticks.tick().await;
+            work();
+        }
+    };
+    for index in 0..threads {
+        match runtime {
+            Runtime::NoSteal(no_steal) => no_steal.get_runtime_at(index).spawn(task()),
+            Runtime::Steal { .. } => runtime.get_handle().spawn(task()),
+        };
     }
 }
 
