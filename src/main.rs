@@ -9,18 +9,20 @@ static ALLOCATOR: corral::dev::allocations::Counting = corral::dev::allocations:
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Freed memory goes back to the system. mimalloc gives back what a thread freed only when that
-/// thread allocates or frees again and the purge delay (10 ms) has passed: after a burst of
-/// connections the runtime threads go quiet and kept 150 MiB for good
-/// (`cargo bench --bench connections`). So each runtime thread collects its own heap every
-/// 100 ms (a vendored pingora hook): 10,000 closed connections are back within 4 MiB of idle in
-/// a second. Purging at once (`purge_delay = 0`) gave memory back too, but cost a page fault or
-/// more per request under load: pages emptied by short-lived allocations were given back and
-/// faulted in again by the next request (README, Benchmarks).
+/// Freed memory goes back to the system. mimalloc (v3, as libmimalloc-sys builds it) gives back
+/// freed pages after its purge delay (1 s), but only when it runs again on some thread: after a
+/// burst of connections the runtime threads go quiet and kept the memory for good
+/// (`cargo bench --bench connections`, and the soak test). So each runtime thread calls
+/// `mi_collect(true)` every 100 ms (a vendored pingora hook): it collects the thread's own heap
+/// and gives back everything waiting to be purged in the process. 10,000 closed connections are
+/// back within 4 MiB of idle in a second. Purging at once (`purge_delay = 0`) gave memory back
+/// too, but cost a page fault or more per request under load: pages emptied by short-lived
+/// allocations were given back and faulted in again by the next request (README, Benchmarks).
 #[cfg(not(feature = "count-allocations"))]
 fn return_freed_memory() {
     fn collect_this_thread() {
-        // SAFETY: collects the calling thread's own heap; no pointer is passed or kept.
+        // SAFETY: no pointer is passed or kept; mimalloc collects the calling thread's heap and
+        // purges its arenas, which is safe from any thread at any time.
         unsafe { libmimalloc_sys::mi_collect(true) };
     }
     pingora::server::set_thread_housekeeping(

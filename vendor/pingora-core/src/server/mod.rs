@@ -883,10 +883,10 @@ static THREAD_HOUSEKEEPING: std::sync::OnceLock<(Duration, fn())> = std::sync::O
 /// of the runtime. For per-thread state that only its own thread can tidy, such as an
 /// allocator's thread-local heap: a thread that goes quiet after a burst would otherwise never
 /// give back what it freed. Set it once, before the server runs; returns `false` if it was set
-/// already. On a work-stealing runtime as many tasks as threads are spawned, wherever tokio runs
-/// them.
+/// already or `period` is zero. On a work-stealing runtime as many tasks as threads are spawned,
+/// wherever tokio runs them. `work` must not panic: a panic ends its thread's task.
 pub fn set_thread_housekeeping(period: Duration, work: fn()) -> bool {
-    THREAD_HOUSEKEEPING.set((period, work)).is_ok()
+    !period.is_zero() && THREAD_HOUSEKEEPING.set((period, work)).is_ok()
 }
 
 fn spawn_thread_housekeeping(runtime: &Runtime, threads: usize) {
