@@ -445,12 +445,12 @@ impl HttpSession {
                         }
 
                         // corral patch: a small response header (with any body bytes read past
-                        // it: at most 2 KiB in all) that fills less than half of its read buffer
-                        // is copied into an allocation of its own size. The header values point
-                        // into this buffer, so otherwise a 200-byte header holds 4 KiB or more
-                        // for as long as the response streams. Larger ones stay zero-copy.
+                        // it: `COMPACT_HEADER_MAX` in all) that fills less than half of its read
+                        // buffer is copied into an allocation of its own size. The header values
+                        // point into this buffer, so otherwise a 200-byte header holds 4 KiB or
+                        // more for as long as the response streams. Larger ones stay zero-copy.
                         let read_buf = std::mem::take(&mut self.response_header_read_buf);
-                        let buf = if read_buf.len() <= 2048
+                        let buf = if read_buf.len() <= COMPACT_HEADER_MAX
                             && read_buf.len() * 2 <= read_buf.capacity()
                         {
                             Bytes::copy_from_slice(&read_buf)

@@ -27,6 +27,9 @@ use crate::utils::KVRef;
 pub(super) const MAX_HEADERS: usize = 256;
 
 pub(super) const INIT_HEADER_BUF_SIZE: usize = 4096;
+/// corral patch: a parsed request or response header of at most this many bytes is copied out of
+/// its read buffer, which is then freed (`server::compact_small`, `client::read_response`).
+pub(super) const COMPACT_HEADER_MAX: usize = INIT_HEADER_BUF_SIZE / 2;
 pub(super) const MAX_HEADER_SIZE: usize = 1048575;
 
 pub(crate) const BODY_BUF_LIMIT: usize = 1024 * 64;

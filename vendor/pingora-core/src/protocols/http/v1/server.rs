@@ -1858,9 +1858,6 @@ fn http_resp_header_to_buf(
     Ok(())
 }
 
-
-/// corral patch: a header of at most this many bytes is copied out of its read buffer.
-const COMPACT_HEADER_MAX: usize = INIT_HEADER_BUF_SIZE / 2;
 /// corral patch: read-ahead (the start of a body) of at most this many bytes is copied too.
 const COMPACT_REST_MAX: usize = 1024;
 
