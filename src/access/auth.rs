@@ -11,6 +11,7 @@ use http::HeaderMap;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -156,10 +157,14 @@ impl AuthFailure {
 
 /// Finds the API key in the request: `Authorization: Bearer`, `x-api-key`, or the password of
 /// `Authorization: Basic`. Several carriers are fine only if they carry the same key.
-pub fn key_from_headers(headers: &HeaderMap) -> Result<String, AuthFailure> {
-    let mut found: Option<String> = None;
-    let mut take = |key: String| -> Result<(), AuthFailure> {
-        let key = key.trim().to_string();
+pub fn key_from_headers<'h>(headers: &'h HeaderMap) -> Result<Cow<'h, str>, AuthFailure> {
+    // Borrowed from the header where it is written as is; only a Basic password is decoded.
+    let mut found: Option<Cow<'h, str>> = None;
+    let mut take = |key: Cow<'h, str>| -> Result<(), AuthFailure> {
+        let key = match key {
+            Cow::Borrowed(k) => Cow::Borrowed(k.trim()),
+            Cow::Owned(k) => Cow::Owned(k.trim().to_string()),
+        };
         if key.is_empty() {
             return Err(AuthFailure::Malformed);
         }
@@ -175,25 +180,22 @@ pub fn key_from_headers(headers: &HeaderMap) -> Result<String, AuthFailure> {
         let value = value.to_str().map_err(|_| AuthFailure::Malformed)?.trim();
         let (scheme, rest) = value.split_once(' ').ok_or(AuthFailure::Malformed)?;
         if scheme.eq_ignore_ascii_case("bearer") {
-            take(rest.to_string())?;
+            take(Cow::Borrowed(rest))?;
         } else if scheme.eq_ignore_ascii_case("basic") {
             let decoded = base64::engine::general_purpose::STANDARD
                 .decode(rest.trim())
                 .map_err(|_| AuthFailure::Malformed)?;
             let text = String::from_utf8(decoded).map_err(|_| AuthFailure::Malformed)?;
             let (_user, password) = text.split_once(':').ok_or(AuthFailure::Malformed)?;
-            take(password.to_string())?;
+            take(Cow::Owned(password.to_string()))?;
         } else {
             return Err(AuthFailure::Malformed);
         }
     }
     for value in headers.get_all("x-api-key") {
-        take(
-            value
-                .to_str()
-                .map_err(|_| AuthFailure::Malformed)?
-                .to_string(),
-        )?;
+        take(Cow::Borrowed(
+            value.to_str().map_err(|_| AuthFailure::Malformed)?,
+        ))?;
     }
     found.ok_or(AuthFailure::Missing)
 }

@@ -89,6 +89,16 @@ struct TeamState {
     in_flight: u32,
 }
 
+/// The team's state, created on its first request (its name is copied once, not per request).
+fn team_state<'a>(teams: &'a mut HashMap<String, TeamState>, name: &str) -> &'a mut TeamState {
+    if !teams.contains_key(name) {
+        teams.insert(name.to_string(), TeamState::default());
+    }
+    teams
+        .get_mut(name)
+        .unwrap_or_else(|| unreachable!("inserted above"))
+}
+
 #[derive(Default)]
 pub(crate) struct Limiter {
     teams: Mutex<HashMap<String, TeamState>>,
@@ -157,8 +167,13 @@ impl Limiter {
         inference: bool,
         now: Instant,
     ) -> Result<Slot, Refused> {
+        if !inference && team.rpm == 0 {
+            // Nothing to charge and no place to hold (the same answer as below, without the
+            // lock).
+            return Ok(Slot::free());
+        }
         let mut teams = self.teams.lock().unwrap_or_else(|e| e.into_inner());
-        let state = teams.entry(team.name.clone()).or_default();
+        let state = team_state(&mut teams, &team.name);
         if inference && team.tpm > 0 {
             let tpm = team.tpm as f64;
             let bucket = state.tokens.get_or_insert_with(|| Bucket::full(tpm, now));
@@ -212,7 +227,7 @@ impl Limiter {
         }
         let mut teams = self.teams.lock().unwrap_or_else(|e| e.into_inner());
         let tpm = team.tpm as f64;
-        let state = teams.entry(team.name.clone()).or_default();
+        let state = team_state(&mut teams, &team.name);
         let bucket = state.tokens.get_or_insert_with(|| Bucket::full(tpm, now));
         bucket.refill(tpm, now);
         // Debt is capped at an hour of the team's budget: one huge answer (or a broken count

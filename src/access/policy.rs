@@ -33,18 +33,19 @@ impl Glob {
         Glob(stripped.to_string())
     }
 
-    /// Matches a normalized, lowercase model key.
-    pub(crate) fn matches(&self, key: &str) -> bool {
-        wildcard(self.0.as_bytes(), key.as_bytes())
+    /// Matches a normalized model name, in any case (patterns are kept lowercase).
+    pub(crate) fn matches(&self, name: &str) -> bool {
+        wildcard(self.0.as_bytes(), name.as_bytes())
     }
 }
 
-/// `*`-only wildcard matching, linear time (no backtracking blow-up).
+/// `*`-only wildcard matching of a lowercase pattern against text in any case, linear time (no
+/// backtracking blow-up).
 fn wildcard(pattern: &[u8], text: &[u8]) -> bool {
     let (mut p, mut t) = (0, 0);
     let (mut star, mut mark) = (None, 0);
     while t < text.len() {
-        if p < pattern.len() && pattern[p] != b'*' && pattern[p] == text[t] {
+        if p < pattern.len() && pattern[p] != b'*' && pattern[p] == text[t].to_ascii_lowercase() {
             p += 1;
             t += 1;
         } else if p < pattern.len() && pattern[p] == b'*' {
@@ -95,21 +96,20 @@ impl Team {
 
     /// Whether this team, with this key, may use `model` (normalized).
     pub(crate) fn allows(&self, identity: &Identity, model: &ModelName) -> bool {
-        let key = model.key();
-        if is_cloud_model(&key) && !self.cloud {
+        let name = model.as_str();
+        if is_cloud_model(name) && !self.cloud {
             return false;
         }
-        key_allows(identity, model) && self.models.iter().any(|g| g.matches(&key))
+        key_allows(identity, model) && self.models.iter().any(|g| g.matches(name))
     }
 }
 
 /// Whether the key's own `models` claim (if it has one) covers `model`.
 fn key_allows(identity: &Identity, model: &ModelName) -> bool {
-    let key = model.key();
     identity
         .models
         .as_ref()
-        .is_none_or(|claim| claim.iter().any(|g| Glob::new(g).matches(&key)))
+        .is_none_or(|claim| claim.iter().any(|g| Glob::new(g).matches(model.as_str())))
 }
 
 /// A model a request names, and the field that named it.

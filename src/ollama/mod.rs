@@ -44,11 +44,11 @@ impl ModelName {
             Some((p, t)) if !t.contains('/') => (p, t),
             _ => (name, DEFAULT_TAG),
         };
-        let parts: Vec<&str> = path.split('/').collect();
-        let (host, namespace, model) = match parts.as_slice() {
-            [m] => (DEFAULT_HOST, DEFAULT_NAMESPACE, *m),
-            [ns, m] => (DEFAULT_HOST, *ns, *m),
-            [h, ns, m] => (*h, *ns, *m),
+        let mut parts = path.split('/');
+        let (host, namespace, model) = match (parts.next(), parts.next(), parts.next()) {
+            (Some(m), None, _) => (DEFAULT_HOST, DEFAULT_NAMESPACE, m),
+            (Some(ns), Some(m), None) => (DEFAULT_HOST, ns, m),
+            (Some(h), Some(ns), Some(m)) if parts.next().is_none() => (h, ns, m),
             _ => return None,
         };
         let part_ok = |s: &str, max: usize, extra: &[u8]| {
@@ -71,16 +71,19 @@ impl ModelName {
         {
             return None;
         }
-        let display = if host.eq_ignore_ascii_case(DEFAULT_HOST) {
+        // Built in one allocation (`format!` grows its string piece by piece).
+        let shown: &[&str] = if host.eq_ignore_ascii_case(DEFAULT_HOST) {
             if namespace.eq_ignore_ascii_case(DEFAULT_NAMESPACE) {
-                format!("{model}:{tag}")
+                &[model, ":", tag]
             } else {
-                format!("{namespace}/{model}:{tag}")
+                &[namespace, "/", model, ":", tag]
             }
         } else {
-            format!("{host}/{namespace}/{model}:{tag}")
+            &[host, "/", namespace, "/", model, ":", tag]
         };
-        Some(ModelName { display })
+        Some(ModelName {
+            display: shown.concat(),
+        })
     }
 
     /// The name as Ollama shows it in `/api/tags` (`llama3.2:latest`).
@@ -103,9 +106,12 @@ impl std::fmt::Display for ModelName {
 /// Whether Ollama would forward requests for this model to ollama.com (`*:cloud`, `*-cloud`;
 /// suffixes matched case-insensitively).
 pub(crate) fn is_cloud_model(name: &str) -> bool {
-    let lower = name.to_ascii_lowercase();
-    let tag = lower.rsplit_once(':').map(|(_, t)| t);
-    tag == Some("cloud") || tag.is_some_and(|t| t.ends_with("-cloud")) || lower.ends_with("-cloud")
+    let ends_with = |s: &str, suffix: &str| {
+        s.len() >= suffix.len()
+            && s.as_bytes()[s.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+    };
+    let tag = name.rsplit_once(':').map(|(_, t)| t);
+    tag.is_some_and(|t| t.eq_ignore_ascii_case("cloud")) || ends_with(name, "-cloud")
 }
 
 /// A `keep_alive` value as Ollama reads it. The request path reads it from JSON
@@ -306,6 +312,7 @@ mod tests {
             "qwen3-coder:cloud",
             "glm-4.6:CLOUD",
             "kimi-cloud",
+            "Kimi-CLOUD",
         ] {
             assert!(is_cloud_model(cloud), "{cloud}");
         }

@@ -32,26 +32,27 @@ const STRIPPED: &[&str] = &[
 /// refuses other hosts), forwarding headers describe the real client.
 pub(crate) fn prepare_upstream(
     req: &mut RequestHeader,
-    upstream_authority: &str,
+    upstream_host: http::HeaderValue,
     client_ip: Option<IpAddr>,
     request_id: &str,
     client_tls: bool,
 ) -> pingora::Result<()> {
     // One pass over what the client sent, then only the names it used are removed (each
     // removal is a lookup; most requests carry one or two of these).
-    let present: Vec<http::HeaderName> = req
-        .headers
-        .keys()
-        .filter(|k| STRIPPED.contains(&k.as_str()))
-        .cloned()
-        .collect();
-    for name in present {
-        while req.remove_header(&name).is_some() {}
+    let mut present = [false; STRIPPED.len()];
+    for name in req.headers.keys() {
+        if let Some(i) = STRIPPED.iter().position(|s| *s == name.as_str()) {
+            present[i] = true;
+        }
     }
-    req.insert_header(http::header::HOST, upstream_authority)?;
-    // Names and fixed values are static: nothing is parsed or copied for them per request.
+    for (name, _) in STRIPPED.iter().zip(present).filter(|(_, p)| *p) {
+        while req.remove_header(*name).is_some() {}
+    }
+    req.insert_header(http::header::HOST, upstream_host)?;
+    // Fixed values are static: nothing is parsed or copied for them per request.
     if let Some(ip) = client_ip {
-        req.insert_header(X_FORWARDED_FOR, ip_text(ip))?;
+        let mut text = [0u8; 45];
+        req.insert_header(X_FORWARDED_FOR, ip_text(ip, &mut text))?;
     }
     let proto = http::HeaderValue::from_static(if client_tls { "https" } else { "http" });
     req.insert_header(X_FORWARDED_PROTO, proto)?;
@@ -59,17 +60,22 @@ pub(crate) fn prepare_upstream(
     Ok(())
 }
 
-/// An address as text, in one allocation (`to_string` grows its string a few times).
-pub(crate) fn ip_text(ip: IpAddr) -> String {
-    let mut text = String::with_capacity(45);
-    let _ = std::fmt::Write::write_fmt(&mut text, format_args!("{ip}"));
-    text
+/// An address as text, written into `buf` (45 bytes hold the longest, an IPv4-mapped IPv6
+/// address): the header value is then its only copy.
+fn ip_text(ip: IpAddr, buf: &mut [u8; 45]) -> &[u8] {
+    let mut rest = &mut buf[..];
+    let _ = std::io::Write::write_fmt(&mut rest, format_args!("{ip}"));
+    let written = 45 - rest.len();
+    &buf[..written]
 }
 
-const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
+// Names corral adds are given as static text, not `HeaderName`s: pingora keeps each header's
+// spelling next to its name, and copies a name it is given as `HeaderName` (one allocation per
+// header and request) while it borrows a static one.
+const X_FORWARDED_FOR: &str = "x-forwarded-for";
+const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
 /// The request id header, to Ollama and back to the client.
-pub(crate) const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+pub(crate) const X_REQUEST_ID: &str = "x-request-id";
 
 /// The client's `X-Request-Id` if it is well-formed (1-128 of `[A-Za-z0-9._:-]`), else a new one.
 pub(crate) fn request_id(incoming: Option<&[u8]>) -> String {
@@ -94,10 +100,16 @@ pub(crate) fn new_request_id() -> String {
             .build_hasher()
             .finish()
     });
-    format!(
-        "{prefix:016x}{:016x}",
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
+    // Sized at once (`format!` would grow the string twice).
+    let mut id = String::with_capacity(32);
+    let _ = std::fmt::Write::write_fmt(
+        &mut id,
+        format_args!(
+            "{prefix:016x}{:016x}",
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ),
+    );
+    id
 }
 
 #[cfg(test)]
@@ -122,7 +134,7 @@ mod tests {
         req.append_header("authorization", "Basic second").unwrap();
         prepare_upstream(
             &mut req,
-            "127.0.0.1:11434",
+            http::HeaderValue::from_static("127.0.0.1:11434"),
             Some("10.1.2.3".parse().unwrap()),
             "rid",
             true,
@@ -143,6 +155,21 @@ mod tests {
         ] {
             assert!(h.get(gone).is_none(), "{gone} still there");
         }
+    }
+
+    #[test]
+    fn addresses_are_written_whole() {
+        let mut buf = [0u8; 45];
+        for ip in [
+            "255.255.255.255",
+            "1111:2222:3333:4444:5555:6666:7777:8888",
+            "::ffff:203.0.113.7",
+            "::1",
+        ] {
+            let parsed: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_text(parsed, &mut buf), ip.as_bytes());
+        }
+        assert_eq!(new_request_id().len(), 32);
     }
 
     #[test]

@@ -158,14 +158,14 @@ impl ProxyHttp for Gateway {
             .digest()
             .and_then(|d| d.ssl_digest.as_ref())
             .is_some();
-        let authority = ctx
+        let host = ctx
             .nodes
             .node()
-            .map(|n| n.upstream.url.authority())
-            .unwrap_or_default();
+            .map(|n| n.upstream.host_header.clone())
+            .unwrap_or_else(|| http::HeaderValue::from_static(""));
         headers::prepare_upstream(
             upstream_request,
-            &authority,
+            host,
             ctx.client_ip,
             &ctx.request_id,
             client_tls,
@@ -194,7 +194,8 @@ impl ProxyHttp for Gateway {
             upstream_request.remove_header(&http::header::TRANSFER_ENCODING);
             upstream_request.remove_header(&http::header::CONTENT_LENGTH);
             if len > 0 {
-                upstream_request.insert_header(http::header::CONTENT_LENGTH, len.to_string())?;
+                upstream_request
+                    .insert_header(http::header::CONTENT_LENGTH, http::HeaderValue::from(len))?;
                 // The whole body is held: it is sent in the same write as the header
                 // (patched pingora-core, see its PATCHED.md).
                 upstream_request

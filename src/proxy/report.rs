@@ -123,9 +123,9 @@ impl Gateway {
             claimed_key_id: refused
                 .filter(|r| !r.signed)
                 .and_then(|r| r.key_id.as_deref()),
-            client_ip: ctx.client_ip.map(super::headers::ip_text),
+            client_ip: ctx.client_ip,
             method: Some(logged_method(&req.method)),
-            path: Some(&path),
+            path: Some(&*path),
             route: ctx.admission.route.as_ref().map(|r| r.kind.name()),
             model: ctx.admission.model.as_deref(),
             stream: ctx.admission.stream,
@@ -176,7 +176,7 @@ impl Gateway {
         let client_ip = session
             .client_addr()
             .and_then(|a| a.as_inet())
-            .map(|a| a.ip().to_string());
+            .map(|a| a.ip());
         // CONNECT was read: its method is known. A malformed request's is not.
         let parsed = error.is_none().then(|| session.req_header());
         let path = parsed.map(|r| {
@@ -235,10 +235,10 @@ fn logged_method(method: &http::Method) -> &'static str {
 
 /// The path as the log shows it, without its query: a route's path whole, any other cut to
 /// 100 bytes (it is whatever the client sent, a key pasted into it included).
-fn logged_path(raw: &[u8], routed: bool) -> String {
+fn logged_path(raw: &[u8], routed: bool) -> std::borrow::Cow<'_, str> {
     let end = raw.iter().position(|&b| b == b'?').unwrap_or(raw.len());
     let end = end.min(if routed { 512 } else { 100 });
-    String::from_utf8_lossy(&raw[..end]).into_owned()
+    String::from_utf8_lossy(&raw[..end])
 }
 
 #[cfg(test)]

@@ -8,16 +8,17 @@ use pingora::services::background::BackgroundService;
 use serde::Serialize;
 use std::io::{BufWriter, Write};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 /// One finished request.
 #[derive(Debug, Default, Serialize)]
 pub(crate) struct AccessRecord<'a> {
-    pub(crate) ts: String,
+    pub(crate) ts: Timestamp,
     pub(crate) request_id: &'a str,
     pub(crate) team: Option<&'a str>,
     pub(crate) key_id: Option<&'a str>,
-    pub(crate) client_ip: Option<String>,
+    /// Written as text (`203.0.113.7`), straight into the line.
+    pub(crate) client_ip: Option<std::net::IpAddr>,
     /// `None` when the request could not be read.
     pub(crate) method: Option<&'a str>,
     pub(crate) path: Option<&'a str>,
@@ -81,7 +82,7 @@ impl AccessRecord<'_> {
         );
         field("error", self.error.map(str::to_string));
         field("key_refused", self.auth_failure.map(str::to_string));
-        field("client", self.client_ip.clone());
+        field("client", self.client_ip.map(|ip| ip.to_string()));
         field("id", Some(self.request_id.to_string()));
         line
     }
@@ -153,8 +154,31 @@ impl BackgroundService for AccessLogFlusher {
 }
 
 /// RFC 3339 with milliseconds, UTC.
-pub(crate) fn timestamp() -> String {
-    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+pub(crate) fn timestamp() -> Timestamp {
+    Timestamp(SystemTime::now())
+}
+
+/// When a request ended, written as RFC 3339 UTC with milliseconds
+/// (`2026-12-06T03:18:02.123Z`) straight into the line (no string made for it).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timestamp(SystemTime);
+
+impl Default for Timestamp {
+    fn default() -> Timestamp {
+        timestamp()
+    }
+}
+
+impl std::fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        humantime::format_rfc3339_millis(self.0).fmt(f)
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 #[cfg(test)]
@@ -215,12 +239,17 @@ mod tests {
         ] {
             assert!(v.get(f).is_some(), "missing {f}");
         }
+        let ts = v["ts"].as_str().unwrap();
+        assert!(
+            ts.len() == 24 && ts.as_bytes()[10] == b'T' && ts.ends_with('Z'),
+            "RFC 3339 with milliseconds, UTC: {ts}"
+        );
     }
 
     #[test]
     fn pretty_lines_are_short_and_readable() {
         let rec = AccessRecord {
-            ts: "T".into(),
+            ts: Timestamp(std::time::UNIX_EPOCH + Duration::from_millis(1_796_527_738_123)),
             request_id: "id1",
             method: Some("GET"),
             path: Some("/api/tags"),
@@ -231,7 +260,7 @@ mod tests {
         };
         assert_eq!(
             rec.pretty(),
-            "T 401 GET /api/tags 3ms error=unauthorized id=id1"
+            "2026-12-06T03:28:58.123Z 401 GET /api/tags 3ms error=unauthorized id=id1"
         );
     }
 }

@@ -12,7 +12,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 /// Request durations: milliseconds (refusals) to an hour (long generations).
 const DURATION_BUCKETS: &[f64] = &[
@@ -62,27 +62,29 @@ pub(crate) struct Metrics {
     pub(crate) queue_wait: HistogramVec,
     pub(crate) queue_rejected: IntCounterVec,
     known_models: RwLock<KnownModels>,
+    /// The `model` labels `none` and `other`.
+    fixed_labels: (Arc<str>, Arc<str>),
 }
 
 /// Model names that may be label values, by comparison key (lowercase), with the label each gets:
 /// those the configuration names exactly and those Ollama lists.
 #[derive(Default)]
 struct KnownModels {
-    config: HashMap<String, String>,
+    config: HashMap<String, Arc<str>>,
     /// By node.
-    upstream: HashMap<String, HashMap<String, String>>,
+    upstream: HashMap<String, HashMap<String, Arc<str>>>,
 }
 
-fn by_key<I: IntoIterator<Item = String>>(names: I) -> HashMap<String, String> {
+fn by_key<I: IntoIterator<Item = String>>(names: I) -> HashMap<String, Arc<str>> {
     names
         .into_iter()
         .filter_map(|m| ModelName::parse(&m))
-        .map(|m| (m.key(), m.to_string()))
+        .map(|m| (m.key(), Arc::from(m.as_str())))
         .collect()
 }
 
 /// Models the configuration names exactly (globs name none).
-fn config_models(cfg: &Config) -> HashMap<String, String> {
+fn config_models(cfg: &Config) -> HashMap<String, Arc<str>> {
     let teams = cfg.teams.values().flat_map(|t| &t.models);
     by_key(
         cfg.preload
@@ -379,6 +381,7 @@ impl Metrics {
                 config: config_models(cfg),
                 upstream: HashMap::new(),
             }),
+            fixed_labels: (Arc::from("none"), Arc::from("other")),
             registry: r,
         }
     }
@@ -391,18 +394,34 @@ impl Metrics {
     }
 
     /// The `model` label of a (normalized) model name: its known spelling, else `other`.
-    pub(crate) fn model_label(&self, model: Option<&str>) -> String {
+    /// A shared string, not a copy: this runs for every request.
+    pub(crate) fn model_label(&self, model: Option<&str>) -> Arc<str> {
         let Some(m) = model else {
-            return "none".to_string();
+            return self.fixed_labels.0.clone();
         };
-        let key = m.to_ascii_lowercase();
+        // The comparison key, lowercased on the stack (a normalized name is ASCII, and within
+        // 128 bytes but for unusual hosts).
+        let mut buf = [0u8; 128];
+        let lowered;
+        let key = match buf.get_mut(..m.len()) {
+            Some(b) => {
+                b.copy_from_slice(m.as_bytes());
+                b.make_ascii_lowercase();
+                std::str::from_utf8(b).unwrap_or_default()
+            }
+            None => {
+                lowered = m.to_ascii_lowercase();
+                &lowered
+            }
+        };
         let known = self.known_models.read().unwrap_or_else(|e| e.into_inner());
         known
             .upstream
             .values()
-            .find_map(|models| models.get(&key))
-            .or_else(|| known.config.get(&key))
-            .map_or_else(|| "other".to_string(), String::clone)
+            .find_map(|models| models.get(key))
+            .or_else(|| known.config.get(key))
+            .unwrap_or(&self.fixed_labels.1)
+            .clone()
     }
 
     /// Models a node has (from its `/api/tags`); they replace its previous list.
@@ -474,34 +493,38 @@ mod tests {
             },
         );
         let m = Metrics::new(&cfg);
-        assert_eq!(m.model_label(Some("llama3.2:latest")), "llama3.2:latest");
-        assert_eq!(m.model_label(Some("qwen2.5:7b")), "qwen2.5:7b");
+        assert_eq!(&*m.model_label(Some("llama3.2:latest")), "llama3.2:latest");
+        assert_eq!(&*m.model_label(Some("qwen2.5:7b")), "qwen2.5:7b");
         assert_eq!(
-            m.model_label(Some("mistral:latest")),
+            &*m.model_label(Some("mistral:latest")),
             "other",
             "globs name no model"
         );
-        assert_eq!(m.model_label(None), "none");
+        assert_eq!(&*m.model_label(None), "none");
         m.set_upstream_models("default", ["mistral:latest".to_string()]);
-        assert_eq!(m.model_label(Some("mistral:latest")), "mistral:latest");
+        assert_eq!(&*m.model_label(Some("mistral:latest")), "mistral:latest");
         assert_eq!(
-            m.model_label(Some("llama3.2:latest")),
+            &*m.model_label(Some("llama3.2:latest")),
             "llama3.2:latest",
             "config models stay known"
         );
         assert_eq!(
-            m.model_label(Some("LLAMA3.2:Latest")),
+            &*m.model_label(Some("LLAMA3.2:Latest")),
             "llama3.2:latest",
             "one label whatever the case"
         );
-        assert_eq!(m.model_label(Some("phi4:latest")), "other");
+        assert_eq!(&*m.model_label(Some("phi4:latest")), "other");
         cfg.teams.get_mut("t").unwrap().models.push("phi4".into());
         m.set_config_models(&cfg);
         assert_eq!(
-            m.model_label(Some("phi4:latest")),
+            &*m.model_label(Some("phi4:latest")),
             "phi4:latest",
             "a reloaded configuration names it"
         );
+        // A name longer than the stack buffer the key is lowered in.
+        let long = format!("{}.example/team/model:tag", "h".repeat(140));
+        m.set_upstream_models("default", [long.clone()]);
+        assert_eq!(&*m.model_label(Some(&long.to_uppercase())), long);
     }
 
     #[test]

@@ -38,13 +38,19 @@ pub(crate) struct Upstream {
     pub(crate) url: UpstreamUrl,
     pub(crate) connect_timeout: Duration,
     pub(crate) read_timeout: Duration,
+    /// `Host` toward it (`host:port`), made once: each request shares it.
+    pub(crate) host_header: http::HeaderValue,
     addr: RwLock<Option<SocketAddr>>,
 }
 
 impl Upstream {
     pub(crate) fn new(url: UpstreamUrl, cfg: &UpstreamConfig) -> Upstream {
         let addr = RwLock::new(url.literal());
+        // The URL was parsed as a URI: its authority is a valid header value.
+        let host_header = http::HeaderValue::from_str(&url.authority())
+            .unwrap_or_else(|_| http::HeaderValue::from_static(""));
         Upstream {
+            host_header,
             url,
             connect_timeout: cfg.connect_timeout.0,
             read_timeout: cfg.read_timeout.0,
@@ -77,7 +83,13 @@ impl Upstream {
     /// The peer for one request, or `None` while the host name has not resolved yet.
     pub(crate) fn peer(&self) -> Option<HttpPeer> {
         let addr = self.addr()?;
-        let mut peer = HttpPeer::new(addr, self.url.tls, self.url.host.clone());
+        // The name for SNI and certificate checks; a plain-HTTP peer has no use for it.
+        let sni = if self.url.tls {
+            self.url.host.clone()
+        } else {
+            String::new()
+        };
+        let mut peer = HttpPeer::new(addr, self.url.tls, sni);
         let o = &mut peer.options;
         o.connection_timeout = Some(self.connect_timeout);
         o.total_connection_timeout = Some(self.connect_timeout * 2);
