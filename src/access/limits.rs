@@ -161,17 +161,22 @@ impl Limiter {
     /// Admits a request of `team` at `now`, or says which limit refuses it. The token and
     /// concurrency limits apply to `inference` requests (those that run a model); every request
     /// counts toward `rpm`.
-    pub(crate) fn admit(
+    pub(crate) fn admit(self: &Arc<Self>, team: &Team, inference: bool) -> Result<Slot, Refused> {
+        if !inference && team.rpm == 0 {
+            // Nothing to charge and no place to hold (the same answer as `admit_at`, without
+            // the lock or the clock).
+            return Ok(Slot::free());
+        }
+        self.admit_at(team, inference, Instant::now())
+    }
+
+    /// [`Limiter::admit`] at `now`.
+    pub(crate) fn admit_at(
         self: &Arc<Self>,
         team: &Team,
         inference: bool,
         now: Instant,
     ) -> Result<Slot, Refused> {
-        if !inference && team.rpm == 0 {
-            // Nothing to charge and no place to hold (the same answer as below, without the
-            // lock).
-            return Ok(Slot::free());
-        }
         let mut teams = self.teams.lock().unwrap_or_else(|e| e.into_inner());
         let state = team_state(&mut teams, &team.name);
         if inference && team.tpm > 0 {
@@ -221,7 +226,15 @@ impl Limiter {
     }
 
     /// Charges the tokens a finished request used.
-    pub(crate) fn charge(&self, team: &Team, tokens: u64, now: Instant) {
+    pub(crate) fn charge(&self, team: &Team, tokens: u64) {
+        if team.tpm == 0 || tokens == 0 {
+            return;
+        }
+        self.charge_at(team, tokens, Instant::now());
+    }
+
+    /// [`Limiter::charge`] at `now`.
+    pub(crate) fn charge_at(&self, team: &Team, tokens: u64, now: Instant) {
         if team.tpm == 0 || tokens == 0 {
             return;
         }
@@ -259,9 +272,9 @@ mod tests {
         let t = team(60, 0, 0);
         let t0 = Instant::now();
         for _ in 0..60 {
-            drop(l.admit(&t, true, t0).unwrap());
+            drop(l.admit_at(&t, true, t0).unwrap());
         }
-        let refused = l.admit(&t, true, t0).err().unwrap();
+        let refused = l.admit_at(&t, true, t0).err().unwrap();
         assert_eq!(refused.limit, Limit::Rpm);
         assert!(
             refused.retry_after <= Duration::from_secs(1),
@@ -269,8 +282,10 @@ mod tests {
             refused.retry_after
         );
         // One request per second comes back.
-        assert!(l.admit(&t, true, t0 + Duration::from_millis(500)).is_err());
-        assert!(l.admit(&t, true, t0 + Duration::from_secs(1)).is_ok());
+        assert!(l
+            .admit_at(&t, true, t0 + Duration::from_millis(500))
+            .is_err());
+        assert!(l.admit_at(&t, true, t0 + Duration::from_secs(1)).is_ok());
     }
 
     #[test]
@@ -278,17 +293,17 @@ mod tests {
         let l = Arc::new(Limiter::default());
         let t = team(0, 600, 0);
         let t0 = Instant::now();
-        drop(l.admit(&t, true, t0).unwrap());
-        l.charge(&t, 900, t0); // 300 over: half a minute at 10 tokens/s
-        let refused = l.admit(&t, true, t0).err().unwrap();
+        drop(l.admit_at(&t, true, t0).unwrap());
+        l.charge_at(&t, 900, t0); // 300 over: half a minute at 10 tokens/s
+        let refused = l.admit_at(&t, true, t0).err().unwrap();
         assert_eq!(refused.limit, Limit::Tpm);
         assert!(
             (29.9..=30.2).contains(&refused.retry_after.as_secs_f64()),
             "{:?}",
             refused.retry_after
         );
-        assert!(l.admit(&t, true, t0 + Duration::from_secs(29)).is_err());
-        assert!(l.admit(&t, true, t0 + Duration::from_secs(31)).is_ok());
+        assert!(l.admit_at(&t, true, t0 + Duration::from_secs(29)).is_err());
+        assert!(l.admit_at(&t, true, t0 + Duration::from_secs(31)).is_ok());
     }
 
     #[test]
@@ -296,10 +311,12 @@ mod tests {
         let l = Arc::new(Limiter::default());
         let t = team(0, 600, 0);
         let t0 = Instant::now();
-        l.charge(&t, u64::MAX, t0);
-        let refused = l.admit(&t, true, t0).err().unwrap();
+        l.charge_at(&t, u64::MAX, t0);
+        let refused = l.admit_at(&t, true, t0).err().unwrap();
         assert!(refused.retry_after <= Duration::from_secs(61 * 60));
-        assert!(l.admit(&t, true, t0 + Duration::from_secs(61 * 60)).is_ok());
+        assert!(l
+            .admit_at(&t, true, t0 + Duration::from_secs(61 * 60))
+            .is_ok());
     }
 
     #[test]
@@ -307,14 +324,14 @@ mod tests {
         let l = Arc::new(Limiter::default());
         let t = team(0, 0, 2);
         let now = Instant::now();
-        let a = l.admit(&t, true, now).unwrap();
-        let _b = l.admit(&t, true, now).unwrap();
+        let a = l.admit_at(&t, true, now).unwrap();
+        let _b = l.admit_at(&t, true, now).unwrap();
         assert_eq!(
-            l.admit(&t, true, now).err().unwrap().limit,
+            l.admit_at(&t, true, now).err().unwrap().limit,
             Limit::Concurrency
         );
         drop(a);
-        assert!(l.admit(&t, true, now).is_ok());
+        assert!(l.admit_at(&t, true, now).is_ok());
     }
 
     #[test]
@@ -322,11 +339,11 @@ mod tests {
         let l = Arc::new(Limiter::default());
         let t = team(0, 10, 1);
         let now = Instant::now();
-        let _stream = l.admit(&t, true, now).unwrap();
-        l.charge(&t, 100, now);
-        assert!(l.admit(&t, true, now).is_err());
+        let _stream = l.admit_at(&t, true, now).unwrap();
+        l.charge_at(&t, 100, now);
+        assert!(l.admit_at(&t, true, now).is_err());
         assert!(
-            l.admit(&t, false, now).is_ok(),
+            l.admit_at(&t, false, now).is_ok(),
             "listing models is not a model run"
         );
     }
@@ -343,16 +360,16 @@ mod tests {
             },
         );
         let now = Instant::now();
-        let _held = l.admit(&busy, true, now).unwrap();
-        assert!(l.admit(&busy, true, now).is_err());
+        let _held = l.admit_at(&busy, true, now).unwrap();
+        assert!(l.admit_at(&busy, true, now).is_err());
         assert!(
-            l.admit(&other, true, now).is_ok(),
+            l.admit_at(&other, true, now).is_ok(),
             "another team's limits apply to it alone"
         );
-        assert!(l.admit(&other, true, now).is_err());
+        assert!(l.admit_at(&other, true, now).is_err());
         let unlimited = team(0, 0, 0);
         for _ in 0..1000 {
-            drop(l.admit(&unlimited, true, now).unwrap());
+            drop(l.admit_at(&unlimited, true, now).unwrap());
         }
     }
 
@@ -361,16 +378,16 @@ mod tests {
         let l = Arc::new(Limiter::default());
         let t = team(2, 0, 1);
         let now = Instant::now();
-        let slot = l.admit(&t, true, now).unwrap();
+        let slot = l.admit_at(&t, true, now).unwrap();
         assert_eq!(
-            l.admit(&t, true, now).err().unwrap().limit,
+            l.admit_at(&t, true, now).err().unwrap().limit,
             Limit::Concurrency
         );
         slot.refund();
         // The minute's two requests are there again, and the place is free.
-        drop(l.admit(&t, true, now).unwrap());
-        drop(l.admit(&t, false, now).unwrap());
-        assert_eq!(l.admit(&t, false, now).err().unwrap().limit, Limit::Rpm);
+        drop(l.admit_at(&t, true, now).unwrap());
+        drop(l.admit_at(&t, false, now).unwrap());
+        assert_eq!(l.admit_at(&t, false, now).err().unwrap().limit, Limit::Rpm);
     }
 
     #[test]
@@ -378,13 +395,13 @@ mod tests {
         let l = Arc::new(Limiter::default());
         let t = team(2, 0, 0);
         let t0 = Instant::now();
-        let a = l.admit(&t, false, t0).unwrap();
+        let a = l.admit_at(&t, false, t0).unwrap();
         let later = t0 + Duration::from_secs(60);
-        let b = l.admit(&t, false, later).unwrap(); // refilled to 2, then 1
+        let b = l.admit_at(&t, false, later).unwrap(); // refilled to 2, then 1
         a.refund();
         b.refund();
-        drop(l.admit(&t, false, later).unwrap());
-        drop(l.admit(&t, false, later).unwrap());
-        assert!(l.admit(&t, false, later).is_err(), "two, not three");
+        drop(l.admit_at(&t, false, later).unwrap());
+        drop(l.admit_at(&t, false, later).unwrap());
+        assert!(l.admit_at(&t, false, later).is_err(), "two, not three");
     }
 }

@@ -142,10 +142,7 @@ impl SharedLimits {
     /// Admission while the store fails, as `on_store_error` says.
     fn fallback(&self, team: &Team, inference: bool) -> Result<Slot, Refusal> {
         match self.store.on_error() {
-            OnStoreError::Local => self
-                .local
-                .admit(team, inference, Instant::now())
-                .map_err(Refusal::Limited),
+            OnStoreError::Local => self.local.admit(team, inference).map_err(Refusal::Limited),
             OnStoreError::Deny => Err(Refusal::StoreDown),
             OnStoreError::Allow => Ok(Slot::free()),
         }
@@ -154,7 +151,7 @@ impl SharedLimits {
     /// Charges the tokens a finished answer used (in the background; the local limiter too, so
     /// a fallback after a store failure knows the team's recent use).
     pub(crate) fn charge(self: &Arc<Self>, team: &Team, tokens: u64) {
-        self.local.charge(team, tokens, Instant::now());
+        self.local.charge(team, tokens);
         if team.tpm == 0 || tokens == 0 {
             return;
         }

@@ -19,7 +19,7 @@ use pingora::http::RequestHeader;
 use pingora::proxy::Session;
 use pingora::ErrorType;
 use serde_json::Value;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 impl Gateway {
     /// Decides whether the request goes upstream. `Err` is answered by corral, and a request
@@ -192,7 +192,7 @@ impl Gateway {
             Some(shared) => shared.admit(team, kind.runs_model()).await,
             None => self
                 .limiter
-                .admit(team, kind.runs_model(), Instant::now())
+                .admit(team, kind.runs_model())
                 .map_err(Refusal::Limited),
         };
         admitted.map_err(|refusal| match refusal {

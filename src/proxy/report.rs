@@ -102,9 +102,7 @@ impl Gateway {
         if let Some(caller) = &ctx.admission.caller {
             match &self.shared {
                 Some(shared) => shared.charge(&caller.team, usage.total()),
-                None => self
-                    .limiter
-                    .charge(&caller.team, usage.total(), std::time::Instant::now()),
+                None => self.limiter.charge(&caller.team, usage.total()),
             }
         }
 
