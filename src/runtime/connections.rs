@@ -101,3 +101,39 @@ impl ConnectionGate for Gate {
             .inc();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use pingora::services::placement::Placement;
+
+    /// The vendored pingora places each accepted connection on the runtime thread serving the
+    /// fewest (its own tests are not built here, so this is where that is checked).
+    #[test]
+    fn connections_go_to_the_thread_serving_the_fewest() {
+        let runtimes: Vec<tokio::runtime::Runtime> = (0..3)
+            .map(|_| {
+                tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        let placement =
+            Placement::new(runtimes.iter().map(|r| r.handle().clone()).collect()).unwrap();
+        let mut held: Vec<_> = (0..6).map(|_| placement.place().1).collect();
+        assert_eq!(placement.open(), vec![2, 2, 2], "an even spread");
+        // A connection ends: the next one goes to the thread it left.
+        held.remove(0);
+        assert_eq!(placement.open().iter().sum::<usize>(), 5);
+        held.push(placement.place().1);
+        assert_eq!(placement.open(), vec![2, 2, 2]);
+        held.clear();
+        assert_eq!(
+            placement.open(),
+            vec![0, 0, 0],
+            "ended connections are not counted"
+        );
+        held.extend((0..3).map(|_| placement.place().1));
+        assert_eq!(placement.open(), vec![1, 1, 1]);
+        assert!(Placement::new(vec![runtimes[0].handle().clone()]).is_none());
+    }
+}

@@ -413,6 +413,16 @@ impl Server {
             runtime_opts,
         );
         spawn_thread_housekeeping(&service_runtime, threads);
+        // corral patch: the service's listeners place each connection on the thread serving
+        // the fewest (services/placement.rs), not on a random one.
+        let placement = match &service_runtime {
+            Runtime::NoSteal(no_steal) => crate::services::placement::Placement::new(
+                (0..threads)
+                    .map(|i| no_steal.get_runtime_at(i).clone())
+                    .collect(),
+            ),
+            Runtime::Steal { .. } => None,
+        };
         let service_name = service.name().to_string();
         service_runtime.get_handle().spawn(async move {
             // Wait for all dependencies to be ready
@@ -435,15 +445,17 @@ impl Server {
             }
 
             // Start the actual service, passing the ready notifier
-            service
-                .start_service(
-                    #[cfg(unix)]
-                    Some(fds),
-                    shutdown,
-                    listeners_per_fd,
-                    ready_notifier,
-                )
-                .await;
+            let start = service.start_service(
+                #[cfg(unix)]
+                Some(fds),
+                shutdown,
+                listeners_per_fd,
+                ready_notifier,
+            );
+            match placement {
+                Some(p) => crate::services::placement::PLACEMENT.scope(p, start).await,
+                None => start.await,
+            }
             info!("service '{}' exited.", service_name);
         });
         service_runtime

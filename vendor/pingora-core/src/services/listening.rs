@@ -35,6 +35,8 @@ use async_trait::async_trait;
 use log::{debug, error, info};
 use pingora_error::Result;
 use pingora_runtime::current_handle;
+// corral patch: see services/placement.rs.
+use crate::services::placement::{Placement, PLACEMENT};
 use pingora_timeout::timeout;
 use std::fs::Permissions;
 use std::sync::Arc;
@@ -234,6 +236,7 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
         mut stack: TransportStack,
         mut shutdown: ShutdownWatch,
         gate: Option<Arc<dyn ConnectionGate>>,
+        placement: Option<Arc<Placement>>,
     ) {
         let handshake_timeout = gate
             .as_ref()
@@ -276,8 +279,17 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
                     let shutdown = shutdown.clone();
                     let gate = gate.clone();
                     let accepted_on = std::thread::current().id();
-                    current_handle().spawn(async move {
+                    // corral patch: the thread serving the fewest connections, not a random one.
+                    let (serving, placed) = match &placement {
+                        Some(p) => {
+                            let (handle, placed) = p.place();
+                            (handle, Some(placed))
+                        }
+                        None => (current_handle(), None),
+                    };
+                    serving.spawn(async move {
                         let _permit = permit;
+                        let _placed = placed;
                         // corral patch: a connection served on another runtime than the accept
                         // loop's moves its socket's registration there, so its I/O events are
                         // not delivered by the accepting thread (one wake-up each).
@@ -354,6 +366,9 @@ impl<A: ServerApp + Send + Sync + 'static> ServiceTrait for Service<A> {
         listeners_per_fd: usize,
     ) {
         let runtime = current_handle();
+        // corral patch: where connections go (services/placement.rs); none on a work-stealing
+        // or single-threaded runtime.
+        let placement = PLACEMENT.try_with(Arc::clone).ok();
         let endpoints = self
             .listeners
             .build(
@@ -377,9 +392,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServiceTrait for Service<A> {
                 let my_app_logic = app_logic.clone();
                 let endpoint = endpoint.clone();
                 let gate = self.connection_gate.clone();
+                let placement = placement.clone();
 
                 let jh = runtime.spawn(async move {
-                    Self::run_endpoint(my_app_logic, endpoint, shutdown, gate).await;
+                    Self::run_endpoint(my_app_logic, endpoint, shutdown, gate, placement).await;
                 });
 
                 handlers.push(jh);

@@ -39,6 +39,8 @@ use crate::server::ShutdownWatch;
 
 pub mod background;
 pub mod listening;
+// corral patch: connections go to the runtime thread serving the fewest (PATCHED.md).
+pub mod placement;
 
 /// A notification channel for signaling when a service has become ready.
 ///
