@@ -83,13 +83,9 @@ impl Upstream {
     /// The peer for one request, or `None` while the host name has not resolved yet.
     pub(crate) fn peer(&self) -> Option<HttpPeer> {
         let addr = self.addr()?;
-        // The name for SNI and certificate checks; a plain-HTTP peer has no use for it.
-        let sni = if self.url.tls {
-            self.url.host.clone()
-        } else {
-            String::new()
-        };
-        let mut peer = HttpPeer::new(addr, self.url.tls, sni);
+        // The host name also names the peer in pingora's errors (and so in corral's logs), TLS
+        // or not.
+        let mut peer = HttpPeer::new(addr, self.url.tls, self.url.host.clone());
         let o = &mut peer.options;
         o.connection_timeout = Some(self.connect_timeout);
         o.total_connection_timeout = Some(self.connect_timeout * 2);
