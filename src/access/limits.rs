@@ -158,25 +158,26 @@ impl Drop for Slot {
 }
 
 impl Limiter {
-    /// Admits a request of `team` at `now`, or says which limit refuses it. The token and
-    /// concurrency limits apply to `inference` requests (those that run a model); every request
-    /// counts toward `rpm`.
+    /// Admits a request of `team`, or says which limit refuses it. The token and concurrency
+    /// limits apply to `inference` requests (those that run a model); every request counts
+    /// toward `rpm`.
     pub(crate) fn admit(self: &Arc<Self>, team: &Team, inference: bool) -> Result<Slot, Refused> {
-        if !inference && team.rpm == 0 {
-            // Nothing to charge and no place to hold (the same answer as `admit_at`, without
-            // the lock or the clock).
-            return Ok(Slot::free());
-        }
-        self.admit_at(team, inference, Instant::now())
+        self.admit_at(team, inference, Instant::now)
     }
 
-    /// [`Limiter::admit`] at `now`.
+    /// [`Limiter::admit`], with the clock read only when a limit applies.
     pub(crate) fn admit_at(
         self: &Arc<Self>,
         team: &Team,
         inference: bool,
-        now: Instant,
+        now: impl FnOnce() -> Instant,
     ) -> Result<Slot, Refused> {
+        let rpm = (team.rpm > 0).then_some(team.rpm);
+        if !inference && rpm.is_none() {
+            // Nothing to charge and no place to hold: no lock, no clock.
+            return Ok(Slot::free());
+        }
+        let now = now();
         let mut teams = self.teams.lock().unwrap_or_else(|e| e.into_inner());
         let state = team_state(&mut teams, &team.name);
         if inference && team.tpm > 0 {
@@ -209,10 +210,6 @@ impl Limiter {
             }
             bucket.level -= 1.0;
         }
-        let rpm = (team.rpm > 0).then_some(team.rpm);
-        if !inference && rpm.is_none() {
-            return Ok(Slot::free());
-        }
         if inference {
             state.in_flight += 1;
         }
@@ -227,17 +224,15 @@ impl Limiter {
 
     /// Charges the tokens a finished request used.
     pub(crate) fn charge(&self, team: &Team, tokens: u64) {
-        if team.tpm == 0 || tokens == 0 {
-            return;
-        }
-        self.charge_at(team, tokens, Instant::now());
+        self.charge_at(team, tokens, Instant::now);
     }
 
-    /// [`Limiter::charge`] at `now`.
-    pub(crate) fn charge_at(&self, team: &Team, tokens: u64, now: Instant) {
+    /// [`Limiter::charge`], with the clock read only when the team has a token limit.
+    pub(crate) fn charge_at(&self, team: &Team, tokens: u64, now: impl FnOnce() -> Instant) {
         if team.tpm == 0 || tokens == 0 {
             return;
         }
+        let now = now();
         let mut teams = self.teams.lock().unwrap_or_else(|e| e.into_inner());
         let tpm = team.tpm as f64;
         let state = team_state(&mut teams, &team.name);
@@ -272,9 +267,9 @@ mod tests {
         let t = team(60, 0, 0);
         let t0 = Instant::now();
         for _ in 0..60 {
-            drop(l.admit_at(&t, true, t0).unwrap());
+            drop(l.admit_at(&t, true, || t0).unwrap());
         }
-        let refused = l.admit_at(&t, true, t0).err().unwrap();
+        let refused = l.admit_at(&t, true, || t0).err().unwrap();
         assert_eq!(refused.limit, Limit::Rpm);
         assert!(
             refused.retry_after <= Duration::from_secs(1),
@@ -283,9 +278,9 @@ mod tests {
         );
         // One request per second comes back.
         assert!(l
-            .admit_at(&t, true, t0 + Duration::from_millis(500))
+            .admit_at(&t, true, || t0 + Duration::from_millis(500))
             .is_err());
-        assert!(l.admit_at(&t, true, t0 + Duration::from_secs(1)).is_ok());
+        assert!(l.admit_at(&t, true, || t0 + Duration::from_secs(1)).is_ok());
     }
 
     #[test]
@@ -293,17 +288,21 @@ mod tests {
         let l = Arc::new(Limiter::default());
         let t = team(0, 600, 0);
         let t0 = Instant::now();
-        drop(l.admit_at(&t, true, t0).unwrap());
-        l.charge_at(&t, 900, t0); // 300 over: half a minute at 10 tokens/s
-        let refused = l.admit_at(&t, true, t0).err().unwrap();
+        drop(l.admit_at(&t, true, || t0).unwrap());
+        l.charge_at(&t, 900, || t0); // 300 over: half a minute at 10 tokens/s
+        let refused = l.admit_at(&t, true, || t0).err().unwrap();
         assert_eq!(refused.limit, Limit::Tpm);
         assert!(
             (29.9..=30.2).contains(&refused.retry_after.as_secs_f64()),
             "{:?}",
             refused.retry_after
         );
-        assert!(l.admit_at(&t, true, t0 + Duration::from_secs(29)).is_err());
-        assert!(l.admit_at(&t, true, t0 + Duration::from_secs(31)).is_ok());
+        assert!(l
+            .admit_at(&t, true, || t0 + Duration::from_secs(29))
+            .is_err());
+        assert!(l
+            .admit_at(&t, true, || t0 + Duration::from_secs(31))
+            .is_ok());
     }
 
     #[test]
@@ -311,11 +310,11 @@ mod tests {
         let l = Arc::new(Limiter::default());
         let t = team(0, 600, 0);
         let t0 = Instant::now();
-        l.charge_at(&t, u64::MAX, t0);
-        let refused = l.admit_at(&t, true, t0).err().unwrap();
+        l.charge_at(&t, u64::MAX, || t0);
+        let refused = l.admit_at(&t, true, || t0).err().unwrap();
         assert!(refused.retry_after <= Duration::from_secs(61 * 60));
         assert!(l
-            .admit_at(&t, true, t0 + Duration::from_secs(61 * 60))
+            .admit_at(&t, true, || t0 + Duration::from_secs(61 * 60))
             .is_ok());
     }
 
@@ -324,14 +323,14 @@ mod tests {
         let l = Arc::new(Limiter::default());
         let t = team(0, 0, 2);
         let now = Instant::now();
-        let a = l.admit_at(&t, true, now).unwrap();
-        let _b = l.admit_at(&t, true, now).unwrap();
+        let a = l.admit_at(&t, true, || now).unwrap();
+        let _b = l.admit_at(&t, true, || now).unwrap();
         assert_eq!(
-            l.admit_at(&t, true, now).err().unwrap().limit,
+            l.admit_at(&t, true, || now).err().unwrap().limit,
             Limit::Concurrency
         );
         drop(a);
-        assert!(l.admit_at(&t, true, now).is_ok());
+        assert!(l.admit_at(&t, true, || now).is_ok());
     }
 
     #[test]
@@ -339,11 +338,11 @@ mod tests {
         let l = Arc::new(Limiter::default());
         let t = team(0, 10, 1);
         let now = Instant::now();
-        let _stream = l.admit_at(&t, true, now).unwrap();
-        l.charge_at(&t, 100, now);
-        assert!(l.admit_at(&t, true, now).is_err());
+        let _stream = l.admit_at(&t, true, || now).unwrap();
+        l.charge_at(&t, 100, || now);
+        assert!(l.admit_at(&t, true, || now).is_err());
         assert!(
-            l.admit_at(&t, false, now).is_ok(),
+            l.admit_at(&t, false, || now).is_ok(),
             "listing models is not a model run"
         );
     }
@@ -360,16 +359,16 @@ mod tests {
             },
         );
         let now = Instant::now();
-        let _held = l.admit_at(&busy, true, now).unwrap();
-        assert!(l.admit_at(&busy, true, now).is_err());
+        let _held = l.admit_at(&busy, true, || now).unwrap();
+        assert!(l.admit_at(&busy, true, || now).is_err());
         assert!(
-            l.admit_at(&other, true, now).is_ok(),
+            l.admit_at(&other, true, || now).is_ok(),
             "another team's limits apply to it alone"
         );
-        assert!(l.admit_at(&other, true, now).is_err());
+        assert!(l.admit_at(&other, true, || now).is_err());
         let unlimited = team(0, 0, 0);
         for _ in 0..1000 {
-            drop(l.admit_at(&unlimited, true, now).unwrap());
+            drop(l.admit_at(&unlimited, true, || now).unwrap());
         }
     }
 
@@ -378,16 +377,19 @@ mod tests {
         let l = Arc::new(Limiter::default());
         let t = team(2, 0, 1);
         let now = Instant::now();
-        let slot = l.admit_at(&t, true, now).unwrap();
+        let slot = l.admit_at(&t, true, || now).unwrap();
         assert_eq!(
-            l.admit_at(&t, true, now).err().unwrap().limit,
+            l.admit_at(&t, true, || now).err().unwrap().limit,
             Limit::Concurrency
         );
         slot.refund();
         // The minute's two requests are there again, and the place is free.
-        drop(l.admit_at(&t, true, now).unwrap());
-        drop(l.admit_at(&t, false, now).unwrap());
-        assert_eq!(l.admit_at(&t, false, now).err().unwrap().limit, Limit::Rpm);
+        drop(l.admit_at(&t, true, || now).unwrap());
+        drop(l.admit_at(&t, false, || now).unwrap());
+        assert_eq!(
+            l.admit_at(&t, false, || now).err().unwrap().limit,
+            Limit::Rpm
+        );
     }
 
     #[test]
@@ -395,13 +397,13 @@ mod tests {
         let l = Arc::new(Limiter::default());
         let t = team(2, 0, 0);
         let t0 = Instant::now();
-        let a = l.admit_at(&t, false, t0).unwrap();
+        let a = l.admit_at(&t, false, || t0).unwrap();
         let later = t0 + Duration::from_secs(60);
-        let b = l.admit_at(&t, false, later).unwrap(); // refilled to 2, then 1
+        let b = l.admit_at(&t, false, || later).unwrap(); // refilled to 2, then 1
         a.refund();
         b.refund();
-        drop(l.admit_at(&t, false, later).unwrap());
-        drop(l.admit_at(&t, false, later).unwrap());
-        assert!(l.admit_at(&t, false, later).is_err(), "two, not three");
+        drop(l.admit_at(&t, false, || later).unwrap());
+        drop(l.admit_at(&t, false, || later).unwrap());
+        assert!(l.admit_at(&t, false, || later).is_err(), "two, not three");
     }
 }

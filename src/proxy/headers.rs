@@ -51,7 +51,7 @@ pub(crate) fn prepare_upstream(
     req.insert_header(http::header::HOST, upstream_host)?;
     // Fixed values are static: nothing is parsed or copied for them per request.
     if let Some(ip) = client_ip {
-        let mut text = [0u8; 45];
+        let mut text = [0u8; IP_TEXT_MAX];
         req.insert_header(X_FORWARDED_FOR, ip_text(ip, &mut text))?;
     }
     let proto = http::HeaderValue::from_static(if client_tls { "https" } else { "http" });
@@ -60,12 +60,14 @@ pub(crate) fn prepare_upstream(
     Ok(())
 }
 
-/// An address as text, written into `buf` (45 bytes hold the longest, an IPv4-mapped IPv6
-/// address): the header value is then its only copy.
-fn ip_text(ip: IpAddr, buf: &mut [u8; 45]) -> &[u8] {
+/// The longest text of an address (`INET6_ADDRSTRLEN` without its NUL; Rust writes at most 39).
+const IP_TEXT_MAX: usize = 45;
+
+/// An address as text, written into `buf`: the header value is then its only copy.
+fn ip_text(ip: IpAddr, buf: &mut [u8; IP_TEXT_MAX]) -> &[u8] {
     let mut rest = &mut buf[..];
     let _ = std::io::Write::write_fmt(&mut rest, format_args!("{ip}"));
-    let written = 45 - rest.len();
+    let written = IP_TEXT_MAX - rest.len();
     &buf[..written]
 }
 
@@ -159,7 +161,7 @@ mod tests {
 
     #[test]
     fn addresses_are_written_whole() {
-        let mut buf = [0u8; 45];
+        let mut buf = [0u8; IP_TEXT_MAX];
         for ip in [
             "255.255.255.255",
             "1111:2222:3333:4444:5555:6666:7777:8888",
@@ -169,7 +171,6 @@ mod tests {
             let parsed: IpAddr = ip.parse().unwrap();
             assert_eq!(ip_text(parsed, &mut buf), ip.as_bytes());
         }
-        assert_eq!(new_request_id().len(), 32);
     }
 
     #[test]
@@ -180,5 +181,6 @@ mod tests {
             assert_eq!(id.len(), 32, "{id}");
         }
         assert_ne!(new_request_id(), new_request_id());
+        assert_eq!(new_request_id().len(), 32);
     }
 }

@@ -412,17 +412,20 @@ impl Server {
             blocking_opts,
             runtime_opts,
         );
-        spawn_thread_housekeeping(&service_runtime, threads);
-        // corral patch: the service's listeners place each connection on the thread serving
-        // the fewest (services/placement.rs), not on a random one.
-        let placement = match &service_runtime {
-            Runtime::NoSteal(no_steal) => crate::services::placement::Placement::new(
+        // corral patch: each thread of a no-steal runtime, for the housekeeping that runs on
+        // every one and for placing connections.
+        let thread_handles: Option<Vec<tokio::runtime::Handle>> = match &service_runtime {
+            Runtime::NoSteal(no_steal) => Some(
                 (0..threads)
                     .map(|i| no_steal.get_runtime_at(i).clone())
                     .collect(),
             ),
             Runtime::Steal { .. } => None,
         };
+        spawn_thread_housekeeping(&service_runtime, thread_handles.as_deref(), threads);
+        // corral patch: the service's listeners place each connection on the thread serving
+        // the fewest (services/placement.rs), not on a random one.
+        let placement = thread_handles.and_then(crate::services::placement::Placement::new);
         let service_name = service.name().to_string();
         service_runtime.get_handle().spawn(async move {
             // Wait for all dependencies to be ready
@@ -901,7 +904,12 @@ pub fn set_thread_housekeeping(period: Duration, work: fn()) -> bool {
     !period.is_zero() && THREAD_HOUSEKEEPING.set((period, work)).is_ok()
 }
 
-fn spawn_thread_housekeeping(runtime: &Runtime, threads: usize) {
+/// `thread_handles`: each thread of a no-steal runtime; `None` for a work-stealing one.
+fn spawn_thread_housekeeping(
+    runtime: &Runtime,
+    thread_handles: Option<&[tokio::runtime::Handle]>,
+    threads: usize,
+) {
     let Some(&(period, work)) = THREAD_HOUSEKEEPING.get() else {
         return;
     };
@@ -914,11 +922,17 @@ fn spawn_thread_housekeeping(runtime: &Runtime, threads: usize) {
             work();
         }
     };
-    for index in 0..threads {
-        match runtime {
-            Runtime::NoSteal(no_steal) => no_steal.get_runtime_at(index).spawn(task()),
-            Runtime::Steal { .. } => runtime.get_handle().spawn(task()),
-        };
+    match thread_handles {
+        Some(handles) => {
+            for handle in handles {
+                handle.spawn(task());
+            }
+        }
+        None => {
+            for _ in 0..threads {
+                runtime.get_handle().spawn(task());
+            }
+        }
     }
 }
 
