@@ -180,4 +180,51 @@ mod tests {
         assert!(named.needs_dns());
         assert!(named.peer().is_none(), "no peer before the name resolves");
     }
+
+    /// The pool finds a connection by a hash of its peer; the address the connection was made
+    /// to is checked again before it is reused (vendored pingora-core, `connected_to`).
+    #[tokio::test]
+    async fn a_pooled_connection_serves_only_the_address_it_was_made_to() {
+        use pingora::connectors::TransportConnector;
+        use pingora::upstreams::peer::Peer;
+        use tokio::net::TcpListener;
+        let (a, b) = (
+            TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        );
+        let cfg = UpstreamConfig::default();
+        let peer_of = |l: &TcpListener| {
+            let url = format!("http://{}", l.local_addr().unwrap());
+            Upstream::new(UpstreamUrl::parse(&url).unwrap(), &cfg)
+                .peer()
+                .unwrap()
+        };
+        let (to_a, to_b) = (peer_of(&a), peer_of(&b));
+        let connector = TransportConnector::new(None);
+
+        let stream = connector.new_stream(&to_a).await.unwrap();
+        let _open = a.accept().await.unwrap();
+        connector.release_stream(stream, to_a.reuse_hash(), None);
+        assert!(connector.reused_stream(&to_a).await.is_some(), "reused");
+
+        // Filed under b's key, as if the two peers' hashes collided.
+        let stream = connector.new_stream(&to_a).await.unwrap();
+        let _open = a.accept().await.unwrap();
+        connector.release_stream(stream, to_b.reuse_hash(), None);
+        assert!(
+            connector.reused_stream(&to_b).await.is_none(),
+            "a connection to a is never handed out for b"
+        );
+
+        // Reset by the server while pooled.
+        let stream = connector.new_stream(&to_a).await.unwrap();
+        let (server, _) = a.accept().await.unwrap();
+        connector.release_stream(stream, to_a.reuse_hash(), None);
+        server.set_zero_linger().unwrap();
+        drop(server);
+        assert!(
+            connector.reused_stream(&to_a).await.is_none(),
+            "a reset connection is not reused"
+        );
+    }
 }
