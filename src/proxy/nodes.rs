@@ -6,6 +6,7 @@ use super::{Gateway, RequestCtx};
 use crate::access::policy;
 use crate::api::error::GatewayError;
 use crate::api::routes::{RouteClass, RouteKind};
+use crate::telemetry::metrics::NodeSeries;
 use crate::upstream::node::{List, Node};
 use crate::upstream::Pick;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -182,10 +183,7 @@ impl Gateway {
         ctx.nodes.count += 1;
         // The previous attempt's place is given back first.
         ctx.nodes.current = None;
-        let gauge = self
-            .metrics
-            .upstream_inflight
-            .with_label_values(&[&node.name]);
+        let gauge = self.node_series(&node).inflight.clone();
         ctx.nodes.current = Some((node.lease(), super::ctx::GaugeGuard::new(gauge)));
         Ok(node)
     }
@@ -286,10 +284,19 @@ impl Gateway {
     }
 
     fn count_attempt(&self, node: &Node, outcome: AttemptOutcome) {
-        self.metrics
-            .upstream_attempts
-            .with_label_values(&[&node.name, outcome.label()])
-            .inc();
+        match outcome {
+            AttemptOutcome::Ok => self.node_series(node).answered.inc(),
+            _ => self
+                .metrics
+                .upstream_attempts
+                .with_label_values(&[&node.name, outcome.label()])
+                .inc(),
+        }
+    }
+
+    fn node_series<'n>(&self, node: &'n Node) -> &'n NodeSeries {
+        node.series
+            .get_or_init(|| self.metrics.node_series(&node.name))
     }
 }
 

@@ -8,8 +8,8 @@
 use crate::config::Config;
 use crate::ollama::ModelName;
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -133,6 +133,14 @@ fn histogram(
 
 fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     register(r, IntGaugeVec::new(Opts::new(name, help), labels))
+}
+
+/// A node's `corral_upstream_inflight` and `corral_upstream_attempts_total{outcome="ok"}`.
+/// A node that leaves is forgotten with its series ([`Metrics::forget_node`]); one that comes
+/// back is a new node, which resolves them again.
+pub(crate) struct NodeSeries {
+    pub(crate) inflight: IntGauge,
+    pub(crate) answered: IntCounter,
 }
 
 impl Metrics {
@@ -438,6 +446,15 @@ impl Metrics {
             .insert(node.to_string(), models);
     }
 
+    /// The node's series that every request to it touches, resolved once (kept by the node)
+    /// instead of looked up by label on each request.
+    pub(crate) fn node_series(&self, node: &str) -> NodeSeries {
+        NodeSeries {
+            inflight: self.upstream_inflight.with_label_values(&[node]),
+            answered: self.upstream_attempts.with_label_values(&[node, "ok"]),
+        }
+    }
+
     /// A node left the pool: its series and its models go (a node found in DNS is named after its
     /// address, so nodes that come and go must not pile up).
     pub(crate) fn forget_node(&self, node: &str, models: &[String]) {
@@ -525,6 +542,23 @@ mod tests {
         let long = format!("{}.example/team/model:tag", "h".repeat(140));
         m.set_upstream_models("default", [long.clone()]);
         assert_eq!(&*m.model_label(Some(&long.to_uppercase())), long);
+    }
+
+    #[test]
+    fn a_node_that_left_loses_its_series_and_has_them_again_when_back() {
+        let m = Metrics::new(&Config::default());
+        let text = || String::from_utf8(m.encode()).unwrap();
+        let answered = r#"corral_upstream_attempts_total{node="10-0-0-11",outcome="ok"} 1"#;
+        let series = m.node_series("10-0-0-11");
+        series.inflight.inc();
+        series.answered.inc();
+        assert!(text().contains(answered), "{}", text());
+        assert!(text().contains(r#"corral_upstream_inflight{node="10-0-0-11"} 1"#));
+        m.forget_node("10-0-0-11", &[]);
+        assert!(!text().contains("10-0-0-11"), "{}", text());
+        // The same address found again is a new node, which resolves its series again.
+        m.node_series("10-0-0-11").answered.inc();
+        assert!(text().contains(answered), "{}", text());
     }
 
     #[test]

@@ -4,10 +4,11 @@
 
 use super::choose::{Has, NodeView};
 use super::Upstream;
+use crate::telemetry::metrics::NodeSeries;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 /// Consecutive failures (requests or probes) that take a node out of routing.
 pub(crate) const DOWN_AFTER: u32 = 3;
@@ -27,6 +28,8 @@ pub(crate) struct Node {
     lists: RwLock<Lists>,
     /// Wakes the node's probe to read its lists again (after a pull, copy, create or delete).
     pub(crate) refresh: tokio::sync::Notify,
+    /// Its per-request metric series, resolved on its first request.
+    pub(crate) series: OnceLock<NodeSeries>,
 }
 
 /// The node's model lists, as its probe last read them.
@@ -80,6 +83,7 @@ impl Node {
             up: AtomicBool::new(true),
             lists: RwLock::default(),
             refresh: tokio::sync::Notify::new(),
+            series: OnceLock::new(),
         }
     }
 

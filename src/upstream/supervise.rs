@@ -245,5 +245,17 @@ mod tests {
         assert!(Arc::ptr_eq(&next[0], &first[1]), "kept with its state");
         assert_eq!(next[1].name, "10-0-0-3");
         assert_eq!(next[1].upstream.url.to_string(), "http://10.0.0.3:11434");
+        // An address that left and came back is a new node: nothing of the old one (its health,
+        // its metric series, forgotten when it left) carries over.
+        let back = converge(
+            &next,
+            &addrs(&["10.0.0.1:11434", "10.0.0.2:11434", "10.0.0.3:11434"]),
+            Some(2),
+            &cfg,
+        )
+        .unwrap();
+        assert_eq!(back[0].name, "10-0-0-1");
+        assert!(!Arc::ptr_eq(&back[0], &first[0]), "a new node");
+        assert!(back[0].series.get().is_none());
     }
 }
