@@ -182,7 +182,8 @@ mod tests {
     }
 
     /// The pool finds a connection by a hash of its peer; the address the connection was made
-    /// to is checked again before it is reused (vendored pingora-core, `connected_to`).
+    /// to is checked again before it is reused (vendored pingora-core, `HttpPeer::matches_stream`:
+    /// the address recorded at connect time, not a `getpeername`).
     #[tokio::test]
     async fn a_pooled_connection_serves_only_the_address_it_was_made_to() {
         use pingora::connectors::TransportConnector;
@@ -203,6 +204,14 @@ mod tests {
         let connector = TransportConnector::new(None);
 
         let stream = connector.new_stream(&to_a).await.unwrap();
+        let recorded = stream.get_socket_digest().unwrap().peer_addr.get().cloned();
+        assert_eq!(
+            recorded.flatten().as_ref(),
+            Some(to_a.address()),
+            "the address is known without asking the kernel"
+        );
+        assert!(to_a.matches_stream(&stream));
+        assert!(!to_b.matches_stream(&stream));
         let _open = a.accept().await.unwrap();
         connector.release_stream(stream, to_a.reuse_hash(), None);
         assert!(connector.reused_stream(&to_a).await.is_some(), "reused");

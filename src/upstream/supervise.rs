@@ -247,6 +247,10 @@ mod tests {
         assert_eq!(next[1].upstream.url.to_string(), "http://10.0.0.3:11434");
         // An address that left and came back is a new node: nothing of the old one (its health,
         // its metric series, forgotten when it left) carries over.
+        let metrics = crate::telemetry::metrics::Metrics::new(&crate::config::Config::default());
+        first[0]
+            .series
+            .get_or_init(|| metrics.node_series(&first[0].name));
         let back = converge(
             &next,
             &addrs(&["10.0.0.1:11434", "10.0.0.2:11434", "10.0.0.3:11434"]),
@@ -256,6 +260,9 @@ mod tests {
         .unwrap();
         assert_eq!(back[0].name, "10-0-0-1");
         assert!(!Arc::ptr_eq(&back[0], &first[0]), "a new node");
-        assert!(back[0].series.get().is_none());
+        assert!(
+            back[0].series.get().is_none(),
+            "its series are resolved anew"
+        );
     }
 }

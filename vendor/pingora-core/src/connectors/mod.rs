@@ -30,7 +30,7 @@ use crate::upstreams::peer::{Peer, ALPN};
 use crate::offload::OffloadRuntime;
 pub use l4::Connect as L4Connect;
 use l4::{connect as l4_connect, BindTo};
-use log::{debug, error, warn};
+use log::{debug, warn};
 use parking_lot::RwLock;
 use pingora_error::{Error, ErrorType::*, OrErr, Result};
 use pingora_pool::{ConnectionMeta, ConnectionPool};
@@ -261,7 +261,7 @@ impl TransportConnector {
                         // test_reusable_stream: we assume server would never actively send data
                         // first on an idle stream.
                         #[cfg(unix)]
-                        if connected_to(&stream, peer)
+                        if peer.matches_stream(&stream)
                             && test_reusable_stream(&mut stream, &self.unexpected_data_conn_count)
                         {
                             Some(stream)
@@ -477,41 +477,6 @@ use futures::future::FutureExt;
 use tokio::io::AsyncReadExt;
 
 /// Test whether a stream is already closed or not reusable (server sent unexpected data)
-/// Whether a pooled `stream` was connected to `peer`'s address: the pool finds streams by a
-/// hash of the peer, and a collision must not hand out a connection to another server.
-///
-/// corral patch: the address the stream was connected to is the one its socket digest recorded
-/// at connect time (a connected socket's peer never changes, and the stream owns its descriptor),
-/// so it is compared without the `getpeername` system call `Peer::matches_fd` makes on every
-/// reuse, i.e. on every proxied request. A stream with no recorded address is still checked with
-/// `getpeername`. A broken connection, which `getpeername` also caught (`ENOTCONN` after a reset),
-/// is caught by [`test_reusable_stream`]: a reset socket is readable and its read fails.
-#[cfg(unix)]
-pub fn connected_to<P: Peer>(stream: &Stream, peer: &P) -> bool {
-    use std::net::{IpAddr, Ipv4Addr};
-    let recorded = stream
-        .get_socket_digest()
-        .and_then(|d| d.peer_addr.get().cloned().flatten());
-    let Some(recorded) = recorded else {
-        return peer.matches_fd(stream.id());
-    };
-    let wanted = peer.address();
-    // As `check_fd_match`: 0.0.0.0 is no destination, but some systems connect it to
-    // 127.0.0.1, so it matches whatever the stream is connected to.
-    if wanted
-        .as_inet()
-        .is_some_and(|a| a.ip() == IpAddr::V4(Ipv4Addr::UNSPECIFIED))
-    {
-        return true;
-    }
-    if &recorded == wanted {
-        true
-    } else {
-        error!("Crit: pooled connection to {recorded} offered for {wanted}");
-        false
-    }
-}
-
 fn test_reusable_stream(stream: &mut Stream, unexpected_data_conn_count: &AtomicU64) -> bool {
     let mut buf = [0; 1];
     // tokio::task::unconstrained because now_or_never may yield None when the future is ready

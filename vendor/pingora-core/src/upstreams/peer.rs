@@ -261,6 +261,16 @@ pub trait Peer: Display + Clone {
         self.address().check_fd_match(fd)
     }
 
+    /// Whether a pooled `stream` may serve this peer: the pool finds streams by a hash of the
+    /// peer, and a collision must not hand a connection to another server.
+    ///
+    /// corral patch: by default this is [`Peer::matches_fd`] (a `getpeername`), as stock
+    /// pingora does; [`HttpPeer`] answers without the system call when it can.
+    #[cfg(unix)]
+    fn matches_stream(&self, stream: &crate::protocols::Stream) -> bool {
+        self.matches_fd(stream.id())
+    }
+
     #[cfg(windows)]
     fn matches_sock<V: AsRawSocket>(&self, sock: V) -> bool {
         use crate::protocols::ConnSockReusable;
@@ -852,6 +862,41 @@ impl Peer for HttpPeer {
             proxy.next_hop.check_fd_match(fd)
         } else {
             self.address().check_fd_match(fd)
+        }
+    }
+
+    /// corral patch: a stream this peer's kind connected directly (no CONNECT proxy, no custom
+    /// L4 connector) is compared with the address its socket digest recorded at connect time,
+    /// which is the address the socket was connected to: a connected socket's peer does not
+    /// change, and the stream owns its descriptor. That spares the `getpeername` of
+    /// [`Peer::matches_fd`], one system call per reused connection, i.e. per proxied request.
+    /// Anything else (a proxied or custom stream, one with no recorded address) is still
+    /// checked with `getpeername`.
+    #[cfg(unix)]
+    fn matches_stream(&self, stream: &crate::protocols::Stream) -> bool {
+        let direct = self.proxy.is_none() && self.options.custom_l4.is_none();
+        let recorded = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr.get().cloned().flatten());
+        match recorded {
+            Some(recorded) if direct => {
+                // As `check_fd_match`: 0.0.0.0 is no destination, but some systems connect it
+                // to 127.0.0.1, so it matches whatever the stream is connected to.
+                let unspecified = self
+                    .address()
+                    .as_inet()
+                    .is_some_and(|a| a.ip() == IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+                if unspecified || &recorded == self.address() {
+                    true
+                } else {
+                    log::error!(
+                        "Crit: pooled connection to {recorded} offered for {}",
+                        self.address()
+                    );
+                    false
+                }
+            }
+            _ => self.matches_fd(stream.id()),
         }
     }
 
