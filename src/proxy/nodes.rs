@@ -6,7 +6,7 @@ use super::{Gateway, RequestCtx};
 use crate::access::policy;
 use crate::api::error::GatewayError;
 use crate::api::routes::{RouteClass, RouteKind};
-use crate::telemetry::metrics::NodeSeries;
+use crate::telemetry::metrics::{AttemptOutcome, NodeSeries};
 use crate::upstream::node::{List, Node};
 use crate::upstream::Pick;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -22,30 +22,6 @@ pub(crate) const NODE_HEADER: &str = "x-corral-node";
 pub(super) const UNRESOLVED: ErrorType = ErrorType::Custom("upstream_unresolved");
 /// Ollama answered 502 or 503 before any byte, and another node can take the request.
 pub(super) const FAILOVER: ErrorType = ErrorType::Custom("upstream_failover");
-
-/// How one attempt on a node ended (`corral_upstream_attempts_total{outcome}`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum AttemptOutcome {
-    /// The node answered (whatever the status).
-    Ok,
-    /// No connection, or it broke before the answer, and no other node was left to try.
-    ConnectError,
-    /// 502 or 503 from Ollama, and no other node was left to try.
-    Unavailable,
-    /// The attempt failed either way and the request went on to another node.
-    Failover,
-}
-
-impl AttemptOutcome {
-    pub(crate) fn label(self) -> &'static str {
-        match self {
-            AttemptOutcome::Ok => "ok",
-            AttemptOutcome::ConnectError => "connect_error",
-            AttemptOutcome::Unavailable => "unavailable",
-            AttemptOutcome::Failover => "failover",
-        }
-    }
-}
 
 impl Gateway {
     /// Chooses the node for the request's first attempt. Outside a pool there is one node and
@@ -284,16 +260,11 @@ impl Gateway {
     }
 
     fn count_attempt(&self, node: &Node, outcome: AttemptOutcome) {
-        match outcome {
-            AttemptOutcome::Ok => self.node_series(node).answered.inc(),
-            _ => self
-                .metrics
-                .upstream_attempts
-                .with_label_values(&[&node.name, outcome.label()])
-                .inc(),
-        }
+        self.node_series(node).attempt(outcome).inc();
     }
 
+    /// The node's series: resolved when it joined the pool (`upstream/supervise.rs`), or here if
+    /// a request reaches it first.
     fn node_series<'n>(&self, node: &'n Node) -> &'n NodeSeries {
         node.series
             .get_or_init(|| self.metrics.node_series(&node.name))

@@ -135,12 +135,52 @@ fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     register(r, IntGaugeVec::new(Opts::new(name, help), labels))
 }
 
-/// A node's `corral_upstream_inflight` and `corral_upstream_attempts_total{outcome="ok"}`.
-/// A node that leaves is forgotten with its series ([`Metrics::forget_node`]); one that comes
-/// back is a new node, which resolves them again.
+/// How one attempt on a node ended (`corral_upstream_attempts_total{outcome}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AttemptOutcome {
+    /// The node answered (whatever the status).
+    Ok,
+    /// No connection, or it broke before the answer, and no other node was left to try.
+    ConnectError,
+    /// 502 or 503 from Ollama, and no other node was left to try.
+    Unavailable,
+    /// The attempt failed either way and the request went on to another node.
+    Failover,
+}
+
+impl AttemptOutcome {
+    pub(crate) const ALL: [AttemptOutcome; 4] = [
+        AttemptOutcome::Ok,
+        AttemptOutcome::ConnectError,
+        AttemptOutcome::Unavailable,
+        AttemptOutcome::Failover,
+    ];
+
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            AttemptOutcome::Ok => "ok",
+            AttemptOutcome::ConnectError => "connect_error",
+            AttemptOutcome::Unavailable => "unavailable",
+            AttemptOutcome::Failover => "failover",
+        }
+    }
+}
+
+/// A node's series that requests touch: `corral_upstream_inflight` and
+/// `corral_upstream_attempts_total` for every outcome (exported at 0 from the start). Resolved
+/// once, when the node joins the pool, and kept by the node, so no request looks them up by
+/// label, and a request still on a node that left counts into its detached series instead of
+/// bringing them back into the exposition ([`Metrics::forget_node`]). A node that comes back is a
+/// new node, which resolves them again.
 pub(crate) struct NodeSeries {
     pub(crate) inflight: IntGauge,
-    pub(crate) answered: IntCounter,
+    attempts: [IntCounter; 4],
+}
+
+impl NodeSeries {
+    pub(crate) fn attempt(&self, outcome: AttemptOutcome) -> &IntCounter {
+        &self.attempts[outcome as usize]
+    }
 }
 
 impl Metrics {
@@ -451,7 +491,8 @@ impl Metrics {
     pub(crate) fn node_series(&self, node: &str) -> NodeSeries {
         NodeSeries {
             inflight: self.upstream_inflight.with_label_values(&[node]),
-            answered: self.upstream_attempts.with_label_values(&[node, "ok"]),
+            attempts: AttemptOutcome::ALL
+                .map(|o| self.upstream_attempts.with_label_values(&[node, o.label()])),
         }
     }
 
@@ -465,8 +506,10 @@ impl Metrics {
         ] {
             let _ = gauge.remove_label_values(&[node]);
         }
-        for outcome in ["ok", "connect_error", "unavailable", "failover"] {
-            let _ = self.upstream_attempts.remove_label_values(&[node, outcome]);
+        for outcome in AttemptOutcome::ALL {
+            let _ = self
+                .upstream_attempts
+                .remove_label_values(&[node, outcome.label()]);
         }
         for model in models {
             let _ = self.model_loaded.remove_label_values(&[node, model]);
@@ -550,14 +593,24 @@ mod tests {
         let text = || String::from_utf8(m.encode()).unwrap();
         let answered = r#"corral_upstream_attempts_total{node="10-0-0-11",outcome="ok"} 1"#;
         let series = m.node_series("10-0-0-11");
+        for outcome in ["connect_error", "unavailable", "failover"] {
+            let zero = format!(
+                r#"corral_upstream_attempts_total{{node="10-0-0-11",outcome="{outcome}"}} 0"#
+            );
+            assert!(text().contains(&zero), "every outcome from the start");
+        }
         series.inflight.inc();
-        series.answered.inc();
+        series.attempt(AttemptOutcome::Ok).inc();
         assert!(text().contains(answered), "{}", text());
         assert!(text().contains(r#"corral_upstream_inflight{node="10-0-0-11"} 1"#));
         m.forget_node("10-0-0-11", &[]);
         assert!(!text().contains("10-0-0-11"), "{}", text());
+        // A request still on the node that left fails: it does not bring the node back.
+        series.attempt(AttemptOutcome::ConnectError).inc();
+        series.inflight.dec();
+        assert!(!text().contains("10-0-0-11"), "{}", text());
         // The same address found again is a new node, which resolves its series again.
-        m.node_series("10-0-0-11").answered.inc();
+        m.node_series("10-0-0-11").attempt(AttemptOutcome::Ok).inc();
         assert!(text().contains(answered), "{}", text());
     }
 

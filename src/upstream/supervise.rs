@@ -56,9 +56,10 @@ impl Supervisor {
     fn run(&self, node: &Arc<Node>, shutdown: &ShutdownWatch) -> Running {
         let name = node.name.as_str();
         self.metrics.upstream_up.with_label_values(&[name]).set(0);
-        self.metrics
-            .upstream_inflight
-            .with_label_values(&[name])
+        // Its series are resolved now, while it is in the pool (see `NodeSeries`).
+        node.series
+            .get_or_init(|| self.metrics.node_series(name))
+            .inflight
             .set(0);
         self.metrics
             .upstream_slots
