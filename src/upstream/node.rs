@@ -28,7 +28,8 @@ pub(crate) struct Node {
     lists: RwLock<Lists>,
     /// Wakes the node's probe to read its lists again (after a pull, copy, create or delete).
     pub(crate) refresh: tokio::sync::Notify,
-    /// Its per-request metric series, resolved on its first request.
+    /// Its metric series, resolved when it joins the pool (or by a request that reaches it
+    /// first).
     pub(crate) series: OnceLock<NodeSeries>,
 }
 
