@@ -6,7 +6,7 @@ use super::{Gateway, RequestCtx};
 use crate::access::policy;
 use crate::api::error::GatewayError;
 use crate::api::routes::{RouteClass, RouteKind};
-use crate::telemetry::metrics::{AttemptOutcome, NodeSeries};
+use crate::telemetry::metrics::AttemptOutcome;
 use crate::upstream::node::{List, Node};
 use crate::upstream::Pick;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -159,7 +159,7 @@ impl Gateway {
         ctx.nodes.count += 1;
         // The previous attempt's place is given back first.
         ctx.nodes.current = None;
-        let gauge = self.node_series(&node).inflight.clone();
+        let gauge = node.series(&self.metrics).inflight.clone();
         ctx.nodes.current = Some((node.lease(), super::ctx::GaugeGuard::new(gauge)));
         Ok(node)
     }
@@ -260,14 +260,7 @@ impl Gateway {
     }
 
     fn count_attempt(&self, node: &Node, outcome: AttemptOutcome) {
-        self.node_series(node).attempt(outcome).inc();
-    }
-
-    /// The node's series: resolved when it joined the pool (`upstream/supervise.rs`), or here if
-    /// a request reaches it first.
-    fn node_series<'n>(&self, node: &'n Node) -> &'n NodeSeries {
-        node.series
-            .get_or_init(|| self.metrics.node_series(&node.name))
+        node.series(&self.metrics).attempt(outcome).inc();
     }
 }
 

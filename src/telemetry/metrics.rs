@@ -62,8 +62,10 @@ pub(crate) struct Metrics {
     pub(crate) queue_wait: HistogramVec,
     pub(crate) queue_rejected: IntCounterVec,
     known_models: RwLock<KnownModels>,
-    /// The `model` labels `none` and `other`.
-    fixed_labels: (Arc<str>, Arc<str>),
+    /// The `model` label of a request that names no model.
+    none_label: Arc<str>,
+    /// The `model` label of a model no configuration names and no node lists.
+    other_label: Arc<str>,
 }
 
 /// Model names that may be label values, by comparison key (lowercase), with the label each gets:
@@ -429,7 +431,8 @@ impl Metrics {
                 config: config_models(cfg),
                 upstream: HashMap::new(),
             }),
-            fixed_labels: (Arc::from("none"), Arc::from("other")),
+            none_label: Arc::from("none"),
+            other_label: Arc::from("other"),
             registry: r,
         }
     }
@@ -445,7 +448,7 @@ impl Metrics {
     /// A shared string, not a copy: this runs for every request.
     pub(crate) fn model_label(&self, model: Option<&str>) -> Arc<str> {
         let Some(m) = model else {
-            return self.fixed_labels.0.clone();
+            return self.none_label.clone();
         };
         // The comparison key, lowercased on the stack (a normalized name is ASCII, and within
         // 128 bytes but for unusual hosts).
@@ -468,7 +471,7 @@ impl Metrics {
             .values()
             .find_map(|models| models.get(key))
             .or_else(|| known.config.get(key))
-            .unwrap_or(&self.fixed_labels.1)
+            .unwrap_or(&self.other_label)
             .clone()
     }
 

@@ -4,7 +4,7 @@
 
 use super::choose::{Has, NodeView};
 use super::Upstream;
-use crate::telemetry::metrics::NodeSeries;
+use crate::telemetry::metrics::{Metrics, NodeSeries};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -28,9 +28,8 @@ pub(crate) struct Node {
     lists: RwLock<Lists>,
     /// Wakes the node's probe to read its lists again (after a pull, copy, create or delete).
     pub(crate) refresh: tokio::sync::Notify,
-    /// Its metric series, resolved when it joins the pool (or by a request that reaches it
-    /// first).
-    pub(crate) series: OnceLock<NodeSeries>,
+    /// Its metric series (see [`Node::series`]).
+    series: OnceLock<NodeSeries>,
 }
 
 /// The node's model lists, as its probe last read them.
@@ -86,6 +85,12 @@ impl Node {
             refresh: tokio::sync::Notify::new(),
             series: OnceLock::new(),
         }
+    }
+
+    /// Its metric series: resolved when it joins the pool (`supervise.rs`), or by a request that
+    /// reaches it first, and kept for its life (see `NodeSeries`).
+    pub(crate) fn series(&self, metrics: &Metrics) -> &NodeSeries {
+        self.series.get_or_init(|| metrics.node_series(&self.name))
     }
 
     pub(crate) fn is_up(&self) -> bool {

@@ -57,10 +57,7 @@ impl Supervisor {
         let name = node.name.as_str();
         self.metrics.upstream_up.with_label_values(&[name]).set(0);
         // Its series are resolved now, while it is in the pool (see `NodeSeries`).
-        node.series
-            .get_or_init(|| self.metrics.node_series(name))
-            .inflight
-            .set(0);
+        node.series(&self.metrics).inflight.set(0);
         self.metrics
             .upstream_slots
             .with_label_values(&[name])
@@ -249,9 +246,9 @@ mod tests {
         // An address that left and came back is a new node: nothing of the old one (its health,
         // its metric series, forgotten when it left) carries over.
         let metrics = crate::telemetry::metrics::Metrics::new(&crate::config::Config::default());
-        first[0]
-            .series
-            .get_or_init(|| metrics.node_series(&first[0].name));
+        let exported = || String::from_utf8(metrics.encode()).unwrap();
+        first[0].series(&metrics).inflight.inc();
+        metrics.forget_node(&first[0].name, &[]);
         let back = converge(
             &next,
             &addrs(&["10.0.0.1:11434", "10.0.0.2:11434", "10.0.0.3:11434"]),
@@ -261,9 +258,11 @@ mod tests {
         .unwrap();
         assert_eq!(back[0].name, "10-0-0-1");
         assert!(!Arc::ptr_eq(&back[0], &first[0]), "a new node");
+        assert!(!exported().contains("10-0-0-1"), "forgotten");
+        back[0].series(&metrics).inflight.inc();
         assert!(
-            back[0].series.get().is_none(),
-            "its series are resolved anew"
+            exported().contains(r#"corral_upstream_inflight{node="10-0-0-1"} 1"#),
+            "its series are resolved anew, not the old node's detached ones"
         );
     }
 }

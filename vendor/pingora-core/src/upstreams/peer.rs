@@ -875,28 +875,24 @@ impl Peer for HttpPeer {
     #[cfg(unix)]
     fn matches_stream(&self, stream: &crate::protocols::Stream) -> bool {
         let direct = self.proxy.is_none() && self.options.custom_l4.is_none();
-        let recorded = stream
-            .get_socket_digest()
-            .and_then(|d| d.peer_addr.get().cloned().flatten());
-        match recorded {
-            Some(recorded) if direct => {
-                // As `check_fd_match`: 0.0.0.0 is no destination, but some systems connect it
-                // to 127.0.0.1, so it matches whatever the stream is connected to.
-                let unspecified = self
-                    .address()
-                    .as_inet()
-                    .is_some_and(|a| a.ip() == IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
-                if unspecified || &recorded == self.address() {
-                    true
-                } else {
-                    log::error!(
-                        "Crit: pooled connection to {recorded} offered for {}",
-                        self.address()
-                    );
-                    false
-                }
-            }
-            _ => self.matches_fd(stream.id()),
+        let digest = stream.get_socket_digest().filter(|_| direct);
+        let Some(recorded) = digest.as_ref().and_then(|d| d.peer_addr.get()?.as_ref()) else {
+            return self.matches_fd(stream.id());
+        };
+        // As `check_fd_match`: 0.0.0.0 is no destination, but some systems connect it to
+        // 127.0.0.1, so it matches whatever the stream is connected to.
+        let unspecified = self
+            .address()
+            .as_inet()
+            .is_some_and(|a| a.ip() == IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+        if unspecified || recorded == self.address() {
+            true
+        } else {
+            log::error!(
+                "Crit: pooled connection to {recorded} offered for {}",
+                self.address()
+            );
+            false
         }
     }
 
